@@ -1,0 +1,62 @@
+"""Balance snapshots: one DAG per source in the sources file ($BALANCES_CONFIG).
+
+Each run takes the provider's snapshot for the end of its data interval:
+`begin_run` opens a row in `snapshot_runs`, `crawl_snapshot` streams the
+provider's pages into a private staging table, `publish_snapshot` makes the
+whole snapshot visible in `balance_history` in one transaction and updates
+the source's Asset. Reruns and backfills of the same interval add nothing
+twice. Secrets come from Airflow Connections; XCom carries ids and counts.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import dag, task
+
+from pipeline import tasks
+from pipeline.assets import snapshot_asset
+from pipeline.config import SourceConfig, load_config
+
+DEFAULT_ARGS = {
+    "owner": "balances",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=15),
+}
+
+
+def snapshot_dag(source: SourceConfig):
+    pool = f"balances_{source.provider}"
+
+    @dag(
+        dag_id=source.dag_id,
+        schedule=source.schedule,
+        start_date=source.start_date,
+        catchup=source.catchup,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["balances", source.provider],
+        doc_md=__doc__,
+    )
+    def balances_snapshot():
+        @task(pool=pool)
+        def begin_run(**context) -> int:
+            return tasks.begin_run(source.name, context)
+
+        @task(pool=pool)
+        def crawl_snapshot(run_id: int) -> dict:
+            return tasks.crawl_snapshot(source.name, run_id)
+
+        @task(pool=pool, outlets=[snapshot_asset(source.name)])
+        def publish_snapshot(run_id: int, crawled: dict) -> dict:
+            return tasks.publish_snapshot(source.name, run_id)
+
+        run_id = begin_run()
+        publish_snapshot(run_id, crawl_snapshot(run_id))
+
+    return balances_snapshot()
+
+
+for _source in load_config().sources.values():
+    globals()[_source.dag_id] = snapshot_dag(_source)

@@ -1,0 +1,40 @@
+"""Redaction of URLs before they reach a log line or an error message."""
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_SENSITIVE = re.compile(r"(key|token|secret|sign|signature|password|auth|credential)", re.I)
+
+
+def redact_url(url: str) -> str:
+    """Mask user info and the values of query parameters that look secret.
+
+    The query is rewritten textually, not decoded and re-encoded, so the
+    redacted URL shows exactly what was sent apart from the masked values.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    if parts.query:
+        pairs = []
+        for pair in parts.query.split("&"):
+            name, sep, value = pair.partition("=")
+            pairs.append(f"{name}=***" if sep and _SENSITIVE.search(name) else pair)
+        query = "&".join(pairs)
+    else:
+        query = parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True when both URLs have the same scheme, host and port."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme.lower(), pa.hostname, _port(pa)) == (pb.scheme.lower(), pb.hostname, _port(pb))
+
+
+def _port(parts) -> int | None:
+    if parts.port is not None:
+        return parts.port
+    return {"http": 80, "https": 443}.get(parts.scheme.lower())

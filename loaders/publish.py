@@ -1,0 +1,149 @@
+"""Publishing: staged rows become visible in ``balance_history`` at once.
+
+One transaction moves every shard's staging table into the history table,
+marks the run published and drops the staging tables. A reader sees the
+whole snapshot or none of it. Rows already present for the same source,
+account, asset and snapshot time are left alone, so a rerun adds nothing;
+but if the provider now reports a *different* balance for a snapshot we
+already hold, the run fails loudly instead of keeping either silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from loaders import partitions, runs, staging
+from loaders.db import transaction
+
+
+class PublishError(RuntimeError):
+    """The snapshot cannot be published; nothing was."""
+
+
+@dataclass(slots=True, frozen=True)
+class PublishResult:
+    run_id: int
+    status: str
+    rows_staged: int
+    rows_published: int
+    rejected: int
+
+
+def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0) -> PublishResult:
+    run = runs.get_run(conn, run_id)
+    if run.status == "no_snapshot":
+        return PublishResult(run_id, run.status, 0, 0, 0)
+    if run.status == "published":
+        raise PublishError(f"run {run_id} is already published")
+    if run.as_of is None:
+        raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
+    partitions.ensure_partition(conn, run.as_of)
+    try:
+        with transaction(conn) as cur:
+            run = runs.get_run(conn, run_id, for_update=True)
+            if run.status not in ("running", "staged"):
+                raise PublishError(f"run {run_id} is {run.status}, not ready to publish")
+            rejected = runs.count_rejections(cur, run_id)
+            if rejected > max_rejected:
+                raise PublishError(
+                    f"{rejected} record(s) rejected, more than the {max_rejected} this source "
+                    "allows; nothing published (see rejected_records)"
+                )
+            tables = [staging.table_name(run_id, shard) for shard in range(shards)]
+            _require_tables(cur, run_id, shards)
+            staged = sql.SQL(" UNION ALL ").join(
+                sql.SQL("SELECT * FROM {}").format(t) for t in tables
+            )
+            cur.execute(sql.SQL("SELECT count(*) FROM ({}) s").format(staged))
+            rows_staged = cur.fetchone()[0]
+            snapshot_is_new = _refuse_changed_history(cur, staged, run)
+            cur.execute(
+                sql.SQL(
+                    """
+                    INSERT INTO balance_history
+                        (source, provider, account, asset, balance, decimals, available_balance,
+                         spark_factor, as_of, as_of_raw, scheduled_for, run_id)
+                    SELECT %s, %s, s.account, s.asset, s.balance, s.decimals, s.available_balance,
+                           s.spark_factor, %s, %s, %s, %s
+                      FROM ({}) s
+                    ON CONFLICT (source, account, asset, as_of) DO NOTHING
+                    """
+                ).format(staged),
+                (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
+            )
+            rows_published = cur.rowcount
+            if snapshot_is_new and rows_published != rows_staged:
+                # Only now is the (costly) check worth it: some holding came twice.
+                _refuse_duplicates(cur, staged)
+            cur.execute(
+                """
+                UPDATE snapshot_runs
+                   SET status = 'published', rows = %s, rows_inserted = %s,
+                       rejected = %s, finished_at = now(), error = NULL
+                 WHERE run_id = %s
+                """,
+                (rows_staged, rows_published, rejected, run_id),
+            )
+            for shard in range(shards):
+                staging.drop(cur, run_id, shard)
+    except PublishError as exc:
+        runs.finish(conn, run_id, "failed", error=str(exc))
+        raise
+    return PublishResult(run_id, "published", rows_staged, rows_published, rejected)
+
+
+def _require_tables(cur, run_id: int, shards: int) -> None:
+    cur.execute(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+        (staging.SCHEMA, [f"run_{run_id}_shard_{n}" for n in range(shards)]),
+    )
+    found = cur.fetchone()[0]
+    if found != shards:
+        raise PublishError(f"run {run_id}: {shards - found} of {shards} shard(s) have no staged rows")
+
+
+def _refuse_duplicates(cur, staged: sql.Composable) -> None:
+    """One snapshot must not report the same holding twice with two balances."""
+    cur.execute(
+        sql.SQL(
+            "SELECT account, asset FROM ({}) s GROUP BY account, asset"
+            " HAVING count(DISTINCT balance) > 1 LIMIT 3"
+        ).format(staged)
+    )
+    clashes = cur.fetchall()
+    if clashes:
+        listed = ", ".join(f"{a}/{b}" for a, b in clashes)
+        raise PublishError(f"the snapshot reports different balances for the same holding: {listed}")
+
+
+def _refuse_changed_history(cur, staged: sql.Composable, run: runs.Run) -> bool:
+    """Fail if the snapshot is already held with other balances; True if it is new."""
+    cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM balance_history WHERE source = %s AND as_of = %s)",
+        (run.source, run.as_of),
+    )
+    if not cur.fetchone()[0]:
+        return True  # the usual case: a new snapshot, nothing to compare with
+    cur.execute(
+        sql.SQL(
+            """
+            SELECT s.account, s.asset, h.balance, s.balance
+              FROM ({}) s
+              JOIN balance_history h
+                ON h.source = %s AND h.as_of = %s AND h.account = s.account AND h.asset = s.asset
+             WHERE h.balance <> s.balance
+                OR h.available_balance IS DISTINCT FROM s.available_balance
+             LIMIT 3
+            """
+        ).format(staged),
+        (run.source, run.as_of),
+    )
+    changed = cur.fetchall()
+    if changed:
+        listed = "; ".join(f"{a}/{b}: stored {old}, now {new}" for a, b, old, new in changed)
+        raise PublishError(
+            f"snapshot {run.as_of_raw} of {run.source} was already loaded with other balances "
+            f"({listed}); refusing to mix two versions of one snapshot"
+        )
+    return False

@@ -1,0 +1,142 @@
+"""Run bookkeeping: one ``snapshot_runs`` row per attempt to take a snapshot."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable
+
+from psycopg2.extras import execute_values
+
+from loaders.db import transaction
+
+MAX_WARNINGS_KEPT = 100
+
+
+@dataclass(slots=True, frozen=True)
+class Run:
+    run_id: int
+    source: str
+    provider: str
+    status: str
+    scheduled_for: datetime
+    as_of: datetime | None
+    as_of_raw: str | None
+
+
+def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
+              dag_run_id: str | None = None, shards: int = 1) -> int:
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, shards, status)
+            VALUES (%s, %s, %s, %s, %s, 'running')
+            RETURNING run_id
+            """,
+            (source, provider, scheduled_for, dag_run_id, shards),
+        )
+        return cur.fetchone()[0]
+
+
+def get_run(conn, run_id: int, *, for_update: bool = False) -> Run:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT run_id, source, provider, status, scheduled_for, as_of, as_of_raw"
+            " FROM snapshot_runs WHERE run_id = %s" + (" FOR UPDATE" if for_update else ""),
+            (run_id,),
+        )
+        row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no snapshot run {run_id}")
+    return Run(*row)
+
+
+def resume(conn, run_id: int) -> None:
+    """A retried task picks the run up again."""
+    with transaction(conn) as cur:
+        cur.execute(
+            "UPDATE snapshot_runs SET status = 'running', error = NULL, finished_at = NULL"
+            " WHERE run_id = %s AND status IN ('running', 'failed')",
+            (run_id,),
+        )
+
+
+def set_snapshot(conn, run_id: int, as_of: datetime, as_of_raw: str) -> str:
+    """Record the provider's snapshot time; every shard must agree on it.
+
+    Returns the snapshot text already recorded, so a caller can detect that
+    another shard saw a different snapshot.
+    """
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            UPDATE snapshot_runs
+               SET as_of = COALESCE(as_of, %s), as_of_raw = COALESCE(as_of_raw, %s)
+             WHERE run_id = %s
+         RETURNING as_of_raw
+            """,
+            (as_of, as_of_raw, run_id),
+        )
+        return cur.fetchone()[0]
+
+
+def add_progress(conn, run_id: int, *, pages: int, requests: int, retries: int,
+                 warnings: Iterable[str] = ()) -> None:
+    warnings = list(warnings)[:MAX_WARNINGS_KEPT]
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            UPDATE snapshot_runs
+               SET pages = pages + %s, requests = requests + %s, retries = retries + %s,
+                   warnings = CASE WHEN jsonb_array_length(warnings) >= %s THEN warnings
+                                   ELSE warnings || %s::jsonb END
+             WHERE run_id = %s
+            """,
+            (pages, requests, retries, MAX_WARNINGS_KEPT, json.dumps(warnings), run_id),
+        )
+
+
+def clear_rejections(cur, run_id: int, shard: int) -> None:
+    """A retried shard replaces what its earlier attempt recorded."""
+    cur.execute("DELETE FROM rejected_records WHERE run_id = %s AND shard = %s", (run_id, shard))
+
+
+def add_rejections(cur, run_id: int, shard: int, rejections: Iterable[tuple[str, str]]) -> None:
+    """Keep rejected records with their raw text and the reason."""
+    execute_values(
+        cur,
+        "INSERT INTO rejected_records (run_id, shard, raw, reason) VALUES %s",
+        [(run_id, shard, raw, reason) for raw, reason in rejections],
+    )
+
+
+def count_rejections(cur, run_id: int) -> int:
+    cur.execute("SELECT count(*) FROM rejected_records WHERE run_id = %s", (run_id,))
+    return cur.fetchone()[0]
+
+
+def finish(conn, run_id: int, status: str, *, error: str | None = None) -> None:
+    with transaction(conn) as cur:
+        cur.execute(
+            "UPDATE snapshot_runs SET status = %s, error = %s, finished_at = now()"
+            " WHERE run_id = %s AND status <> 'published'",
+            (status, error, run_id),
+        )
+
+
+def summary(conn, run_id: int) -> dict:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT run_id, source, provider, status, scheduled_for, as_of, as_of_raw, pages,
+                   requests, retries, rows, rows_inserted, rejected, warnings, error,
+                   started_at, finished_at
+              FROM snapshot_runs WHERE run_id = %s
+            """,
+            (run_id,),
+        )
+        names = [d.name for d in cur.description]
+        row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no snapshot run {run_id}")
+    return dict(zip(names, row))

@@ -1,0 +1,127 @@
+"""Staging: rows stream into a private table per run and shard with COPY.
+
+Staging tables live in the ``balance_staging`` schema, are UNLOGGED (they
+are rebuilt from the provider if lost) and have no indexes, so COPY runs at
+close to the server's limit. Nothing in them is visible to readers of
+``balance_history`` until :mod:`loaders.publish` moves them in one
+transaction.
+"""
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+from typing import Iterable
+
+from psycopg2 import sql
+
+from extractors.records import BalanceRow, Rejection
+from loaders import runs
+
+SCHEMA = "balance_staging"
+COLUMNS = ("account", "asset", "balance", "decimals", "available_balance", "spark_factor")
+FLUSH_BYTES = 4 << 20  # memory per shard stays at a few MB, whatever the crawl size
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def table_name(run_id: int, shard: int) -> sql.Identifier:
+    # Built from integers we generated, never from input.
+    return sql.Identifier(SCHEMA, f"run_{int(run_id)}_shard_{int(shard)}")
+
+
+def drop(cur, run_id: int, shard: int) -> None:
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_name(run_id, shard)))
+
+
+def _text(value: str) -> str:
+    return value.translate(_ESCAPES)
+
+
+def _number(value: int | Decimal | None) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, Decimal):
+        # format(..., "f") never uses an exponent, which NUMERIC input accepts
+        # anyway; it keeps the text readable in a failed COPY's error.
+        return format(value, "f")
+    return str(value)
+
+
+def encode(rows: Iterable[BalanceRow]) -> str:
+    """Rows in COPY text format."""
+    return "".join(
+        f"{_text(r.account)}\t{_text(r.asset)}\t{_number(r.balance)}\t{_number(r.decimals)}\t"
+        f"{_number(r.available_balance)}\t{_number(r.spark_factor)}\n"
+        for r in rows
+    )
+
+
+class StagingWriter:
+    """Buffers encoded rows and COPYs them in batches into one staging table.
+
+    Rejections go into ``rejected_records`` through the same connection, so
+    a crawl needs one connection and holds at most ``FLUSH_BYTES`` of rows.
+    """
+
+    def __init__(self, conn, run_id: int, shard: int) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.shard = shard
+        self.table = table_name(run_id, shard)
+        self.rows = 0
+        self.rejected = 0
+        self._buffer: list[str] = []
+        self._size = 0
+        with conn.cursor() as cur:
+            drop(cur, run_id, shard)
+            cur.execute(
+                sql.SQL(
+                    "CREATE UNLOGGED TABLE {} (account text NOT NULL, asset text NOT NULL,"
+                    " balance numeric NOT NULL, decimals smallint, available_balance numeric,"
+                    " spark_factor numeric)"
+                ).format(self.table)
+            )
+            runs.clear_rejections(cur, run_id, shard)
+        conn.commit()
+
+    def add(self, rows: list[BalanceRow], rejected: list[Rejection] = ()) -> None:
+        if rows:
+            chunk = encode(rows)
+            self._buffer.append(chunk)
+            self._size += len(chunk)
+            self.rows += len(rows)
+            if self._size >= FLUSH_BYTES:
+                self.flush()
+        if rejected:
+            with self.conn.cursor() as cur:
+                runs.add_rejections(cur, self.run_id, self.shard, ((r.raw, r.reason) for r in rejected))
+            # Committed at once: rejected records are kept even if the run fails.
+            self.conn.commit()
+            self.rejected += len(rejected)
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = io.BytesIO("".join(self._buffer).encode("utf-8"))
+        self._buffer.clear()
+        self._size = 0
+        with self.conn.cursor() as cur:
+            cur.copy_expert(
+                sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    self.table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+                ),
+                data,
+                size=1 << 20,
+            )
+        self.conn.commit()
+
+    def close(self) -> None:
+        """Flush: the shard's rows are staged, still unpublished."""
+        self.flush()
+
+    def abort(self) -> None:
+        """Throw the shard's staged rows away (its rejections stay recorded)."""
+        self.conn.rollback()
+        with self.conn.cursor() as cur:
+            drop(cur, self.run_id, self.shard)
+        self.conn.commit()

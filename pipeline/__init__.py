@@ -1,0 +1,1 @@
+"""Glue between extractors and loaders: config, runs, CLI, sandbox setup."""

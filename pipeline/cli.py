@@ -1,0 +1,181 @@
+"""The ``balances`` command.
+
+    balances migrate                      apply the migrations
+    balances snapshot SOURCE [--at TIME]  take one snapshot outside Airflow
+    balances runs [--source S]            list recent runs
+    balances partitions [--months N]      create monthly partitions ahead
+    balances demo                         the README's end-to-end demo
+
+Exit status 0 on success, 1 when a run or command fails, 2 for a usage or
+configuration error; failures print one line saying why.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+
+from extractors.errors import ExtractError
+from loaders.db import DatabaseError
+from pipeline.config import ConfigError
+
+log = logging.getLogger("balances")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"balances: config error: {exc}", file=sys.stderr)
+        return 2
+    except (DatabaseError, ExtractError, RuntimeError, LookupError, ValueError) as exc:
+        print(f"balances: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("balances: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balances", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="sources file (default: $BALANCES_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("migrate", help="apply database migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = commands.add_parser("snapshot", help="take one snapshot of SOURCE now (or --at)")
+    p.add_argument("source")
+    p.add_argument("--at", type=_aware_time, help="snapshot time, ISO-8601 (default: now)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = commands.add_parser("runs", help="list recent snapshot runs")
+    p.add_argument("--source")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_runs)
+
+    p = commands.add_parser("partitions", help="create balance_history partitions ahead")
+    p.add_argument("--months", type=int, default=3, help="months ahead of this one (default 3)")
+    p.set_defaults(func=cmd_partitions)
+
+    p = commands.add_parser("demo", help="run every configured sandbox source through Airflow")
+    p.add_argument("--db-url", help="use this database instead of a private cluster")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _connect():
+    from loaders.db import connect
+    from pipeline.connections import database_url
+
+    return connect(database_url())
+
+
+def cmd_migrate(args) -> int:
+    from loaders.migrate import upgrade
+    from pipeline.connections import database_url
+
+    revision = upgrade(database_url())
+    print(f"database at revision {revision}")
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from pipeline import connections
+    from pipeline.config import load_config
+    from pipeline.snapshot import take_snapshot
+
+    source = load_config(args.config).source(args.source)
+    at = args.at or datetime.now(timezone.utc)
+    creds = connections.credentials(source.conn_id)
+    conn = _connect()
+    try:
+        _require_schema(conn)
+        summary = take_snapshot(conn, source, at, credentials=creds)
+    finally:
+        conn.close()
+    print_summary(summary)
+    return 0 if summary["status"] in ("published", "no_snapshot") else 1
+
+
+def _require_schema(conn) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('snapshot_runs') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            raise DatabaseError("the balances database has no tables yet: run 'balances migrate' first")
+
+
+def print_summary(summary: dict) -> None:
+    keys = ("run_id", "source", "status", "as_of_raw", "as_of", "scheduled_for", "pages", "requests",
+            "retries", "rows", "rows_inserted", "rejected", "error")
+    for key in keys:
+        value = summary.get(key)
+        if value is not None:
+            print(f"{key:>14}: {value}")
+    for warning in (summary.get("warnings") or [])[:5]:
+        print(f"{'warning':>14}: {warning}")
+
+
+def cmd_runs(args) -> int:
+    conn = _connect()
+    try:
+        _require_schema(conn)
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                SELECT run_id, source, status, scheduled_for, as_of, pages, rows, rows_inserted,
+                       rejected, coalesce(error, '')
+                  FROM snapshot_runs
+                 WHERE %(source)s::text IS NULL OR source = %(source)s
+                 ORDER BY run_id DESC LIMIT %(limit)s
+                """,
+                {"source": args.source, "limit": args.limit},
+            )
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    print(f"{'run':>5} {'source':<18} {'status':<12} {'scheduled_for':<26} {'rows':>9} {'new':>9} {'rej':>4}  error")
+    for r in rows:
+        print(f"{r[0]:>5} {r[1]:<18} {r[2]:<12} {r[3].isoformat():<26} {r[6]:>9} {r[7]:>9} {r[8]:>4}  {r[9][:60]}")
+    return 0
+
+
+def cmd_partitions(args) -> int:
+    from loaders.partitions import ensure_ahead
+
+    conn = _connect()
+    try:
+        names = ensure_ahead(conn, args.months)
+    finally:
+        conn.close()
+    print("partitions present: " + ", ".join(names))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(db_url=args.db_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
