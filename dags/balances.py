@@ -17,17 +17,16 @@ from pipeline import tasks
 from pipeline.assets import snapshot_asset
 from pipeline.config import SourceConfig, load_config
 
-DEFAULT_ARGS = {
-    "owner": "balances",
-    "retries": 3,
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=15),
-}
-
 
 def snapshot_dag(source: SourceConfig):
     pool = f"balances_{source.provider}"
+    default_args = {
+        "owner": "balances",
+        "retries": source.task_retries,
+        "retry_delay": timedelta(seconds=source.task_retry_delay),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=15),
+    }
 
     @dag(
         dag_id=source.dag_id,
@@ -35,7 +34,7 @@ def snapshot_dag(source: SourceConfig):
         start_date=source.start_date,
         catchup=source.catchup,
         max_active_runs=1,
-        default_args=DEFAULT_ARGS,
+        default_args=default_args,
         tags=["balances", source.provider],
         doc_md=__doc__,
     )
@@ -44,16 +43,17 @@ def snapshot_dag(source: SourceConfig):
         def begin_run(**context) -> int:
             return tasks.begin_run(source.name, context)
 
+        # "run_id" is reserved by Airflow's context; ours is the snapshot run.
         @task(pool=pool)
-        def crawl_snapshot(run_id: int) -> dict:
-            return tasks.crawl_snapshot(source.name, run_id)
+        def crawl_snapshot(snapshot_run: int) -> dict:
+            return tasks.crawl_snapshot(source.name, snapshot_run)
 
         @task(pool=pool, outlets=[snapshot_asset(source.name)])
-        def publish_snapshot(run_id: int, crawled: dict) -> dict:
-            return tasks.publish_snapshot(source.name, run_id)
+        def publish_snapshot(snapshot_run: int, crawled: dict) -> dict:
+            return tasks.publish_snapshot(source.name, snapshot_run)
 
-        run_id = begin_run()
-        publish_snapshot(run_id, crawl_snapshot(run_id))
+        snapshot_run = begin_run()
+        publish_snapshot(snapshot_run, crawl_snapshot(snapshot_run))
 
     return balances_snapshot()
 

@@ -29,6 +29,7 @@ from extractors.records import (
 HBAR = "HBAR"
 HBAR_DECIMALS = 8
 MAX_LIMIT = 100
+HAS_HISTORY = True  # timestamp=lte:<time> selects any past snapshot
 TOKENS_LISTED_AT_MOST = 50  # HIP-367: the balances endpoint cuts the rest silently
 INT64_MAX = 2**63 - 1
 
@@ -38,7 +39,7 @@ _TIMESTAMP = re.compile(r"^(\d{1,12})\.(\d{9})$")
 
 
 @dataclass(slots=True)
-class HederaSettings:
+class Settings:
     """The ``[sources.<name>]`` keys a Hedera source accepts."""
 
     base_url: str
@@ -94,7 +95,7 @@ class HederaExtractor:
 
     provider = "hedera"
 
-    def __init__(self, settings: HederaSettings, client: HttpClient, *, max_pages: int) -> None:
+    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
         self.settings = settings
         self.client = client
         self.max_pages = max_pages
@@ -191,7 +192,7 @@ def entity_num(entity_id: str) -> int:
 
 
 
-def build(settings: HederaSettings, credentials: Credentials | None, policy, *, max_pages: int) -> HederaExtractor:
+def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> HederaExtractor:
     """A Hedera extractor; a Connection's password, if any, is the API key."""
     headers = {}
     if credentials is not None and credentials.password:

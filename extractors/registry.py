@@ -1,17 +1,27 @@
-"""The providers this pipeline knows, by the name used in ``provider = "..."``."""
+"""The providers this pipeline knows, by the name used in ``provider = "..."``.
+
+Each provider is one module in this package that defines:
+
+* ``Settings`` — a dataclass of the ``[sources.<name>]`` keys it accepts
+  (``__post_init__`` raises ``ValueError(field, message)`` on bad values);
+* ``build(settings, credentials, policy, *, max_pages)`` — an extractor,
+  whose ``pages(at, account_range=None)`` yields :class:`~extractors.records.Page`
+  objects and whose ``client`` is the :class:`~extractors.http.HttpClient`;
+* ``HAS_HISTORY`` — whether the API can answer for a past time.
+
+Modules are imported on first use, so a broken provider cannot stop the
+others from loading.
+"""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from types import ModuleType
+from typing import Any, Callable
 
-from extractors import hedera
 from extractors.http import RequestStats
 
-
-class Extractor(Protocol):
-    provider: str
-
-    def pages(self, at, account_range=None) -> Iterator[Any]: ...
+PROVIDER_NAMES = ("hedera", "formance", "bitfront", "coreledger")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +33,11 @@ class Provider:
     has_history: bool
 
 
-PROVIDERS: dict[str, Provider] = {
-    "hedera": Provider("hedera", hedera.HederaSettings, hedera.build, has_history=True),
-}
+def provider(name: str) -> Provider:
+    if name not in PROVIDER_NAMES:
+        raise KeyError(name)
+    module: ModuleType = importlib.import_module(f"extractors.{name}")
+    return Provider(name, module.Settings, module.build, module.HAS_HISTORY)
 
 
 def stats_of(extractor: Any) -> RequestStats:

@@ -73,6 +73,7 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0) -> Pub
                 (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
             )
             rows_published = cur.rowcount
+            _publish_aggregates(cur, run, shards)
             if snapshot_is_new and rows_published != rows_staged:
                 # Only now is the (costly) check worth it: some holding came twice.
                 _refuse_duplicates(cur, staged)
@@ -91,6 +92,25 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0) -> Pub
         runs.finish(conn, run_id, "failed", error=str(exc))
         raise
     return PublishResult(run_id, "published", rows_staged, rows_published, rejected)
+
+
+def _publish_aggregates(cur, run: runs.Run, shards: int) -> None:
+    cur.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+        (staging.SCHEMA, [f"run_{run.run_id}_shard_{n}_aggregate" for n in range(shards)]),
+    )
+    for (name,) in cur.fetchall():
+        cur.execute(
+            sql.SQL(
+                """
+                INSERT INTO aggregate_balances
+                    (source, provider, asset, balance, decimals, as_of, as_of_raw, scheduled_for, run_id)
+                SELECT %s, %s, a.asset, a.balance, a.decimals, %s, %s, %s, %s FROM {} a
+                ON CONFLICT (source, asset, as_of) DO NOTHING
+                """
+            ).format(sql.Identifier(staging.SCHEMA, name)),
+            (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run.run_id),
+        )
 
 
 def _require_tables(cur, run_id: int, shards: int) -> None:

@@ -29,8 +29,14 @@ def table_name(run_id: int, shard: int) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"run_{int(run_id)}_shard_{int(shard)}")
 
 
+def aggregate_table_name(run_id: int, shard: int) -> sql.Identifier:
+    """Provider-reported totals (Formance aggregates) staged beside the rows."""
+    return sql.Identifier(SCHEMA, f"run_{int(run_id)}_shard_{int(shard)}_aggregate")
+
+
 def drop(cur, run_id: int, shard: int) -> None:
-    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_name(run_id, shard)))
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
+        table_name(run_id, shard), aggregate_table_name(run_id, shard)))
 
 
 def _text(value: str) -> str:
@@ -69,6 +75,7 @@ class StagingWriter:
         self.shard = shard
         self.table = table_name(run_id, shard)
         self.rows = 0
+        self.aggregates = 0
         self.rejected = 0
         self._buffer: list[str] = []
         self._size = 0
@@ -84,7 +91,12 @@ class StagingWriter:
             runs.clear_rejections(cur, run_id, shard)
         conn.commit()
 
-    def add(self, rows: list[BalanceRow], rejected: list[Rejection] = ()) -> None:
+    def add(self, rows: list[BalanceRow], rejected: list[Rejection] = (), kind: str = "balances") -> None:
+        if kind == "aggregate":
+            self._add_aggregate(rows)
+            rows = []
+        elif kind != "balances":
+            raise ValueError(f"unknown page kind {kind!r}")
         if rows:
             chunk = encode(rows)
             self._buffer.append(chunk)
@@ -98,6 +110,18 @@ class StagingWriter:
             # Committed at once: rejected records are kept even if the run fails.
             self.conn.commit()
             self.rejected += len(rejected)
+
+    def _add_aggregate(self, rows: list[BalanceRow]) -> None:
+        table = aggregate_table_name(self.run_id, self.shard)
+        with self.conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (asset text NOT NULL,"
+                                " balance numeric NOT NULL, decimals smallint)").format(table))
+            if rows:
+                cur.copy_expert(sql.SQL("COPY {} (asset, balance, decimals) FROM STDIN").format(table),
+                                io.BytesIO("".join(f"{_text(r.asset)}\t{_number(r.balance)}\t{_number(r.decimals)}\n"
+                                                   for r in rows).encode()))
+        self.conn.commit()
+        self.aggregates += len(rows)
 
     def flush(self) -> None:
         if not self._buffer:

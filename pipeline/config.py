@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from extractors.http import RetryPolicy
-from extractors.registry import PROVIDERS
+from extractors.registry import PROVIDER_NAMES, provider as provider_named
 
 CONFIG_ENV = "BALANCES_CONFIG"
 SCHEDULE_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -42,6 +42,8 @@ class SourceConfig:
     max_rejected: int = 0
     max_pages: int = 100_000
     shards: int = 1
+    task_retries: int = 3
+    task_retry_delay: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @property
@@ -73,6 +75,8 @@ _COMMON: dict[str, type] = {
     "max_rejected": int,
     "max_pages": int,
     "shards": int,
+    "task_retries": int,
+    "task_retry_delay": float,
 }
 # Keys that tune retries, mapped onto RetryPolicy fields.
 _RETRY: dict[str, str] = {
@@ -128,9 +132,9 @@ def parse_source(name: str, table: Any) -> SourceConfig:
         raise ConfigError(f"{where}: must be a table")
     provider = table.get("provider")
     if provider is None:
-        raise ConfigError(f"{where}.provider: missing (one of {', '.join(sorted(PROVIDERS))})")
-    if provider not in PROVIDERS:
-        raise ConfigError(f"{where}.provider: unknown provider {provider!r} (known: {', '.join(sorted(PROVIDERS))})")
+        raise ConfigError(f"{where}.provider: missing (one of {', '.join(PROVIDER_NAMES)})")
+    if provider not in PROVIDER_NAMES:
+        raise ConfigError(f"{where}.provider: unknown provider {provider!r} (known: {', '.join(PROVIDER_NAMES)})")
     common: dict[str, Any] = {}
     retry: dict[str, Any] = {}
     rest: dict[str, Any] = {}
@@ -147,11 +151,11 @@ def parse_source(name: str, table: Any) -> SourceConfig:
         common["schedule"] = None
     elif schedule not in SCHEDULE_PRESETS and not _valid_cron(schedule):
         raise ConfigError(f"{where}.schedule: {schedule!r} is neither a cron expression nor a preset such as @hourly")
-    for key in ("max_rejected", "max_pages", "shards"):
-        minimum = 0 if key == "max_rejected" else 1
+    for key in ("max_rejected", "max_pages", "shards", "task_retries", "task_retry_delay"):
+        minimum = 0 if key in ("max_rejected", "task_retries", "task_retry_delay") else 1
         if key in common and common[key] < minimum:
             raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {common[key]}")
-    settings = build_settings(PROVIDERS[provider].settings, rest, where)
+    settings = build_settings(provider_named(provider).settings, rest, where)
     try:
         policy = RetryPolicy(**retry)
     except TypeError as exc:

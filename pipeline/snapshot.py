@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError
 from extractors.records import Rejection
-from extractors.registry import PROVIDERS, stats_of
+from extractors.registry import provider, stats_of
 from loaders import publish as publishing
 from loaders import runs
 from loaders.staging import StagingWriter
@@ -41,8 +41,7 @@ class CrawlResult:
 
 
 def build_extractor(source: SourceConfig, credentials=None):
-    provider = PROVIDERS[source.provider]
-    return provider.build(source.settings, credentials, source.retry, max_pages=source.max_pages)
+    return provider(source.provider).build(source.settings, credentials, source.retry, max_pages=source.max_pages)
 
 
 def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: str | None = None,
@@ -50,7 +49,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
     """Open a run for the snapshot due at ``scheduled_for``."""
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
-    if not PROVIDERS[source.provider].has_history:
+    if not provider(source.provider).has_history:
         now = now or datetime.now(timezone.utc)
         if scheduled_for < now - LIVE_GRACE:
             raise HistoryUnavailable(
@@ -81,7 +80,7 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
                     raise SnapshotError(
                         f"shard {shard} read snapshot {page.as_of_raw}, another shard read {recorded}"
                     )
-            writer.add(page.rows, page.rejected)
+            writer.add(page.rows, page.rejected, page.kind)
             warnings.extend(page.warnings)
             pages += 1
         writer.close()

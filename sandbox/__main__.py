@@ -11,10 +11,10 @@ def main() -> None:
     from sandbox import apps
 
     parser = argparse.ArgumentParser(prog="python -m sandbox")
-    parser.add_argument("provider", choices=sorted(apps.DEMO_APPS))
+    parser.add_argument("provider", choices=apps.available())
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = FakeServer(apps.DEMO_APPS[args.provider](), port=args.port).start()
+    server = FakeServer(apps.sandbox(args.provider).demo_app(), port=args.port).start()
     print(f"sandbox {args.provider} listening on {server.url}", flush=True)
     try:
         while True:

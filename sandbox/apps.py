@@ -1,15 +1,33 @@
-"""The demo data set of each sandbox provider, as ready-to-serve apps."""
+"""The sandbox provider of each name, for ``python -m sandbox`` and the demo.
+
+Each module ``sandbox.<provider>`` defines:
+
+* ``demo_app()`` — the fake with its demo data set, ready to serve;
+* ``demo_source(url)`` — the ``[sources.<name>]`` keys pointing at it;
+* ``DEMO_CONNECTION`` — ``(conn_id, connection URI)`` with the sandbox's
+  credentials, or None when the provider needs none.
+"""
 from __future__ import annotations
 
-import time
+import importlib
+from types import ModuleType
 
-from sandbox import hedera
-
-
-def hedera_demo():
-    return hedera.demo_mirror(int(time.time()))
+SANDBOXES = ("hedera", "formance", "bitfront", "coreledger")
 
 
-DEMO_APPS = {
-    "hedera": hedera_demo,
-}
+def sandbox(name: str) -> ModuleType:
+    if name not in SANDBOXES:
+        raise KeyError(name)
+    return importlib.import_module(f"sandbox.{name}")
+
+
+def available() -> list[str]:
+    """The sandboxes that exist in this checkout."""
+    found = []
+    for name in SANDBOXES:
+        try:
+            sandbox(name)
+        except ModuleNotFoundError:
+            continue
+        found.append(name)
+    return found

@@ -12,6 +12,7 @@ page is followed by an empty one; unknown parameters get 400 with the
 from __future__ import annotations
 
 import bisect
+import time
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -227,3 +228,15 @@ def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
         book[2] = Account(balance=5_000_000_000_000_000_000 - step)
         snapshots.append(Snapshot.of(f"{at}.{123456789 + step:09d}", book))
     return HederaMirror(snapshots, tokens)
+
+
+def demo_app() -> HederaMirror:
+    return demo_mirror(int(time.time()))
+
+
+def demo_source(url: str) -> dict:
+    return {"provider": "hedera", "base_url": url, "schedule": "*/15 * * * *", "limit": 100,
+            "include_tokens": True}
+
+
+DEMO_CONNECTION = None

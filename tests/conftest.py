@@ -1,0 +1,121 @@
+"""Shared fixtures: a real PostgreSQL database, fake providers, Airflow.
+
+PostgreSQL: ``$BALANCES_TEST_DB_URL`` if set, else a private cluster that
+the session starts in a temporary directory and stops at the end.
+Airflow: a throwaway ``AIRFLOW_HOME`` with a SQLite metadata DB, and the
+repository's ``dags/`` folder, configured before Airflow is imported.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+_SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
+os.environ["AIRFLOW_HOME"] = str(_SCRATCH / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ["BALANCES_CONFIG"] = str(_SCRATCH / "balances.toml")
+os.environ.pop("BALANCES_DB_URL", None)
+
+import pytest  # noqa: E402
+
+from loaders.db import connect  # noqa: E402
+from loaders.migrate import upgrade  # noqa: E402
+from pipeline import devdb  # noqa: E402
+from pipeline.config import SourceConfig, parse_source  # noqa: E402
+from sandbox.server import FakeServer  # noqa: E402
+
+TABLES = ("balance_history", "aggregate_balances", "rejected_records", "snapshot_runs")
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    url = os.environ.get("BALANCES_TEST_DB_URL")
+    data_dir = None
+    if not url:
+        data_dir = _SCRATCH / "pgdata"
+        url = devdb.start(data_dir, database="balances_test")
+    upgrade(url)
+    yield url
+    if data_dir is not None:
+        devdb.stop(data_dir)
+        shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+def reset_database(conn) -> None:
+    """Empty every table and drop leftover staging tables."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(t) IS NOT NULL FROM unnest(%s::text[]) t", (list(TABLES),))
+        present = [t for t, ok in zip(TABLES, [r[0] for r in cur.fetchall()]) if ok]
+        cur.execute(f"TRUNCATE {', '.join(present)} RESTART IDENTITY CASCADE")
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'balance_staging'")
+        for (name,) in cur.fetchall():
+            cur.execute(f'DROP TABLE balance_staging."{name}"')
+    conn.commit()
+
+
+@pytest.fixture
+def db(database_url):
+    """A connection to a database with every table empty."""
+    conn = connect(database_url)
+    reset_database(conn)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def serve():
+    """Start fake provider apps as local HTTP servers: ``serve(app) -> FakeServer``."""
+    servers: list[FakeServer] = []
+
+    def start(app) -> FakeServer:
+        server = FakeServer(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def make_source(name: str, **keys) -> SourceConfig:
+    """A SourceConfig through the same validation as the config file."""
+    keys.setdefault("backoff_base", 0.01)
+    return parse_source(name, keys)
+
+
+def fetch(conn, query: str, params=()) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        rows = cur.fetchall()
+    conn.commit()
+    return rows
+
+
+@pytest.fixture(scope="session")
+def airflow_env(database_url):
+    """Airflow's metadata DB, migrated once, and ``balances_db`` pointing at the test DB."""
+    os.environ["AIRFLOW_CONN_BALANCES_DB"] = database_url
+    from airflow.utils import db as airflow_db
+
+    airflow_db.resetdb()
+    yield
+
+
+def write_config(text: str) -> Path:
+    path = Path(os.environ["BALANCES_CONFIG"])
+    path.write_text(text)
+    return path
+
+
+def load_dag(dag_id: str):
+    """Parse ``dags/`` as Airflow does and return one DAG."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"), include_examples=False)
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag(dag_id)
