@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 _SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
+_SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
 os.environ["AIRFLOW_HOME"] = str(_SCRATCH / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"

@@ -1,0 +1,312 @@
+"""Hedera mirror node: extractor and pipeline against the fake, into Postgres."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from extractors.errors import MalformedResponseError, PaginationError, ProviderError
+from extractors.hedera import format_timestamp, parse_timestamp
+from pipeline.snapshot import RejectedRecordsError, begin, crawl, publish, take_snapshot
+from sandbox.hedera import Account, HederaMirror, Snapshot
+from sandbox.server import Fault, Response, json_response
+from tests.conftest import fetch, make_source
+from tests.hedera_data import BIG, T1, T2, T3, mirror
+
+AFTER_T3 = datetime(2023, 11, 14, 23, 0, tzinfo=timezone.utc)  # later than every snapshot
+BETWEEN_T2_T3 = datetime.fromtimestamp(1700001000, tz=timezone.utc)
+
+
+def hedera_source(server, **keys):
+    return make_source("hedera_test", provider="hedera", base_url=server.url, **keys)
+
+
+def history(db, source="hedera_test"):
+    return fetch(db, "SELECT account, asset, balance, decimals, as_of_raw FROM balance_history"
+                     " WHERE source = %s ORDER BY account, asset", (source,))
+
+
+def test_timestamps_round_trip_to_microseconds():
+    at = parse_timestamp("1700000900.123456789")
+    assert at == datetime(2023, 11, 14, 22, 28, 20, 123456, tzinfo=timezone.utc)
+    assert format_timestamp(at) == "1700000900.123456000"
+
+
+def test_crawl_follows_every_page_and_lands_exactly(db, serve):
+    server = serve(mirror(accounts=57))
+    summary = take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
+    assert summary["status"] == "published"
+    rows = history(db)
+    # 57 accounts + the treasury, HBAR each, plus a token row for 1005, 1010, ... 1055.
+    assert len(rows) == 58 + 11
+    assert summary["rows"] == len(rows) == summary["rows_inserted"]
+    treasury = [r for r in rows if r[0] == "0.0.2"]
+    assert treasury == [("0.0.2", "HBAR", Decimal(BIG + 3), 8, T3)]
+    assert all(r[4] == T3 for r in rows)
+    # 58 accounts at 10 per page: 6 pages, the last one short.
+    assert summary["pages"] == 6
+    balances_requests = [r for r in server.requests if r.path == "/api/v1/balances"]
+    assert len(balances_requests) == 6
+    # Follow-up requests used the server's own unencoded next link.
+    assert "account.id=lt:0.0." in balances_requests[1].raw_query
+
+
+def test_token_rows_carry_the_tokens_decimals_fetched_once(db, serve):
+    server = serve(mirror(accounts=57))
+    take_snapshot(db, hedera_source(server, limit=100), AFTER_T3)
+    tokens = fetch(db, "SELECT account, balance, decimals FROM balance_history WHERE asset = '0.0.7001'"
+                       " ORDER BY account")
+    assert tokens[0] == ("0.0.1005", Decimal(1005 * 10 + 3), 4)
+    assert len(tokens) == 11
+    token_lookups = [r for r in server.requests if r.path.startswith("/api/v1/tokens/")]
+    assert len(token_lookups) == 1
+
+
+def test_include_tokens_false_loads_only_hbar(db, serve):
+    server = serve(mirror())
+    take_snapshot(db, hedera_source(server, include_tokens=False), AFTER_T3)
+    assert {r[1] for r in history(db)} == {"HBAR"}
+
+
+def test_exactly_full_last_page_is_followed_by_an_empty_page(db, serve):
+    server = serve(mirror(accounts=19))  # 20 accounts with the treasury
+    summary = take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
+    assert summary["pages"] == 3
+    assert summary["rows"] == 20 + 3
+    last = [r for r in server.requests if r.path == "/api/v1/balances"][-1]
+    # desc order: the second page ended at the lowest account, the treasury 0.0.2.
+    assert last.raw_query.endswith("account.id=lt:0.0.2")
+
+
+def test_timestamp_selects_the_snapshot_and_as_of_is_what_the_server_returned(db, serve):
+    server = serve(mirror())
+    summary = take_snapshot(db, hedera_source(server), BETWEEN_T2_T3)
+    assert summary["as_of_raw"] == T2
+    assert summary["as_of"] == parse_timestamp(T2)
+    assert summary["scheduled_for"] == BETWEEN_T2_T3
+    first = [r for r in server.requests if r.path == "/api/v1/balances"][0]
+    assert ("timestamp", f"lte:{format_timestamp(BETWEEN_T2_T3)}") in first.query
+    assert {r[4] for r in history(db)} == {T2}
+
+
+def test_rerun_of_the_same_snapshot_adds_nothing(db, serve):
+    server = serve(mirror())
+    source = hedera_source(server)
+    first = take_snapshot(db, source, AFTER_T3)
+    second = take_snapshot(db, source, AFTER_T3)
+    assert first["rows_inserted"] == first["rows"] > 0
+    assert second["status"] == "published"
+    assert second["rows_inserted"] == 0
+    count = fetch(db, "SELECT count(*), count(DISTINCT (account, asset)) FROM balance_history")[0]
+    assert count == (first["rows"], first["rows"])
+
+
+def test_backfill_loads_an_older_snapshot_beside_the_newer(db, serve):
+    server = serve(mirror())
+    source = hedera_source(server)
+    take_snapshot(db, source, AFTER_T3)
+    take_snapshot(db, source, datetime.fromtimestamp(1700000001, tz=timezone.utc))
+    snapshots = fetch(db, "SELECT as_of_raw, count(*), sum(balance) FILTER (WHERE account = '0.0.1001')"
+                          " FROM balance_history GROUP BY 1 ORDER BY 1")
+    assert [s[0] for s in snapshots] == [T1, T3]
+    assert snapshots[0][1] == snapshots[1][1]
+    assert snapshots[0][2] == Decimal(1001 * 1000 + 1)
+
+
+def test_no_snapshot_yet_ends_cleanly_and_loads_nothing(db, serve):
+    server = serve(mirror())
+    summary = take_snapshot(db, hedera_source(server), datetime(2020, 1, 1, tzinfo=timezone.utc))
+    assert summary["status"] == "no_snapshot"
+    assert "no balance snapshot" in summary["error"]
+    assert history(db) == []
+
+
+def test_changed_history_for_a_held_snapshot_is_refused(db, serve):
+    app = mirror()
+    server = serve(app)
+    source = hedera_source(server)
+    take_snapshot(db, source, AFTER_T3)
+    app.snapshots[-1].account = lambda num, old=app.snapshots[-1].account: Account(
+        old(num).balance + 1, old(num).tokens)
+    with pytest.raises(Exception, match="already loaded with other balances"):
+        take_snapshot(db, source, AFTER_T3)
+    statuses = fetch(db, "SELECT status FROM snapshot_runs ORDER BY run_id")
+    assert statuses == [("published",), ("failed",)]
+
+
+def test_failure_mid_crawl_leaves_no_partial_snapshot(db, serve):
+    server = serve(mirror())
+    server.inject(Fault("status", times=100, path="/api/v1/balances", after=2,
+                        response=json_response({"_status": {"messages": [{"message": "down"}]}}, 503)))
+    source = hedera_source(server, limit=10, max_attempts=3)
+    with pytest.raises(ProviderError, match="HTTP 503"):
+        take_snapshot(db, source, AFTER_T3)
+    assert history(db) == []
+    run = fetch(db, "SELECT status, pages, retries, error FROM snapshot_runs")[0]
+    assert run[0] == "failed" and run[1] == 2 and run[2] == 2
+    assert "503" in run[3] and "down" in run[3]
+    staging = fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'")
+    assert staging == [(0,)]
+
+
+def test_malformed_record_is_quarantined_and_fails_the_run(db, serve):
+    app = mirror(accounts=20)
+    good = app.snapshots[-1].account
+
+    def account(num):
+        if num == 1007:
+            return Account(balance="12.5")  # not an integer
+        return good(num)
+
+    app.snapshots[-1].account = account
+    server = serve(app)
+    with pytest.raises(RejectedRecordsError, match="1 record"):
+        take_snapshot(db, hedera_source(server), AFTER_T3)
+    assert history(db) == []
+    rejected = fetch(db, "SELECT raw, reason FROM rejected_records")
+    assert len(rejected) == 1
+    assert '"account":"0.0.1007"' in rejected[0][0] and '"12.5"' in rejected[0][0]
+    assert "balance" in rejected[0][1]
+    assert fetch(db, "SELECT status, rejected FROM snapshot_runs") in ([("failed", 0)], [("failed", 1)])
+
+
+def test_rejection_threshold_lets_the_rest_publish(db, serve):
+    app = HederaMirror([Snapshot.of(T3, {5: Account(balance=10), 6: Account(balance=-3),
+                                          7: Account(balance=True)})])
+    server = serve(app)
+    summary = take_snapshot(db, hedera_source(server, max_rejected=2), AFTER_T3)
+    assert summary["status"] == "published" and summary["rejected"] == 2
+    assert [r[0] for r in history(db)] == ["0.0.5"]
+    reasons = sorted(r[0] for r in fetch(db, "SELECT reason FROM rejected_records"))
+    assert any("boolean" in r for r in reasons) and any("-3, below" in r for r in reasons)
+
+
+def test_fifty_tokens_are_flagged_as_possibly_truncated(db, serve):
+    tokens = [(f"0.0.{8000 + i}", i) for i in range(50)]
+    app = HederaMirror([Snapshot.of(T3, {9: Account(balance=1, tokens=tokens)})],
+                       tokens={t: 0 for t, _ in tokens})
+    server = serve(app)
+    summary = take_snapshot(db, hedera_source(server), AFTER_T3)
+    assert summary["rows"] == 51
+    assert any("0.0.9" in w and "truncated" in w for w in summary["warnings"])
+
+
+def test_429_with_retry_after_is_retried_and_counted(db, serve):
+    server = serve(mirror())
+    server.inject(Fault("status", times=2, path="/api/v1/balances",
+                        response=json_response({"_status": {"messages": [{"message": "Too many requests"}]}},
+                                               429, {"Retry-After": "0"})))
+    summary = take_snapshot(db, hedera_source(server, max_attempts=3), AFTER_T3)
+    assert summary["status"] == "published" and summary["retries"] == 2
+
+
+def test_retry_after_is_honoured(db, serve):
+    server = serve(mirror())
+    server.inject(Fault("status", times=1, path="/api/v1/balances",
+                        response=Response(status=429, headers={"Retry-After": "1"})))
+    started = datetime.now(timezone.utc)
+    summary = take_snapshot(db, hedera_source(server), AFTER_T3)
+    assert (datetime.now(timezone.utc) - started).total_seconds() >= 1.0
+    assert summary["retries"] == 1
+
+
+def test_unknown_parameter_gets_the_providers_message(db, serve):
+    server = serve(mirror())
+    source = hedera_source(server)
+    from pipeline.snapshot import build_extractor
+
+    extractor = build_extractor(source)
+    with pytest.raises(ProviderError) as caught:
+        extractor.client.get_json("/api/v1/balances", {"bogus": "1"})
+    assert caught.value.status == 400 and not caught.value.retriable
+    assert "Unknown query parameter: bogus" in str(caught.value)
+
+
+class _LinkTo:
+    """A mirror whose next link is replaced by ``links`` in turn."""
+
+    def __init__(self, links):
+        self.links = list(links)
+        self.app = mirror()
+
+    def __call__(self, request):
+        response = self.app(request)
+        if request.path == "/api/v1/balances" and self.links:
+            import json
+
+            body = json.loads(response.body)
+            body["links"]["next"] = self.links.pop(0)
+            response = json_response(body)
+        return response
+
+
+def test_next_link_to_another_origin_is_refused_and_gets_no_credential(db, serve, monkeypatch):
+    other = serve(mirror())
+    server = serve(_LinkTo([f"{other.url}/api/v1/balances?limit=10"]))
+    monkeypatch.setenv("AIRFLOW_CONN_HEDERA_KEYED", "http://:sekret-api-key-1234@mirror")
+    source = hedera_source(server, conn_id="hedera_keyed", limit=10)
+    from pipeline import connections
+
+    creds = connections.credentials("hedera_keyed")
+    with pytest.raises(PaginationError, match="leaves the configured origin"):
+        take_snapshot(db, source, AFTER_T3, credentials=creds)
+    assert other.request_count == 0
+    assert server.requests[0].header("x-api-key") == "sekret-api-key-1234"
+    assert "sekret" not in fetch(db, "SELECT error FROM snapshot_runs")[0][0]
+    assert history(db) == []
+
+
+def test_pagination_cycle_is_detected(db, serve):
+    a = "/api/v1/balances?limit=10&account.id=lt:0.0.1050"
+    b = "/api/v1/balances?limit=10&account.id=lt:0.0.1040"
+    server = serve(_LinkTo([a, b, a, b]))
+    with pytest.raises(PaginationError, match="loop"):
+        take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
+    assert history(db) == []
+
+
+def test_page_cap_stops_an_endless_crawl(db, serve):
+    server = serve(mirror())
+    with pytest.raises(PaginationError, match="page cap"):
+        take_snapshot(db, hedera_source(server, limit=5, max_pages=3), AFTER_T3)
+
+
+def test_invalid_json_is_kept_as_a_rejection(db, serve):
+    server = serve(mirror())
+    server.inject(Fault("status", path="/api/v1/balances",
+                        response=Response(status=200, body=b"<html>oops</html>", content_type="text/html")))
+    with pytest.raises(MalformedResponseError, match="not valid JSON"):
+        take_snapshot(db, hedera_source(server), AFTER_T3)
+    assert fetch(db, "SELECT raw FROM rejected_records") == [("<html>oops</html>",)]
+
+
+def test_snapshot_changing_between_pages_is_an_error(db, serve):
+    app = mirror()
+
+    class Drifting:
+        calls = 0
+
+        def __call__(self, request):
+            if request.path == "/api/v1/balances":
+                Drifting.calls += 1
+                if Drifting.calls == 2:
+                    app.snapshots[-1].timestamp = "1700001801.000000000"
+            return app(request)
+
+    server = serve(Drifting())
+    with pytest.raises(Exception, match="snapshot"):
+        take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
+    assert history(db) == []
+
+
+def test_steps_can_run_separately_like_airflow_tasks(db, serve):
+    server = serve(mirror())
+    source = hedera_source(server)
+    run_id = begin(db, source, AFTER_T3, dag_run_id="manual__x")
+    result = crawl(db, source, run_id)
+    assert result.status == "staged" and result.rows > 0
+    # Staged but not yet published: a reader sees nothing.
+    assert history(db) == []
+    published = publish(db, source, run_id)
+    assert published.rows_published == result.rows == len(history(db))
