@@ -113,10 +113,14 @@ def write_config(text: str) -> Path:
     return path
 
 
-def load_dag(dag_id: str):
-    """Parse ``dags/`` as Airflow does and return one DAG."""
+def dag_bag():
+    """Parse ``dags/`` as Airflow's DAG processor does."""
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO / "dags"), include_examples=False)
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def load_dag(dag_id: str):
+    bag = dag_bag()
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag(dag_id)

@@ -1,0 +1,92 @@
+"""The generated DAGs, parsed and run by real Airflow (``dag.test()``)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
+from sandbox.hedera import Account
+from tests.hedera_data import T2, mirror
+
+pytestmark = pytest.mark.airflow
+
+
+def hedera_config(url: str, name: str = "hedera_dagtest", extra: str = "") -> str:
+    return f"""
+[sources.{name}]
+provider = "hedera"
+base_url = "{url}"
+schedule = "*/15 * * * *"
+limit = 10
+task_retries = 0
+start_date = 2023-01-01
+backoff_base = 0.01
+{extra}
+"""
+
+
+def test_example_config_builds_one_dag_per_source(airflow_env):
+    write_config((REPO / "config" / "balances.example.toml").read_text())
+    bag = dag_bag()
+    assert bag.import_errors == {}
+    assert sorted(bag.dag_ids) == ["balances_hedera_mainnet", "balances_hedera_testnet"]
+    for dag in bag.dags.values():
+        assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "crawl_snapshot", "publish_snapshot"]
+        assert all(t.pool == "balances_hedera" for t in dag.tasks)
+        assert dag.max_active_runs == 1
+        assert dag.doc_md and "snapshot" in dag.doc_md
+    publish = bag.get_dag("balances_hedera_mainnet").get_task("publish_snapshot")
+    assert [o.uri for o in publish.outlets] == ["balances://snapshots/hedera_mainnet"]
+
+
+def test_broken_config_is_an_import_error_naming_the_field(airflow_env):
+    write_config('[sources.bad]\nprovider = "hedera"\nbase_url = "http://x"\nlimit = 500\n')
+    bag = dag_bag()
+    errors = " ".join(bag.import_errors.values())
+    assert "sources.bad.limit" in errors and "100" in errors
+
+
+def test_dag_run_publishes_a_snapshot_and_updates_the_asset(airflow_env, db, serve):
+    server = serve(mirror())
+    write_config(hedera_config(server.url))
+    dag = load_dag("balances_hedera_dagtest")
+    # A scheduled run for the interval ending between T2 and T3 must load T2.
+    logical = datetime.fromtimestamp(1700001000, tz=timezone.utc)
+    dag_run = dag.test(logical_date=logical)
+    assert dag_run.state == "success"
+    runs = fetch(db, "SELECT status, as_of_raw, scheduled_for, dag_run_id, rows, rows_inserted FROM snapshot_runs")
+    assert len(runs) == 1
+    status, as_of_raw, scheduled_for, dag_run_id, rows, inserted = runs[0]
+    assert (status, as_of_raw, dag_run_id) == ("published", T2, dag_run.run_id)
+    assert scheduled_for == dag_run.data_interval_end
+    assert rows == inserted == fetch(db, "SELECT count(*) FROM balance_history")[0][0] > 0
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.execute(
+            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == "balances://snapshots/hedera_dagtest")
+        ).scalars().all()
+        assert len(events) == 1
+
+    # The same interval again (a rerun) adds nothing.
+    rerun = dag.test(logical_date=logical)
+    assert rerun.state == "success"
+    assert fetch(db, "SELECT count(*) FROM balance_history")[0][0] == rows
+    assert fetch(db, "SELECT rows_inserted FROM snapshot_runs ORDER BY run_id DESC LIMIT 1") == [(0,)]
+
+
+def test_dag_run_with_a_fatal_error_fails_without_publishing(airflow_env, db, serve):
+    server = serve(mirror())
+    write_config(hedera_config(server.url))
+    server.app.snapshots[-1].account = lambda num: Account(balance="1e3x")  # not an integer
+    dag = load_dag("balances_hedera_dagtest")
+    dag_run = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))
+    assert dag_run.state == "failed"
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
+    assert fetch(db, "SELECT status FROM snapshot_runs") == [("failed",)]
+    assert fetch(db, "SELECT count(*) > 0 FROM rejected_records") == [(True,)]
