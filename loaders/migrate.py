@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
-from loaders.db import sqlalchemy_url
+from loaders.db import connect, sqlalchemy_url
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -24,6 +24,9 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> str:
     """Bring the database to ``revision``; safe to run on an up-to-date database."""
+    # Connect once with our own client first: a wrong password or a host
+    # that is down is then one clear line, not an SQLAlchemy traceback.
+    connect(url).close()
     command.upgrade(alembic_config(url), revision)
     return current_revision(url) or "base"
 

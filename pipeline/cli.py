@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("balances: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # never a bare traceback for an operator; -v keeps it
+        if args.verbose:
+            log.exception("unexpected error")
+        print(f"balances: unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,121 @@
+"""Config validation and the ``balances`` command, as a user meets them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extractors.http import parse_retry_after
+from extractors.redaction import redact_url, same_origin
+from pipeline.config import ConfigError, load_config, parse_config
+from tests.conftest import REPO, fetch
+from tests.hedera_data import T3, mirror
+
+
+def test_example_config_is_valid():
+    config = load_config(REPO / "config" / "balances.example.toml")
+    mainnet = config.source("hedera_mainnet")
+    assert mainnet.settings.account_ids == ["0.0.98", "0.0.800"]
+    assert mainnet.schedule == "*/15 * * * *"
+    assert mainnet.dag_id == "balances_hedera_mainnet"
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"provider": "nope"}, "sources.s.provider: unknown provider 'nope'"),
+    ({"base_url": "http://x"}, "sources.s.provider: missing"),
+    ({"provider": "hedera"}, "sources.s.base_url: missing"),
+    ({"provider": "hedera", "base_url": "http://x", "limit": 101}, "sources.s.limit: must be between 1 and 100"),
+    ({"provider": "hedera", "base_url": "http://x", "limit": "10"}, "sources.s.limit: expected an integer"),
+    ({"provider": "hedera", "base_url": "http://x", "account_ids": ["0.0.x"]}, "sources.s.account_ids"),
+    ({"provider": "hedera", "base_url": "http://x", "schedule": "every day"}, "sources.s.schedule"),
+    ({"provider": "hedera", "base_url": "http://x", "colour": "red"}, "sources.s.colour: unknown key"),
+    ({"provider": "hedera", "base_url": "http://x", "max_rejected": -1}, "sources.s.max_rejected"),
+])
+def test_config_errors_name_the_source_and_field(table, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"sources": {"s": table}})
+    assert message in str(caught.value)
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    assert parse_retry_after("0") == 0.0
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_redaction_masks_secrets_but_keeps_the_link_text():
+    url = "https://user:pw@h.example/api/v1/balances?account.id=lt:0.0.7&api_key=abc&token=t"
+    assert redact_url(url) == "https://***@h.example/api/v1/balances?account.id=lt:0.0.7&api_key=***&token=***"
+    assert same_origin("http://a:80/x", "http://a/y") and not same_origin("http://a/x", "https://a/x")
+
+
+def run_cli(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=120)
+
+
+def test_cli_snapshot_prints_the_summary_and_exits_zero(database_url, db, serve, tmp_path):
+    server = serve(mirror())
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.cli_hedera]\nprovider = "hedera"\nbase_url = "{server.url}"\n')
+    result = run_cli("--config", str(config), "snapshot", "cli_hedera", "--at", "2023-11-14T23:00:00Z",
+                     env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 0, result.stderr
+    assert "status: published" in result.stdout and T3 in result.stdout
+    assert fetch(db, "SELECT count(DISTINCT as_of_raw) FROM balance_history") == [(1,)]
+
+
+def test_cli_failures_are_one_line_with_a_nonzero_exit(database_url, tmp_path):
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.down]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nmax_attempts = 1\n')
+    result = run_cli("--config", str(config), "snapshot", "down", env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "ConnectionError" in result.stderr
+
+    config.write_text('[sources.bad]\nprovider = "hedera"\n')
+    result = run_cli("--config", str(config), "snapshot", "bad", env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 2 and "sources.bad.base_url: missing" in result.stderr
+
+    result = run_cli("--config", str(Path(tmp_path) / "missing.toml"), "snapshot", "x")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+    wrong = database_url.replace("postgres@", "nobody:wrong@")
+    result = run_cli("migrate", env={"BALANCES_DB_URL": wrong})
+    assert result.returncode == 1 and "wrong" not in result.stderr.replace("nobody", "")
+    assert result.stderr.startswith("balances: ")
+
+
+def test_migrate_is_safe_to_repeat(database_url):
+    first = run_cli("migrate", env={"BALANCES_DB_URL": database_url})
+    second = run_cli("migrate", env={"BALANCES_DB_URL": database_url})
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout and "revision" in first.stdout
+
+
+def test_migrations_upgrade_an_existing_database_in_place(database_url, tmp_path):
+    from loaders.db import connect
+    from loaders.migrate import head_revision, upgrade
+    import psycopg2
+
+    admin = psycopg2.connect(database_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS balances_upgrade")
+        cur.execute("CREATE DATABASE balances_upgrade")
+    admin.close()
+    url = database_url.rsplit("/", 1)[0] + "/balances_upgrade"
+    assert upgrade(url, "0001") == "0001"
+    conn = connect(url)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO snapshot_runs (source, provider, scheduled_for, status)"
+                    " VALUES ('old', 'hedera', now(), 'published')")
+    conn.commit()
+    assert upgrade(url) == head_revision()
+    assert fetch(conn, "SELECT source FROM snapshot_runs") == [("old",)]
+    conn.close()
