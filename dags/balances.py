@@ -1,10 +1,12 @@
 """Balance snapshots: one DAG per source in the sources file ($BALANCES_CONFIG).
 
 Each run takes the provider's snapshot for the end of its data interval:
-`begin_run` opens a row in `snapshot_runs`, `crawl_snapshot` streams the
-provider's pages into a private staging table, `publish_snapshot` makes the
-whole snapshot visible in `balance_history` in one transaction and updates
-the source's Asset. Reruns and backfills of the same interval add nothing
+`begin_run` opens a row in `snapshot_runs`, `plan_shards` splits the crawl
+(`shards = N` in the config; one shard otherwise), each mapped
+`crawl_snapshot` streams its pages into a private staging table, and
+`publish_snapshot` makes the whole snapshot visible in `balance_history` in
+one transaction, only when every shard succeeded, and updates the source's
+Asset. Reruns and backfills of the same interval add nothing
 twice. Secrets come from Airflow Connections; XCom carries ids and counts.
 """
 from __future__ import annotations
@@ -45,15 +47,22 @@ def snapshot_dag(source: SourceConfig):
 
         # "run_id" is reserved by Airflow's context; ours is the snapshot run.
         @task(pool=pool)
-        def crawl_snapshot(snapshot_run: int) -> dict:
-            return tasks.crawl_snapshot(source.name, snapshot_run)
+        def plan_shards(snapshot_run: int) -> list[dict]:
+            return tasks.plan_shards(source.name, snapshot_run)
+
+        # One mapped task per shard; each stages its own rows.
+        @task(pool=pool)
+        def crawl_snapshot(snapshot_run: int, shard: dict) -> dict:
+            return tasks.crawl_snapshot(source.name, snapshot_run, **shard)
 
         @task(pool=pool, outlets=[snapshot_asset(source.name)])
-        def publish_snapshot(snapshot_run: int, crawled: dict) -> dict:
+        def publish_snapshot(snapshot_run: int, crawled: list[dict]) -> dict:
             return tasks.publish_snapshot(source.name, snapshot_run)
 
         snapshot_run = begin_run()
-        publish_snapshot(snapshot_run, crawl_snapshot(snapshot_run))
+        shards = plan_shards(snapshot_run)
+        crawled = crawl_snapshot.partial(snapshot_run=snapshot_run).expand(shard=shards)
+        publish_snapshot(snapshot_run, crawled)
 
     return balances_snapshot()
 

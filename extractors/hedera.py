@@ -30,6 +30,7 @@ HBAR = "HBAR"
 HBAR_DECIMALS = 8
 MAX_LIMIT = 100
 HAS_HISTORY = True  # timestamp=lte:<time> selects any past snapshot
+SHARDABLE = True  # the account-id space splits into account.id=gte:..&lt:.. ranges
 TOKENS_LISTED_AT_MOST = 50  # HIP-367: the balances endpoint cuts the rest silently
 INT64_MAX = 2**63 - 1
 
@@ -101,19 +102,46 @@ class HederaExtractor:
         self.max_pages = max_pages
         self._decimals: dict[str, int | None] = {}
 
-    def pages(self, at: datetime, account_range: tuple[str, str] | None = None) -> Iterator[Page]:
-        """Yield the pages of the latest snapshot at or before ``at``.
-
-        ``account_range`` (``gte``, ``lt`` bounds) restricts the crawl to one
-        shard of the account-id space.
-        """
+    def _query(self, at: datetime) -> list[tuple[str, Any]]:
         params: list[tuple[str, Any]] = [
             ("limit", self.settings.limit),
             ("timestamp", f"lte:{format_timestamp(at)}"),
         ]
-        params += [("account.id", expr) for expr in self.settings.account_ids]
+        return params + [("account.id", expr) for expr in self.settings.account_ids]
+
+    def shard_ranges(self, at: datetime, shards: int) -> list[tuple[str, str | None]]:
+        """Split the snapshot's account ids into ``shards`` ranges [gte, lt).
+
+        The highest account of the snapshot bounds the space; the last range
+        is open so nothing above it can be missed. Equal widths: account
+        numbers are dense enough on Hedera networks for this to balance.
+        """
+        query = [(k, v) for k, v in self._query(at) if k != "limit"] + [("limit", 1), ("order", "desc")]
+        data = self.client.get_json("/api/v1/balances", query)
+        balances = data.get("balances") if isinstance(data, dict) else None
+        if not balances:
+            return [("0.0.0", None)] + [("0.0.0", "0.0.0")] * (shards - 1)
+        top = require(balances[0], "account")
+        if not isinstance(top, str) or not _ENTITY_ID.match(top):
+            raise MalformedResponseError(f"account {top!r} is not a shard.realm.num id")
+        prefix, top_num = top.rsplit(".", 1)[0], int(top.rsplit(".", 1)[1])
+        width = -(-(top_num + 1) // shards)
+        bounds = [i * width for i in range(shards)] + [None]
+        return [(f"{prefix}.{lo}", None if hi is None else f"{prefix}.{hi}")
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def pages(self, at: datetime, account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
+        """Yield the pages of the latest snapshot at or before ``at``.
+
+        ``account_range`` (``gte``, ``lt`` bounds, ``lt`` possibly None)
+        restricts the crawl to one shard of the account-id space.
+        """
+        params = self._query(at)
         if account_range is not None:
-            params += [("account.id", f"gte:{account_range[0]}"), ("account.id", f"lt:{account_range[1]}")]
+            low, high = account_range
+            params.append(("account.id", f"gte:{low}"))
+            if high is not None:
+                params.append(("account.id", f"lt:{high}"))
         paginator = NextLinkPaginator(max_pages=self.max_pages)
         snapshot: str | None = None
         for data in self.client.paginate("/api/v1/balances", params, paginator):

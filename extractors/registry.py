@@ -7,7 +7,10 @@ Each provider is one module in this package that defines:
 * ``build(settings, credentials, policy, *, max_pages)`` — an extractor,
   whose ``pages(at, account_range=None)`` yields :class:`~extractors.records.Page`
   objects and whose ``client`` is the :class:`~extractors.http.HttpClient`;
-* ``HAS_HISTORY`` — whether the API can answer for a past time.
+* ``HAS_HISTORY`` — whether the API can answer for a past time;
+* optionally ``SHARDABLE`` (the extractor has ``shard_ranges(at, shards)``
+  and honours ``account_range``) and ``RATE_LIMIT`` (requests per second,
+  burst) from the provider's documented limits.
 
 Modules are imported on first use, so a broken provider cannot stop the
 others from loading.
@@ -31,13 +34,16 @@ class Provider:
     build: Callable[..., Any]
     # False for APIs that only report the present: a past snapshot time is refused.
     has_history: bool
+    shardable: bool = False
+    rate_limit: tuple[float, float] | None = None
 
 
 def provider(name: str) -> Provider:
     if name not in PROVIDER_NAMES:
         raise KeyError(name)
     module: ModuleType = importlib.import_module(f"extractors.{name}")
-    return Provider(name, module.Settings, module.build, module.HAS_HISTORY)
+    return Provider(name, module.Settings, module.build, module.HAS_HISTORY,
+                    getattr(module, "SHARDABLE", False), getattr(module, "RATE_LIMIT", None))
 
 
 def stats_of(extractor: Any) -> RequestStats:

@@ -44,6 +44,7 @@ class SourceConfig:
     shards: int = 1
     task_retries: int = 3
     task_retry_delay: float = 60.0
+    rate_limit: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @property
@@ -77,6 +78,7 @@ _COMMON: dict[str, type] = {
     "shards": int,
     "task_retries": int,
     "task_retry_delay": float,
+    "rate_limit": float,
 }
 # Keys that tune retries, mapped onto RetryPolicy fields.
 _RETRY: dict[str, str] = {
@@ -155,7 +157,12 @@ def parse_source(name: str, table: Any) -> SourceConfig:
         minimum = 0 if key in ("max_rejected", "task_retries", "task_retry_delay") else 1
         if key in common and common[key] < minimum:
             raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {common[key]}")
-    settings = build_settings(provider_named(provider).settings, rest, where)
+    module = provider_named(provider)
+    if common.get("shards", 1) > 1 and not module.shardable:
+        raise ConfigError(f"{where}.shards: {provider} sources cannot be sharded (one request answers all)")
+    if common.get("rate_limit") is not None and common["rate_limit"] <= 0:
+        raise ConfigError(f"{where}.rate_limit: requests per second must be positive")
+    settings = build_settings(module.settings, rest, where)
     try:
         policy = RetryPolicy(**retry)
     except TypeError as exc:

@@ -61,6 +61,19 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
                           dag_run_id=dag_run_id, shards=source.shards)
 
 
+def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) -> list[dict]:
+    """The shards of this run: one per ``source.shards``, each with its account range."""
+    if source.shards == 1:
+        return [{"shard": 0, "account_range": None}]
+    run = runs.get_run(conn, run_id)
+    extractor = build_extractor(source, credentials)
+    try:
+        ranges = extractor.shard_ranges(run.scheduled_for, source.shards)
+    finally:
+        extractor.client.close()
+    return [{"shard": i, "account_range": list(r)} for i, r in enumerate(ranges)]
+
+
 def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
           account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
     """Read the snapshot from the provider and stage it; publish nothing."""
@@ -72,7 +85,7 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
     pages = 0
     warnings: list[str] = []
     try:
-        kwargs = {"account_range": account_range} if account_range else {}
+        kwargs = {"account_range": tuple(account_range)} if account_range else {}
         for page in extractor.pages(run.scheduled_for, **kwargs):
             if pages == 0:
                 recorded = runs.set_snapshot(conn, run_id, page.as_of, page.as_of_raw)
@@ -126,7 +139,10 @@ def publish(conn, source: SourceConfig, run_id: int) -> publishing.PublishResult
 def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None) -> dict:
     """begin + crawl + publish in one process (the CLI's ``snapshot`` command)."""
     run_id = begin(conn, source, at)
-    result = crawl(conn, source, run_id, credentials=credentials)
-    if result.status != "no_snapshot":
+    statuses = [
+        crawl(conn, source, run_id, credentials=credentials, **shard).status
+        for shard in plan_shards(conn, source, run_id, credentials=credentials)
+    ]
+    if "no_snapshot" not in statuses:
         publish(conn, source, run_id)
     return runs.summary(conn, run_id)

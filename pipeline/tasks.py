@@ -62,8 +62,15 @@ def begin_run(source_name: str, context) -> int:
                               dag_run_id=context["dag_run"].run_id)
 
 
+def plan_shards(source_name: str, run_id: int) -> list[dict]:
+    source = source_config(source_name)
+    with fatal_errors_fail_fast(), database() as conn:
+        return snapshot.plan_shards(conn, source, run_id,
+                                    credentials=connections.credentials(source.conn_id))
+
+
 def crawl_snapshot(source_name: str, run_id: int, shard: int = 0,
-                   account_range: tuple[str, str] | None = None) -> dict:
+                   account_range: list | None = None) -> dict:
     source = source_config(source_name)
     creds = connections.credentials(source.conn_id)
     with fatal_errors_fail_fast(), database() as conn:

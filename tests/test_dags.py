@@ -32,7 +32,7 @@ def test_example_config_builds_one_dag_per_source(airflow_env):
     assert bag.import_errors == {}
     assert sorted(bag.dag_ids) == ["balances_hedera_mainnet", "balances_hedera_testnet"]
     for dag in bag.dags.values():
-        assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "crawl_snapshot", "publish_snapshot"]
+        assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot"]
         assert all(t.pool == "balances_hedera" for t in dag.tasks)
         assert dag.max_active_runs == 1
         assert dag.doc_md and "snapshot" in dag.doc_md
@@ -90,3 +90,15 @@ def test_dag_run_with_a_fatal_error_fails_without_publishing(airflow_env, db, se
     assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("failed",)]
     assert fetch(db, "SELECT count(*) > 0 FROM rejected_records") == [(True,)]
+
+
+def test_sharded_dag_maps_one_crawl_per_shard_and_publishes_once(airflow_env, db, serve):
+    server = serve(mirror(accounts=57))
+    write_config(hedera_config(server.url, extra="shards = 3"))
+    dag = load_dag("balances_hedera_dagtest")
+    dag_run = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))
+    assert dag_run.state == "success"
+    crawls = [ti for ti in dag_run.get_task_instances() if ti.task_id == "crawl_snapshot"]
+    assert sorted(ti.map_index for ti in crawls) == [0, 1, 2]
+    assert fetch(db, "SELECT status, shards, rows FROM snapshot_runs") == [("published", 3, 58 + 11)]
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(58 + 11,)]

@@ -310,3 +310,26 @@ def test_steps_can_run_separately_like_airflow_tasks(db, serve):
     assert history(db) == []
     published = publish(db, source, run_id)
     assert published.rows_published == result.rows == len(history(db))
+
+
+def test_sharded_crawl_loads_the_same_snapshot_as_one_crawl(db, serve):
+    server = serve(mirror(accounts=57))
+    whole = take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
+    expected = history(db)
+    with db.cursor() as cur:
+        cur.execute("TRUNCATE balance_history")
+    db.commit()
+    sharded = take_snapshot(db, hedera_source(server, limit=10, shards=3), AFTER_T3)
+    assert history(db) == expected
+    assert sharded["rows"] == whole["rows"]
+    # The highest account is 0.0.1057: three ranges of 353 account numbers.
+    first_requests = [r.query for r in server.requests if ("account.id", "gte:0.0.0") in r.query]
+    assert ("account.id", "lt:0.0.353") in first_requests[0]
+    assert any(("account.id", "gte:0.0.706") in r.query for r in server.requests)
+
+
+def test_shards_are_refused_for_providers_that_cannot_split(db):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="shards"):
+        make_source("x", provider="hedera", base_url="http://h", shards=0)
