@@ -39,6 +39,14 @@ def connect(url: str, *, application_name: str = "balance-snapshots") -> psycopg
     return conn
 
 
+def reconnect_like(conn, *, application_name: str) -> psycopg2.extensions.connection:
+    """A second connection with the same server and credentials as ``conn``."""
+    info = conn.info
+    return psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=info.user,
+                            password=info.password or None, application_name=application_name,
+                            connect_timeout=10)
+
+
 def describe(url: str) -> str:
     """``host:port/db`` of a URL, without credentials."""
     parts = urlsplit(url)

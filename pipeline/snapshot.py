@@ -15,6 +15,7 @@ from extractors.records import Rejection
 from extractors.registry import provider, stats_of
 from loaders import publish as publishing
 from loaders import runs
+from loaders.budget import RequestBudget
 from loaders.staging import StagingWriter
 from pipeline import connections
 from pipeline.config import SourceConfig
@@ -40,8 +41,37 @@ class CrawlResult:
     rejected: int
 
 
-def build_extractor(source: SourceConfig, credentials=None):
-    return provider(source.provider).build(source.settings, credentials, source.retry, max_pages=source.max_pages)
+def build_extractor(source: SourceConfig, credentials=None, conn=None):
+    """The source's extractor; with ``conn``, its requests draw on the provider's budget."""
+    extractor = provider(source.provider).build(source.settings, credentials, source.retry,
+                                                max_pages=source.max_pages)
+    budget = request_budget(conn, source) if conn is not None else None
+    if budget is not None:
+        extractor.client.throttle = budget.acquire
+        extractor.budget = budget
+    return extractor
+
+
+def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
+    """The budget shared by every crawl of this provider, if it has a rate limit.
+
+    A source's ``rate_limit`` (requests per second) overrides the provider's
+    documented default.
+    """
+    if source.rate_limit is not None:
+        rate, burst = source.rate_limit, max(1.0, source.rate_limit)
+    elif provider(source.provider).rate_limit is not None:
+        rate, burst = provider(source.provider).rate_limit
+    else:
+        return None
+    return RequestBudget(budget=source.provider, rate=rate, burst=burst, like=conn)
+
+
+def close_extractor(extractor) -> None:
+    extractor.client.close()
+    budget = getattr(extractor, "budget", None)
+    if budget is not None:
+        budget.close()
 
 
 def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: str | None = None,
@@ -66,11 +96,11 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
     if source.shards == 1:
         return [{"shard": 0, "account_range": None}]
     run = runs.get_run(conn, run_id)
-    extractor = build_extractor(source, credentials)
+    extractor = build_extractor(source, credentials, conn)
     try:
         ranges = extractor.shard_ranges(run.scheduled_for, source.shards)
     finally:
-        extractor.client.close()
+        close_extractor(extractor)
     return [{"shard": i, "account_range": list(r)} for i, r in enumerate(ranges)]
 
 
@@ -79,7 +109,7 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
     """Read the snapshot from the provider and stage it; publish nothing."""
     run = runs.get_run(conn, run_id)
     runs.resume(conn, run_id)
-    extractor = build_extractor(source, credentials)
+    extractor = build_extractor(source, credentials, conn)
     secrets = credentials.secrets() if credentials else []
     writer = StagingWriter(conn, run_id, shard)
     pages = 0
@@ -113,7 +143,7 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
         runs.finish(conn, run_id, "failed", error=connections.scrub(f"{type(exc).__name__}: {exc}", secrets))
         raise
     finally:
-        extractor.client.close()
+        close_extractor(extractor)
     _progress(conn, run_id, extractor, pages, warnings)
     for warning in warnings[:20]:
         log.warning("%s: %s", source.name, warning)
