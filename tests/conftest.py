@@ -7,6 +7,7 @@ repository's ``dags/`` folder, configured before Airflow is imported.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 _SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
 _SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = str(_SCRATCH / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -44,7 +46,6 @@ def database_url():
     yield url
     if data_dir is not None:
         devdb.stop(data_dir)
-        shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 def reset_database(conn) -> None:
