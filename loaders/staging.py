@@ -40,26 +40,42 @@ def drop(cur, run_id: int, shard: int) -> None:
 
 
 def _text(value: str) -> str:
-    return value.translate(_ESCAPES)
+    # Account ids and assets almost never need escaping; checking is cheaper
+    # than translating every one.
+    return value if value.isprintable() and "\\" not in value else value.translate(_ESCAPES)
 
 
 def _number(value: int | Decimal | None) -> str:
     if value is None:
-        return "\\N"
-    if isinstance(value, Decimal):
-        # format(..., "f") never uses an exponent, which NUMERIC input accepts
-        # anyway; it keeps the text readable in a failed COPY's error.
+        return NULL
+    if value.__class__ is Decimal:
+        # Never an exponent: plain digits read back exactly as NUMERIC.
         return format(value, "f")
     return str(value)
 
 
+NULL = "\\N"
+
+
 def encode(rows: Iterable[BalanceRow]) -> str:
-    """Rows in COPY text format."""
-    return "".join(
-        f"{_text(r.account)}\t{_text(r.asset)}\t{_number(r.balance)}\t{_number(r.decimals)}\t"
-        f"{_number(r.available_balance)}\t{_number(r.spark_factor)}\n"
-        for r in rows
-    )
+    """Rows in COPY text format.
+
+    The hot loop of a million-row load: one f-string per row, with the
+    common cases (plain text, int amounts, NULLs) inline.
+    """
+    dec = Decimal
+    out: list[str] = []
+    append = out.append
+    for r in rows:
+        b, d, av, sf = r.balance, r.decimals, r.available_balance, r.spark_factor
+        append(
+            f"{_text(r.account)}\t{_text(r.asset)}\t"
+            f"{format(b, 'f') if b.__class__ is dec else b}\t"
+            f"{NULL if d is None else d}\t"
+            f"{NULL if av is None else _number(av)}\t"
+            f"{NULL if sf is None else sf}\n"
+        )
+    return "".join(out)
 
 
 class StagingWriter:

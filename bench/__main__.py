@@ -1,0 +1,48 @@
+"""Run the benchmarks: ``python -m bench [b1 b2 b3 b4] [--quick]``.
+
+Results print as JSON lines and are saved in bench/results/<name>.json.
+``--quick`` runs smaller sizes (a smoke test, not the published figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from bench import b1_load, b2_extract, b3_end_to_end, b4_shards
+
+FULL = {
+    "b1": lambda: b1_load.run(1_000_000, 20_000),
+    "b2": lambda: b2_extract.run(200_000),
+    "b3": lambda: b3_end_to_end.run((100_000, 1_000_000)),
+    "b4": lambda: b4_shards.run(40_000),
+}
+QUICK = {
+    "b1": lambda: b1_load.run(50_000, 2_000),
+    "b2": lambda: b2_extract.run(20_000),
+    "b3": lambda: b3_end_to_end.run((10_000, 20_000)),
+    "b4": lambda: b4_shards.run(8_000),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("names", nargs="*", default=list(FULL), help="b1 b2 b3 b4 (default: all)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(FULL)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    for name in args.names:
+        result = (QUICK if args.quick else FULL)[name]()
+        print(json.dumps(result), flush=True)
+        if not args.quick:
+            (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
