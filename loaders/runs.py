@@ -11,6 +11,10 @@ from psycopg2.extras import execute_values
 from loaders.db import transaction
 
 MAX_WARNINGS_KEPT = 100
+# First key of the advisory locks that mark a run as being worked on; the
+# second is the run id. Postgres drops a session's locks when its process
+# dies, which is how a killed crawl is told apart from a running one.
+LOCK_NAMESPACE = 7312
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,7 +60,7 @@ def resume(conn, run_id: int) -> None:
     with transaction(conn) as cur:
         cur.execute(
             "UPDATE snapshot_runs SET status = 'running', error = NULL, finished_at = NULL"
-            " WHERE run_id = %s AND status IN ('running', 'failed')",
+            " WHERE run_id = %s AND status IN ('running', 'failed', 'abandoned')",
             (run_id,),
         )
 
@@ -140,3 +144,50 @@ def summary(conn, run_id: int) -> dict:
     if row is None:
         raise LookupError(f"no snapshot run {run_id}")
     return dict(zip(names, row))
+
+
+def hold(conn, run_id: int) -> None:
+    """Mark the run as being worked on by this session (until release or death)."""
+    with transaction(conn) as cur:
+        cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
+
+
+def release(conn, run_id: int) -> None:
+    with transaction(conn) as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, run_id))
+
+
+def reap_abandoned(conn, source: str) -> list[int]:
+    """Mark runs of ``source`` whose process died as ``abandoned``; drop their staging.
+
+    Only runs nobody holds are reaped. Runs started outside Airflow are
+    reaped at once; Airflow retries its own runs (a retried task resumes
+    the run), so those are reaped only when a day old.
+    """
+    from loaders import staging
+
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            SELECT run_id FROM snapshot_runs
+             WHERE source = %s AND status = 'running'
+               AND (dag_run_id IS NULL OR started_at < now() - interval '1 day')
+            """,
+            (source,),
+        )
+        candidates = [r[0] for r in cur.fetchall()]
+    reaped = []
+    for run_id in candidates:
+        with transaction(conn) as cur:
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
+            if not cur.fetchone()[0]:
+                continue  # someone is working on it
+            cur.execute(
+                "UPDATE snapshot_runs SET status = 'abandoned', finished_at = now(),"
+                " error = 'the process taking this snapshot stopped before publishing it'"
+                " WHERE run_id = %s AND status = 'running'",
+                (run_id,),
+            )
+            staging.drop_run(cur, run_id)
+            reaped.append(run_id)
+    return reaped

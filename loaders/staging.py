@@ -39,6 +39,14 @@ def drop(cur, run_id: int, shard: int) -> None:
         table_name(run_id, shard), aggregate_table_name(run_id, shard)))
 
 
+def drop_run(cur, run_id: int) -> None:
+    """Drop every staging table of a run, whatever its shards."""
+    cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
+                (SCHEMA, f"run\\_{int(run_id)}\\_shard\\_%"))
+    for (name,) in cur.fetchall():
+        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
+
+
 def _text(value: str) -> str:
     # Account ids and assets almost never need escaping; checking is cheaper
     # than translating every one.

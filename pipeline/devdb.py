@@ -97,6 +97,14 @@ def stop(data_dir: Path = DEFAULT_DIR) -> None:
     _run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"]), "pg_ctl stop")
 
 
+def restart(data_dir: Path = DEFAULT_DIR) -> None:
+    """Restart the server on the same port (every client connection is cut)."""
+    data_dir = Path(data_dir).resolve()
+    # -l matters: without it the server inherits our pipes and the call never returns.
+    _run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-l",
+                    str(data_dir / "server.log"), "-w", "-t", "60", "restart"]), "pg_ctl restart")
+
+
 def _create_database(port: int, database: str) -> None:
     import psycopg2
     from psycopg2 import sql

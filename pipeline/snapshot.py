@@ -79,7 +79,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
     """Open a run for the snapshot due at ``scheduled_for``."""
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
-    if not provider(source.provider).has_history:
+    if not provider(source.provider).answers_for_past(source.settings):
         now = now or datetime.now(timezone.utc)
         if scheduled_for < now - LIVE_GRACE:
             raise HistoryUnavailable(
@@ -87,6 +87,9 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
                 f"store them as the snapshot for {scheduled_for.isoformat()} (a backfill or a late "
                 "rerun of a past interval)"
             )
+    for run_id in runs.reap_abandoned(conn, source.name):
+        log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",
+                    source.name, run_id)
     return runs.start_run(conn, source.name, source.provider, scheduled_for,
                           dag_run_id=dag_run_id, shards=source.shards)
 
@@ -108,6 +111,17 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
           account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
     """Read the snapshot from the provider and stage it; publish nothing."""
     run = runs.get_run(conn, run_id)
+    runs.hold(conn, run_id)
+    try:
+        return _crawl(conn, source, run, shard, account_range, credentials)
+    finally:
+        if not conn.closed:
+            runs.release(conn, run_id)
+
+
+def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
+           credentials) -> CrawlResult:
+    run_id = run.run_id
     runs.resume(conn, run_id)
     extractor = build_extractor(source, credentials, conn)
     secrets = credentials.secrets() if credentials else []
@@ -169,10 +183,15 @@ def publish(conn, source: SourceConfig, run_id: int) -> publishing.PublishResult
 def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None) -> dict:
     """begin + crawl + publish in one process (the CLI's ``snapshot`` command)."""
     run_id = begin(conn, source, at)
-    statuses = [
-        crawl(conn, source, run_id, credentials=credentials, **shard).status
-        for shard in plan_shards(conn, source, run_id, credentials=credentials)
-    ]
-    if "no_snapshot" not in statuses:
-        publish(conn, source, run_id)
+    runs.hold(conn, run_id)  # one process does it all: it holds the run throughout
+    try:
+        statuses = [
+            crawl(conn, source, run_id, credentials=credentials, **shard).status
+            for shard in plan_shards(conn, source, run_id, credentials=credentials)
+        ]
+        if "no_snapshot" not in statuses:
+            publish(conn, source, run_id)
+    finally:
+        if not conn.closed:
+            runs.release(conn, run_id)
     return runs.summary(conn, run_id)

@@ -14,9 +14,15 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
-_SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
-atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+if "BALANCES_TEST_SCRATCH" in os.environ:
+    # Imported a second time (as tests.conftest): keep the first set-up.
+    _SCRATCH = Path(os.environ["BALANCES_TEST_SCRATCH"])
+else:
+    _SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
+    _SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
+    atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+    os.environ["BALANCES_TEST_SCRATCH"] = str(_SCRATCH)
+PG_DATA = _SCRATCH / "pgdata"
 os.environ["AIRFLOW_HOME"] = str(_SCRATCH / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -40,7 +46,7 @@ def database_url():
     url = os.environ.get("BALANCES_TEST_DB_URL")
     data_dir = None
     if not url:
-        data_dir = _SCRATCH / "pgdata"
+        data_dir = PG_DATA
         url = devdb.start(data_dir, database="balances_test")
     upgrade(url)
     yield url

@@ -23,7 +23,7 @@ def upgrade() -> None:
             dag_run_id    text,
             shards        integer NOT NULL DEFAULT 1,
             status        text NOT NULL
-                          CHECK (status IN ('running', 'staged', 'published', 'failed', 'no_snapshot')),
+                          CHECK (status IN ('running', 'published', 'failed', 'no_snapshot', 'abandoned')),
             started_at    timestamptz NOT NULL DEFAULT now(),
             finished_at   timestamptz,
             as_of         timestamptz,
