@@ -147,8 +147,13 @@ class HederaExtractor:
         for data in self.client.paginate("/api/v1/balances", params, paginator):
             if not isinstance(data, dict):
                 raise MalformedResponseError("balances page is not a JSON object", raw=to_json_text(data)[:2000])
-            raw_ts = data.get("timestamp")
+            if "timestamp" not in data:
+                raise MalformedResponseError("balances page has no timestamp field", raw=to_json_text(data)[:2000])
+            raw_ts = data["timestamp"]
             if raw_ts is None:
+                if data.get("balances") != []:
+                    raise MalformedResponseError("balances listed without a snapshot timestamp",
+                                                 raw=to_json_text(data)[:2000])
                 if snapshot is None:
                     raise NoSnapshotAvailable(f"the mirror node has no balance snapshot at or before {at.isoformat()}")
                 raise SnapshotError(f"page {paginator.pages + 1} has no timestamp, earlier pages had {snapshot}")
@@ -177,7 +182,8 @@ class HederaExtractor:
             raise RecordError(f"account {account!r} is not a shard.realm.num id")
         tinybars = integer_amount(require(record, "balance"), "balance", minimum=0, maximum=INT64_MAX)
         rows = [BalanceRow(account, HBAR, tinybars, HBAR_DECIMALS)]
-        tokens = record.get("tokens") or []
+        # Absent is not empty: a record without its tokens list would silently drop holdings.
+        tokens = require(record, "tokens")
         if not isinstance(tokens, list):
             raise RecordError(f"tokens is {type(tokens).__name__}, expected a list")
         if self.settings.include_tokens:
