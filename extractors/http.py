@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import requests
 
@@ -151,7 +152,10 @@ class HttpClient:
 
     def url_for(self, path_or_url: str) -> str:
         """Join a path (relative links are joined as-is, never re-encoded)."""
-        if path_or_url.startswith("/"):
+        if path_or_url.startswith("//"):
+            # A network-path reference names a host: it is a URL, not a path.
+            path_or_url = urlsplit(self.base_url).scheme + ":" + path_or_url
+        elif path_or_url.startswith("/"):
             return self.base_url + path_or_url
         if "://" not in path_or_url:
             raise PaginationError(f"cannot follow link {path_or_url!r}: not a path or URL")
