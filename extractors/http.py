@@ -21,13 +21,14 @@ from urllib.parse import urlsplit
 import requests
 
 from extractors.errors import (
+    ExtractError,
     MalformedResponseError,
     PaginationError,
     ProviderError,
     TransportError,
 )
 from extractors.paginators import Paginator
-from extractors.redaction import redact_url, same_origin
+from extractors.redaction import mask, redact_url, request_secrets, same_origin
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,15 @@ class RequestStats:
     requests: int = 0
     retries: int = 0
     waited: float = 0.0
+
+
+def masked(exc: ExtractError, secrets: list[str]) -> ExtractError:
+    """``exc`` with every secret in its message (and kept raw body) masked."""
+    if secrets:
+        exc.args = tuple(mask(a, secrets) if isinstance(a, str) else a for a in exc.args)
+        if isinstance(getattr(exc, "raw", None), str):
+            exc.raw = mask(exc.raw, secrets)
+    return exc
 
 
 def parse_json(body: bytes | str) -> Any:
@@ -226,6 +236,12 @@ class HttpClient:
         except requests.exceptions.ChunkedEncodingError:
             raise TransportError(f"connection dropped mid-body for {redact_url(url)}") from None
         log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
+        try:
+            return self._read(response)
+        except ExtractError as exc:
+            raise masked(exc, request_secrets(response.request))
+
+    def _read(self, response: requests.Response) -> Any:
         if response.status_code >= 400:
             raise self.error_for(response)
         if 300 <= response.status_code < 400:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 _SENSITIVE = re.compile(r"(key|token|secret|sign|signature|password|auth|credential)", re.I)
 
@@ -38,3 +38,27 @@ def _port(parts) -> int | None:
     if parts.port is not None:
         return parts.port
     return {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def request_secrets(request) -> list[str]:
+    """The credential values a sent request carried: sensitive headers and form fields.
+
+    A provider that echoes the request back in its error message (some
+    gateways do) must not get our key, token or signature into an error.
+    """
+    found: list[str] = []
+    for name, value in (request.headers or {}).items():
+        if _SENSITIVE.search(name) and value:
+            found += [value, value.split(" ", 1)[-1]]  # also the token without "Bearer "
+    body = request.body
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str) and "=" in body:
+        found += [value for name, value in parse_qsl(body) if _SENSITIVE.search(name) and value]
+    return [secret for secret in found if len(secret) >= 4]
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

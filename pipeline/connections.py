@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from extractors.credentials import Credentials
+from extractors.redaction import mask
 
 DB_CONN_ID = "balances_db"
 DB_URL_ENV = "BALANCES_DB_URL"
@@ -54,7 +55,4 @@ def database_url(*, allow_env_url: bool = True) -> str:
 
 def scrub(text: str, secrets: list[str]) -> str:
     """Remove every known secret from a message before it is logged or stored."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    return mask(text, [secret for secret in secrets if secret and len(secret) >= 4])

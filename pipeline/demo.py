@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import date, datetime
 from pathlib import Path
 
 from loaders.db import connect, describe
@@ -28,6 +29,8 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()  # a TOML date or date-time, not a string
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
