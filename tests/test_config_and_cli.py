@@ -119,3 +119,45 @@ def test_migrations_upgrade_an_existing_database_in_place(database_url, tmp_path
     assert upgrade(url) == head_revision()
     assert fetch(conn, "SELECT source FROM snapshot_runs") == [("old",)]
     conn.close()
+
+
+def _empty_database(database_url: str) -> str:
+    """A database on the test server with no tables at all."""
+    import psycopg2
+
+    admin = psycopg2.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS balances_unmigrated")
+        cur.execute("CREATE DATABASE balances_unmigrated")
+    admin.close()
+    return database_url.rsplit("/", 1)[0] + "/balances_unmigrated"
+
+
+@pytest.mark.parametrize("case, exit_code, says", [
+    ("malformed config", 2, "config error"),
+    ("unknown provider", 2, "sources.s.provider: unknown provider 'nope'"),
+    ("database unreachable", 1, "cannot connect to the balances database"),
+    # The test cluster trusts local users, so a wrong login stands in for a wrong password.
+    ("wrong credentials", 1, 'role "nobody" does not exist'),
+    ("migrations missing", 1, "run 'balances migrate' first"),
+])
+def test_config_and_database_errors_are_one_clear_line(database_url, tmp_path, case, exit_code, says):
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.s]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\n')
+    url = database_url
+    if case == "malformed config":
+        config.write_text('[sources.s]\nprovider = "hedera\n')
+    elif case == "unknown provider":
+        config.write_text('[sources.s]\nprovider = "nope"\n')
+    elif case == "database unreachable":
+        url = "postgresql://postgres@127.0.0.1:9/balances"
+    elif case == "wrong credentials":
+        url = database_url.replace("postgres@", "nobody:s3cret-pw@")
+    elif case == "migrations missing":
+        url = _empty_database(database_url)
+    result = run_cli("--config", str(config), "snapshot", "s", env={"BALANCES_DB_URL": url})
+    assert result.returncode == exit_code, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("balances: ")
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr

@@ -1,0 +1,257 @@
+"""BitFront exchange: ``GET /v1/account/balances`` of the API key's account.
+
+What differs from the other providers:
+
+* every request is signed (:class:`BitfrontAuth`): HMAC-SHA256 of
+  nonce + timestamp + METHOD + path + query (without ``?``) + body with the
+  API secret, sent with the key, a millisecond timestamp and a fresh 5-digit
+  nonce; a retry is signed anew, since the server refuses a signature twice;
+* failures arrive with HTTP 200: only ``statusCode == 1000`` is success,
+  6004 (rate limit) and 5000-5002 (server side) are retried, the rest fatal;
+* amounts are JSON doubles, kept exact as Decimal from the JSON text;
+* there is no history: ``as_of`` is the response's ``responseTime`` (ms).
+
+Account: the API reports no account identifier, only the balances of the
+member that owns the API key. Each row's ``account`` is the source's
+``account`` setting (default ``"main"``): a label that stays stable when the
+key is rotated, and never the key itself, which is a credential.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import requests
+
+from extractors.credentials import Credentials
+from extractors.errors import ExtractError, MalformedResponseError, ProviderError
+from extractors.http import HttpClient, http_error
+from extractors.records import (
+    BalanceRow,
+    Page,
+    RecordError,
+    Rejection,
+    decimal_amount,
+    integer_amount,
+    require,
+    to_json_text,
+)
+from extractors.redaction import redact_url
+
+HAS_HISTORY = False  # the API only reports the present balances
+# 3 requests per second and 60 per minute per key: 1/s sustained, bursts of 3.
+RATE_LIMIT = (1.0, 3)
+BALANCES_PATH = "/v1/account/balances"
+SUCCESS = 1000
+# Rate limit, internal error, internal timeout, socket timeout.
+RETRIABLE_CODES = frozenset({6004, 5000, 5001, 5002})
+
+# A JSON number: the only text a Double may have, even when sent as a string
+# (Decimal() alone would also take "1_000", " 5" or "Infinity").
+_JSON_NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$")
+
+
+@dataclass(slots=True)
+class Settings:
+    """The ``[sources.<name>]`` keys a BitFront source accepts."""
+
+    base_url: str = "https://openapi.bitfront.me"
+    account: str = "main"
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError("base_url", f"{self.base_url!r} is not an http(s) URL")
+
+
+def sign(secret: str, nonce: str, timestamp: str, method: str, path: str, query: str = "",
+         body: str = "") -> str:
+    """The lowercase hex ``X-API-SIGN`` of one request, as the docs define it."""
+    message = f"{nonce}{timestamp}{method.upper()}{path}{query}{body}"
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _random_nonce() -> int:
+    return 10_000 + secrets.randbelow(90_000)
+
+
+class BitfrontAuth(requests.auth.AuthBase):
+    """Signs each request with a fresh timestamp and nonce.
+
+    The nonce must not repeat within one millisecond timestamp; nonces used
+    in the current millisecond are remembered so two requests can never
+    collide, whatever the random draw.
+    """
+
+    def __init__(self, api_key: str, secret: str, *, clock: Callable[[], int] = _now_ms,
+                 nonce: Callable[[], int] = _random_nonce) -> None:
+        self.api_key = api_key
+        self._secret = secret
+        self._clock = clock
+        self._nonce = nonce
+        self._used: tuple[int, set[int]] = (-1, set())
+
+    def __repr__(self) -> str:
+        return "BitfrontAuth(***)"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        timestamp, nonce = self._fresh()
+        url = urlsplit(request.path_url)
+        body = request.body.decode() if isinstance(request.body, bytes) else request.body or ""
+        request.headers.update({
+            "X-API-KEY": self.api_key,
+            "X-API-TIMESTAMP": str(timestamp),
+            "X-API-NONCE": str(nonce),
+            "X-API-SIGN": sign(self._secret, str(nonce), str(timestamp), request.method or "GET",
+                               url.path, url.query, body),
+        })
+        return request
+
+    def _fresh(self) -> tuple[int, int]:
+        timestamp = self._clock()
+        last, used = self._used
+        if timestamp != last:
+            used = set()
+            self._used = (timestamp, used)
+        nonce = self._nonce()
+        while nonce in used:
+            nonce = self._nonce()
+        used.add(nonce)
+        return timestamp, nonce
+
+
+def status_error(data: Any, response: requests.Response) -> ProviderError:
+    """A ProviderError with BitFront's own ``statusCode`` and ``statusMessage``."""
+    code = data.get("statusCode")
+    message = data.get("statusMessage") or "no statusMessage"
+    return ProviderError(
+        f"BitFront statusCode {code}: {message} (HTTP {response.status_code} from "
+        f"{redact_url(response.url)})",
+        status=response.status_code,
+        code=str(code),
+        retriable=code in RETRIABLE_CODES,
+    )
+
+
+def check_status(data: Any, response: requests.Response) -> None:
+    """Raise unless the body says ``statusCode == 1000`` (the HTTP status says nothing)."""
+    if not isinstance(data, dict) or "statusCode" not in data:
+        raise MalformedResponseError("response has no statusCode", raw=to_json_text(data)[:2000])
+    code = data["statusCode"]
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise MalformedResponseError(f"statusCode is {code!r}, expected an integer",
+                                     raw=to_json_text(data)[:2000])
+    # statusMessage varies ("SUCCESS" in answers, "Success" in the table): only the code counts.
+    if code != SUCCESS:
+        raise status_error(data, response)
+
+
+def bitfront_error(response: requests.Response) -> ProviderError:
+    """An HTTP error (a gateway in front of the API), with BitFront's code if the body has one."""
+    try:
+        data = response.json()
+        if isinstance(data, dict) and "statusCode" in data:
+            error = status_error(data, response)
+            # The HTTP status is classified as for any provider; the code can only add to it.
+            plain = http_error(response, "")
+            error.retriable = error.retriable or plain.retriable
+            error.retry_after = plain.retry_after
+            return error
+    except ValueError:
+        pass
+    return http_error(response, response.text[:300].strip() or response.reason or "no body")
+
+
+def parse_response_time(value: Any) -> tuple[datetime, str]:
+    """``responseTime`` (ms since the epoch, UTC) as an aware datetime and its exact text."""
+    try:
+        millis = integer_amount(value, "responseTime", minimum=0)
+    except RecordError as exc:
+        raise MalformedResponseError(str(exc)) from None
+    at = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=millis)
+    return at, str(value)
+
+
+def exact_amount(value: Any, field_name: str) -> Decimal:
+    """A non-negative exact Decimal from a JSON number or a string holding one."""
+    if isinstance(value, str) and not _JSON_NUMBER.match(value):
+        raise RecordError(f"{field_name} is {value!r}, expected a number")
+    amount = decimal_amount(value, field_name)
+    if amount < 0:
+        raise RecordError(f"{field_name} is {value}, a balance cannot be negative")
+    return amount
+
+
+class BitfrontExtractor:
+    """Reads the account's balances: one request, one page."""
+
+    provider = "bitfront"
+
+    def __init__(self, settings: Settings, client: HttpClient) -> None:
+        self.settings = settings
+        self.client = client
+
+    def pages(self, at: datetime,
+              account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
+        """Yield the current balances; ``at`` is ignored (begin refuses past times)."""
+        if account_range is not None:
+            raise ValueError("BitFront sources cannot be sharded")
+        if self.client.auth is None:
+            # Raised here, not in build, so the run is marked failed with the reason.
+            raise ExtractError("a BitFront source needs conn_id: an Airflow Connection whose login "
+                               "is the API key and password the API secret")
+        data = self.client.get_json(BALANCES_PATH)
+        if data.get("timezone", "UTC") != "UTC":
+            raise MalformedResponseError(f"timezone is {data['timezone']!r}, the API promises UTC",
+                                         raw=to_json_text(data)[:2000])
+        as_of, as_of_raw = parse_response_time(data.get("responseTime"))
+        balances = data.get("responseData")
+        if not isinstance(balances, list):
+            raise MalformedResponseError("response has no responseData list",
+                                         raw=to_json_text(data)[:2000])
+        page = Page(as_of=as_of, as_of_raw=as_of_raw)
+        seen: set[str] = set()
+        for record in balances:
+            try:
+                page.rows.append(self._parse(record, seen))
+            except RecordError as exc:
+                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+        yield page
+
+    def _parse(self, record: Any, seen: set[str]) -> BalanceRow:
+        currency = require(record, "currency")
+        if not isinstance(currency, str) or not currency.strip():
+            raise RecordError(f"currency {currency!r} is not a coin code")
+        if currency in seen:
+            raise RecordError(f"currency {currency} is listed twice")
+        balance = exact_amount(require(record, "balance"), f"balance of {currency}")
+        available = None
+        if record.get("availableBalance") is not None:
+            available = exact_amount(record["availableBalance"], f"availableBalance of {currency}")
+            if available > balance:
+                raise RecordError(f"availableBalance of {currency} ({available}) exceeds its "
+                                  f"balance ({balance}): the unlocked part cannot exceed the total")
+        seen.add(currency)
+        return BalanceRow(self.settings.account, currency, balance, available_balance=available)
+
+
+def build(settings: Settings, credentials: Credentials | None, policy, *,
+          max_pages: int) -> BitfrontExtractor:
+    """A BitFront extractor; the Connection's login is the API key, its password the secret."""
+    auth = None
+    if credentials is not None and credentials.login and credentials.password:
+        auth = BitfrontAuth(credentials.login, credentials.password)
+    client = HttpClient(settings.base_url, auth=auth, policy=policy, error_for=bitfront_error,
+                        check=check_status)
+    return BitfrontExtractor(settings, client)
