@@ -93,8 +93,10 @@ class BitfrontExchange:
     """
 
     def __init__(self, wallet: list[dict[str, Any]], *, api_key: str = SANDBOX_KEY,
-                 secret: str = SANDBOX_SECRET, clock: Callable[[], int] = _now_ms) -> None:
+                 secret: str = SANDBOX_SECRET, clock: Callable[[], int] = _now_ms,
+                 limits: tuple[tuple[int, int], ...] = LIMITS) -> None:
         self.wallet = wallet
+        self.limits = limits
         self.api_key = api_key
         self.secret = secret
         self.clock = clock
@@ -156,10 +158,12 @@ class BitfrontExchange:
                 del self._used[used]
 
     def _rate_limited(self, now: int) -> int | None:
-        longest = max(window for window, _ in LIMITS)
+        if not self.limits:
+            return None
+        longest = max(window for window, _ in self.limits)
         while self._accepted and self._accepted[0] <= now - longest:
             self._accepted.popleft()
-        for window, limit in LIMITS:
+        for window, limit in self.limits:
             if sum(1 for t in self._accepted if t > now - window) >= limit:
                 return 6004
         self._accepted.append(now)

@@ -65,8 +65,20 @@ def install_connection(provider: str) -> Credentials | None:
     return connections.credentials(conn_id)
 
 
+def demo_app(provider: str):
+    """The sandbox's demo app; BitFront's without its own request-rate limit.
+
+    With ``rate_limit`` lifted for speed the pipeline would trip the fake's
+    3-per-second limit; pacing against it is tested in test_bitfront.
+    """
+    app = sandbox(provider).demo_app()
+    if provider == "bitfront":
+        app.limits = ()
+    return app
+
+
 def start(provider: str, serve, *, app=None, name: str | None = None, **overrides) -> Live:
-    server = serve(app if app is not None else sandbox(provider).demo_app())
+    server = serve(app if app is not None else demo_app(provider))
     keys = source_keys(provider, server.url, **overrides)
     credentials = install_connection(provider)
     source = parse_source(name or f"{provider}_live", dict(keys))

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import write_sources
-from sandbox.apps import sandbox
 from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
-from tests.sandboxes import PROVIDERS, install_connection, source_keys
+from tests.sandboxes import PROVIDERS, demo_app, install_connection, source_keys
 from sandbox.hedera import Account
 from tests.hedera_data import T2, mirror
 
@@ -111,7 +110,7 @@ def test_sharded_dag_maps_one_crawl_per_shard_and_publishes_once(airflow_env, db
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_each_providers_dag_lands_its_sandbox_snapshot(airflow_env, db, serve, provider):
-    server = serve(sandbox(provider).demo_app())
+    server = serve(demo_app(provider))
     name = f"{provider}_dagtest"
     keys = source_keys(provider, server.url, schedule="*/15 * * * *", start_date=date(2023, 1, 1))
     install_connection(provider)

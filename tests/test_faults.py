@@ -18,7 +18,7 @@ from extractors.errors import ExtractError
 from pipeline.snapshot import RejectedRecordsError, take_snapshot
 from sandbox.server import Fault, Response, json_response
 from tests.conftest import fetch, reset_database
-from tests.sandboxes import PROVIDERS, Live, now, start
+from tests.sandboxes import PROVIDERS, Live, demo_app, now, start
 
 # What our code may raise for bad input; anything else is a crash.
 CLEAN_FAILURES = (ExtractError, RejectedRecordsError)
@@ -188,9 +188,7 @@ class Mutating:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_mutated_responses_fail_cleanly_or_load_everything(db, serve, provider):
-    from sandbox.apps import sandbox
-
-    app = sandbox(provider).demo_app()
+    app = demo_app(provider)
     live = start(provider, serve, app=app)
     expected, requests = clean_run(db, live)
     mutating = Mutating(app, 0, 0, "replace", None)

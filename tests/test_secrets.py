@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import write_sources
-from sandbox.apps import sandbox
 from sandbox.server import Response
 from tests.conftest import REPO, fetch, load_dag
-from tests.sandboxes import PROVIDERS, SECRET_HEADERS, start
+from tests.sandboxes import PROVIDERS, SECRET_HEADERS, demo_app, start
 
 pytestmark = pytest.mark.airflow
 
@@ -85,7 +84,7 @@ def test_a_clean_dag_run_leaks_no_secret(airflow_env, db, serve, capfd, caplog, 
 def test_a_provider_echoing_our_headers_in_its_error_leaks_no_secret(airflow_env, db, serve, capfd, caplog,
                                                                      provider):
     caplog.set_level(logging.DEBUG)
-    live, dag_run = _dag_run(provider, serve, app=Echoing(sandbox(provider).demo_app()))
+    live, dag_run = _dag_run(provider, serve, app=Echoing(demo_app(provider)))
     assert dag_run.state == "failed"
     [(status, error)] = fetch(db, "SELECT status, error FROM snapshot_runs")
     assert status == "failed" and "***" in error  # the echo was there, and was masked
@@ -94,7 +93,7 @@ def test_a_provider_echoing_our_headers_in_its_error_leaks_no_secret(airflow_env
 
 @pytest.mark.parametrize("provider", KEYED)
 def test_the_cli_leaks_no_secret_on_failure(database_url, db, serve, provider, tmp_path):
-    live = start(provider, serve, app=Echoing(sandbox(provider).demo_app()), max_attempts=1)
+    live = start(provider, serve, app=Echoing(demo_app(provider)), max_attempts=1)
     config = tmp_path / "balances.toml"
     write_sources(config, {live.source.name: live.keys})
     env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "PATH", "HOME"))}
