@@ -236,13 +236,17 @@ class HttpClient:
         except requests.exceptions.ChunkedEncodingError:
             raise TransportError(f"connection dropped mid-body for {redact_url(url)}") from None
         log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
+        secrets = request_secrets(response.request)
         try:
-            return self._read(response)
+            return self._read(response, secrets)
         except ExtractError as exc:
-            raise masked(exc, request_secrets(response.request))
+            raise masked(exc, secrets)
 
-    def _read(self, response: requests.Response) -> Any:
+    def _read(self, response: requests.Response, secrets: list[str]) -> Any:
         if response.status_code >= 400:
+            if secrets:
+                # Masked before any hook reads (and truncates) the body: half a key is still a leak.
+                response._content = mask(response.content.decode("utf-8", "replace"), secrets).encode()
             raise self.error_for(response)
         if 300 <= response.status_code < 400:
             raise ProviderError(
@@ -250,13 +254,13 @@ class HttpClient:
                 "is not followed (a credential could leave the configured origin)",
                 status=response.status_code,
             )
-        data = self._decode(response)
+        data = self._decode(response, secrets)
         if self.check is not None:
             self.check(data, response)
         return data
 
     @staticmethod
-    def _decode(response: requests.Response) -> Any:
+    def _decode(response: requests.Response, secrets: list[str]) -> Any:
         body = response.content
         try:
             return parse_json(body)
@@ -265,7 +269,7 @@ class HttpClient:
             raise MalformedResponseError(
                 f"response from {redact_url(response.url)} is not valid JSON "
                 f"({ctype}, {len(body)} bytes)",
-                raw=body[:2000].decode("utf-8", "replace"),
+                raw=mask(body.decode("utf-8", "replace"), secrets)[:2000],
             ) from None
 
     def paginate(

@@ -123,8 +123,12 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
            credentials) -> CrawlResult:
     run_id = run.run_id
     runs.resume(conn, run_id)
-    extractor = build_extractor(source, credentials, conn)
     secrets = credentials.secrets() if credentials else []
+    try:
+        extractor = build_extractor(source, credentials, conn)
+    except Exception as exc:  # e.g. a Connection without the fields the provider needs
+        runs.finish(conn, run_id, "failed", error=connections.scrub(f"{type(exc).__name__}: {exc}", secrets))
+        raise
     writer = StagingWriter(conn, run_id, shard)
     pages = 0
     warnings: list[str] = []

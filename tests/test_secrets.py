@@ -49,7 +49,7 @@ def everything_readable(db, capfd, caplog) -> str:
     for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*"):
         if path.is_file() and path.suffix in (".log", ".json", ".txt", "") and path.stat().st_size < 5e6:
             parts.append(path.read_text(errors="replace"))
-    tables = fetch(db, "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+    tables = fetch(db, "SELECT format('%%I.%%I', schemaname, tablename) FROM pg_tables"
                        " WHERE schemaname IN ('public', 'balance_staging')")
     for (table,) in tables:
         parts += [row[0] for row in fetch(db, f"SELECT t::text FROM {table} t")]
