@@ -1,0 +1,459 @@
+"""BI views (migration 0004): exact units, snapshot semantics, index use, read-only role.
+
+Small hand-made snapshots go through the real loader (staging, then
+publish) to pin down what each view means. A realistic volume, in a
+database of its own so the ``db`` fixture never empties it, shows with
+EXPLAIN ANALYZE that dashboard queries read the indexes of the partitions
+they need and no other.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.errors
+import pytest
+from alembic import command
+from psycopg2 import sql
+
+from extractors.records import BalanceRow
+from loaders import partitions, publish, runs, staging
+from loaders.db import connect
+from loaders.migrate import alembic_config, current_revision, upgrade
+from tests.conftest import fetch
+
+VIEWS = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
+         "source_freshness")
+BASE_TABLES = ("balance_history", "snapshot_runs", "rejected_records", "aggregate_balances",
+               "request_budgets")
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+T1, T2, T3 = utc(2026, 3, 2, 10), utc(2026, 3, 3, 10), utc(2026, 3, 4, 10)
+
+
+def publish_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow]) -> int:
+    """One snapshot through staging and publish, as a crawl would land it."""
+    run_id = runs.start_run(conn, source, "hedera", as_of)
+    runs.set_snapshot(conn, run_id, as_of, as_of.isoformat())
+    writer = staging.StagingWriter(conn, run_id, 0)
+    writer.add(rows)
+    writer.close()
+    publish.publish(conn, run_id)
+    return run_id
+
+
+def failed_run(conn, source: str, scheduled_for: datetime, status: str = "failed") -> int:
+    run_id = runs.start_run(conn, source, "hedera", scheduled_for)
+    runs.set_snapshot(conn, run_id, scheduled_for, scheduled_for.isoformat())
+    runs.finish(conn, run_id, status, error="provider said 503")
+    return run_id
+
+
+# --- what the views mean -------------------------------------------------------------
+
+
+def test_units_are_exact_whatever_the_scale(db):
+    publish_snapshot(db, "units", T1, [
+        BalanceRow("big", "USD", 123456789012345678901234567, decimals=2, available_balance=5),
+        BalanceRow("wei", "ETH", 5, decimals=18),
+        BalanceRow("sparks", "GOLD", 25000, spark_factor=1000),
+        BalanceRow("thirds", "SILVER", 25000, spark_factor=3),
+        BalanceRow("plain", "EUR", Decimal("12.50")),
+    ])
+    rows = {r[0]: r[1:] for r in fetch(
+        db, "SELECT account, balance_units, balance_text, available_units, available_text"
+            " FROM balance_history_units")}
+    # Plain numeric division would keep ~16 digits and drop the cents here.
+    assert rows["big"] == (Decimal("1234567890123456789012345.67"), "123456789012345678901234567",
+                           Decimal("0.05"), "5")
+    assert str(rows["big"][0]) == "1234567890123456789012345.67"
+    assert rows["wei"][0] == Decimal("0.000000000000000005")
+    assert rows["sparks"][0] == 25
+    # A SparkFactor that is no power of ten: the quotient is cut at 40 places.
+    assert rows["thirds"][0] == Decimal("8333." + "3" * 40)
+    assert rows["plain"] == (Decimal("12.50"), "12.50", None, None)
+
+
+def test_latest_is_the_newest_published_snapshot_of_each_source(db):
+    publish_snapshot(db, "exchange", T1, [BalanceRow("a", "BTC", 100), BalanceRow("b", "BTC", 200)])
+    publish_snapshot(db, "exchange", T2, [BalanceRow("a", "BTC", 150)])
+    publish_snapshot(db, "ledger", T1, [BalanceRow("x", "HBAR", 7, decimals=8)])
+    # A backfill of an older snapshot and a later failed run change nothing.
+    publish_snapshot(db, "exchange", T1 - timedelta(days=1), [BalanceRow("c", "BTC", 5)])
+    failed_run(db, "exchange", T3)
+    rows = fetch(db, "SELECT source, account, balance, as_of, balance_units FROM balances_latest"
+                     " ORDER BY source, account")
+    # b is not in the newest snapshot: it is not shown with its old balance.
+    assert rows == [("exchange", "a", 150, T2, 150), ("ledger", "x", 7, T1, Decimal("0.00000007"))]
+    columns = fetch(db, "SELECT table_name, array_agg(column_name::text ORDER BY ordinal_position)"
+                        " FROM information_schema.columns WHERE table_name = ANY(%s) GROUP BY 1",
+                    (["balances_latest", "balance_history_units"],))
+    assert columns[0][1] == columns[1][1]
+
+
+def test_daily_close_is_the_last_snapshot_of_each_utc_day(db):
+    late_evening = utc(2026, 3, 1, 23, 30)  # already 2 March in Paris
+    just_after_midnight = utc(2026, 3, 2, 0, 30)
+    publish_snapshot(db, "daily", utc(2026, 3, 1, 8),
+                     [BalanceRow("a", "EUR", 1, decimals=2), BalanceRow("b", "EUR", 2, decimals=2)])
+    publish_snapshot(db, "daily", late_evening, [BalanceRow("a", "EUR", 3, decimals=2)])
+    publish_snapshot(db, "daily", just_after_midnight,
+                     [BalanceRow("a", "EUR", 4, decimals=2), BalanceRow("b", "EUR", 5, decimals=2)])
+    fetch(db, "SELECT set_config('TimeZone', 'Europe/Paris', false)")  # days stay UTC days
+    rows = fetch(db, "SELECT day, account, balance, balance_units, balance_text, as_of"
+                     " FROM balances_daily_close ORDER BY day, account")
+    assert rows == [
+        (date(2026, 3, 1), "a", 3, Decimal("0.03"), "3", late_evening),
+        (date(2026, 3, 2), "a", 4, Decimal("0.04"), "4", just_after_midnight),
+        (date(2026, 3, 2), "b", 5, Decimal("0.05"), "5", just_after_midnight),
+    ]
+
+
+def test_changes_pair_each_snapshot_with_the_previous_one(db):
+    publish_snapshot(db, "moves", T1, [BalanceRow("a", "USD", 100, decimals=2)])
+    publish_snapshot(db, "moves", T2, [BalanceRow("a", "USD", 250, decimals=2),
+                                       BalanceRow("b", "USD", 7, decimals=2)])
+    publish_snapshot(db, "moves", T3, [BalanceRow("a", "USD", 250, decimals=2),
+                                       BalanceRow("b", "USD", 12345678901234567890123, decimals=2)])
+    rows = fetch(db, "SELECT account, as_of, previous_as_of, previous_balance, delta, delta_units,"
+                     " delta_text FROM balance_changes ORDER BY account, as_of")
+    assert rows == [
+        ("a", T1, None, None, None, None, None),
+        ("a", T2, T1, 100, 150, Decimal("1.50"), "150"),
+        ("a", T3, T2, 250, 0, Decimal("0.00"), "0"),
+        ("b", T2, None, None, None, None, None),
+        ("b", T3, T2, 7, 12345678901234567890116, Decimal("123456789012345678901.16"),
+         "12345678901234567890116"),
+    ]
+
+
+def test_freshness_per_source(db):
+    publish_snapshot(db, "fresh", T1, [BalanceRow("a", "BTC", 1)])
+    publish_snapshot(db, "fresh", T2, [BalanceRow("a", "BTC", 2)])
+    failed_run(db, "fresh", T3)
+    old = failed_run(db, "fresh", T1 - timedelta(days=3), status="abandoned")
+    fetch(db, "UPDATE snapshot_runs SET finished_at = now() - interval '2 days' WHERE run_id = %s"
+              " RETURNING run_id", (old,))
+    never = runs.start_run(db, "never", "hedera", T3)
+    rows = fetch(db, """
+        SELECT source, provider, last_published_as_of, last_scheduled_for, last_run_status,
+               last_run_error, failed_runs_24h, age = now() - last_published_as_of,
+               age_seconds = extract(epoch FROM now() - last_published_as_of), last_run_id
+          FROM source_freshness ORDER BY source""")
+    assert rows == [
+        ("fresh", "hedera", T2, T3, "failed", "provider said 503", 1, True, True, rows[0][-1]),
+        ("never", "hedera", None, T3, "running", None, 0, None, None, never),
+    ]
+
+
+# --- the read-only role ----------------------------------------------------------------
+
+
+@pytest.fixture
+def reader(db):
+    """A login user in ``balances_reader``, as an operator would create one for Grafana."""
+    name = f"views_test_grafana_{os.getpid()}"
+    password = secrets.token_hex(16)
+    with db.cursor() as cur:
+        cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s IN ROLE balances_reader")
+                    .format(sql.Identifier(name)), (password,))
+    db.commit()
+    info = db.info
+    conn = psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=name,
+                            password=password, connect_timeout=10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        db.rollback()
+        with db.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        db.commit()
+
+
+def refused(conn, statement: str) -> Exception:
+    with pytest.raises(psycopg2.Error) as caught:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    conn.rollback()
+    return caught.value
+
+
+def test_reader_reads_every_view_without_rights_on_the_tables(db, reader):
+    publish_snapshot(db, "readable", T1, [BalanceRow("a", "HBAR", 10, decimals=1)])
+    publish_snapshot(db, "readable", T2, [BalanceRow("a", "HBAR", 30, decimals=1)])
+    counts = {}
+    with reader.cursor() as cur:
+        for view in VIEWS:
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(view)))
+            counts[view] = cur.fetchone()[0]
+        cur.execute("SELECT balance_units FROM balances_latest")
+        assert cur.fetchall() == [(Decimal("3.0"),)]
+        cur.execute("SELECT delta_units FROM balance_changes WHERE previous_as_of IS NOT NULL")
+        assert cur.fetchall() == [(Decimal("2.0"),)]
+    reader.rollback()
+    assert counts == {"balance_history_units": 2, "balances_latest": 1, "balances_daily_close": 2,
+                      "balance_changes": 2, "source_freshness": 1}
+    # Exactly SELECT on the views: nothing on the tables behind them.
+    grants = fetch(db, "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
+                       " WHERE grantee = 'balances_reader'")
+    assert {view for view, _ in grants} >= set(VIEWS)
+    assert {privilege for _, privilege in grants} == {"SELECT"}
+    assert not {table for table, _ in grants} & set(BASE_TABLES)
+
+
+def test_reader_cannot_read_tables_or_write_anything(db, reader):
+    publish_snapshot(db, "guarded", T1, [BalanceRow("a", "HBAR", 10)])
+    partition = partitions.ensure_partition(db, T1)
+    denied = [
+        "SELECT * FROM balance_history",
+        f"SELECT * FROM {partition}",
+        "SELECT * FROM snapshot_runs",
+        "SELECT * FROM rejected_records",
+        "SELECT * FROM aggregate_balances",
+        "SELECT * FROM request_budgets",
+        "SELECT * FROM balance_staging.anything",
+        "INSERT INTO balance_history (source, provider, account, asset, balance, as_of, as_of_raw,"
+        " scheduled_for, run_id) VALUES ('s', 'p', 'a', 'x', 1, now(), 'now', now(), 1)",
+        "UPDATE balance_history SET balance = 0",
+        "DELETE FROM balance_history",
+        "UPDATE snapshot_runs SET status = 'failed'",
+        # PostgreSQL 15 grants CREATE on public to nobody but its owner.
+        "CREATE TABLE public.reader_scratch (x int)",
+        "SELECT balance_history_ensure_partition('2031-01-01')",
+        # A simple view is automatically updatable: only the missing grant stops these.
+        "INSERT INTO balance_history_units (source, provider, account, asset, balance, as_of,"
+        " as_of_raw, scheduled_for, run_id) VALUES ('s', 'p', 'a', 'x', 1, now(), 'now', now(), 1)",
+        "UPDATE balance_history_units SET balance = 0",
+        "DELETE FROM balance_history_units",
+    ]
+    for statement in denied:
+        error = refused(reader, statement)
+        assert isinstance(error, psycopg2.errors.InsufficientPrivilege), (statement, error)
+    for view in VIEWS[1:]:  # joins, windows, aggregates: not updatable at all
+        for statement in (f"INSERT INTO {view} (source) VALUES ('s')",
+                          f"UPDATE {view} SET source = 's'", f"DELETE FROM {view}"):
+            error = refused(reader, statement)
+            # The rewriter refuses before privileges are even checked.
+            assert isinstance(error, psycopg2.errors.ObjectNotInPrerequisiteState), \
+                (statement, error)
+            assert "cannot" in str(error) and "view" in str(error)
+    assert fetch(db, "SELECT account, balance FROM balance_history") == [("a", 10)]
+    assert fetch(db, "SELECT to_regclass('public.reader_scratch')") == [(None,)]
+
+
+# --- migration up and down, in a database of its own -------------------------------------
+
+
+@contextmanager
+def scratch_database(database_url: str, name: str) -> Iterator[str]:
+    admin = connect(database_url)
+    admin.autocommit = True
+    database = sql.Identifier(f"{name}_{os.getpid()}")
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(drop)
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(database))
+    except psycopg2.errors.InsufficientPrivilege:
+        admin.close()
+        pytest.skip("the test database user may not create databases")
+    parts = urlsplit(database_url)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{database.string}"))
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(drop)
+        admin.close()
+
+
+def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):
+    reader_on_public = ("SELECT coalesce(array_to_string(nspacl, ' ') ~ 'balances_reader=', false)"
+                        " FROM pg_namespace WHERE nspname = 'public'")
+    with scratch_database(database_url, "views_downgrade") as url:
+        upgrade(url, "0004")
+        conn = connect(url)
+        try:
+            assert fetch(conn, reader_on_public) == [(True,)]
+            command.downgrade(alembic_config(url), "0003")
+            assert current_revision(url) == "0003"
+            names = [*VIEWS, "snapshot_runs_published"]
+            assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n",
+                         (names,)) == [(0,)]
+            assert fetch(conn, "SELECT to_regprocedure("
+                               "'balance_whole_units(numeric, smallint, numeric)')") == [(None,)]
+            assert fetch(conn, reader_on_public) == [(False,)]
+            # The test database's grants still depend on the cluster-wide role.
+            assert fetch(conn, "SELECT rolname FROM pg_roles"
+                               " WHERE rolname = 'balances_reader'") == [("balances_reader",)]
+        finally:
+            conn.close()
+        assert upgrade(url, "0004") == "0004"  # the role already exists: still fine
+
+
+# --- query plans on a realistic volume -----------------------------------------------------
+
+SOURCES = ("alpha", "beta", "gamma")
+ACCOUNTS = 10_000
+FIRST_SNAPSHOT = utc(2026, 1, 17)
+SNAPSHOTS = 30  # daily, 17 January to 15 February: two monthly partitions
+JAN, FEB, MAR = "balance_history_2026_01", "balance_history_2026_02", "balance_history_2026_03"
+MONTHS = ((JAN, utc(2026, 1, 1), utc(2026, 2, 1)), (FEB, utc(2026, 2, 1), utc(2026, 3, 1)))
+INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}
+
+
+@pytest.fixture(scope="module")
+def volume(database_url):
+    """3 sources x 10k accounts x 30 daily snapshots, loaded with generate_series."""
+    with scratch_database(database_url, "views_volume") as url:
+        upgrade(url)
+        conn = connect(url)
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO snapshot_runs (source, provider, scheduled_for, status, finished_at,
+                                           as_of, as_of_raw, rows, rows_inserted)
+                SELECT s, 'hedera', t, 'published', t + interval '4 minutes', t,
+                       to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                       %(accounts)s, %(accounts)s
+                  FROM unnest(%(sources)s::text[]) s,
+                       generate_series(%(first)s, %(first)s + %(days)s * interval '1 day',
+                                       interval '1 day') t
+                """,
+                {"accounts": ACCOUNTS, "sources": list(SOURCES), "first": FIRST_SNAPSHOT,
+                 "days": SNAPSHOTS - 1},
+            )
+            # Filled before being attached, each month's indexes are built in
+            # one sort instead of 450k inserts: three times faster. Each
+            # snapshot lands account by account, as publish writes it.
+            for name, start, end in MONTHS:
+                cur.execute(sql.SQL("CREATE TABLE {} (LIKE balance_history INCLUDING DEFAULTS)")
+                            .format(sql.Identifier(name)))
+                cur.execute(
+                    sql.SQL(
+                        """
+                        INSERT INTO {} (source, provider, account, asset, balance, decimals, as_of,
+                                        as_of_raw, scheduled_for, run_id)
+                        SELECT r.source, r.provider, '0.0.' || (1000 + a), 'HBAR',
+                               mod(a * 7919 + r.run_id * 104729, 1000000007) * 1000, 8,
+                               r.as_of, r.as_of_raw, r.scheduled_for, r.run_id
+                          FROM snapshot_runs r
+                         CROSS JOIN LATERAL generate_series(1, r.rows::integer) a
+                         WHERE r.as_of >= %s AND r.as_of < %s
+                        """
+                    ).format(sql.Identifier(name)),
+                    (start, end),
+                )
+                cur.execute(sql.SQL("ALTER TABLE balance_history ATTACH PARTITION {}"
+                                    " FOR VALUES FROM (%s) TO (%s)").format(sql.Identifier(name)),
+                            (start, end))
+        conn.commit()
+        # March stays empty, as `balances partitions` creates months ahead.
+        assert partitions.ensure_ahead(conn, 2, now=FIRST_SNAPSHOT) == [JAN, FEB, MAR]
+        with conn.cursor() as cur:
+            cur.execute("ANALYZE snapshot_runs")
+            cur.execute("ANALYZE balance_history")
+        conn.commit()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def history_scans(node: dict) -> list[dict]:
+    """Every plan node reading a partition of balance_history."""
+    found = [node] if node.get("Relation Name", "").startswith("balance_history") else []
+    for child in node.get("Plans", []):
+        found += history_scans(child)
+    return found
+
+
+def explain(conn, query: str, params: tuple = ()) -> list[dict]:
+    [(plan,)] = fetch(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + query, params)
+    return history_scans(plan[0]["Plan"])
+
+
+def read(scans: list[dict]) -> dict[str, set[str]]:
+    """Partition -> how it was read, for the partitions the executor did read."""
+    out: dict[str, set[str]] = {}
+    for scan in scans:
+        if scan["Actual Loops"] > 0:
+            out.setdefault(scan["Relation Name"], set()).add(scan["Node Type"])
+    return out
+
+
+def planned(scans: list[dict]) -> set[str]:
+    return {scan["Relation Name"] for scan in scans}
+
+
+def test_latest_of_one_source_reads_one_snapshot_by_index(volume):
+    scans = explain(volume, "SELECT account, balance_units FROM balances_latest WHERE source = %s",
+                    ("beta",))
+    # Which partition holds the newest snapshot is known only at run time:
+    # the others are pruned then, and show as never executed.
+    assert read(scans).keys() == {FEB}
+    assert read(scans)[FEB] <= INDEX_SCANS
+    [(rows,)] = fetch(volume, "SELECT count(*) FROM balances_latest WHERE source = 'beta'")
+    assert rows == ACCOUNTS
+
+
+def test_one_account_over_a_time_range_reads_only_that_month(volume):
+    query = ("SELECT as_of, balance_units FROM balance_history_units"
+             " WHERE source = %s AND account = %s AND as_of >= %s AND as_of < %s ORDER BY as_of")
+    params = ("alpha", "0.0.1234", utc(2026, 1, 20), utc(2026, 1, 27))
+    scans = explain(volume, query, params)
+    assert planned(scans) == {JAN}  # pruned when planning
+    assert read(scans)[JAN] <= INDEX_SCANS
+    assert len(fetch(volume, query, params)) == 7
+
+
+def test_daily_close_of_one_account_across_a_month_boundary(volume):
+    query = ("SELECT day, balance_units FROM balances_daily_close"
+             " WHERE source = %s AND account = %s AND as_of >= %s AND as_of < %s ORDER BY day")
+    params = ("gamma", "0.0.5000", utc(2026, 1, 25), utc(2026, 2, 5))
+    scans = explain(volume, query, params)
+    assert planned(scans) == {JAN, FEB}  # not the empty March
+    assert all(kinds <= INDEX_SCANS for kinds in read(scans).values())
+    days = [day for day, _ in fetch(volume, query, params)]
+    assert days == [date(2026, 1, 25) + timedelta(days=n) for n in range(11)]
+
+
+def test_changes_of_one_account_and_top_movers_of_one_day(volume):
+    february = ("beta", utc(2026, 2, 1), utc(2026, 2, 8))
+    one_account = ("SELECT as_of, previous_as_of, delta_units FROM balance_changes"
+                   " WHERE source = %s AND account = '0.0.1999' AND as_of >= %s AND as_of < %s"
+                   " ORDER BY as_of")
+    scans = explain(volume, one_account, february)
+    # The first February row looks back into January for its previous snapshot.
+    assert read(scans).keys() == {JAN, FEB}
+    assert all(kinds <= INDEX_SCANS for kinds in read(scans).values())
+    rows = fetch(volume, one_account, february)
+    assert [r[1] for r in rows] == [r[0] - timedelta(days=1) for r in rows] and len(rows) == 7
+
+    top_movers = ("SELECT account, delta_units FROM balance_changes"
+                  " WHERE source = %s AND as_of >= %s AND as_of < %s AND delta <> 0"
+                  " ORDER BY abs(delta_units) DESC LIMIT 10")
+    one_day = ("alpha", utc(2026, 2, 10), utc(2026, 2, 11))
+    scans = explain(volume, top_movers, one_day)
+    assert planned([s for s in scans if s.get("Alias") == "h"]) == {FEB}
+    assert read(scans).keys() == {FEB}
+    assert all(kinds <= INDEX_SCANS for kinds in read(scans).values())
+    assert len(fetch(volume, top_movers, one_day)) == 10
+
+
+def test_freshness_on_the_volume(volume):
+    rows = fetch(volume, "SELECT source, last_published_as_of, last_run_status, failed_runs_24h"
+                         " FROM source_freshness ORDER BY source")
+    last = FIRST_SNAPSHOT + timedelta(days=SNAPSHOTS - 1)
+    assert rows == [(source, last, "published", 0) for source in SOURCES]
