@@ -34,10 +34,13 @@ def test_example_config_builds_one_dag_per_source(airflow_env):
     write_config((REPO / "config" / "balances.example.toml").read_text())
     bag = dag_bag()
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == ["balances_hedera_mainnet", "balances_hedera_testnet"]
-    for dag in bag.dags.values():
+    snapshot_dags = {d: dag for d, dag in bag.dags.items() if set(dag.tags) & set(PROVIDERS)}
+    assert sorted(snapshot_dags) == ["balances_bitfront_main", "balances_coreledger_main", "balances_formance_main",
+                                     "balances_hedera_mainnet", "balances_hedera_testnet"]
+    for dag_id, dag in snapshot_dags.items():
+        provider = dag_id.split("_")[1]
         assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot"]
-        assert all(t.pool == "balances_hedera" for t in dag.tasks)
+        assert all(t.pool == f"balances_{provider}" for t in dag.tasks)
         assert dag.max_active_runs == 1
         assert dag.doc_md and "snapshot" in dag.doc_md
     publish = bag.get_dag("balances_hedera_mainnet").get_task("publish_snapshot")
