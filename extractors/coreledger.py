@@ -1,0 +1,291 @@
+"""CoreLedger TEOS: current balances of configured addresses × assets.
+
+What differs from the other providers: no pagination and no history. One
+OData function call, ``Balances/GetAssetsBalances(addresses=[...],
+uniqueAssetIds=[...])``, answers a grid of addresses × assets as of now, so
+the grid is split into sub-grids whose URLs stay under ``max_url_length``.
+The path is built and percent-encoded here. Amounts are string integers in
+Sparks; each asset's ``SparkFactor`` (Sparks per unit, not always a power of
+ten) is looked up once per run. Every requested pair must come back: a
+missing one is rejected, never read as zero.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from functools import partial
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from extractors.credentials import Credentials
+from extractors.errors import ExtractError, MalformedResponseError, PaginationError, ProviderError
+from extractors.http import HttpClient, http_error
+from extractors.records import (
+    BalanceRow,
+    Page,
+    RecordError,
+    Rejection,
+    integer_amount,
+    require,
+    to_json_text,
+)
+
+DEFAULT_BASE_URL = "https://teosapi.coreledger.net"
+HAS_HISTORY = False  # the API reports balances as of the call, nothing earlier
+RATE_LIMIT = (5.0, 5)  # documented: 300 calls per minute (and 30,000 per 24 h)
+RATE_LIMITED = "13000"
+
+_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
+_POWER_OF_TEN = re.compile(r"^10*$")
+
+
+def odata_string(value: str) -> str:
+    """An OData string literal, percent-encoded for a URL path.
+
+    A ``'`` inside the value is doubled (OData's escape) and left as is;
+    everything else outside the unreserved set is encoded, so ``,`` ``)``
+    ``]`` ``/`` ``?`` ``#`` or ``%`` in an address cannot end the literal or
+    the path early.
+    """
+    return "'" + quote(value.replace("'", "''"), safe="'") + "'"
+
+
+def odata_array(values: list[str]) -> str:
+    # Brackets are not allowed raw in a path (RFC 3986); the server decodes them.
+    return "%5B" + ",".join(map(odata_string, values)) + "%5D"
+
+
+def balances_path(api_version: str, addresses: list[str], asset_ids: list[str]) -> str:
+    return (f"/odata/v{api_version}/Balances/GetAssetsBalances("
+            f"addresses={odata_array(addresses)},uniqueAssetIds={odata_array(asset_ids)})")
+
+
+def asset_path(api_version: str, asset_id: str) -> str:
+    return f"/odata/v{api_version}/Assets({odata_string(asset_id)})"
+
+
+@dataclass(slots=True)
+class Settings:
+    """The ``[sources.<name>]`` keys a CoreLedger source accepts."""
+
+    addresses: list[str]
+    unique_asset_ids: list[str]
+    base_url: str = DEFAULT_BASE_URL
+    api_version: str = "1.1"
+    max_url_length: int = 2000
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("base_url", f"{self.base_url!r} is not an http(s) URL")
+        if "/odata" in parts.path.lower():
+            raise ValueError("base_url", "give the origin only, e.g. https://teosapi.coreledger.net: "
+                                         "the /odata/v<version> part comes from api_version")
+        if not _VERSION.match(self.api_version):
+            raise ValueError("api_version", f"{self.api_version!r} is not a version such as '1.1'")
+        for key in ("addresses", "unique_asset_ids"):
+            values = getattr(self, key)
+            if not values:
+                raise ValueError(key, "must list at least one value")
+            seen: set[str] = set()
+            for value in values:
+                # Hex addresses and asset ids are case-insensitive.
+                if value.casefold() in seen:
+                    raise ValueError(key, f"{value!r} is listed twice")
+                seen.add(value.casefold())
+        widest = len(self.base_url + balances_path(
+            self.api_version, [max(self.addresses, key=lambda a: len(odata_string(a)))],
+            [max(self.unique_asset_ids, key=lambda a: len(odata_string(a)))]))
+        if widest > self.max_url_length:
+            raise ValueError("max_url_length", f"{self.max_url_length} is too short: one address and "
+                                               f"one asset already need a {widest}-character URL")
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """One sub-grid of the configured addresses × assets: one request."""
+
+    addresses: list[str]
+    asset_ids: list[str]
+
+
+def plan_batches(settings: Settings) -> list[Batch]:
+    """Cover every address × asset pair exactly once, each URL within the limit.
+
+    Each value costs its encoded literal plus a comma; the asset list is cut
+    in the way that needs the fewest requests among a few candidate widths
+    (a short asset list in every request, or the assets spread out).
+    """
+    fixed = len(settings.base_url + balances_path(settings.api_version, [], []))
+    budget = settings.max_url_length - fixed + 2  # the last value of each list has no comma
+    address_costs = [len(odata_string(a)) + 1 for a in settings.addresses]
+    asset_costs = [len(odata_string(a)) + 1 for a in settings.unique_asset_ids]
+    widest_address = max(address_costs)
+    candidates = {max(asset_costs), sum(asset_costs)} | {budget * k // 8 for k in range(1, 8)}
+    best: list[tuple[list[int], list[int]]] | None = None
+    for asset_budget in sorted(candidates):
+        if not max(asset_costs) <= asset_budget <= budget - widest_address:
+            continue
+        grid = [(chunk, asset_chunk) for asset_chunk in _pack(asset_costs, asset_budget)
+                for chunk in _pack(address_costs, budget - sum(asset_costs[j] for j in asset_chunk))]
+        if best is None or len(grid) < len(best):
+            best = grid
+    assert best is not None, "Settings checked that one address and one asset fit"
+    return [Batch([settings.addresses[i] for i in a], [settings.unique_asset_ids[j] for j in s])
+            for a, s in best]
+
+
+def _pack(costs: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices, greedily grouped so each group's cost fits ``budget``."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for index, cost in enumerate(costs):
+        if used + cost > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += cost
+    return groups
+
+
+def rate_limit_reset(response: requests.Response, now: float | None = None) -> float | None:
+    """Seconds until ``X-Rate-Limit-Reset`` (an ISO 8601 UTC time), if sent."""
+    value = response.headers.get("X-Rate-Limit-Reset")
+    if not value:
+        return None
+    try:
+        reset = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if reset.tzinfo is None:
+        reset = reset.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, reset.timestamp() - now)
+
+
+def coreledger_error(response: requests.Response, api_key: str | None = None) -> ProviderError:
+    """TEOS's ``code``, ``message``, details and ``clTraceId`` as the error text.
+
+    ``13000`` (quota exceeded) and HTTP 429 are retried once the quota
+    resets; every other code is fatal. ``api_key`` is masked: a server that
+    echoes the request must not put the key into logs or tracebacks.
+    """
+    code = None
+    try:
+        body = response.json()
+        code = str(body["code"]) if body.get("code") is not None else None
+        parts = [p for p in (code, body.get("message")) if p]
+        details = body.get("details") or []
+        parts += [f"[{d.get('code')}] {d.get('message')}" for d in details if isinstance(d, dict)]
+        text = " ".join(str(p) for p in parts) or response.reason or "no message"
+        if body.get("clTraceId"):
+            text += f" (clTraceId {body['clTraceId']})"
+    except (ValueError, AttributeError, KeyError, TypeError):
+        text = response.text[:300].strip() or response.reason or "no body"
+    if api_key:
+        text = text.replace(api_key, "***")
+    if response.status_code == 414:
+        text += " (URL too long for this server: lower max_url_length)"
+    error = http_error(response, text, code=code)
+    if code == RATE_LIMITED or response.status_code == 429:
+        error.retriable = True
+        reset = rate_limit_reset(response)
+        if reset is not None:
+            error.retry_after = reset
+    return error
+
+
+class CoreLedgerExtractor:
+    """Reads the configured grid, one page per batch, all as of one time."""
+
+    provider = "coreledger"
+
+    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
+        self.settings = settings
+        self.client = client
+        self.max_pages = max_pages
+        self._spark_factors: dict[str, int] = {}
+
+    def pages(self, at: datetime, account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
+        """Yield one page per batch; ``at`` is ignored: the API only knows now."""
+        batches = plan_batches(self.settings)
+        if len(batches) > self.max_pages:
+            raise PaginationError(f"page cap reached: the grid needs {len(batches)} requests, more than "
+                                  f"max_pages = {self.max_pages}")
+        # One time for the whole grid: the run is one snapshot, not one per batch.
+        as_of = datetime.now(timezone.utc)
+        as_of_raw = as_of.isoformat()
+        version = self.settings.api_version
+        for batch in batches:
+            data = self.client.get_json(balances_path(version, batch.addresses, batch.asset_ids))
+            page = Page(as_of=as_of, as_of_raw=as_of_raw)
+            self._parse(data, batch, page)
+            yield page
+
+    def _parse(self, data: Any, batch: Batch, page: Page) -> None:
+        items = data.get("value") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise MalformedResponseError("balances response is neither a JSON array nor {\"value\": [...]}",
+                                         raw=to_json_text(data)[:2000])
+        wanted = {(a.casefold(), s.casefold()): (a, s) for a in batch.addresses for s in batch.asset_ids}
+        for record in items:
+            try:
+                pair = self._pair(record, wanted)
+                amount = integer_amount(require(record, "Amount"), "Amount", minimum=0)
+                factor = self.spark_factor(pair[1])
+                page.rows.append(BalanceRow(pair[0], pair[1], amount, decimals_of(factor), spark_factor=factor))
+            except RecordError as exc:
+                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+        for address, asset_id in wanted.values():
+            page.rejected.append(Rejection(
+                raw=to_json_text({"Address": address, "UniqueAssetId": asset_id}),
+                reason=f"missing: no balance returned for address {address} and asset {asset_id} "
+                       "(a missing pair is not read as zero)",
+            ))
+
+    @staticmethod
+    def _pair(record: Any, wanted: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str]:
+        """The configured spelling of the record's pair, taken off ``wanted``."""
+        address, asset_id = require(record, "Address"), require(record, "UniqueAssetId")
+        if not isinstance(address, str) or not isinstance(asset_id, str):
+            raise RecordError("Address and UniqueAssetId must be strings")
+        key = (address.casefold(), asset_id.casefold())
+        if key not in wanted:
+            raise RecordError(f"pair {address} / {asset_id} was not requested in this batch "
+                              "or was returned twice")
+        # The configured spelling keeps an account's history under one key
+        # whatever case the API answers in.
+        return wanted.pop(key)
+
+    def spark_factor(self, asset_id: str) -> int:
+        """The asset's ``SparkFactor`` (a string integer), fetched once per run."""
+        if asset_id not in self._spark_factors:
+            info = self.client.get_json(asset_path(self.settings.api_version, asset_id))
+            try:
+                factor = integer_amount(require(info, "SparkFactor"), f"SparkFactor of asset {asset_id}",
+                                        minimum=1)
+            except RecordError as exc:
+                raise MalformedResponseError(f"asset {asset_id}: {exc}", raw=to_json_text(info)[:2000]) from None
+            self._spark_factors[asset_id] = factor
+        return self._spark_factors[asset_id]
+
+
+def decimals_of(spark_factor: int) -> int | None:
+    """log10 of the factor when it is a power of ten; else None (use spark_factor)."""
+    text = str(spark_factor)
+    return len(text) - 1 if _POWER_OF_TEN.match(text) else None
+
+
+def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> CoreLedgerExtractor:
+    """A CoreLedger extractor; the Connection's password is the bearer API key."""
+    if credentials is None or not credentials.password:
+        raise ExtractError("CoreLedger needs an API key: set conn_id to an Airflow connection "
+                           "whose password is the key")
+    client = HttpClient(settings.base_url, headers={"Authorization": f"Bearer {credentials.password}"},
+                        policy=policy, error_for=partial(coreledger_error, api_key=credentials.password))
+    return CoreLedgerExtractor(settings, client, max_pages=max_pages)
