@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from functools import partial
 from datetime import datetime, timezone
 from typing import Any, Iterator
 from urllib.parse import quote, urlsplit
@@ -168,12 +167,12 @@ def rate_limit_reset(response: requests.Response, now: float | None = None) -> f
     return max(0.0, reset.timestamp() - now)
 
 
-def coreledger_error(response: requests.Response, api_key: str | None = None) -> ProviderError:
+def coreledger_error(response: requests.Response) -> ProviderError:
     """TEOS's ``code``, ``message``, details and ``clTraceId`` as the error text.
 
     ``13000`` (quota exceeded) and HTTP 429 are retried once the quota
-    resets; every other code is fatal. ``api_key`` is masked: a server that
-    echoes the request must not put the key into logs or tracebacks.
+    resets; every other code is fatal. (The HttpClient has already masked
+    the request's credentials in the body, should the server echo them.)
     """
     code = None
     try:
@@ -187,8 +186,6 @@ def coreledger_error(response: requests.Response, api_key: str | None = None) ->
             text += f" (clTraceId {body['clTraceId']})"
     except (ValueError, AttributeError, KeyError, TypeError):
         text = response.text[:300].strip() or response.reason or "no body"
-    if api_key:
-        text = text.replace(api_key, "***")
     if response.status_code == 414:
         text += " (URL too long for this server: lower max_url_length)"
     error = http_error(response, text, code=code)
@@ -287,5 +284,5 @@ def build(settings: Settings, credentials: Credentials | None, policy, *, max_pa
         raise ExtractError("CoreLedger needs an API key: set conn_id to an Airflow connection "
                            "whose password is the key")
     client = HttpClient(settings.base_url, headers={"Authorization": f"Bearer {credentials.password}"},
-                        policy=policy, error_for=partial(coreledger_error, api_key=credentials.password))
+                        policy=policy, error_for=coreledger_error)
     return CoreLedgerExtractor(settings, client, max_pages=max_pages)
