@@ -52,11 +52,10 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0) -> Pub
                 )
             tables = [staging.table_name(run_id, shard) for shard in range(shards)]
             _require_tables(cur, run_id, shards)
+            rows_staged = _check_staging_intact(cur, run_id, shards)
             staged = sql.SQL(" UNION ALL ").join(
                 sql.SQL("SELECT * FROM {}").format(t) for t in tables
             )
-            cur.execute(sql.SQL("SELECT count(*) FROM ({}) s").format(staged))
-            rows_staged = cur.fetchone()[0]
             snapshot_is_new = _refuse_changed_history(cur, staged, run)
             cur.execute(
                 sql.SQL(
@@ -124,6 +123,35 @@ def _require_tables(cur, run_id: int, shards: int) -> None:
     found = cur.fetchone()[0]
     if found != shards:
         raise PublishError(f"run {run_id}: {shards - found} of {shards} shard(s) have no staged rows")
+
+
+def _check_staging_intact(cur, run_id: int, shards: int) -> int:
+    """Every shard finished, and its staging still holds what it staged; the row total.
+
+    Staging tables are UNLOGGED (fast COPY, no WAL): crash recovery empties
+    them. Publishing what is left would make a partial snapshot look whole.
+    """
+    recorded = runs.staged_counts(cur, run_id)
+    total = 0
+    for shard in range(shards):
+        if shard not in recorded:
+            raise PublishError(f"run {run_id}: shard {shard} did not finish staging")
+        rows, aggregates = recorded[shard]
+        found = _count(cur, staging.table_name(run_id, shard))
+        found_aggregates = _count(cur, staging.aggregate_table_name(run_id, shard)) if aggregates else 0
+        if (found, found_aggregates) != (rows, aggregates):
+            raise PublishError(
+                f"run {run_id}: shard {shard} staged {rows} rows but its staging table now holds "
+                f"{found} (the database restarted since the crawl, and crash recovery empties "
+                "staging); nothing published: take this snapshot again"
+            )
+        total += rows
+    return total
+
+
+def _count(cur, table: sql.Composable) -> int:
+    cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
+    return cur.fetchone()[0]
 
 
 def _refuse_duplicates(cur, staged: sql.Composable) -> None:

@@ -100,6 +100,26 @@ def add_progress(conn, run_id: int, *, pages: int, requests: int, retries: int,
         )
 
 
+def forget_staged(cur, run_id: int, shard: int) -> None:
+    """A shard starting (again) has staged nothing yet."""
+    cur.execute("UPDATE snapshot_runs SET staged = staged - %s WHERE run_id = %s", (str(shard), run_id))
+
+
+def record_staged(cur, run_id: int, shard: int, rows: int, aggregates: int) -> None:
+    """Written durably once the shard's rows are committed to staging."""
+    cur.execute(
+        "UPDATE snapshot_runs SET staged = staged || jsonb_build_object(%s::text,"
+        " jsonb_build_object('rows', %s::bigint, 'aggregates', %s::bigint)) WHERE run_id = %s",
+        (str(shard), rows, aggregates, run_id),
+    )
+
+
+def staged_counts(cur, run_id: int) -> dict[int, tuple[int, int]]:
+    cur.execute("SELECT staged FROM snapshot_runs WHERE run_id = %s", (run_id,))
+    staged = cur.fetchone()[0]
+    return {int(shard): (v["rows"], v["aggregates"]) for shard, v in staged.items()}
+
+
 def clear_rejections(cur, run_id: int, shard: int) -> None:
     """A retried shard replaces what its earlier attempt recorded."""
     cur.execute("DELETE FROM rejected_records WHERE run_id = %s AND shard = %s", (run_id, shard))

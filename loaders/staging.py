@@ -113,6 +113,7 @@ class StagingWriter:
                 ).format(self.table)
             )
             runs.clear_rejections(cur, run_id, shard)
+            runs.forget_staged(cur, run_id, shard)
         conn.commit()
 
     def add(self, rows: list[BalanceRow], rejected: list[Rejection] = (), kind: str = "balances") -> None:
@@ -166,6 +167,9 @@ class StagingWriter:
     def close(self) -> None:
         """Flush: the shard's rows are staged, still unpublished."""
         self.flush()
+        with self.conn.cursor() as cur:
+            runs.record_staged(cur, self.run_id, self.shard, self.rows, self.aggregates)
+        self.conn.commit()
 
     def abort(self) -> None:
         """Throw the shard's staged rows away (its rejections stay recorded)."""

@@ -6,6 +6,7 @@ never sees part of a snapshot, and every run ends with the right status.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from extractors.records import BalanceRow
 from loaders import runs
 from loaders.db import connect
-from loaders.publish import publish
+from loaders.publish import PublishError, publish
 from loaders.staging import StagingWriter
 from pipeline import devdb
 from pipeline.snapshot import take_snapshot
@@ -48,13 +49,18 @@ def cli(config, database_url, *args):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_crawl_then_rerun_loads_every_row_once(db, database_url, serve, tmp_path):
+# Kill points: after this many of the crawl's ~50 requests (seeded, so a failure replays).
+KILL_POINTS = sorted(random.Random(20261125).sample(range(1, 48), 4))
+
+
+@pytest.mark.parametrize("kill_after", KILL_POINTS)
+def test_sigkill_mid_crawl_then_rerun_loads_every_row_once(db, database_url, serve, tmp_path, kill_after):
     server = serve(mirror(accounts=400))
     server.inject(Fault("delay", times=10_000, seconds=0.02, path="/api/v1/balances"))
     config = tmp_path / "sources.toml"
     config.write_text(f'[sources.killed]\nprovider = "hedera"\nbase_url = "{server.url}"\nlimit = 10\n')
     proc = cli(config, database_url, "snapshot", "killed", "--at", AFTER_T3.isoformat())
-    wait_for(lambda: server.request_count >= 15, what="the crawl to get going")
+    wait_for(lambda: server.request_count >= kill_after, what="the crawl to get going")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("running",)]
@@ -98,7 +104,14 @@ class Reader(threading.Thread):
         conn.close()
 
 
-def test_sigkill_during_publish_leaves_nothing_then_publish_completes(db, database_url):
+def inserting(db) -> bool:
+    """A publish INSERT is running on another connection."""
+    return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE query ~ '^\\s*INSERT INTO balance_history'"
+                     " AND state = 'active' AND pid <> pg_backend_pid()")[0][0] > 0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
+def test_sigkill_during_publish_leaves_nothing_then_publish_completes(db, database_url, delay):
     rows = 300_000
     run_id = _stage_big_run(db, rows)
     reader = Reader(database_url)
@@ -107,15 +120,11 @@ def test_sigkill_during_publish_leaves_nothing_then_publish_completes(db, databa
     code = ("import sys; from loaders.db import connect; from loaders.publish import publish; "
             f"publish(connect(sys.argv[1]), {run_id})")
     proc = subprocess.Popen([sys.executable, "-c", code, database_url], cwd=REPO)
-
-    def inserting() -> bool:
-        return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE query ~ '^\\s*INSERT INTO balance_history'"
-                         " AND state = 'active' AND pid <> pg_backend_pid()")[0][0] > 0
-
-    wait_for(inserting, what="the publish INSERT to start")
+    wait_for(lambda: inserting(db), what="the publish INSERT to start")
+    time.sleep(delay)  # somewhere inside the INSERT of 300k rows
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    wait_for(lambda: not inserting(), what="the server to abort the killed publish")
+    wait_for(lambda: not inserting(db), what="the server to abort the killed publish")
     assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("running",)]
 
@@ -185,3 +194,36 @@ def test_two_runs_of_the_same_snapshot_at_once_store_one_copy(db, database_url, 
     assert sorted(r["status"] for r in results) == ["published", "published"]
     assert sorted(r["rows_inserted"] for r in results) == [0, 361]
     assert fetch(db, "SELECT count(*), count(DISTINCT (account, asset)) FROM balance_history") == [(361, 361)]
+
+
+def test_database_restart_mid_publish_then_publish_again(db, database_url):
+    if os.environ.get("BALANCES_TEST_DB_URL"):
+        pytest.skip("needs the private cluster this test session controls")
+    rows = 300_000
+    run_id = _stage_big_run(db, rows)
+    errors = []
+
+    def publish_in_thread():
+        conn = connect(database_url)
+        try:
+            publish(conn, run_id)
+        except Exception as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=publish_in_thread)
+    worker.start()
+    wait_for(lambda: inserting(db), what="the publish INSERT to start")
+    db.close()
+    devdb.restart(PG_DATA)
+    worker.join(timeout=120)
+    assert not worker.is_alive() and errors, "the publish should fail when the database goes away"
+
+    conn = connect(database_url)
+    assert fetch(conn, "SELECT count(*) FROM balance_history") == [(0,)]
+    # Staging is UNLOGGED, so crash recovery emptied it: publishing what is
+    # left would pass off an empty snapshot as whole. It must refuse.
+    with pytest.raises(PublishError, match="database restarted"):
+        publish(conn, run_id)
+    assert fetch(conn, "SELECT status FROM snapshot_runs") == [("failed",)]
+    assert fetch(conn, "SELECT count(*) FROM balance_history") == [(0,)]
+    conn.close()

@@ -35,6 +35,9 @@ def upgrade() -> None:
             rows_inserted bigint NOT NULL DEFAULT 0,
             rejected      integer NOT NULL DEFAULT 0,
             warnings      jsonb NOT NULL DEFAULT '[]'::jsonb,
+            -- {"<shard>": {"rows": n, "aggregates": m}} once a shard finished
+            -- staging; publish checks the (UNLOGGED) staging tables still hold it.
+            staged        jsonb NOT NULL DEFAULT '{}'::jsonb,
             error         text
         )
         """
