@@ -107,3 +107,36 @@ def test_a_link_off_the_configured_origin_is_refused_and_gets_no_credential(db, 
     assert [r.path for r in live.server.requests].count("/api/v1/balances") == 1
     assert live.server.requests[0].header("x-api-key") == "mirror-key-0123456789"
     assert "mirror-key" not in str(error)
+
+
+class CursorLoop:
+    """The Formance sandbox, whose cursor after page ``length + 1`` leads back to page 2.
+
+    The tokens are the fake's own, so each request is valid on its own:
+    only the sequence loops.
+    """
+
+    def __init__(self, app, length: int):
+        self.app, self.length, self.cursors, self.pages = app, length, [], 0
+
+    def __call__(self, request):
+        response = self.app(request)
+        if not request.path.endswith("/demo/balances") or response.status != 200:
+            return response
+        self.pages += 1
+        body = json.loads(response.body)
+        cursor = body["cursor"]
+        if cursor.get("next"):
+            self.cursors.append(cursor["next"])
+        if self.pages == self.length + 1:
+            cursor["hasMore"], cursor["next"] = True, self.cursors[0]
+        return json_response(body, 200, response.headers)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5])
+def test_formance_cursor_cycle_of_any_length_is_refused(db, serve, length):
+    app = CursorLoop(sandbox("formance").demo_app(), length)
+    live = start("formance", serve, app=app, page_size=1)
+    _refused(db, live, "pagination loop")
+    # Caught on the page that offers a cursor already followed: nothing is read twice.
+    assert app.pages == length + 1
