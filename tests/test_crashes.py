@@ -110,21 +110,42 @@ def inserting(db) -> bool:
                      " AND state = 'active' AND pid <> pg_backend_pid()")[0][0] > 0
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
-def test_sigkill_during_publish_leaves_nothing_then_publish_completes(db, database_url, delay):
+def waiting_for_a_lock(db) -> bool:
+    """The publish finished its INSERT and waits to drop the (held) staging table."""
+    return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                     " AND query ~ '^\\s*DROP TABLE' AND pid <> pg_backend_pid()")[0][0] > 0
+
+
+def hold_staging(database_url: str, run_id: int):
+    """A connection whose open transaction keeps the publish from finishing (not from inserting)."""
+    holder = connect(database_url)
+    with holder.cursor() as cur:
+        cur.execute(f"LOCK TABLE balance_staging.run_{int(run_id)}_shard_0 IN ACCESS SHARE MODE")
+    return holder
+
+
+@pytest.mark.parametrize("point", ["INSERT started", "0.15 s into the INSERT", "INSERT done, before commit"])
+def test_sigkill_during_publish_leaves_nothing_then_publish_completes(db, database_url, point):
     rows = 300_000
     run_id = _stage_big_run(db, rows)
+    holder = hold_staging(database_url, run_id) if point.endswith("before commit") else None
     reader = Reader(database_url)
     reader.start()
     wait_for(lambda: 0 in reader.seen, what="the reader to start")
     code = ("import sys; from loaders.db import connect; from loaders.publish import publish; "
             f"publish(connect(sys.argv[1]), {run_id})")
     proc = subprocess.Popen([sys.executable, "-c", code, database_url], cwd=REPO)
-    wait_for(lambda: inserting(db), what="the publish INSERT to start")
-    time.sleep(delay)  # somewhere inside the INSERT of 300k rows
+    if holder is not None:
+        wait_for(lambda: waiting_for_a_lock(db), what="the publish to finish inserting")
+    else:
+        wait_for(lambda: inserting(db), what="the publish INSERT to start")
+        time.sleep(0.15 if point.startswith("0.15") else 0.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    wait_for(lambda: not inserting(db), what="the server to abort the killed publish")
+    if holder is not None:
+        holder.close()
+    wait_for(lambda: not inserting(db) and not waiting_for_a_lock(db),
+             what="the server to abort the killed publish")
     assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("running",)]
 
@@ -210,9 +231,10 @@ def test_database_restart_mid_publish_then_publish_again(db, database_url):
         except Exception as exc:
             errors.append(exc)
 
+    holder = hold_staging(database_url, run_id)  # so the publish cannot commit before the restart
     worker = threading.Thread(target=publish_in_thread)
     worker.start()
-    wait_for(lambda: inserting(db), what="the publish INSERT to start")
+    wait_for(lambda: waiting_for_a_lock(db), what="the publish to finish inserting")
     db.close()
     devdb.restart(PG_DATA)
     worker.join(timeout=120)
