@@ -5,6 +5,11 @@
     balances runs [--source S]            list recent runs
     balances partitions [--months N]      create monthly partitions ahead
     balances demo                         the README's end-to-end demo
+    balances reconcile [--from --to]      run the [checks] (default: the last 3 days)
+    balances report [--out DIR]           HTML + Markdown report with charts (last 3 days)
+
+``reconcile`` exits 0 when the checks ran, whatever breaks they found
+(breaks are data, kept in reconciliation_breaks), and 1 when it could not run.
 
 Exit status 0 on success, 1 when a run or command fails, 2 for a usage or
 configuration error; failures print one line saying why.
@@ -15,6 +20,7 @@ import argparse
 import logging
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from extractors.errors import ExtractError
 from loaders.db import DatabaseError
@@ -77,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="run every configured sandbox source through Airflow")
     p.add_argument("--db-url", help="use this database instead of a private cluster")
     p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("reconcile", help="run the configured checks over a window (default: last 3 days)")
+    _window_arguments(p)
+    p.add_argument("--check", action="append", help="run only this check (repeatable)")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = commands.add_parser("report", help="write the balances and breaks report (HTML, Markdown, PNG)")
+    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+    _window_arguments(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -122,9 +138,9 @@ def cmd_snapshot(args) -> int:
     return 0 if summary["status"] in ("published", "no_snapshot") else 1
 
 
-def _require_schema(conn) -> None:
+def _require_schema(conn, table: str = "snapshot_runs") -> None:
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('snapshot_runs') IS NOT NULL")
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
         if not cur.fetchone()[0]:
             raise DatabaseError("the balances database has no tables yet: run 'balances migrate' first")
 
@@ -180,6 +196,61 @@ def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
     return run_demo(db_url=args.db_url)
+
+
+def _window_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="window_from", type=_aware_time,
+                   help="window start, ISO-8601 (default: --to minus 3 days)")
+    p.add_argument("--to", dest="window_to", type=_aware_time, help="window end, ISO-8601 (default: now)")
+
+
+def _window(args) -> tuple[datetime, datetime]:
+    from pipeline.reconcile import default_window
+
+    window_to = args.window_to or datetime.now(timezone.utc)
+    window_from, window_to = default_window(window_to)
+    return args.window_from or window_from, window_to
+
+
+def cmd_reconcile(args) -> int:
+    from pipeline.checks import load_checks
+    from pipeline.config import load_config
+    from pipeline.reconcile import open_breaks, reconcile
+
+    checks = load_checks(load_config(args.config), args.check)
+    if not checks:
+        raise ConfigError("no [checks.<name>] tables in the config file")
+    window_from, window_to = _window(args)
+    conn = _connect()
+    try:
+        _require_schema(conn, "reconciliation_runs")
+        result = reconcile(conn, checks, window_from, window_to)
+        breaks = open_breaks(conn, checks=list(checks), window=(window_from, window_to), limit=20)
+    finally:
+        conn.close()
+    print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
+          f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
+          f"{result.breaks_resolved} resolved")
+    for b in breaks:
+        values = " ".join(f"{k}={b[k]}" for k in ("left_value", "right_value", "difference", "tolerance")
+                          if b[k] is not None)
+        print(f"  {b['check_name']} {b['kind']} at {b['check_time'].isoformat()} {values} {b['detail']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.connections import database_url
+    from pipeline.report import write_report
+
+    window_from, window_to = _window(args)
+    conn = _connect()
+    try:
+        _require_schema(conn, "reconciliation_breaks")
+    finally:
+        conn.close()
+    for path in write_report(database_url(), Path(args.out), window_from, window_to):
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -126,17 +126,29 @@ def parse_config(document: dict[str, Any], path: Path = Path("<config>")) -> Con
     return Config(path=path, sources=sources, checks=checks)
 
 
-def parse_source(name: str, table: Any) -> SourceConfig:
-    where = f"sources.{name}"
+def named_table(section: str, name: str, table: Any, selector: str, known) -> str:
+    """Check the shape of a ``[<section>.<name>]`` table; return its ``selector`` key.
+
+    The selector (a source's ``provider``, a check's ``kind``) decides which
+    other keys the table may have.
+    """
+    where = f"{section}.{name}"
     if not _NAME.match(name):
-        raise ConfigError(f"{where}: source names are lowercase letters, digits and _ (they become DAG ids)")
+        raise ConfigError(f"{where}: names in [{section}] are lowercase letters, digits and _"
+                          " (they become Airflow ids)")
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
-    provider = table.get("provider")
-    if provider is None:
-        raise ConfigError(f"{where}.provider: missing (one of {', '.join(PROVIDER_NAMES)})")
-    if provider not in PROVIDER_NAMES:
-        raise ConfigError(f"{where}.provider: unknown provider {provider!r} (known: {', '.join(PROVIDER_NAMES)})")
+    value = table.get(selector)
+    if value is None:
+        raise ConfigError(f"{where}.{selector}: missing (one of {', '.join(known)})")
+    if value not in known:
+        raise ConfigError(f"{where}.{selector}: unknown {selector} {value!r} (known: {', '.join(known)})")
+    return value
+
+
+def parse_source(name: str, table: Any) -> SourceConfig:
+    where = f"sources.{name}"
+    provider = named_table("sources", name, table, "provider", PROVIDER_NAMES)
     common: dict[str, Any] = {}
     retry: dict[str, Any] = {}
     rest: dict[str, Any] = {}

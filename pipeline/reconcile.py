@@ -1,0 +1,381 @@
+"""Running the configured checks over a time window and recording the breaks.
+
+All values are compared in whole units: ``balance / 10^decimals`` when the
+row has decimals, else ``balance / spark_factor``, else the balance as is.
+Every comparison is exact (NUMERIC in SQL, Decimal in Python).
+
+What each check finds (``kind`` of the break in brackets):
+
+* pair — at each check time (every published snapshot time of the left
+  source in the window) the left holding at that snapshot is compared with
+  the right holding in the right source's latest published snapshot at or
+  before it. The right snapshot older than ``max_skew`` is a break of its
+  own [skew], as is a side without a snapshot or without the holding in it
+  [missing]. Otherwise the pair breaks [mismatch] when
+  ``|l - r| > abs_tolerance`` AND ``|l - r| > rel_tolerance * max(|l|, |r|)``:
+  a difference is tolerated when either tolerance allows it. The recorded
+  tolerance is the larger of the two, the difference is ``l - r``.
+* aggregate — for every snapshot of the source in the window that carries
+  provider aggregates, per asset: the aggregate (left) against the sum of
+  the accounts of the same snapshot (right) [mismatch] when
+  ``|l - r| > abs_tolerance``; an asset missing on one side counts as 0.
+* continuity — [gap] a time the source's schedule fired in the window with
+  no published or no_snapshot run; [stale] the source's newest snapshot
+  older than ``max_staleness``, once per stale stretch, at the moment it
+  became stale (values in seconds: age, allowed, excess); [available_above_balance]
+  and [negative_balance] per row of the snapshots in the window.
+
+A break is identified by check, kind, subject and check time. Rerunning a
+window updates ``last_seen`` of the breaks still found and resolves the
+check's open breaks in the window that are no longer found.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Callable, Iterable
+
+from psycopg2.extras import Json, execute_values
+
+from loaders.db import transaction
+from pipeline.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
+
+# Without --from/--to (and in the DAG) a reconciliation looks back this far.
+DEFAULT_LOOKBACK = timedelta(days=3)
+
+
+def whole_units(value: str, alias: str, *, spark_factor: bool = True) -> str:
+    """SQL for ``value`` of the row ``alias`` in whole units, exactly (migration 0004's function)."""
+    return f"balance_whole_units({value}, {alias}.decimals, {alias + '.spark_factor' if spark_factor else 'NULL'})"
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    kind: str
+    subject: dict[str, Any]
+    check_time: datetime
+    left_value: Decimal | None = None
+    right_value: Decimal | None = None
+    difference: Decimal | None = None
+    tolerance: Decimal | None = None
+    detail: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return self.kind, json.dumps(self.subject, sort_keys=True), self.check_time
+
+
+@dataclass(slots=True)
+class Reconciliation:
+    run_id: int
+    window_from: datetime
+    window_to: datetime
+    checks: list[str]
+    status: str = "running"
+    checks_run: int = 0
+    breaks_open: int = 0
+    breaks_new: int = 0
+    breaks_resolved: int = 0
+    per_check: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def default_window(end: datetime, lookback: timedelta = DEFAULT_LOOKBACK) -> tuple[datetime, datetime]:
+    return end - lookback, end
+
+
+def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: datetime, *,
+              dag_run_id: str | None = None) -> Reconciliation:
+    """Run ``checks`` over ``[window_from, window_to]``; one transaction per check."""
+    if window_from > window_to:
+        raise ValueError(f"the window starts ({window_from.isoformat()}) after it ends ({window_to.isoformat()})")
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            INSERT INTO reconciliation_runs (window_from, window_to, status, checks, dag_run_id)
+            VALUES (%s, %s, 'running', %s, %s) RETURNING run_id
+            """,
+            (window_from, window_to, list(checks), dag_run_id),
+        )
+        run = Reconciliation(cur.fetchone()[0], window_from, window_to, list(checks))
+    try:
+        for check in checks.values():
+            found = find_breaks(conn, check, window_from, window_to)
+            counts = record_breaks(conn, run.run_id, check, found, window_from, window_to)
+            run.per_check[check.name] = counts
+            run.checks_run += 1
+            run.breaks_open += counts["open"]
+            run.breaks_new += counts["new"]
+            run.breaks_resolved += counts["resolved"]
+    except BaseException as exc:
+        conn.rollback()
+        _finish(conn, run, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    _finish(conn, run, "succeeded", None)
+    return run
+
+
+def _finish(conn, run: Reconciliation, status: str, error: str | None) -> None:
+    run.status = status
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            UPDATE reconciliation_runs
+               SET status = %s, error = %s, finished_at = now(), checks_run = %s,
+                   breaks_open = %s, breaks_new = %s, breaks_resolved = %s
+             WHERE run_id = %s
+            """,
+            (status, error, run.checks_run, run.breaks_open, run.breaks_new, run.breaks_resolved, run.run_id),
+        )
+
+
+def find_breaks(conn, check: Check, window_from: datetime, window_to: datetime) -> list[Break]:
+    finder: Callable[..., Iterable[Break]] = _FINDERS[check.kind]
+    with conn.cursor() as cur:
+        found = list(finder(cur, check, window_from, window_to))
+    conn.commit()
+    # One row per key: the upsert cannot touch the same row twice.
+    return list({b.key: b for b in found}.values())
+
+
+def record_breaks(conn, run_id: int, check: Check, found: list[Break], window_from: datetime,
+                  window_to: datetime) -> dict[str, int]:
+    """Upsert what was found, resolve what no longer holds; counts of open, new, resolved."""
+    with transaction(conn) as cur:
+        rows = execute_values(
+            cur,
+            """
+            INSERT INTO reconciliation_breaks AS b
+                   (check_name, check_kind, kind, subject, check_time, sources, left_value, right_value,
+                    difference, tolerance, status, first_seen, last_seen, first_run_id, last_run_id, detail)
+            VALUES %s
+            ON CONFLICT ON CONSTRAINT reconciliation_breaks_key DO UPDATE
+               SET sources = EXCLUDED.sources, left_value = EXCLUDED.left_value,
+                   right_value = EXCLUDED.right_value, difference = EXCLUDED.difference,
+                   tolerance = EXCLUDED.tolerance, detail = EXCLUDED.detail, status = 'open',
+                   resolved_at = NULL, last_seen = EXCLUDED.last_seen, last_run_id = EXCLUDED.last_run_id
+            RETURNING break_id, xmax = 0
+            """,
+            [(check.name, check.kind, b.kind, Json(b.subject), b.check_time, list(check.sources),
+              b.left_value, b.right_value, b.difference, b.tolerance, run_id, run_id, b.detail)
+             for b in found],
+            template="(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'open', now(), now(), %s, %s, %s)",
+            fetch=True,
+        ) if found else []
+        cur.execute(
+            """
+            UPDATE reconciliation_breaks
+               SET status = 'resolved', resolved_at = now(), last_run_id = %s
+             WHERE check_name = %s AND status = 'open' AND check_time BETWEEN %s AND %s
+               AND NOT (break_id = ANY(%s))
+            """,
+            (run_id, check.name, window_from, window_to, [r[0] for r in rows]),
+        )
+        resolved = cur.rowcount
+    return {"open": len(rows), "new": sum(1 for r in rows if r[1]), "resolved": resolved}
+
+
+def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+    cur.execute(
+        f"""
+        WITH times AS (
+            SELECT DISTINCT as_of AS t FROM snapshot_runs
+             WHERE source = %(ls)s AND status = 'published' AND as_of BETWEEN %(from)s AND %(to)s
+        )
+        SELECT t, l.units, rs.as_of, r.units, l.units - r.units,
+               greatest(%(abs)s, %(rel)s * greatest(abs(l.units), abs(r.units)))
+          FROM times
+          LEFT JOIN LATERAL (
+               SELECT {whole_units('b.balance', 'b')} AS units FROM balance_history b
+                WHERE b.source = %(ls)s AND b.account = %(la)s AND b.asset = %(lx)s AND b.as_of = t) l ON true
+          LEFT JOIN LATERAL (
+               SELECT max(as_of) AS as_of FROM snapshot_runs
+                WHERE source = %(rs)s AND status = 'published' AND as_of <= t) rs ON true
+          LEFT JOIN LATERAL (
+               SELECT {whole_units('b.balance', 'b')} AS units FROM balance_history b
+                WHERE b.source = %(rs)s AND b.account = %(ra)s AND b.asset = %(rx)s AND b.as_of = rs.as_of) r ON true
+         ORDER BY t
+        """,
+        {"ls": check.left.source, "la": check.left.account, "lx": check.left.asset,
+         "rs": check.right.source, "ra": check.right.account, "rx": check.right.asset,
+         "from": window_from, "to": window_to, "abs": check.abs_tolerance, "rel": check.rel_tolerance},
+    )
+    subject = {"left": check.left.as_dict(), "right": check.right.as_dict()}
+    # Differences and tolerances come from SQL: Python's Decimal rounds
+    # arithmetic to 28 digits, NUMERIC does not (comparisons are exact in both).
+    for t, left, right_as_of, right, difference, tolerance in cur.fetchall():
+        values = {"left_value": left, "right_value": right, "difference": difference}
+        if right_as_of is None:
+            yield Break("missing", subject, t, **values,
+                        detail=f"{check.right.source} has no published snapshot at or before {t.isoformat()}")
+        elif t - right_as_of > check.max_skew:
+            yield Break("skew", subject, t, **values,
+                        detail=f"{check.right.source} snapshot {right_as_of.isoformat()} is {t - right_as_of} "
+                               f"older than {check.left.source} snapshot {t.isoformat()} (max_skew {check.max_skew})")
+        elif left is None or right is None:
+            side, holding, as_of = ("left", check.left, t) if left is None else ("right", check.right, right_as_of)
+            yield Break("missing", subject, t, **values,
+                        detail=f"{side}: no row for account {holding.account!r} asset {holding.asset!r} "
+                               f"in {holding.source} snapshot {as_of.isoformat()}")
+        elif difference.copy_abs() > tolerance:
+            yield Break("mismatch", subject, t, left, right, difference, tolerance,
+                        detail=f"{check.left.source} {left} vs {check.right.source} {right} "
+                               f"(snapshot {right_as_of.isoformat()})")
+
+
+def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+    cur.execute(
+        f"""
+        WITH agg AS (
+            SELECT a.as_of, a.asset, sum({whole_units('a.balance', 'a', spark_factor=False)}) AS units
+              FROM aggregate_balances a
+             WHERE a.source = %(source)s AND a.as_of BETWEEN %(from)s AND %(to)s
+             GROUP BY 1, 2
+        ), accounts AS (
+            SELECT b.as_of, b.asset, sum({whole_units('b.balance', 'b')}) AS units
+              FROM balance_history b
+             WHERE b.source = %(source)s AND b.as_of IN (SELECT as_of FROM agg)
+             GROUP BY 1, 2
+        )
+        SELECT as_of, asset, coalesce(agg.units, 0), coalesce(accounts.units, 0),
+               coalesce(agg.units, 0) - coalesce(accounts.units, 0), agg.units IS NULL, accounts.units IS NULL
+          FROM agg FULL JOIN accounts USING (as_of, asset)
+         WHERE (%(assets)s::text[] IS NULL OR asset = ANY(%(assets)s::text[]))
+           AND abs(coalesce(agg.units, 0) - coalesce(accounts.units, 0)) > %(tolerance)s
+         ORDER BY as_of, asset
+        """,
+        {"source": check.source, "from": window_from, "to": window_to,
+         "assets": list(check.assets) if check.assets else None, "tolerance": check.abs_tolerance},
+    )
+    for as_of, asset, aggregate, accounts, difference, no_aggregate, no_accounts in cur.fetchall():
+        detail = ("asset missing from the provider's aggregate" if no_aggregate
+                  else "no account holds this asset" if no_accounts
+                  else "aggregate differs from the sum of the accounts")
+        yield Break("mismatch", {"source": check.source, "asset": asset}, as_of, aggregate, accounts,
+                    difference, check.abs_tolerance, detail)
+
+
+def continuity_breaks(cur, check: ContinuityCheck, window_from: datetime,
+                      window_to: datetime) -> Iterable[Break]:
+    yield from _gaps(cur, check, window_from, window_to)
+    yield from _stale(cur, check, window_from, window_to)
+    yield from _impossible_balances(cur, check, window_from, window_to)
+
+
+def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+    if check.cron is None:
+        return
+    scheduled = fire_times(check.cron, max(window_from, check.start_date), window_to)
+    if not scheduled:
+        return
+    cur.execute(
+        """
+        SELECT scheduled_for, bool_or(status IN ('published', 'no_snapshot')),
+               string_agg(status, ', ' ORDER BY run_id)
+          FROM snapshot_runs
+         WHERE source = %s AND scheduled_for = ANY(%s)
+         GROUP BY scheduled_for
+        """,
+        (check.source, scheduled),
+    )
+    runs = {t: (done, statuses) for t, done, statuses in cur.fetchall()}
+    for t in scheduled:
+        done, statuses = runs.get(t, (False, None))
+        if not done:
+            yield Break("gap", {"source": check.source}, t,
+                        detail=f"no published snapshot for the run scheduled at {t.isoformat()} "
+                               f"({'runs: ' + statuses if statuses else 'no run'})")
+
+
+def _stale(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+    # From the last snapshot before the window, so a stretch that began
+    # before it is still seen; the window's end closes the last stretch.
+    cur.execute(
+        """
+        SELECT DISTINCT as_of FROM snapshot_runs
+         WHERE source = %(source)s AND status = 'published' AND as_of <= %(to)s
+           AND as_of >= coalesce((SELECT max(as_of) FROM snapshot_runs
+                                   WHERE source = %(source)s AND status = 'published' AND as_of <= %(from)s),
+                                 %(from)s)
+         ORDER BY as_of
+        """,
+        {"source": check.source, "from": window_from, "to": window_to},
+    )
+    times = [r[0] for r in cur.fetchall()]
+    allowed = Decimal(int(check.max_staleness.total_seconds()))
+    for as_of, until in zip(times, times[1:] + [window_to]):
+        stale_at = as_of + check.max_staleness
+        if until > stale_at and window_from <= stale_at <= window_to:
+            age = Decimal(int((until - as_of).total_seconds()))
+            yield Break("stale", {"source": check.source}, stale_at, age, None, age - allowed, allowed,
+                        detail=f"no snapshot newer than {as_of.isoformat()} until {until.isoformat()} "
+                               f"({until - as_of}, allowed {check.max_staleness})")
+
+
+def _impossible_balances(cur, check: ContinuityCheck, window_from: datetime,
+                         window_to: datetime) -> Iterable[Break]:
+    allowed = check.allow_negative
+    cur.execute(
+        f"""
+        SELECT account, asset, as_of, {whole_units('b.balance', 'b')},
+               {whole_units('b.available_balance', 'b')},
+               {whole_units('b.available_balance - b.balance', 'b')},
+               available_balance > balance,
+               balance < 0 AND NOT %(any_negative)s AND NOT (account = ANY(%(allowed)s))
+          FROM balance_history b
+         WHERE source = %(source)s AND as_of BETWEEN %(from)s AND %(to)s
+           AND (available_balance > balance
+                OR (balance < 0 AND NOT %(any_negative)s AND NOT (account = ANY(%(allowed)s))))
+         ORDER BY as_of, account, asset
+        """,
+        {"source": check.source, "from": window_from, "to": window_to,
+         "any_negative": allowed is True, "allowed": list(allowed) if isinstance(allowed, tuple) else []},
+    )
+    for account, asset, as_of, balance, available, excess, above, negative in cur.fetchall():
+        subject = {"source": check.source, "account": account, "asset": asset}
+        if above:
+            yield Break("available_above_balance", subject, as_of, available, balance, excess,
+                        Decimal(0), detail=f"available {available} > balance {balance}")
+        if negative:
+            yield Break("negative_balance", subject, as_of, balance, None, balance, Decimal(0),
+                        detail=f"balance {balance} below zero")
+
+
+_FINDERS: dict[str, Callable[..., Iterable[Break]]] = {
+    "pair": pair_breaks,
+    "aggregate": aggregate_breaks,
+    "continuity": continuity_breaks,
+}
+
+
+def open_breaks(conn, *, checks: list[str] | None = None, source: str | None = None,
+                window: tuple[datetime, datetime] | None = None, limit: int | None = None) -> list[dict]:
+    """Open breaks, newest check time first (optionally of some checks, a source, a window)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT break_id, check_name, check_kind, kind, subject, check_time, sources, left_value,
+                   right_value, difference, tolerance, first_seen, last_seen, detail
+              FROM reconciliation_breaks
+             WHERE status = 'open'
+               AND (%(checks)s::text[] IS NULL OR check_name = ANY(%(checks)s::text[]))
+               AND (%(source)s::text IS NULL OR %(source)s = ANY(sources))
+               AND (%(from)s::timestamptz IS NULL OR check_time BETWEEN %(from)s AND %(to)s)
+             ORDER BY check_time DESC, check_name, kind, break_id
+             LIMIT %(limit)s
+            """,
+            {"checks": checks, "source": source, "from": window[0] if window else None,
+             "to": window[1] if window else None, "limit": limit},
+        )
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    conn.commit()
+    return rows
+
+
+def triggering_time(context: dict) -> datetime:
+    """When an Airflow run was triggered: its newest triggering Asset event, else its run_after."""
+    events = context.get("triggering_asset_events") or {}
+    times = [e.timestamp for asset_events in events.values() for e in asset_events]
+    return max(times) if times else context["dag_run"].run_after

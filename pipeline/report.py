@@ -1,0 +1,180 @@
+"""The balances report: per source, balances over time and the open breaks.
+
+Writes ``report.html`` and ``report.md`` side by side with one PNG chart per
+source (``balances_<source>.png``, linked from both). A chart shows, for the
+source's largest assets in whole units at its latest snapshot in the window,
+the largest accounts over the window. Charts are drawn from floats; the
+break tables print the exact NUMERIC values.
+"""
+from __future__ import annotations
+
+import html
+import re
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from sqlalchemy import create_engine, pool, text  # noqa: E402
+
+from loaders.db import connect, sqlalchemy_url  # noqa: E402
+from pipeline.reconcile import open_breaks, whole_units  # noqa: E402
+
+TOP_ASSETS = 4
+TOP_ACCOUNTS = 5
+MAX_BREAK_ROWS = 200
+_SUBJECT_ORDER = ["left", "right", "source", "account", "asset"]
+_BREAK_COLUMNS = ("check_name", "kind", "check_time", "subject", "left_value", "right_value", "difference",
+                  "tolerance", "first_seen", "last_seen", "detail")
+
+_SERIES = f"""
+WITH latest AS (
+    SELECT source, max(as_of) AS as_of FROM snapshot_runs
+     WHERE status = 'published' AND as_of BETWEEN :from AND :to
+     GROUP BY source
+), sized AS (
+    SELECT b.source, b.asset, b.account, abs({whole_units('b.balance', 'b')}) AS size
+      FROM balance_history b JOIN latest USING (source, as_of)
+), top_assets AS (
+    SELECT source, asset FROM (
+        SELECT source, asset, row_number() OVER (PARTITION BY source ORDER BY sum(size) DESC, asset) AS rank
+          FROM sized GROUP BY source, asset) ranked
+     WHERE rank <= :assets
+), top_accounts AS (
+    SELECT source, asset, account FROM (
+        SELECT s.source, s.asset, s.account,
+               row_number() OVER (PARTITION BY s.source, s.asset ORDER BY s.size DESC, s.account) AS rank
+          FROM sized s JOIN top_assets USING (source, asset)) ranked
+     WHERE rank <= :accounts
+)
+SELECT b.source, b.asset, b.account, b.as_of, {whole_units('b.balance', 'b')} AS balance
+  FROM balance_history b JOIN top_accounts USING (source, asset, account)
+ WHERE b.as_of BETWEEN :from AND :to
+ ORDER BY b.source, b.asset, b.account, b.as_of
+"""
+
+
+def write_report(url: str, out_dir: Path, window_from: datetime, window_to: datetime) -> list[Path]:
+    """Write the report for ``[window_from, window_to]``; the paths written, HTML first."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = read_series(url, window_from, window_to)
+    conn = connect(url, application_name="balances-report")
+    try:
+        breaks = {b["break_id"]: b for b in open_breaks(conn)}
+    finally:
+        conn.close()
+    sources = sorted(set(series["source"]) | {s for b in breaks.values() for s in b["sources"]})
+    charts: dict[str, Path] = {}
+    for source in sources:
+        rows = series[series["source"] == source]
+        if not rows.empty:
+            charts[source] = draw_chart(source, rows, (window_from, window_to),
+                                        out_dir / f"balances_{_file_safe(source)}.png")
+    sections = [(s, charts.get(s), [b for b in breaks.values() if s in b["sources"]]) for s in sources]
+    title = f"Balances {window_from:%Y-%m-%d %H:%M} to {window_to:%Y-%m-%d %H:%M} UTC"
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    html_path.write_text(render_html(title, len(breaks), sections))
+    md_path.write_text(render_markdown(title, len(breaks), sections))
+    return [html_path, md_path, *charts.values()]
+
+
+def read_series(url: str, window_from: datetime, window_to: datetime) -> pd.DataFrame:
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return pd.read_sql(text(_SERIES), conn, params={"from": window_from, "to": window_to,
+                                                            "assets": TOP_ASSETS, "accounts": TOP_ACCOUNTS})
+    finally:
+        engine.dispose()
+
+
+def draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime], path: Path) -> Path:
+    assets = list(dict.fromkeys(rows["asset"]))
+    fig, axes = plt.subplots(len(assets), 1, figsize=(9, 3 * len(assets)), squeeze=False, sharex=True)
+    for ax, asset in zip(axes[:, 0], assets):
+        for account, points in rows[rows["asset"] == asset].groupby("account", sort=False):
+            ax.plot(pd.to_datetime(points["as_of"], utc=True), points["balance"].astype(float),
+                    marker="o", markersize=3, label=account)
+        ax.set_title(f"{source}: {asset}", fontsize=10)
+        ax.set_ylabel("whole units")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    # The whole window, also when a series has one point (matplotlib would widen it to years).
+    axes[0, 0].set_xlim(*window)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def render_html(title: str, total: int, sections: list[tuple[str, Path | None, list[dict]]]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}td.n{text-align:right}</style>",
+             f"</head><body><h1>{e(title)}</h1><p>{total} open break(s).</p>"]
+    for source, chart, breaks in sections:
+        parts.append(f"<h2>{e(source)}</h2>")
+        parts.append(f"<img src='{e(chart.name)}' alt='balances of {e(source)}'>" if chart
+                     else "<p>No snapshots in the window.</p>")
+        parts.append(f"<h3>Open breaks ({len(breaks)})</h3>")
+        if breaks:
+            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in _BREAK_COLUMNS) + "</tr>")
+            for b in breaks[:MAX_BREAK_ROWS]:
+                cells = "".join(f"<td class='n'>{e(_text(b[c]))}</td>" if isinstance(b[c], Decimal)
+                                else f"<td>{e(_text(b[c]))}</td>" for c in _BREAK_COLUMNS)
+                parts.append(f"<tr>{cells}</tr>")
+            parts.append("</table>" + _more(breaks))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, total: int, sections: list[tuple[str, Path | None, list[dict]]]) -> str:
+    lines = [f"# {title}", "", f"{total} open break(s).", ""]
+    for source, chart, breaks in sections:
+        lines += [f"## {source}", "", f"![balances of {source}]({chart.name})" if chart
+                  else "No snapshots in the window.", "", f"### Open breaks ({len(breaks)})", ""]
+        if breaks:
+            lines.append("| " + " | ".join(_BREAK_COLUMNS) + " |")
+            lines.append("|" + "---|" * len(_BREAK_COLUMNS))
+            for b in breaks[:MAX_BREAK_ROWS]:
+                lines.append("| " + " | ".join(_text(b[c]).replace("|", "\\|") for c in _BREAK_COLUMNS) + " |")
+            lines += [_more(breaks), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _more(breaks: list[dict]) -> str:
+    return f"\n{len(breaks) - MAX_BREAK_ROWS} more not shown.\n" if len(breaks) > MAX_BREAK_ROWS else ""
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):
+        return format(value, "f")  # never 5E-8
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):  # a subject; jsonb does not keep the key order
+        return ", ".join(f"{k}={_holding(value[k]) if isinstance(value[k], dict) else _text(value[k])}"
+                         for k in _ordered(value))
+    return str(value)
+
+
+def _holding(value: dict) -> str:
+    return " ".join(str(value[k]) for k in _ordered(value))
+
+
+def _ordered(subject: dict) -> list[str]:
+    return sorted(subject, key=lambda k: _SUBJECT_ORDER.index(k) if k in _SUBJECT_ORDER else len(_SUBJECT_ORDER))
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
