@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from loaders.db import connect, describe
@@ -36,13 +36,38 @@ def _toml_value(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_sources(path: Path, sources: dict[str, dict]) -> None:
+def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:
     lines = ["# Written by 'balances demo': sandbox providers on 127.0.0.1.", ""]
     for name, keys in sources.items():
         lines.append(f"[sources.{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + checks)
+
+
+# The Formance sandbox books the Hedera treasury (0.0.1234) as treasury:hedera.
+DEMO_CHECKS = """
+[checks.treasury_hbar]
+kind = "pair"
+left = { source = "formance_sandbox", account = "treasury:hedera", asset = "HBAR/8" }
+right = { source = "hedera_sandbox", account = "0.0.1234", asset = "HBAR" }
+abs_tolerance = "0.000001"
+rel_tolerance = "0"
+max_skew = "1h"
+
+[checks.formance_totals]
+kind = "aggregate"
+source = "formance_sandbox"
+
+[checks.formance_continuity]
+kind = "continuity"
+source = "formance_sandbox"
+allow_negative = ["world"]
+
+[checks.bitfront_continuity]
+kind = "continuity"
+source = "bitfront_sandbox"
+"""
 
 
 def _airflow(args: list[str], env: dict, log: Path) -> int:
@@ -60,6 +85,7 @@ def run_demo(db_url: str | None = None) -> int:
     print(f"migrations: at revision {upgrade(url)}")
 
     servers: list[FakeServer] = []
+    started_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
     sources: dict[str, dict] = {}
     env = dict(os.environ)
     for name in apps.available():
@@ -68,13 +94,15 @@ def run_demo(db_url: str | None = None) -> int:
         servers.append(server)
         keys = module.demo_source(server.url)
         keys.setdefault("task_retries", 0)
+        # Scheduled from now: the continuity checks then expect no earlier runs.
+        keys.setdefault("start_date", started_at)
         sources[f"{name}_sandbox"] = keys
         if module.DEMO_CONNECTION:
             conn_id, uri = module.DEMO_CONNECTION
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
         print(f"sandbox {name}: {server.url}")
     config = DEMO_DIR / "balances.toml"
-    write_sources(config, sources)
+    write_sources(config, sources, DEMO_CHECKS if {"formance", "hedera", "bitfront"} <= set(apps.available()) else "")
 
     env.update({
         "AIRFLOW_HOME": str(DEMO_DIR / "airflow"),
@@ -102,11 +130,37 @@ def run_demo(db_url: str | None = None) -> int:
             print(f"dag balances_{name}: {state} in {time.monotonic() - started:.1f}s")
             if code != 0:
                 failed.append(name)
+        if not failed and "[checks." in config.read_text():
+            started = time.monotonic()
+            log = logs / "reconcile_balances.log"
+            code = _airflow(["dags", "test", "reconcile_balances"], env, log)
+            state = "ok" if code == 0 else f"FAILED (exit {code}, see {log})"
+            print(f"dag reconcile_balances: {state} in {time.monotonic() - started:.1f}s")
+            if code != 0:
+                failed.append("reconcile_balances")
     finally:
         for server in servers:
             server.stop()
     show_landed(url, list(sources))
+    if "[checks." in config.read_text():
+        show_report(url, started_at)
     return 1 if failed else 0
+
+
+def show_report(url: str, since: datetime) -> None:
+    from pipeline.report import write_report
+    from pipeline.reconcile import open_breaks
+
+    conn = connect(url)
+    try:
+        breaks = open_breaks(conn, window=(since - timedelta(days=3), datetime.now(timezone.utc)), limit=10)
+    finally:
+        conn.close()
+    print(f"\nreconciliation: {len(breaks)} open break(s)")
+    for b in breaks:
+        print(f"  {b['check_name']} {b['kind']}: {b['detail']}")
+    paths = write_report(url, DEMO_DIR / "report", since - timedelta(days=3), datetime.now(timezone.utc))
+    print("report: " + ", ".join(str(p) for p in paths))
 
 
 def show_landed(url: str, sources: list[str]) -> None:

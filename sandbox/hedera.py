@@ -210,6 +210,9 @@ def generated_snapshot(timestamp: str, accounts: int, *, tokens_every: int = 0,
     return Snapshot(timestamp, range(1, accounts + 1), account)
 
 
+TREASURY_TINYBARS = 12_345_678_900_000_000
+
+
 def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
     """Three snapshots 15 minutes apart, the latest at or before ``now_seconds``."""
     latest = now_seconds - now_seconds % 900
@@ -226,6 +229,9 @@ def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
             book[num] = Account(balance=num * 100_000_000 + step * 1_000, tokens=holdings)
         # A treasury balance above 2**53: exact only if never a float.
         book[2] = Account(balance=5_000_000_000_000_000_000 - step)
+        # The account the Formance sandbox books as treasury:hedera (HBAR/8):
+        # the demo's pair check compares the two.
+        book[1234] = Account(balance=TREASURY_TINYBARS)
         snapshots.append(Snapshot.of(f"{at}.{123456789 + step:09d}", book))
     return HederaMirror(snapshots, tokens)
 
