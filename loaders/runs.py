@@ -15,6 +15,7 @@ MAX_WARNINGS_KEPT = 100
 # second is the run id. Postgres drops a session's locks when its process
 # dies, which is how a killed crawl is told apart from a running one.
 LOCK_NAMESPACE = 7312
+SHARD_LOCK_NAMESPACE = 7314  # 7313 is publish's per-snapshot lock
 
 
 @dataclass(slots=True, frozen=True)
@@ -166,15 +167,29 @@ def summary(conn, run_id: int) -> dict:
     return dict(zip(names, row))
 
 
-def hold(conn, run_id: int) -> None:
-    """Mark the run as being worked on by this session (until release or death)."""
+def hold(conn, run_id: int, shard: int | None = None) -> None:
+    """Mark the run as being worked on by this session (until release or death).
+
+    A shard's crawl holds the run *shared*, so the shards of one run crawl
+    side by side, and its own shard exclusively, so a retry cannot crawl a
+    shard its zombie predecessor is still writing. Either way the reaper's
+    exclusive try-lock fails while anyone works on the run.
+    """
     with transaction(conn) as cur:
-        cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
+        if shard is None:
+            cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
+        else:
+            cur.execute("SELECT pg_advisory_lock_shared(%s, %s)", (LOCK_NAMESPACE, run_id))
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (SHARD_LOCK_NAMESPACE, f"{run_id}/{shard}"))
 
 
-def release(conn, run_id: int) -> None:
+def release(conn, run_id: int, shard: int | None = None) -> None:
     with transaction(conn) as cur:
-        cur.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, run_id))
+        if shard is None:
+            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, run_id))
+        else:
+            cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SHARD_LOCK_NAMESPACE, f"{run_id}/{shard}"))
+            cur.execute("SELECT pg_advisory_unlock_shared(%s, %s)", (LOCK_NAMESPACE, run_id))
 
 
 def reap_abandoned(conn, source: str) -> list[int]:

@@ -111,12 +111,12 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
           account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
     """Read the snapshot from the provider and stage it; publish nothing."""
     run = runs.get_run(conn, run_id)
-    runs.hold(conn, run_id)
+    runs.hold(conn, run_id, shard)
     try:
         return _crawl(conn, source, run, shard, account_range, credentials)
     finally:
         if not conn.closed:
-            runs.release(conn, run_id)
+            runs.release(conn, run_id, shard)
 
 
 def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,

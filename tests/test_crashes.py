@@ -249,3 +249,52 @@ def test_database_restart_mid_publish_then_publish_again(db, database_url):
     assert fetch(conn, "SELECT status FROM snapshot_runs") == [("failed",)]
     assert fetch(conn, "SELECT count(*) FROM balance_history") == [(0,)]
     conn.close()
+
+
+class Concurrency:
+    """The mirror, slowed down, counting how many requests it serves at once."""
+
+    def __init__(self, app, delay: float = 0.02):
+        self.app, self.delay, self.now, self.most = app, delay, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.delay)
+        try:
+            return self.app(request)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_the_shards_of_one_run_crawl_side_by_side(db, database_url, serve):
+    from pipeline.snapshot import begin, crawl, plan_shards
+
+    app = Concurrency(mirror(accounts=200))
+    server = serve(app)
+    source = make_source("sharded", provider="hedera", base_url=server.url, limit=10, shards=2)
+    run_id = begin(db, source, AFTER_T3)
+    shards = plan_shards(db, source, run_id)
+    results, errors = [], []
+
+    def crawl_shard(shard):
+        conn = connect(database_url)
+        try:
+            results.append(crawl(conn, source, run_id, shard=shard["shard"],
+                                 account_range=shard["account_range"]))
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=crawl_shard, args=(s,)) for s in shards]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not errors, errors
+    assert sorted(r.shard for r in results) == [0, 1]
+    assert app.most == 2, "the second shard waited for the first: the run lock serialised them"
