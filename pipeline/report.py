@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,12 @@ def draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime
         ax.set_ylabel("whole units")
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-    # The whole window, also when a series has one point (matplotlib would widen it to years).
-    axes[0, 0].set_xlim(*window)
+    # From a little before the first snapshot to the window's end, so a young
+    # source is not a dot at the right edge and a stale one shows its silence
+    # (matplotlib alone would widen a one-point series to years).
+    first = pd.to_datetime(rows["as_of"], utc=True).min().to_pydatetime()
+    start = max(window[0], first - max((window[1] - first) / 10, timedelta(minutes=15)))
+    axes[0, 0].set_xlim(start, window[1])
     fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)

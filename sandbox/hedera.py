@@ -214,25 +214,30 @@ TREASURY_TINYBARS = 12_345_678_900_000_000
 
 
 def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
-    """Three snapshots 15 minutes apart, the latest at or before ``now_seconds``."""
+    """Three snapshots 15 minutes apart, the latest at or before ``now_seconds``.
+
+    A snapshot's balances follow from its time alone, as on a real mirror
+    node: a demo run next hour serves the same book for 10:15 as this one did.
+    """
     latest = now_seconds - now_seconds % 900
     tokens = {"0.0.5001": 6, "0.0.5002": 2}
     snapshots = []
-    for step, at in enumerate((latest - 1800, latest - 900, latest)):
+    for at in (latest - 1800, latest - 900, latest):
+        tick = at // 900 % 1000
         book = {}
         for num in range(2, accounts + 2):
             holdings = []
             if num % 10 == 0:
-                holdings.append(("0.0.5001", num * 1_000_000 + step))
+                holdings.append(("0.0.5001", num * 1_000_000 + tick))
             if num % 25 == 0:
                 holdings.append(("0.0.5002", num * 100))
-            book[num] = Account(balance=num * 100_000_000 + step * 1_000, tokens=holdings)
+            book[num] = Account(balance=num * 100_000_000 + tick * 1_000, tokens=holdings)
         # A treasury balance above 2**53: exact only if never a float.
-        book[2] = Account(balance=5_000_000_000_000_000_000 - step)
+        book[2] = Account(balance=5_000_000_000_000_000_000 - tick)
         # The account the Formance sandbox books as treasury:hedera (HBAR/8):
         # the demo's pair check compares the two.
         book[1234] = Account(balance=TREASURY_TINYBARS)
-        snapshots.append(Snapshot.of(f"{at}.{123456789 + step:09d}", book))
+        snapshots.append(Snapshot.of(f"{at}.{123456789 + tick % 10:09d}", book))
     return HederaMirror(snapshots, tokens)
 
 
