@@ -58,7 +58,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="balances", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="balances",
+        description="Load provider balance snapshots into PostgreSQL history, reconcile them, report.",
+    )
     parser.add_argument("--config", help="sources file (default: $BALANCES_CONFIG)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
