@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from bench.db import bench_database, reset
-from bench.servers import SNAPSHOT_TS, MirrorProcess
+from bench.servers import MirrorProcess
 from loaders.db import connect
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit

@@ -38,7 +38,8 @@ from pipeline import devdb  # noqa: E402
 from pipeline.config import SourceConfig, parse_source  # noqa: E402
 from sandbox.server import FakeServer  # noqa: E402
 
-TABLES = ("balance_history", "aggregate_balances", "rejected_records", "snapshot_runs")
+TABLES = ("balance_history", "aggregate_balances", "rejected_records", "snapshot_runs",
+          "reconciliation_breaks", "reconciliation_runs")
 
 
 @pytest.fixture(scope="session")

@@ -238,6 +238,7 @@ def test_database_restart_mid_publish_then_publish_again(db, database_url):
     db.close()
     devdb.restart(PG_DATA)
     worker.join(timeout=120)
+    holder.close()  # already cut off by the restart
     assert not worker.is_alive() and errors, "the publish should fail when the database goes away"
 
     conn = connect(database_url)

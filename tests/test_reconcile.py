@@ -139,51 +139,43 @@ EXPECTED = {
 
 
 @pytest.fixture
-def recon_db(db):
-    with db.cursor() as cur:
-        cur.execute("TRUNCATE reconciliation_breaks, reconciliation_runs RESTART IDENTITY")
-    db.commit()
-    return db
-
-
-@pytest.fixture
 def checks():
     return load_checks(parse_config(__import__("tomllib").loads(CONFIG)))
 
 
-def test_reconcile_finds_exactly_the_seeded_breaks_and_reruns_idempotently(recon_db, checks):
-    seed(recon_db)
-    first = reconcile(recon_db, checks, FROM, TO)
-    assert breaks(recon_db) == EXPECTED
+def test_reconcile_finds_exactly_the_seeded_breaks_and_reruns_idempotently(db, checks):
+    seed(db)
+    first = reconcile(db, checks, FROM, TO)
+    assert breaks(db) == EXPECTED
     assert (first.status, first.checks_run, first.breaks_open, first.breaks_new, first.breaks_resolved) == \
         ("succeeded", 3, 8, 8, 0)
-    seen = dict(fetch(recon_db, "SELECT break_id, last_seen FROM reconciliation_breaks"))
+    seen = dict(fetch(db, "SELECT break_id, last_seen FROM reconciliation_breaks"))
 
-    second = reconcile(recon_db, checks, FROM, TO)
-    assert breaks(recon_db) == EXPECTED  # no duplicates
+    second = reconcile(db, checks, FROM, TO)
+    assert breaks(db) == EXPECTED  # no duplicates
     assert (second.breaks_open, second.breaks_new, second.breaks_resolved) == (8, 0, 0)
-    rows = fetch(recon_db, "SELECT break_id, first_seen, last_seen, first_run_id, last_run_id"
+    rows = fetch(db, "SELECT break_id, first_seen, last_seen, first_run_id, last_run_id"
                            " FROM reconciliation_breaks")
     for break_id, first_seen, last_seen, first_run, last_run in rows:
         assert first_seen == seen[break_id] < last_seen
         assert (first_run, last_run) == (first.run_id, second.run_id)
-    assert fetch(recon_db, "SELECT run_id, status, checks_run, breaks_open, breaks_new, breaks_resolved,"
+    assert fetch(db, "SELECT run_id, status, checks_run, breaks_open, breaks_new, breaks_resolved,"
                            " window_from, window_to FROM reconciliation_runs ORDER BY run_id") == [
         (1, "succeeded", 3, 8, 8, 0, FROM, TO), (2, "succeeded", 3, 8, 0, 0, FROM, TO)]
 
 
-def test_fixed_data_resolves_the_break(recon_db, checks):
-    seed(recon_db)
-    reconcile(recon_db, checks, FROM, TO)
-    with recon_db.cursor() as cur:
+def test_fixed_data_resolves_the_break(db, checks):
+    seed(db)
+    reconcile(db, checks, FROM, TO)
+    with db.cursor() as cur:
         cur.execute("UPDATE balance_history SET balance = 100000000 WHERE source = 'hedera_mainnet' AND as_of = %s",
                     (h(0),))
         cur.execute("UPDATE snapshot_runs SET status = 'published', as_of = %s, as_of_raw = 'x'"
                     " WHERE source = 'formance_main' AND scheduled_for = %s", (h(2), h(2)))
-    recon_db.commit()
-    run = reconcile(recon_db, checks, FROM, TO)
+    db.commit()
+    run = reconcile(db, checks, FROM, TO)
     assert (run.breaks_open, run.breaks_new, run.breaks_resolved) == (6, 1, 3)
-    found = breaks(recon_db)
+    found = breaks(db)
     resolved = {k for k, v in found.items() if v[-1] == "resolved"}
     # 02:00 is published now: its gap is gone and the stale stretch is 02:00 -> 04:00,
     # which is within the allowed 2h: the 03:00 stale break is resolved too.
@@ -192,40 +184,40 @@ def test_fixed_data_resolves_the_break(recon_db, checks):
                         ("formance_continuity", "stale", subject(**F), h(3))}
     # The 02:00 snapshot has no treasury row: a new break of its own kind.
     assert found[("treasury_hbar", "missing", PAIR, h(2))][-1] == "open"
-    assert fetch(recon_db, "SELECT count(*) FROM reconciliation_breaks WHERE status = 'resolved'"
+    assert fetch(db, "SELECT count(*) FROM reconciliation_breaks WHERE status = 'resolved'"
                            " AND resolved_at IS NOT NULL AND last_run_id = %s", (run.run_id,)) == [(3,)]
 
 
-def test_breaks_outside_the_window_are_left_alone(recon_db, checks):
-    seed(recon_db)
-    reconcile(recon_db, checks, FROM, TO)
-    run = reconcile(recon_db, checks, h(3.5), TO)  # only 04:00 and later is looked at again
+def test_breaks_outside_the_window_are_left_alone(db, checks):
+    seed(db)
+    reconcile(db, checks, FROM, TO)
+    run = reconcile(db, checks, h(3.5), TO)  # only 04:00 and later is looked at again
     assert run.breaks_resolved == 0
-    assert all(v[-1] == "open" for v in breaks(recon_db).values())
+    assert all(v[-1] == "open" for v in breaks(db).values())
 
 
-def test_exact_numerics_beyond_float_and_28_digits(recon_db):
+def test_exact_numerics_beyond_float_and_28_digits(db):
     config = parse_config(__import__("tomllib").loads(CONFIG.replace('"0.000001"', '"0"')))
     checks = load_checks(config, ["treasury_hbar"])
     big = "123456789012345678901234567890"
-    snapshot(recon_db, "formance_main", h(0), rows=[("treasury:hedera", "HBAR/8", big, 18)])
-    snapshot(recon_db, "hedera_mainnet", h(0), rows=[("0.0.1234", "HBAR", big[:-1] + "1", 18)])
-    reconcile(recon_db, checks, FROM, TO)
-    assert fetch(recon_db, "SELECT left_value, right_value, difference FROM reconciliation_breaks") == [
+    snapshot(db, "formance_main", h(0), rows=[("treasury:hedera", "HBAR/8", big, 18)])
+    snapshot(db, "hedera_mainnet", h(0), rows=[("0.0.1234", "HBAR", big[:-1] + "1", 18)])
+    reconcile(db, checks, FROM, TO)
+    assert fetch(db, "SELECT left_value, right_value, difference FROM reconciliation_breaks") == [
         (D("123456789012.345678901234567890"), D("123456789012.345678901234567891"),
          D("-0.000000000000000001"))]
 
 
-def test_relative_tolerance_allows_either_tolerance(recon_db):
+def test_relative_tolerance_allows_either_tolerance(db):
     config = parse_config(__import__("tomllib").loads(
         CONFIG.replace('rel_tolerance = "0"', 'rel_tolerance = "0.01"')))
     checks = load_checks(config, ["treasury_hbar"])
-    snapshot(recon_db, "formance_main", h(0), rows=[("treasury:hedera", "HBAR/8", "100000000", 8)])
-    snapshot(recon_db, "formance_main", h(1), rows=[("treasury:hedera", "HBAR/8", "100000000", 8)])
-    snapshot(recon_db, "hedera_mainnet", h(0), rows=[("0.0.1234", "HBAR", "99000000", 8)])  # 1% of 1: allowed
-    snapshot(recon_db, "hedera_mainnet", h(1), rows=[("0.0.1234", "HBAR", "98999999", 8)])  # just beyond
-    reconcile(recon_db, checks, FROM, TO)
-    assert fetch(recon_db, "SELECT check_time, difference, tolerance FROM reconciliation_breaks") == [
+    snapshot(db, "formance_main", h(0), rows=[("treasury:hedera", "HBAR/8", "100000000", 8)])
+    snapshot(db, "formance_main", h(1), rows=[("treasury:hedera", "HBAR/8", "100000000", 8)])
+    snapshot(db, "hedera_mainnet", h(0), rows=[("0.0.1234", "HBAR", "99000000", 8)])  # 1% of 1: allowed
+    snapshot(db, "hedera_mainnet", h(1), rows=[("0.0.1234", "HBAR", "98999999", 8)])  # just beyond
+    reconcile(db, checks, FROM, TO)
+    assert fetch(db, "SELECT check_time, difference, tolerance FROM reconciliation_breaks") == [
         (h(1), D("0.01000001"), D("0.01"))]
 
 
@@ -272,8 +264,8 @@ def test_durations_and_default_staleness():
     assert checks["w"].max_staleness == timedelta(days=6)  # twice Friday 09:00 -> Monday 09:00
 
 
-def test_cli_reconcile_prints_the_summary_and_exits_0_with_breaks(recon_db, database_url, tmp_path):
-    seed(recon_db)
+def test_cli_reconcile_prints_the_summary_and_exits_0_with_breaks(db, database_url, tmp_path):
+    seed(db)
     config = tmp_path / "balances.toml"
     config.write_text(CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
@@ -290,15 +282,15 @@ def test_cli_reconcile_prints_the_summary_and_exits_0_with_breaks(recon_db, data
 
 
 @pytest.mark.airflow
-def test_reconciliation_dag_runs_on_the_source_assets(airflow_env, recon_db):
-    seed(recon_db)
+def test_reconciliation_dag_runs_on_the_source_assets(airflow_env, db):
+    seed(db)
     write_config(CONFIG)
     dag = load_dag("reconcile_balances")
     assert {a.uri for a in dag.timetable.asset_condition.objects} == {
         "balances://snapshots/formance_main", "balances://snapshots/hedera_mainnet"}
     dag_run = dag.test(run_after=TO, logical_date=None)
     assert dag_run.state == "success"
-    assert fetch(recon_db, "SELECT window_from, window_to, status, breaks_open, dag_run_id"
+    assert fetch(db, "SELECT window_from, window_to, status, breaks_open, dag_run_id"
                            " FROM reconciliation_runs") == [(TO - timedelta(days=3), TO, "succeeded", 8,
                                                              dag_run.run_id)]
-    assert breaks(recon_db) == EXPECTED
+    assert breaks(db) == EXPECTED

@@ -12,19 +12,19 @@ from pipeline.config import parse_config
 from pipeline.reconcile import reconcile
 from pipeline.report import write_report
 from tests.conftest import REPO, fetch
-from tests.test_reconcile import CONFIG, FROM, TO, h, recon_db, seed  # noqa: F401 (fixture)
+from tests.test_reconcile import CONFIG, FROM, TO, h, seed
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_shows_balances_and_open_breaks(recon_db, database_url, tmp_path):
-    seed(recon_db)
-    reconcile(recon_db, load_checks(parse_config(tomllib.loads(CONFIG))), FROM, TO)
+def test_report_shows_balances_and_open_breaks(db, database_url, tmp_path):
+    seed(db)
+    reconcile(db, load_checks(parse_config(tomllib.loads(CONFIG))), FROM, TO)
     # A resolved break is not an open one: it must not appear.
-    with recon_db.cursor() as cur:
+    with db.cursor() as cur:
         cur.execute("UPDATE reconciliation_breaks SET status = 'resolved', resolved_at = now()"
                     " WHERE kind = 'negative_balance'")
-    recon_db.commit()
+    db.commit()
 
     paths = write_report(database_url, tmp_path / "out", FROM, TO)
     html_path, md_path, *charts = paths
@@ -45,8 +45,8 @@ def test_report_shows_balances_and_open_breaks(recon_db, database_url, tmp_path)
     assert html.count("<td>treasury_hbar</td><td>mismatch</td>") == 2
 
 
-def test_cli_report_prints_the_paths(recon_db, database_url, tmp_path):
-    seed(recon_db)
+def test_cli_report_prints_the_paths(db, database_url, tmp_path):
+    seed(db)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(BALANCES_DB_URL=database_url)
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--out", str(tmp_path),
@@ -58,4 +58,4 @@ def test_cli_report_prints_the_paths(recon_db, database_url, tmp_path):
                        tmp_path / "balances_formance_main.png", tmp_path / "balances_hedera_mainnet.png"]
     assert all(p.exists() for p in printed)
     assert "0 open break(s)." in (tmp_path / "report.md").read_text()
-    assert fetch(recon_db, "SELECT count(*) FROM reconciliation_runs") == [(0,)]
+    assert fetch(db, "SELECT count(*) FROM reconciliation_runs") == [(0,)]
