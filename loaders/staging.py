@@ -105,11 +105,13 @@ class StagingWriter:
         self._size = 0
         with conn.cursor() as cur:
             drop(cur, run_id, shard)
+            # Ids in "C", as in balance_history (migration 0006): sorted
+            # here, they arrive in the order of its primary key.
             cur.execute(
                 sql.SQL(
-                    "CREATE UNLOGGED TABLE {} (account text NOT NULL, asset text NOT NULL,"
-                    " balance numeric NOT NULL, decimals smallint, available_balance numeric,"
-                    " spark_factor numeric)"
+                    'CREATE UNLOGGED TABLE {} (account text COLLATE "C" NOT NULL,'
+                    ' asset text COLLATE "C" NOT NULL, balance numeric NOT NULL, decimals smallint,'
+                    " available_balance numeric, spark_factor numeric)"
                 ).format(self.table)
             )
             runs.clear_rejections(cur, run_id, shard)
@@ -139,7 +141,7 @@ class StagingWriter:
     def _add_aggregate(self, rows: list[BalanceRow]) -> None:
         table = aggregate_table_name(self.run_id, self.shard)
         with self.conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (asset text NOT NULL,"
+            cur.execute(sql.SQL('CREATE UNLOGGED TABLE IF NOT EXISTS {} (asset text COLLATE "C" NOT NULL,'
                                 " balance numeric NOT NULL, decimals smallint)").format(table))
             if rows:
                 cur.copy_expert(sql.SQL("COPY {} (asset, balance, decimals) FROM STDIN").format(table),

@@ -122,7 +122,15 @@ def _create_database(port: int, database: str) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
         if cur.fetchone() is None:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+            create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database))
+            # Like most production databases, with a linguistic default
+            # collation (the cluster itself is C): the tests then prove
+            # that nothing relies on the server's default order.
+            cur.execute("SELECT current_setting('server_version_num')::int >= 150000"
+                        " AND EXISTS (SELECT FROM pg_collation WHERE collprovider = 'i')")
+            if cur.fetchone()[0]:
+                create += sql.SQL(" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+            cur.execute(create)
     conn.close()
 
 

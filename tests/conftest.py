@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +31,9 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["BALANCES_CONFIG"] = str(_SCRATCH / "balances.toml")
 os.environ.pop("BALANCES_DB_URL", None)
 
+import psycopg2  # noqa: E402
 import pytest  # noqa: E402
+from psycopg2 import sql  # noqa: E402
 
 from loaders.db import connect  # noqa: E402
 from loaders.migrate import upgrade  # noqa: E402
@@ -74,6 +77,29 @@ def db(database_url):
     reset_database(conn)
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def reader(db):
+    """A login user in ``balances_reader``, as an operator would create one for Grafana."""
+    name = f"views_test_grafana_{os.getpid()}"
+    password = secrets.token_hex(16)
+    with db.cursor() as cur:
+        cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s IN ROLE balances_reader")
+                    .format(sql.Identifier(name)), (password,))
+    db.commit()
+    info = db.info
+    conn = psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=name,
+                            password=password, connect_timeout=10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        db.rollback()
+        with db.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+        db.commit()
 
 
 @pytest.fixture

@@ -164,6 +164,31 @@ def test_reconcile_finds_exactly_the_seeded_breaks_and_reruns_idempotently(db, c
         (1, "succeeded", 3, 8, 8, 0, FROM, TO), (2, "succeeded", 3, 8, 0, 0, FROM, TO)]
 
 
+def test_dashboards_read_the_breaks_through_views(db, checks, reader):
+    seed(db)
+    reconcile(db, checks, FROM, TO)
+    with reader.cursor() as cur:
+        cur.execute("SELECT check_name, kind, subject_label, left_text, right_text, difference_text,"
+                    " status FROM reconciliation_breaks_detail"
+                    " WHERE kind IN ('mismatch', 'negative_balance') ORDER BY check_time, check_name")
+        detail = cur.fetchall()
+        cur.execute("SELECT day, check_name, open, resolved, total FROM reconciliation_breaks_daily"
+                    " ORDER BY check_name")
+        daily = cur.fetchall()
+    reader.rollback()
+    assert detail == [
+        ("treasury_hbar", "mismatch", "formance_main treasury:hedera HBAR/8 vs hedera_mainnet 0.0.1234 HBAR",
+         "1.00000000", "0.99000000", "0.01000000", "open"),
+        ("formance_continuity", "negative_balance", "formance_main user:1 USD/2", "-5.00", None, "-5.00",
+         "open"),
+        ("formance_totals", "mismatch", "formance_main HBAR/8", "0.00000005", "0.00000000", "0.00000005",
+         "open"),
+    ]
+    day = T0.date()
+    assert daily == [(day, "formance_continuity", 5, 0, 5), (day, "formance_totals", 1, 0, 1),
+                     (day, "treasury_hbar", 2, 0, 2)]
+
+
 def test_fixed_data_resolves_the_break(db, checks):
     seed(db)
     reconcile(db, checks, FROM, TO)

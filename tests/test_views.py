@@ -9,7 +9,6 @@ they need and no other.
 from __future__ import annotations
 
 import os
-import secrets
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -29,9 +28,10 @@ from loaders.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import fetch
 
 VIEWS = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
-         "source_freshness")
+         "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily")
+BALANCE_VIEWS = VIEWS[:5]  # of 0004
 BASE_TABLES = ("balance_history", "snapshot_runs", "rejected_records", "aggregate_balances",
-               "request_budgets")
+               "request_budgets", "reconciliation_runs", "reconciliation_breaks")
 
 
 def utc(*args: int) -> datetime:
@@ -159,29 +159,6 @@ def test_freshness_per_source(db):
 # --- the read-only role ----------------------------------------------------------------
 
 
-@pytest.fixture
-def reader(db):
-    """A login user in ``balances_reader``, as an operator would create one for Grafana."""
-    name = f"views_test_grafana_{os.getpid()}"
-    password = secrets.token_hex(16)
-    with db.cursor() as cur:
-        cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s IN ROLE balances_reader")
-                    .format(sql.Identifier(name)), (password,))
-    db.commit()
-    info = db.info
-    conn = psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=name,
-                            password=password, connect_timeout=10)
-    try:
-        yield conn
-    finally:
-        conn.close()
-        db.rollback()
-        with db.cursor() as cur:
-            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        db.commit()
-
-
 def refused(conn, statement: str) -> Exception:
     with pytest.raises(psycopg2.Error) as caught:
         with conn.cursor() as cur:
@@ -204,7 +181,8 @@ def test_reader_reads_every_view_without_rights_on_the_tables(db, reader):
         assert cur.fetchall() == [(Decimal("2.0"),)]
     reader.rollback()
     assert counts == {"balance_history_units": 2, "balances_latest": 1, "balances_daily_close": 2,
-                      "balance_changes": 2, "source_freshness": 1}
+                      "balance_changes": 2, "source_freshness": 1, "reconciliation_breaks_detail": 0,
+                      "reconciliation_breaks_daily": 0}
     # Exactly SELECT on the views: nothing on the tables behind them.
     grants = fetch(db, "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
                        " WHERE grantee = 'balances_reader'")
@@ -223,6 +201,10 @@ def test_reader_cannot_read_tables_or_write_anything(db, reader):
         "SELECT * FROM rejected_records",
         "SELECT * FROM aggregate_balances",
         "SELECT * FROM request_budgets",
+        "SELECT * FROM reconciliation_runs",
+        "SELECT * FROM reconciliation_breaks",
+        "UPDATE reconciliation_breaks_detail SET status = 'resolved'",
+        "DELETE FROM reconciliation_breaks_detail",
         "SELECT * FROM balance_staging.anything",
         "INSERT INTO balance_history (source, provider, account, asset, balance, as_of, as_of_raw,"
         " scheduled_for, run_id) VALUES ('s', 'p', 'a', 'x', 1, now(), 'now', now(), 1)",
@@ -241,9 +223,12 @@ def test_reader_cannot_read_tables_or_write_anything(db, reader):
     for statement in denied:
         error = refused(reader, statement)
         assert isinstance(error, psycopg2.errors.InsufficientPrivilege), (statement, error)
-    for view in VIEWS[1:]:  # joins, windows, aggregates: not updatable at all
-        for statement in (f"INSERT INTO {view} (source) VALUES ('s')",
-                          f"UPDATE {view} SET source = 's'", f"DELETE FROM {view}"):
+    # Joins, windows, aggregates: not updatable at all.
+    not_updatable = [(view, "source") for view in BALANCE_VIEWS[1:]]
+    not_updatable.append(("reconciliation_breaks_daily", "check_name"))
+    for view, column in not_updatable:
+        for statement in (f"INSERT INTO {view} ({column}) VALUES ('s')",
+                          f"UPDATE {view} SET {column} = 's'", f"DELETE FROM {view}"):
             error = refused(reader, statement)
             # The rewriter refuses before privileges are even checked.
             assert isinstance(error, psycopg2.errors.ObjectNotInPrerequisiteState), \
@@ -265,7 +250,15 @@ def scratch_database(database_url: str, name: str) -> Iterator[str]:
     try:
         with admin.cursor() as cur:
             cur.execute(drop)
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(database))
+            create = sql.SQL("CREATE DATABASE {}").format(database)
+            # With the test database's default collation (see devdb).
+            cur.execute("SELECT datlocprovider = 'i', daticulocale FROM pg_database"
+                        " WHERE datname = current_database()")
+            icu, locale = cur.fetchone()
+            if icu:
+                create += sql.SQL(" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE {}").format(
+                    sql.Literal(locale))
+            cur.execute(create)
     except psycopg2.errors.InsufficientPrivilege:
         admin.close()
         pytest.skip("the test database user may not create databases")
@@ -288,7 +281,7 @@ def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):
             assert fetch(conn, reader_on_public) == [(True,)]
             command.downgrade(alembic_config(url), "0003")
             assert current_revision(url) == "0003"
-            names = [*VIEWS, "snapshot_runs_published"]
+            names = [*BALANCE_VIEWS, "snapshot_runs_published"]
             assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n",
                          (names,)) == [(0,)]
             assert fetch(conn, "SELECT to_regprocedure("
@@ -300,6 +293,48 @@ def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):
         finally:
             conn.close()
         assert upgrade(url, "0004") == "0004"  # the role already exists: still fine
+
+
+def test_ids_compare_byte_by_byte_after_an_upgrade_in_place(database_url):
+    """0006 gives ids the "C" collation on a database whose default is linguistic."""
+    ids = ("source", "account", "asset")
+    collations = ("SELECT table_name, column_name, coalesce(collation_name, 'default')"
+                  " FROM information_schema.columns WHERE table_schema = 'public'"
+                  " AND table_name IN ('balance_history', 'aggregate_balances', 'snapshot_runs')"
+                  " AND column_name = ANY(%s) ORDER BY 1, 2")
+    c_everywhere = [("aggregate_balances", "asset", "C"), ("aggregate_balances", "source", "C"),
+                    ("balance_history", "account", "C"), ("balance_history", "asset", "C"),
+                    ("balance_history", "source", "C"), ("snapshot_runs", "source", "C")]
+    # Upper case sorts before lower case byte by byte, after it in en-US.
+    accounts = ["acct:b", "ACCT:A", "acct:C"]
+    by_bytes = sorted(accounts)
+    with scratch_database(database_url, "collation") as url:
+        conn = connect(url)
+        try:
+            if fetch(conn, "SELECT datlocprovider FROM pg_database"
+                           " WHERE datname = current_database()") != [("i",)]:
+                pytest.skip("this server has no ICU: the default collation is C already")
+            upgrade(url, "0005")
+            publish_snapshot(conn, "s", T1, [BalanceRow(a, "X", 1) for a in accounts])
+            latest = "SELECT account FROM balances_latest ORDER BY account"
+            assert [a for (a,) in fetch(conn, latest)] != by_bytes  # the linguistic default
+
+            assert upgrade(url, "0006") == "0006"
+            assert fetch(conn, collations, (list(ids),)) == c_everywhere
+            assert [a for (a,) in fetch(conn, latest)] == by_bytes
+            # Same rows, views recreated, still readable by the reader role only.
+            assert fetch(conn, "SELECT count(*) FROM balance_history") == [(3,)]
+            assert fetch(conn, "SELECT count(*) FROM unnest(%s::text[]) v"
+                               " WHERE has_table_privilege('balances_reader', v, 'SELECT')",
+                         (list(BALANCE_VIEWS),)) == [(len(BALANCE_VIEWS),)]
+            publish_snapshot(conn, "s", T2, [BalanceRow(a, "X", 2) for a in accounts])
+            assert fetch(conn, "SELECT count(*) FROM balance_changes WHERE delta = 1") == [(3,)]
+
+            command.downgrade(alembic_config(url), "0005")
+            assert {c for *_, c in fetch(conn, collations, (list(ids),))} == {"default"}
+            assert fetch(conn, "SELECT count(*) FROM balances_latest") == [(3,)]
+        finally:
+            conn.close()
 
 
 # --- query plans on a realistic volume -----------------------------------------------------
