@@ -1,11 +1,12 @@
 """Source names, account ids and asset ids compare byte by byte (COLLATE "C").
 
 They are identifiers (``0.0.1234``, ``users:001``, ``0x7bc5...``), not
-words: a linguistic collation (``en_US.UTF-8``, the default of most
-production clusters) gives them no better order, costs about a third more
-per key comparison in the primary-key index that every publish maintains,
-and ties the index to the C library's collation version: after an OS
-upgrade that changes it, a unique index can silently stop being unique.
+words. A linguistic collation (``en_US.UTF-8``, the default of most
+production clusters) gives them no better order, makes the primary key
+that every publish maintains costlier (a keyed load of 1 M rows took 1.61x
+as long under ICU en-US: docs/BENCHMARKS.md), and ties the index to the
+collation library's version: after an OS upgrade that changes it, a unique
+index can silently stop being unique.
 "C" never changes. On a database whose default is already C nothing
 changes but the catalog.
 
