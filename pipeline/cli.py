@@ -226,7 +226,7 @@ def cmd_reconcile(args) -> int:
     window_from, window_to = _window(args)
     conn = _connect()
     try:
-        _require_schema(conn, "reconciliation_runs")
+        _require_schema(conn, "reconciliation_breaks_detail")
         result = reconcile(conn, checks, window_from, window_to)
         breaks = open_breaks(conn, checks=list(checks), window=(window_from, window_to), limit=20)
     finally:
@@ -248,7 +248,7 @@ def cmd_report(args) -> int:
     window_from, window_to = _window(args)
     conn = _connect()
     try:
-        _require_schema(conn, "reconciliation_breaks")
+        _require_schema(conn, "reconciliation_breaks_detail")
     finally:
         conn.close()
     for path in write_report(database_url(), Path(args.out), window_from, window_to):

@@ -181,8 +181,8 @@ def show_report(url: str, since: datetime) -> None:
         conn.close()
     print(f"\nreconciliation: {len(breaks)} open break(s)")
     for b in breaks:
-        subject = " ".join(f"{k}={v}" for k, v in sorted(b["subject"].items()))
-        print(f"  {b['check_time']:%Y-%m-%d %H:%M} {b['check_name']} {b['kind']} ({subject}): {b['detail']}")
+        print(f"  {b['check_time']:%Y-%m-%d %H:%M} {b['check_name']} {b['kind']} ({b['subject_label']}):"
+              f" {b['detail']}")
     paths = write_report(url, DEMO_DIR / "report", since - timedelta(days=3), datetime.now(timezone.utc))
     print("report: " + ", ".join(str(p) for p in paths))
 

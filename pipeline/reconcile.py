@@ -355,9 +355,9 @@ def open_breaks(conn, *, checks: list[str] | None = None, source: str | None = N
     with conn.cursor() as cur:
         cur.execute(
             """
-            SELECT break_id, check_name, check_kind, kind, subject, check_time, sources, left_value,
-                   right_value, difference, tolerance, first_seen, last_seen, detail
-              FROM reconciliation_breaks
+            SELECT break_id, check_name, check_kind, kind, subject, subject_label, check_time, sources,
+                   left_value, right_value, difference, tolerance, first_seen, last_seen, detail
+              FROM reconciliation_breaks_detail
              WHERE status = 'open'
                AND (%(checks)s::text[] IS NULL OR check_name = ANY(%(checks)s::text[]))
                AND (%(source)s::text IS NULL OR %(source)s = ANY(sources))

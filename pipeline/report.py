@@ -29,9 +29,8 @@ from pipeline.reconcile import open_breaks, whole_units  # noqa: E402
 TOP_ASSETS = 4
 TOP_ACCOUNTS = 5
 MAX_BREAK_ROWS = 200
-_SUBJECT_ORDER = ["left", "right", "source", "account", "asset"]
-_BREAK_COLUMNS = ("check_name", "kind", "check_time", "subject", "left_value", "right_value", "difference",
-                  "tolerance", "first_seen", "last_seen", "detail")
+_BREAK_COLUMNS = ("check_name", "kind", "check_time", "subject_label", "left_value", "right_value",
+                  "difference", "tolerance", "first_seen", "last_seen", "detail")
 
 _SERIES = f"""
 WITH latest AS (
@@ -166,18 +165,7 @@ def _text(value: Any) -> str:
         return format(value, "f")  # never 5E-8
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, dict):  # a subject; jsonb does not keep the key order
-        return ", ".join(f"{k}={_holding(value[k]) if isinstance(value[k], dict) else _text(value[k])}"
-                         for k in _ordered(value))
     return str(value)
-
-
-def _holding(value: dict) -> str:
-    return " ".join(str(value[k]) for k in _ordered(value))
-
-
-def _ordered(subject: dict) -> list[str]:
-    return sorted(subject, key=lambda k: _SUBJECT_ORDER.index(k) if k in _SUBJECT_ORDER else len(_SUBJECT_ORDER))
 
 
 def _file_safe(name: str) -> str:
