@@ -1,13 +1,17 @@
 """Balance snapshots: one DAG per source in the sources file ($BALANCES_CONFIG).
 
 Each run takes the provider's snapshot for the end of its data interval:
-`begin_run` opens a row in `snapshot_runs`, `plan_shards` splits the crawl
-(`shards = N` in the config; one shard otherwise), each mapped
+`begin_run` opens a row in `snapshot_runs`, `plan_shards` chooses the
+snapshot once for the whole run where the provider can (Hedera: none at or
+before the time ends the run as `no_snapshot`, with no shard to crawl) and
+splits the crawl (`shards = N` in the config; one shard otherwise), each mapped
 `crawl_snapshot` streams its pages into a private staging table, and
 `publish_snapshot` makes the whole snapshot visible in `balance_history` in
 one transaction, only when every shard succeeded, and updates the source's
 Asset. Reruns and backfills of the same interval add nothing
 twice. Secrets come from Airflow Connections; XCom carries ids and counts.
+Every task has an `execution_timeout`: the source's `task_timeout`, by
+default one interval of its schedule kept within 10 minutes and 6 hours.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from airflow.sdk import dag, task
 
 from pipeline import tasks
 from pipeline.assets import snapshot_asset
-from pipeline.config import SourceConfig, load_config
+from pipeline.config import SourceConfig, config_error_dag, load_config
 
 
 def snapshot_dag(source: SourceConfig):
@@ -28,6 +32,8 @@ def snapshot_dag(source: SourceConfig):
         "retry_delay": timedelta(seconds=source.task_retry_delay),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=15),
+        # A hung request, lock or provider cannot hold a worker slot forever.
+        "execution_timeout": source.execution_timeout,
     }
 
     @dag(
@@ -67,5 +73,17 @@ def snapshot_dag(source: SourceConfig):
     return balances_snapshot()
 
 
-for _source in load_config().sources.values():
-    globals()[_source.dag_id] = snapshot_dag(_source)
+# A source with a mistake must not take the others down: raising here would
+# drop every DAG of this file. A placeholder DAG with a failing task would
+# only show the mistake once it runs (and new DAGs start paused). So the
+# mistakes become this file's import error, through a DAG the DagBag refuses,
+# while every valid source keeps its DAG.
+_config = load_config()
+_errors = list(_config.errors.values())
+for _source in _config.sources.values():
+    try:
+        globals()[_source.dag_id] = snapshot_dag(_source)
+    except Exception as _exc:  # the validator should have caught it; still, only this source is lost
+        _errors.append(f"sources.{_source.name}: Airflow refused its DAG: {type(_exc).__name__}: {_exc}")
+if _errors:
+    balances_config_errors = config_error_dag("balances_config_errors", _errors)

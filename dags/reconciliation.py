@@ -5,18 +5,25 @@ snapshot of any of them (any-of) triggers a run, which checks the window of
 the last 3 days ending at the triggering time and records the breaks in
 `reconciliation_breaks` (see `pipeline/reconcile.py` for what each check
 finds). Reruns update the same breaks; breaks that no longer hold are
-resolved. The task succeeds when the checks ran, whatever they found.
-Only defined when the sources file has checks.
+resolved. The task succeeds when the checks ran, whatever they found, and
+is stopped after an hour (`execution_timeout`). Only defined when the
+sources file has checks; a check with a mistake (or on a source with one)
+is left out and reported as this file's import error.
 """
 from __future__ import annotations
+
+from datetime import timedelta
 
 from airflow.sdk import AssetAny, dag, task
 
 from pipeline.assets import snapshot_asset
-from pipeline.checks import Check, load_checks
-from pipeline.config import load_config
+from pipeline.checks import Check, usable_checks
+from pipeline.config import config_error_dag, load_config
 
 DAG_ID = "reconcile_balances"
+# Three days of checks take seconds (fire times per window are bounded);
+# an hour means something hangs.
+RECONCILE_TIMEOUT = timedelta(hours=1)
 
 
 def reconciliation_dag(checks: dict[str, Check]):
@@ -27,7 +34,7 @@ def reconciliation_dag(checks: dict[str, Check]):
         schedule=AssetAny(*(snapshot_asset(s) for s in sources)),
         catchup=False,
         max_active_runs=1,
-        default_args={"owner": "balances", "retries": 1},
+        default_args={"owner": "balances", "retries": 1, "execution_timeout": RECONCILE_TIMEOUT},
         tags=["balances", "reconciliation"],
         doc_md=__doc__,
     )
@@ -38,16 +45,38 @@ def reconciliation_dag(checks: dict[str, Check]):
 
             window_from, window_to = reconcile.default_window(reconcile.triggering_time(context))
             with tasks.database() as conn:
-                result = reconcile.reconcile(conn, load_checks(load_config()), window_from, window_to,
+                result = reconcile.reconcile(conn, usable_checks(load_config())[0], window_from, window_to,
                                              dag_run_id=context["dag_run"].run_id)
             return {"run_id": result.run_id, "open": result.breaks_open, "new": result.breaks_new,
                     "resolved": result.breaks_resolved}
 
-        reconcile_window()
+        reconciled = reconcile_window()
+        if load_config().alerts is not None:
+            # [alerts]: each open break not reported yet, once (pipeline/alerts.py).
+            @task
+            def notify_breaks(**context) -> int:
+                from airflow.sdk.exceptions import AirflowFailException
+
+                from pipeline import alerts, tasks
+                from pipeline.connections import ConnectionMissing
+
+                try:
+                    with tasks.database() as conn:
+                        return alerts.notify_new_breaks(conn, load_config(), context)
+                except ConnectionMissing as exc:  # no retry fixes a missing Connection
+                    raise AirflowFailException(str(exc)) from None
+
+            reconciled >> notify_breaks()
 
     return reconcile_balances()
 
 
-_checks = load_checks(load_config())
+_config = load_config()
+_checks, _errors = usable_checks(_config)
 if _checks:
     globals()[DAG_ID] = reconciliation_dag(_checks)
+# As in balances.py: the mistakes become this file's import error, the
+# valid checks keep running.
+if _errors or _config.alerts_error:
+    reconcile_config_errors = config_error_dag(
+        "reconcile_balances_config_errors", [*_errors.values(), *filter(None, [_config.alerts_error])])

@@ -15,26 +15,38 @@ from urllib.parse import urljoin
 
 import requests
 
-from extractors.errors import MalformedResponseError, ProviderError, TransportError
-from extractors.http import RequestStats, http_error
+from extractors.errors import MalformedResponseError, ProviderError
+from extractors.http import (
+    DEFAULT_REQUEST_DEADLINE,
+    RequestStats,
+    error_text,
+    http_error,
+    new_session,
+    send,
+)
 from extractors.redaction import redact_url
+from extractors.text import safe_text
 
 # A token is renewed this long before it expires, so a request never
 # arrives with one that died on the way; at most a quarter of its lifetime,
 # so short-lived tokens are still reused.
 EXPIRY_MARGIN = 30.0
+# A token answer is a few hundred bytes; anything near this is not one.
+TOKEN_MAX_BYTES = 1024 * 1024
 
 
 class ClientCredentialsAuth(requests.auth.AuthBase):
     """Bearer tokens from a token endpoint, for every request of one client."""
 
     def __init__(self, token_url: str, client_id: str, client_secret: str, *, scope: str | None = None,
-                 timeout: tuple[float, float] = (5.0, 30.0)) -> None:
+                 timeout: tuple[float, float] = (5.0, 30.0),
+                 deadline: float = DEFAULT_REQUEST_DEADLINE) -> None:
         self.token_url = token_url
         self.client_id = client_id
         self._secret = client_secret
         self.scope = scope
         self.timeout = timeout
+        self.deadline = deadline
         # Token fetches and resends are requests to the provider too; the
         # client using this auth shares its counters here.
         self.stats = RequestStats()
@@ -82,7 +94,8 @@ class ClientCredentialsAuth(requests.auth.AuthBase):
             if response.request.headers.get("Authorization") == f"Bearer {self._token}":
                 self._fetch()
             token = self._token
-        response.content  # noqa: B018 - read the body so the connection can be reused
+        # The refusal's body is not read: it could be any size, and a
+        # connection closed unread is simply not reused.
         response.close()
         retry = response.request.copy()
         retry.headers["Authorization"] = f"Bearer {token}"
@@ -100,15 +113,11 @@ class ClientCredentialsAuth(requests.auth.AuthBase):
             form["scope"] = self.scope
         where = redact_url(self.token_url)
         self.stats.requests += 1
-        try:
-            # A session per fetch: tokens are fetched rarely and nothing is left open.
-            with requests.Session() as session:
-                # Proxies or netrc credentials from the environment must not leak in.
-                session.trust_env = False
-                response = session.post(self.token_url, data=form, timeout=self.timeout,
-                                        allow_redirects=False, headers={"Accept": "application/json"})
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransportError(f"{type(exc).__name__} for token endpoint {where}") from None
+        # A session per fetch: tokens are fetched rarely and nothing is left open.
+        with new_session() as session:
+            response = send(session, "POST", self.token_url, deadline=self.deadline,
+                            max_bytes=TOKEN_MAX_BYTES, data=form, timeout=self.timeout,
+                            allow_redirects=False, headers={"Accept": "application/json"})
         if response.status_code != 200:
             raise self._token_error(response)
         try:
@@ -134,6 +143,8 @@ class ClientCredentialsAuth(requests.auth.AuthBase):
             code = str(body.get("error") or "") or None
             text = " - ".join(str(body[k]) for k in ("error", "error_description") if body.get(k))
         except (ValueError, AttributeError):
-            code, text = None, response.text[:300].strip()
-        text = (text or response.reason or "no body").replace(self._secret, "***")
-        return http_error(response, f"token endpoint refused client {self.client_id!r}: {text}", code)
+            code, text = None, ""
+        # Masked before it is cut: half a secret is still a leak.
+        text = (text or error_text(response, limit=len(self._secret) + 1000)).replace(self._secret, "***")
+        return http_error(response, f"token endpoint refused client {self.client_id!r}: "
+                                    f"{safe_text(text, 300)}", code)

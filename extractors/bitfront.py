@@ -33,7 +33,7 @@ import requests
 
 from extractors.credentials import Credentials
 from extractors.errors import ExtractError, MalformedResponseError, ProviderError
-from extractors.http import HttpClient, http_error
+from extractors.http import HttpClient, error_text, http_error
 from extractors.records import (
     BalanceRow,
     Page,
@@ -45,6 +45,7 @@ from extractors.records import (
     to_json_text,
 )
 from extractors.redaction import redact_url
+from extractors.text import safe_text
 
 HAS_HISTORY = False  # the API only reports the present balances
 # 3 requests per second and 60 per minute per key: 1/s sustained, bursts of 3.
@@ -54,9 +55,9 @@ SUCCESS = 1000
 # Rate limit, internal error, internal timeout, socket timeout.
 RETRIABLE_CODES = frozenset({6004, 5000, 5001, 5002})
 
-# A JSON number: the only text a Double may have, even when sent as a string
-# (Decimal() alone would also take "1_000", " 5" or "Infinity").
-_JSON_NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$")
+# A coin code as the docs show them (BTC, USDT, XRP): ASCII letters and
+# digits, whole string, so "BTC\n" or a full-width "ＢＴＣ" is no second BTC.
+_CURRENCY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 
 @dataclass(slots=True)
@@ -134,13 +135,14 @@ class BitfrontAuth(requests.auth.AuthBase):
 def status_error(data: Any, response: requests.Response) -> ProviderError:
     """A ProviderError with BitFront's own ``statusCode`` and ``statusMessage``."""
     code = data.get("statusCode")
-    message = data.get("statusMessage") or "no statusMessage"
+    message = safe_text(str(data.get("statusMessage") or "no statusMessage"), 300)
+    shown = safe_text(str(code), 40)
     return ProviderError(
-        f"BitFront statusCode {code}: {message} (HTTP {response.status_code} from "
+        f"BitFront statusCode {shown}: {message} (HTTP {response.status_code} from "
         f"{redact_url(response.url)})",
         status=response.status_code,
-        code=str(code),
-        retriable=code in RETRIABLE_CODES,
+        code=shown,
+        retriable=isinstance(code, int) and code in RETRIABLE_CODES,
     )
 
 
@@ -170,7 +172,7 @@ def bitfront_error(response: requests.Response) -> ProviderError:
             return error
     except ValueError:
         pass
-    return http_error(response, response.text[:300].strip() or response.reason or "no body")
+    return http_error(response, error_text(response))
 
 
 def parse_response_time(value: Any) -> tuple[datetime, str]:
@@ -185,8 +187,7 @@ def parse_response_time(value: Any) -> tuple[datetime, str]:
 
 def exact_amount(value: Any, field_name: str) -> Decimal:
     """A non-negative exact Decimal from a JSON number or a string holding one."""
-    if isinstance(value, str) and not _JSON_NUMBER.match(value):
-        raise RecordError(f"{field_name} is {value!r}, expected a number")
+    # Strings are held to the JSON number grammar there, and sizes bounded.
     amount = decimal_amount(value, field_name)
     if amount < 0:
         raise RecordError(f"{field_name} is {value}, a balance cannot be negative")
@@ -231,8 +232,8 @@ class BitfrontExtractor:
 
     def _parse(self, record: Any, seen: set[str]) -> BalanceRow:
         currency = require(record, "currency")
-        if not isinstance(currency, str) or not currency.strip():
-            raise RecordError(f"currency {currency!r} is not a coin code")
+        if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+            raise RecordError(f"currency {safe_text(repr(currency), 80)} is not a coin code")
         if currency in seen:
             raise RecordError(f"currency {currency} is listed twice")
         balance = exact_amount(require(record, "balance"), f"balance of {currency}")

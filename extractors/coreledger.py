@@ -22,7 +22,7 @@ import requests
 
 from extractors.credentials import Credentials
 from extractors.errors import ExtractError, MalformedResponseError, PaginationError, ProviderError
-from extractors.http import HttpClient, http_error
+from extractors.http import HttpClient, error_text, http_error
 from extractors.records import (
     BalanceRow,
     Page,
@@ -32,14 +32,26 @@ from extractors.records import (
     require,
     to_json_text,
 )
+from extractors.text import safe_text
 
 DEFAULT_BASE_URL = "https://teosapi.coreledger.net"
 HAS_HISTORY = False  # the API reports balances as of the call, nothing earlier
 RATE_LIMIT = (5.0, 5)  # documented: 300 calls per minute (and 30,000 per 24 h)
 RATE_LIMITED = "13000"
 
-_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}$")
-_POWER_OF_TEN = re.compile(r"^10*$")
+_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
+_POWER_OF_TEN = re.compile(r"10*")
+# Error details listed in a message; a body could hold a million of them.
+_MAX_DETAILS = 10
+
+
+def fold(value: str) -> str:
+    """Hex addresses and asset ids compare without case, in ASCII only.
+
+    ``str.casefold`` would make the Kelvin sign equal to ``k`` and ``ß``
+    equal to ``ss``: a provider could answer for a pair it was not asked.
+    """
+    return value.lower() if value.isascii() else value
 
 
 def odata_string(value: str) -> str:
@@ -85,7 +97,7 @@ class Settings:
         if "/odata" in parts.path.lower():
             raise ValueError("base_url", "give the origin only, e.g. https://teosapi.coreledger.net: "
                                          "the /odata/v<version> part comes from api_version")
-        if not _VERSION.match(self.api_version):
+        if not _VERSION.fullmatch(self.api_version):
             raise ValueError("api_version", f"{self.api_version!r} is not a version such as '1.1'")
         for key in ("addresses", "unique_asset_ids"):
             values = getattr(self, key)
@@ -94,9 +106,9 @@ class Settings:
             seen: set[str] = set()
             for value in values:
                 # Hex addresses and asset ids are case-insensitive.
-                if value.casefold() in seen:
+                if fold(value) in seen:
                     raise ValueError(key, f"{value!r} is listed twice")
-                seen.add(value.casefold())
+                seen.add(fold(value))
         widest = len(self.base_url + balances_path(
             self.api_version, [max(self.addresses, key=lambda a: len(odata_string(a)))],
             [max(self.unique_asset_ids, key=lambda a: len(odata_string(a)))]))
@@ -177,15 +189,16 @@ def coreledger_error(response: requests.Response) -> ProviderError:
     code = None
     try:
         body = response.json()
-        code = str(body["code"]) if body.get("code") is not None else None
+        code = safe_text(str(body["code"]), 40) if body.get("code") is not None else None
         parts = [p for p in (code, body.get("message")) if p]
         details = body.get("details") or []
-        parts += [f"[{d.get('code')}] {d.get('message')}" for d in details if isinstance(d, dict)]
-        text = " ".join(str(p) for p in parts) or response.reason or "no message"
+        parts += [f"[{d.get('code')}] {d.get('message')}" for d in details[:_MAX_DETAILS]
+                  if isinstance(d, dict)]
+        text = safe_text(" ".join(str(p) for p in parts), 300) or error_text(response)
         if body.get("clTraceId"):
-            text += f" (clTraceId {body['clTraceId']})"
+            text += f" (clTraceId {safe_text(str(body['clTraceId']), 80)})"
     except (ValueError, AttributeError, KeyError, TypeError):
-        text = response.text[:300].strip() or response.reason or "no body"
+        text = error_text(response)
     if response.status_code == 414:
         text += " (URL too long for this server: lower max_url_length)"
     error = http_error(response, text, code=code)
@@ -229,7 +242,7 @@ class CoreLedgerExtractor:
         if not isinstance(items, list):
             raise MalformedResponseError("balances response is neither a JSON array nor {\"value\": [...]}",
                                          raw=to_json_text(data)[:2000])
-        wanted = {(a.casefold(), s.casefold()): (a, s) for a in batch.addresses for s in batch.asset_ids}
+        wanted = {(fold(a), fold(s)): (a, s) for a in batch.addresses for s in batch.asset_ids}
         for record in items:
             try:
                 pair = self._pair(record, wanted)
@@ -251,10 +264,10 @@ class CoreLedgerExtractor:
         address, asset_id = require(record, "Address"), require(record, "UniqueAssetId")
         if not isinstance(address, str) or not isinstance(asset_id, str):
             raise RecordError("Address and UniqueAssetId must be strings")
-        key = (address.casefold(), asset_id.casefold())
+        key = (fold(address), fold(asset_id))
         if key not in wanted:
-            raise RecordError(f"pair {address} / {asset_id} was not requested in this batch "
-                              "or was returned twice")
+            raise RecordError(f"pair {safe_text(address, 200)} / {safe_text(asset_id, 200)} was not "
+                              "requested in this batch or was returned twice")
         # The configured spelling keeps an account's history under one key
         # whatever case the API answers in.
         return wanted.pop(key)
@@ -275,7 +288,7 @@ class CoreLedgerExtractor:
 def decimals_of(spark_factor: int) -> int | None:
     """log10 of the factor when it is a power of ten; else None (use spark_factor)."""
     text = str(spark_factor)
-    return len(text) - 1 if _POWER_OF_TEN.match(text) else None
+    return len(text) - 1 if _POWER_OF_TEN.fullmatch(text) else None
 
 
 def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> CoreLedgerExtractor:

@@ -6,11 +6,25 @@ request, a response we cannot understand, a hostile pagination link).
 """
 from __future__ import annotations
 
+from extractors.text import safe_text
+
+# An error message is stored in snapshot_runs.error and logged: long enough
+# for a provider's message and a URL, bounded whatever the provider sent.
+MESSAGE_LIMIT = 4000
+
 
 class ExtractError(Exception):
-    """Base class for every extraction failure."""
+    """Base class for every extraction failure.
+
+    Its message is made storable here (no NUL, no lone surrogate, at most
+    MESSAGE_LIMIT characters): messages quote providers, and a failure that
+    cannot be recorded loses the real error.
+    """
 
     retriable = False
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(safe_text(a, MESSAGE_LIMIT) if isinstance(a, str) else a for a in args))
 
 
 class ProviderError(ExtractError):
@@ -43,6 +57,20 @@ class TransportError(ExtractError):
     retry_after = None
 
 
+class DeadlineExceeded(TransportError):
+    """A whole request (connect, headers and body) took longer than ``request_deadline``.
+
+    Retriable like a timeout; the time it cost counts against ``max_total_wait``.
+    """
+
+
+class ResponseTooLarge(ExtractError):
+    """A body, as received or as decompressed, passed ``max_response_bytes``.
+
+    Not retriable: the provider would send the same page again.
+    """
+
+
 class MalformedResponseError(ExtractError):
     """The response is not what the provider's documentation promises.
 
@@ -60,6 +88,14 @@ class PaginationError(ExtractError):
 
 class SnapshotError(ExtractError):
     """The pages of one crawl do not describe one consistent snapshot."""
+
+
+class SnapshotMoved(SnapshotError):
+    """The provider's data changed while a live (non point-in-time) crawl read it."""
+
+
+class LedgerUnavailable(ExtractError):
+    """The configured ledger does not exist, or lacks a feature a read needs."""
 
 
 class NoSnapshotAvailable(Exception):

@@ -1,9 +1,17 @@
 """Hedera mirror node: ``GET /api/v1/balances`` snapshots.
 
 What differs from the other providers: a ``links.next`` paginator, the
-snapshot chosen with ``timestamp=lte:<time>`` (so history is available and
-backfills work), the returned ``timestamp`` as ``as_of``, HBAR in tinybars,
-and token decimals looked up per token.
+snapshot chosen once per run with an unfiltered ``timestamp=lte:<time>``
+(so history is available and backfills work), the returned ``timestamp``
+as ``as_of``, HBAR in tinybars, and token decimals looked up per token.
+
+``account_ids`` is a union: the node ANDs repeated ``account.id``
+parameters, so each range is paged through on its own (overlapping ranges
+merged first, so no account is read twice) and exact ids are asked for in
+groups that fit one page. An exact id the snapshot lacks is a rejected
+record (``missing``), never a zero balance; a range holding no account is a
+warning. A page with no balances ends a range whatever its ``timestamp``
+(the node sends null there) and its link.
 """
 from __future__ import annotations
 
@@ -12,9 +20,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from extractors.errors import MalformedResponseError, NoSnapshotAvailable, ProviderError, SnapshotError
+from extractors.errors import (
+    MalformedResponseError,
+    NoSnapshotAvailable,
+    PaginationError,
+    ProviderError,
+    SnapshotError,
+)
 from extractors.credentials import Credentials
-from extractors.http import HttpClient, http_error
+from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import NextLinkPaginator
 from extractors.records import (
     BalanceRow,
@@ -30,13 +44,89 @@ HBAR = "HBAR"
 HBAR_DECIMALS = 8
 MAX_LIMIT = 100
 HAS_HISTORY = True  # timestamp=lte:<time> selects any past snapshot
-SHARDABLE = True  # the account-id space splits into account.id=gte:..&lt:.. ranges
+SHARDABLE = True  # the account-id space splits into account.id=gte:..&lte:.. ranges
+CHOOSES_SNAPSHOT = True  # choose_snapshot(at) once per run; every shard reads that snapshot
 TOKENS_LISTED_AT_MOST = 50  # HIP-367: the balances endpoint cuts the rest silently
 INT64_MAX = 2**63 - 1
 
-_ENTITY_ID = re.compile(r"^\d{1,10}\.\d{1,10}\.\d{1,10}$")
-_ACCOUNT_FILTER = re.compile(r"^((eq|ne|lt|lte|gt|gte):)?(\d{1,10}\.){0,2}\d{1,10}$")
-_TIMESTAMP = re.compile(r"^(\d{1,12})\.(\d{9})$")
+# What the mirror node answers with: shard.realm.num (rest/entityId.js toString).
+_ENTITY_ID = re.compile(r"[0-9]{1,10}\.[0-9]{1,10}\.[0-9]{1,10}")
+# What a user may write in account_ids: the forms rest/entityId.js accepts
+# (shard.realm.num, realm.num, a bare number), each with an optional operator.
+_ACCOUNT_EXPRESSION = re.compile(r"(?:(eq|lt|lte|gt|gte):)?(?:(?:([0-9]{1,4})\.)?([0-9]{1,5})\.)?([0-9]{1,12})")
+_TIMESTAMP = re.compile(r"([0-9]{1,12})\.([0-9]{9})")
+# rest/entityId.js: |10-bit shard|16-bit realm|38-bit num|; the node orders
+# and compares account ids as this integer.
+_SHARD_BITS, _REALM_BITS, _NUM_BITS = 10, 16, 38
+MAX_ENCODED_ID = 2 ** (_SHARD_BITS + _REALM_BITS + _NUM_BITS) - 1
+
+
+def encode_id(shard: int, realm: int, num: int) -> int:
+    return (shard << (_REALM_BITS + _NUM_BITS)) | (realm << _NUM_BITS) | num
+
+
+def id_text(encoded: int) -> str:
+    """``shard.realm.num`` of an encoded id."""
+    num = encoded & (2**_NUM_BITS - 1)
+    realm = (encoded >> _NUM_BITS) & (2**_REALM_BITS - 1)
+    return f"{encoded >> (_REALM_BITS + _NUM_BITS)}.{realm}.{num}"
+
+
+def parse_account_id(text: Any) -> int | None:
+    """The encoded id of a ``shard.realm.num`` the node sent, or None."""
+    if not isinstance(text, str) or not _ENTITY_ID.fullmatch(text):
+        return None
+    shard, realm, num = (int(p) for p in text.split("."))
+    if shard >= 2**_SHARD_BITS or realm >= 2**_REALM_BITS or num >= 2**_NUM_BITS:
+        return None
+    return encode_id(shard, realm, num)
+
+
+@dataclass(slots=True, frozen=True)
+class AccountExpression:
+    """One ``account_ids`` entry: an exact id or a one-sided range, as an inclusive interval."""
+
+    text: str
+    low: int
+    high: int
+
+    @property
+    def exact(self) -> bool:
+        return self.low == self.high
+
+
+def parse_account_expression(text: str) -> AccountExpression:
+    """``0.0.98``, ``eq:0.0.98``, ``gte:0.0.1000``, ... as the ids they cover.
+
+    Short forms mean shard 0, realm 0, as on every public network (the node
+    fills in its own shard and realm; an encoded number equals the num there).
+    """
+    match = _ACCOUNT_EXPRESSION.fullmatch(text)
+    if not match:
+        if text.startswith("ne:"):
+            raise ValueError(
+                "account_ids",
+                f"{text!r}: the mirror node cannot page through 'ne:' (its next link repeats the "
+                "request); list the ranges on either side instead, e.g. 'lt:0.0.98', 'gt:0.0.98'",
+            )
+        raise ValueError(
+            "account_ids",
+            f"{text!r} is not an account.id expression such as '0.0.98' or 'gte:0.0.1000'",
+        )
+    op, shard, realm, num = match[1] or "eq", int(match[2] or 0), int(match[3] or 0), int(match[4])
+    if shard >= 2**_SHARD_BITS or realm >= 2**_REALM_BITS or num >= 2**_NUM_BITS:
+        raise ValueError("account_ids", f"{text!r}: shard, realm or num out of range for an entity id")
+    encoded = encode_id(shard, realm, num)
+    low, high = {
+        "eq": (encoded, encoded),
+        "lt": (0, encoded - 1),
+        "lte": (0, encoded),
+        "gt": (encoded + 1, MAX_ENCODED_ID),
+        "gte": (encoded, MAX_ENCODED_ID),
+    }[op]
+    if low > high:
+        raise ValueError("account_ids", f"{text!r} matches no possible account id")
+    return AccountExpression(text, low, high)
 
 
 @dataclass(slots=True)
@@ -51,14 +141,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         for expr in self.account_ids:
-            if not _ACCOUNT_FILTER.match(expr):
-                raise ValueError(
-                    "account_ids",
-                    f"{expr!r} is not an account.id expression such as '0.0.98' or 'gte:0.0.1000'",
-                )
+            parse_account_expression(expr)
         if not 1 <= self.limit <= MAX_LIMIT:
             # The mirror node silently cuts larger limits to 100; say so instead.
             raise ValueError("limit", f"must be between 1 and {MAX_LIMIT}, got {self.limit}")
+
+    def expressions(self) -> list[AccountExpression]:
+        return [parse_account_expression(expr) for expr in self.account_ids]
 
 
 def format_timestamp(at: datetime) -> str:
@@ -72,7 +161,7 @@ def format_timestamp(at: datetime) -> str:
 
 def parse_timestamp(text: Any) -> datetime:
     """The mirror node's ``seconds.nanoseconds`` as an aware datetime (µs)."""
-    match = _TIMESTAMP.match(text) if isinstance(text, str) else None
+    match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise MalformedResponseError(f"timestamp {text!r} is not seconds.nanoseconds")
     seconds, nanos = int(match[1]), int(match[2])
@@ -87,14 +176,42 @@ def hedera_error(response) -> ProviderError:
             " - ".join(str(m[k]) for k in ("message", "detail") if m.get(k)) for m in messages
         )
     except (ValueError, KeyError, TypeError):
-        text = response.text[:300].strip() or response.reason or "no body"
+        text = error_text(response)
     return http_error(response, text)
 
 
+def merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching inclusive intervals joined: each id in at most one."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(intervals):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one crawl (one shard) asks for, and what it must find."""
+
+    ranges: list[tuple[int, int]]  # disjoint, each paged through on its own
+    lookups: list[list[int]]  # exact ids outside the ranges, at most one page each
+    expected: set[int]  # every exact id of this shard: absent ones are missing
+    watched: list[AccountExpression]  # ranges that warn when they match nothing here
+    matched: set[str] = field(default_factory=set)
+
+
 class HederaExtractor:
-    """Reads one consistent balance snapshot, page by page."""
+    """Reads one consistent balance snapshot, page by page.
+
+    The snapshot is chosen once per run (:meth:`choose_snapshot`); every
+    request then asks for exactly that snapshot (``timestamp=lte:<its
+    time>``), so shards and account expressions cannot straddle two.
+    """
 
     provider = "hedera"
+    path = "/api/v1/balances"
 
     def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
         self.settings = settings
@@ -102,83 +219,185 @@ class HederaExtractor:
         self.max_pages = max_pages
         self._decimals: dict[str, int | None] = {}
 
-    def _query(self, at: datetime) -> list[tuple[str, Any]]:
-        params: list[tuple[str, Any]] = [
-            ("limit", self.settings.limit),
-            ("timestamp", f"lte:{format_timestamp(at)}"),
-        ]
-        return params + [("account.id", expr) for expr in self.settings.account_ids]
+    def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
+        """The latest snapshot at or before ``at`` (``as_of``, ``as_of_raw``); None if there is none.
 
-    def shard_ranges(self, at: datetime, shards: int) -> list[tuple[str, str | None]]:
+        Asked unfiltered: a filtered question answers ``timestamp: null``
+        both for "no snapshot" and for "no account matches".
+        """
+        data = self.client.get_json(self.path, [("timestamp", f"lte:{format_timestamp(at)}"), ("limit", 1)])
+        balances = self._balances(data)
+        raw_ts = data["timestamp"]
+        if not balances:
+            return None
+        if raw_ts is None:
+            raise MalformedResponseError("balances listed without a snapshot timestamp",
+                                         raw=to_json_text(data)[:2000])
+        as_of = parse_timestamp(raw_ts)
+        if as_of > at:
+            raise SnapshotError(f"asked for a snapshot at or before {at.isoformat()}, got {raw_ts}")
+        return as_of, raw_ts
+
+    def shard_ranges(self, at: datetime, shards: int,
+                     snapshot: tuple[datetime, str] | None = None) -> list[tuple[str | None, str | None]]:
         """Split the snapshot's account ids into ``shards`` ranges [gte, lt).
 
-        The highest account of the snapshot bounds the space; the last range
-        is open so nothing above it can be missed. Equal widths: account
-        numbers are dense enough on Hedera networks for this to balance.
+        The highest account of the snapshot bounds the space; the first range
+        is open below and the last above, so no account can be missed.
+        Equal widths: account numbers are dense enough on Hedera networks for
+        this to balance. A range may hold no account: it loads nothing.
         """
-        query = [(k, v) for k, v in self._query(at) if k != "limit"] + [("limit", 1), ("order", "desc")]
-        data = self.client.get_json("/api/v1/balances", query)
-        balances = data.get("balances") if isinstance(data, dict) else None
+        bound = snapshot[1] if snapshot is not None else format_timestamp(at)
+        data = self.client.get_json(self.path, [("timestamp", f"lte:{bound}"), ("limit", 1), ("order", "desc")])
+        balances = self._balances(data)
         if not balances:
-            return [("0.0.0", None)] + [("0.0.0", "0.0.0")] * (shards - 1)
+            return [(None, None)] + [("0.0.0", "0.0.0")] * (shards - 1)
         top = require(balances[0], "account")
-        if not isinstance(top, str) or not _ENTITY_ID.match(top):
+        if parse_account_id(top) is None:
             raise MalformedResponseError(f"account {top!r} is not a shard.realm.num id")
         prefix, top_num = top.rsplit(".", 1)[0], int(top.rsplit(".", 1)[1])
         width = -(-(top_num + 1) // shards)
         bounds = [i * width for i in range(shards)] + [None]
-        return [(f"{prefix}.{lo}", None if hi is None else f"{prefix}.{hi}")
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [(None if i == 0 else f"{prefix}.{lo}", None if hi is None else f"{prefix}.{hi}")
+                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
-    def pages(self, at: datetime, account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
-        """Yield the pages of the latest snapshot at or before ``at``.
-
-        ``account_range`` (``gte``, ``lt`` bounds, ``lt`` possibly None)
-        restricts the crawl to one shard of the account-id space.
-        """
-        params = self._query(at)
+    def _plan(self, account_range: tuple[str | None, str | None] | None) -> _Plan:
+        low, high = 0, MAX_ENCODED_ID
         if account_range is not None:
-            low, high = account_range
-            params.append(("account.id", f"gte:{low}"))
-            if high is not None:
-                params.append(("account.id", f"lt:{high}"))
-        paginator = NextLinkPaginator(max_pages=self.max_pages)
-        snapshot: str | None = None
-        for data in self.client.paginate("/api/v1/balances", params, paginator):
-            if not isinstance(data, dict):
-                raise MalformedResponseError("balances page is not a JSON object", raw=to_json_text(data)[:2000])
-            if "timestamp" not in data:
-                raise MalformedResponseError("balances page has no timestamp field", raw=to_json_text(data)[:2000])
-            raw_ts = data["timestamp"]
-            if raw_ts is None:
-                if data.get("balances") != []:
-                    raise MalformedResponseError("balances listed without a snapshot timestamp",
-                                                 raw=to_json_text(data)[:2000])
-                if snapshot is None:
-                    raise NoSnapshotAvailable(f"the mirror node has no balance snapshot at or before {at.isoformat()}")
-                raise SnapshotError(f"page {paginator.pages + 1} has no timestamp, earlier pages had {snapshot}")
+            if account_range[0] is not None:
+                low = self._bound(account_range[0])
+            if account_range[1] is not None:
+                high = self._bound(account_range[1]) - 1
+        expressions = self.settings.expressions()
+        if not expressions:
+            return _Plan([(low, high)] if low <= high else [], [], set(), [])
+        ranges = merge([(max(e.low, low), min(e.high, high)) for e in expressions
+                        if not e.exact and max(e.low, low) <= min(e.high, high)])
+        exact = sorted({e.low for e in expressions if e.exact and low <= e.low <= high})
+        outside = [i for i in exact if not any(lo <= i <= hi for lo, hi in ranges)]
+        size = self.settings.limit
+        lookups = [outside[i:i + size] for i in range(0, len(outside), size)]
+        # A range spanning several shards is judged by none of them alone.
+        watched = [e for e in expressions if not e.exact and low <= e.low and e.high <= high]
+        return _Plan(ranges, lookups, set(exact), watched)
+
+    @staticmethod
+    def _bound(text: str) -> int:
+        encoded = parse_account_id(text)
+        if encoded is None:
+            raise ValueError(f"shard bound {text!r} is not a shard.realm.num id")
+        return encoded
+
+    def pages(self, at: datetime, account_range: tuple[str | None, str | None] | None = None,
+              snapshot: tuple[datetime, str] | None = None) -> Iterator[Page]:
+        """Yield the pages of the snapshot chosen for ``at``.
+
+        ``snapshot`` is the run's chosen (``as_of``, ``as_of_raw``); without
+        it the snapshot is chosen here. ``account_range`` (``gte``, ``lt``,
+        either possibly None) restricts the crawl to one shard of the
+        account-id space. Exact ids the snapshot does not hold and ranges
+        that match nothing come last, on a page of no rows.
+        """
+        if snapshot is None:
+            snapshot = self.choose_snapshot(at)
             if snapshot is None:
-                snapshot = raw_ts
-                as_of = parse_timestamp(raw_ts)
-                if as_of > at:
-                    raise SnapshotError(f"asked for a snapshot at or before {at.isoformat()}, got {raw_ts}")
-            elif raw_ts != snapshot:
-                # Every page must come from the one snapshot the first page chose.
-                raise SnapshotError(f"page {paginator.pages + 1} is from snapshot {raw_ts}, not {snapshot}")
-            balances = data.get("balances")
-            if not isinstance(balances, list):
-                raise MalformedResponseError("page has no balances list", raw=to_json_text(data)[:2000])
-            page = Page(as_of=as_of, as_of_raw=snapshot)
-            for record in balances:
-                try:
-                    self._parse_account(record, page)
-                except RecordError as exc:
-                    page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+                raise NoSnapshotAvailable(f"the mirror node has no balance snapshot at or before {at.isoformat()}")
+        plan = self._plan(account_range)
+        yield from self._read(plan, snapshot)
+        # What only the end of the crawl can tell, on one more page of no rows.
+        tail = Page(as_of=snapshot[0], as_of_raw=snapshot[1])
+        for missing in sorted(plan.expected):
+            tail.rejected.append(Rejection(
+                raw=to_json_text({"account": id_text(missing)}),
+                reason=f"missing: snapshot {snapshot[1]} holds no account {id_text(missing)} "
+                       "(a missing account is not read as zero)",
+            ))
+        for expression in plan.watched:
+            if expression.text not in plan.matched:
+                tail.warnings.append(f"account_ids entry {expression.text!r} matches no account "
+                                     f"in snapshot {snapshot[1]}")
+        if tail.rejected or tail.warnings:
+            yield tail
+
+    def _read(self, plan: _Plan, snapshot: tuple[datetime, str]) -> Iterator[Page]:
+        pinned = ("timestamp", f"lte:{snapshot[1]}")
+        read = 0
+        for low, high in plan.ranges:
+            params: list[tuple[str, Any]] = [("limit", self.settings.limit), pinned]
+            if low > 0:
+                params.append(("account.id", f"gte:{id_text(low)}"))
+            if high < MAX_ENCODED_ID:
+                params.append(("account.id", f"lte:{id_text(high)}"))
+            self._check_cap(read)
+            # The page cap holds for the whole crawl, not for each range.
+            paginator = NextLinkPaginator(max_pages=self.max_pages - read)
+            for data in self.client.paginate(self.path, params, paginator):
+                read += 1
+                page, listed = self._page(data, snapshot, plan)
+                yield page
+                # The real node ends a range with an empty page whose
+                # timestamp is null and whose link may still be set.
+                if not listed:
+                    break
+        for ids in plan.lookups:
+            # At most `limit` exact ids: one page holds them all. The node's
+            # next link for exact ids has no anchor (it repeats the request),
+            # so it is never followed.
+            self._check_cap(read)
+            params = [("limit", self.settings.limit), pinned] + [("account.id", id_text(i)) for i in ids]
+            data = self.client.get_json(self.path, params)
+            read += 1
+            page, _ = self._page(data, snapshot, plan, asked=set(ids))
             yield page
 
-    def _parse_account(self, record: Any, page: Page) -> None:
+    def _check_cap(self, read: int) -> None:
+        if read >= self.max_pages:
+            raise PaginationError(f"page cap reached: {self.max_pages} pages read and the provider still "
+                                  "offers more (raise max_pages if this source really is that large)")
+
+    def _balances(self, data: Any) -> list:
+        if not isinstance(data, dict):
+            raise MalformedResponseError("balances page is not a JSON object", raw=to_json_text(data)[:2000])
+        if "timestamp" not in data:
+            raise MalformedResponseError("balances page has no timestamp field", raw=to_json_text(data)[:2000])
+        balances = data.get("balances")
+        if not isinstance(balances, list):
+            raise MalformedResponseError("page has no balances list", raw=to_json_text(data)[:2000])
+        return balances
+
+    def _page(self, data: Any, snapshot: tuple[datetime, str], plan: _Plan,
+              asked: set[int] | None = None) -> tuple[Page, int]:
+        balances = self._balances(data)
+        page = Page(as_of=snapshot[0], as_of_raw=snapshot[1])
+        if not balances:
+            return page, 0
+        raw_ts = data["timestamp"]
+        if raw_ts is None:
+            raise MalformedResponseError("balances listed without a snapshot timestamp",
+                                         raw=to_json_text(data)[:2000])
+        if raw_ts != snapshot[1]:
+            # Every page must come from the one snapshot chosen for the run.
+            raise SnapshotError(f"a page is from snapshot {raw_ts}, not {snapshot[1]} chosen for this run")
+        for record in balances:
+            try:
+                account = self._parse_account(record, page)
+            except RecordError as exc:
+                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+                continue
+            if asked is not None and account not in asked:
+                raise MalformedResponseError(f"asked for {len(asked)} account(s) by id, got {id_text(account)} "
+                                             "as well", raw=to_json_text(record)[:2000])
+            plan.expected.discard(account)
+            for expression in plan.watched:
+                if expression.low <= account <= expression.high:
+                    plan.matched.add(expression.text)
+        return page, len(balances)
+
+    def _parse_account(self, record: Any, page: Page) -> int:
+        """The record's rows onto ``page``; its encoded account id."""
         account = require(record, "account")
-        if not isinstance(account, str) or not _ENTITY_ID.match(account):
+        encoded = parse_account_id(account)
+        if encoded is None:
             raise RecordError(f"account {account!r} is not a shard.realm.num id")
         tinybars = integer_amount(require(record, "balance"), "balance", minimum=0, maximum=INT64_MAX)
         rows = [BalanceRow(account, HBAR, tinybars, HBAR_DECIMALS)]
@@ -189,7 +408,7 @@ class HederaExtractor:
         if self.settings.include_tokens:
             for token in tokens:
                 token_id = require(token, "token_id")
-                if not isinstance(token_id, str) or not _ENTITY_ID.match(token_id):
+                if parse_account_id(token_id) is None:
                     raise RecordError(f"token_id {token_id!r} is not a shard.realm.num id")
                 amount = integer_amount(require(token, "balance"), f"balance of token {token_id}",
                                         minimum=0, maximum=INT64_MAX)
@@ -200,6 +419,7 @@ class HederaExtractor:
                     "truncated (HIP-367 caps this endpoint at 50 per account)"
                 )
         page.rows.extend(rows)
+        return encoded
 
     def token_decimals(self, token_id: str) -> int | None:
         """The token's ``decimals`` (a string in the API), fetched once per run."""
@@ -218,12 +438,6 @@ class HederaExtractor:
                 except RecordError as exc:
                     raise MalformedResponseError(f"token {token_id}: {exc}", raw=to_json_text(info)[:2000]) from None
         return self._decimals[token_id]
-
-
-def entity_num(entity_id: str) -> int:
-    """The ``num`` part of ``shard.realm.num`` (what shards split on)."""
-    return int(entity_id.rsplit(".", 1)[-1])
-
 
 
 def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> HederaExtractor:

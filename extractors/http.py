@@ -4,6 +4,16 @@ Retries happen here and nowhere else. A provider supplies two small hooks:
 ``error_for`` turns an error response into a :class:`ProviderError` carrying
 the provider's own message, and ``check`` inspects a 200 body for providers
 that report failures inside successful responses.
+
+What one request may cost is bounded here too, whatever the provider does:
+its body is streamed and refused once it passes ``max_response_bytes``, as
+received or as decompressed (a 1 MB gzip body can expand to a gigabyte),
+and the whole request, connect to last byte, must finish within
+``request_deadline`` (a per-read timeout alone lets a body trickled one byte
+per second run for days). Numbers are measured before they are converted
+(:mod:`extractors.records`), and an object with a key twice makes the page
+malformed: JSON leaves open which value counts, and two readers of one page
+could disagree.
 """
 from __future__ import annotations
 
@@ -11,30 +21,48 @@ import email.utils
 import json
 import logging
 import random
+import re
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timezone
-from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from extractors.errors import (
+    DeadlineExceeded,
     ExtractError,
     MalformedResponseError,
     PaginationError,
     ProviderError,
+    ResponseTooLarge,
     TransportError,
 )
 from extractors.paginators import Paginator
+from extractors.records import json_decimal, json_int
 from extractors.redaction import mask, redact_url, request_secrets, same_origin
+from extractors.text import safe_text
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "balance-snapshots/0.1 (+https://example.invalid/balance-snapshots)"
 
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
+
+
+# A whole request, connect to last byte; 64 MiB at ~0.5 MB/s still fits.
+DEFAULT_REQUEST_DEADLINE = 120.0
+# A body as received and as decompressed: 64 MiB is ~400,000 Hedera
+# accounts, hundreds of times the largest page any provider documents.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -54,6 +82,8 @@ class RetryPolicy:
     max_total_wait: float = 300.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    request_deadline: float = DEFAULT_REQUEST_DEADLINE
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
@@ -81,9 +111,46 @@ def masked(exc: ExtractError, secrets: list[str]) -> ExtractError:
     return exc
 
 
-def parse_json(body: bytes | str) -> Any:
-    """Parse JSON keeping every number exact: ints as int, decimals as Decimal."""
-    return json.loads(body, parse_float=Decimal)
+class DuplicateKeyError(ValueError):
+    """An object in a JSON document has the same key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise DuplicateKeyError(f"key {safe_text(twice, 80)!r} appears twice in one object")
+    return document
+
+
+# Python refuses to convert integers of more than this many digits (its
+# int_max_str_digits, default 4300 since 3.11): below it, int() is fast.
+_INT_DIGITS_GUARD = 4300
+
+
+def parse_json(body: bytes | bytearray | str) -> Any:
+    """Parse JSON keeping every number exact: ints as int, decimals as Decimal.
+
+    A decimal beyond :data:`extractors.records.MAX_INTEGER_DIGITS` (or its
+    fraction limit) becomes an :class:`extractors.records.Oversized`, never
+    converted; a repeated key raises :class:`DuplicateKeyError`.
+
+    Integers take json's own C conversion (a Python hook per integer would
+    make a Hedera page parse about four times slower): Python itself refuses one
+    of more than 4300 digits, and then the page is read again with the hook,
+    so only that number's record is rejected. Amount readers refuse the
+    integers between the bound and 4300 digits.
+    """
+    limit = sys.get_int_max_str_digits()
+    guarded = 0 < limit <= _INT_DIGITS_GUARD
+    try:
+        return json.loads(body, parse_float=json_decimal, parse_int=None if guarded else json_int,
+                          object_pairs_hook=_unique_keys)
+    except ValueError as exc:
+        if not guarded or "integer string conversion" not in str(exc):
+            raise
+    return json.loads(body, parse_float=json_decimal, parse_int=json_int, object_pairs_hook=_unique_keys)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -105,10 +172,27 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - now)
 
 
+ERROR_TEXT_LIMIT = 300
+
+
+def error_text(response: requests.Response, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """The provider's words for an error: the start of its body, else its reason phrase.
+
+    Only the first bytes are decoded (``response.text`` would guess the
+    charset of the whole body), and the result is safe to raise and store.
+    """
+    head = (response.content or b"")[: limit * 4]
+    try:
+        text = head.decode(response.encoding or "utf-8", "replace").strip()
+    except LookupError:  # a charset Python does not know
+        text = head.decode("utf-8", "replace").strip()
+    text = text or (response.reason or "").strip() or "no body"
+    return safe_text(text, limit)
+
+
 def default_error_for(response: requests.Response) -> ProviderError:
     """A ProviderError with the start of the body as the provider's message."""
-    text = response.text[:300].strip() or response.reason or "no body"
-    return http_error(response, text)
+    return http_error(response, error_text(response))
 
 
 def http_error(response: requests.Response, message: str, code: str | None = None) -> ProviderError:
@@ -116,12 +200,188 @@ def http_error(response: requests.Response, message: str, code: str | None = Non
     status = response.status_code
     retriable = status == 429 or status == 408 or status >= 500
     return ProviderError(
-        f"HTTP {status} from {redact_url(response.url)}: {message}",
+        f"HTTP {status} from {redact_url(response.url)}: {safe_text(message)}",
         status=status,
-        code=code,
+        code=None if code is None else safe_text(code, 100),
         retriable=retriable,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
+
+
+# --- bounded requests: a deadline for the whole request, a cap on the body ---
+
+_READ_CHUNK = 64 * 1024
+_CURRENT = threading.local()  # the Deadline of the request this thread is making
+
+
+class Deadline:
+    """Cuts the connection of one request when its time is up.
+
+    A timer shuts the socket down at the deadline, which wakes a read
+    blocked in connect, headers or body alike; a per-read timeout cannot,
+    since a trickling server keeps every single read short.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._conn: HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "Deadline":
+        self._outer = getattr(_CURRENT, "deadline", None)
+        _CURRENT.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _CURRENT.deadline = self._outer
+
+    def attach(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._conn = conn
+            if self.expired:
+                raise TimeoutError("request deadline passed")
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _attach(conn: HTTPConnection) -> None:
+    deadline = getattr(_CURRENT, "deadline", None)
+    if deadline is not None:
+        deadline.attach(conn)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """An adapter whose connections report to the current :class:`Deadline`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool,
+                                                   "https": _WatchedHTTPSPool}
+
+
+def new_session() -> requests.Session:
+    """A session whose requests :func:`send` can bound, ignoring the environment."""
+    session = requests.Session()
+    # Proxies or netrc credentials from the environment must not leak in.
+    session.trust_env = False
+    adapter = _WatchedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def read_body(response: requests.Response, max_bytes: int, deadline: Deadline | None = None) -> bytes:
+    """The whole body of a streamed response, refused as soon as it passes ``max_bytes``.
+
+    Counted twice, as received and as decompressed; urllib3 decompresses at
+    most one chunk ahead, so a gzip bomb is stopped after ``max_bytes`` plus
+    one chunk, not after it has expanded. The body is then kept on the
+    response (``.content``, ``.json()`` work as usual).
+    """
+    where = redact_url(response.url)
+    declared = (response.headers.get("Content-Length") or "").strip()
+    if _DIGITS.fullmatch(declared) and int(declared) > max_bytes:
+        response.close()
+        raise ResponseTooLarge(f"response from {where} announces {int(declared)} bytes, more than "
+                               f"max_response_bytes = {max_bytes}")
+    body = bytearray()
+    raw = response.raw
+    try:
+        for chunk in raw.stream(_READ_CHUNK, decode_content=True):
+            body += chunk
+            if len(body) > max_bytes or raw.tell() > max_bytes:
+                encoded = (response.headers.get("Content-Encoding") or "identity").strip() != "identity"
+                how = "once decompressed" if encoded and raw.tell() <= max_bytes else "as received"
+                raise ResponseTooLarge(f"response from {where} is larger than max_response_bytes = "
+                                       f"{max_bytes} ({how}); refused without reading the rest")
+            if deadline is not None and deadline.expired:
+                raise TimeoutError
+    except ResponseTooLarge:
+        response.close()
+        raise
+    except urllib3.exceptions.DecodeError:
+        response.close()
+        raise MalformedResponseError(f"response from {where} does not decompress as its "
+                                     f"Content-Encoding says") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        response.close()
+        if deadline is not None and deadline.expired:
+            raise _deadline_error(deadline, where) from None
+        if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            raise TransportError(f"ReadTimeout for {where}") from None
+        raise TransportError(f"connection dropped mid-body for {where}") from None
+    response._content = bytes(body)
+    response._content_consumed = True
+    return response._content
+
+
+def _deadline_error(deadline: Deadline, where: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request to {where} did not complete within request_deadline = "
+                            f"{deadline.seconds:g}s")
+
+
+def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
+         **kwargs: Any) -> requests.Response:
+    """One request, connect to last byte within ``deadline`` seconds, body within ``max_bytes``.
+
+    Raises :class:`TransportError` (retriable) when the request does not
+    complete, :class:`DeadlineExceeded` when its time is up and
+    :class:`ResponseTooLarge` when the body passes the cap.
+    """
+    where = redact_url(url)
+    with Deadline(deadline) as watch:
+        try:
+            response = session.request(method, url, stream=True, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if watch.expired:
+                raise _deadline_error(watch, where) from None
+            raise TransportError(f"{type(exc).__name__} for {where}") from None
+        except requests.exceptions.ChunkedEncodingError:
+            if watch.expired:
+                raise _deadline_error(watch, where) from None
+            raise TransportError(f"connection dropped mid-body for {where}") from None
+        except requests.RequestException as exc:
+            # What retrying cannot fix: a URL or header requests refuses to send.
+            raise ExtractError(f"cannot send the request to {where}: {type(exc).__name__}") from None
+        read_body(response, max_bytes, watch)
+    return response
 
 
 @dataclass
@@ -144,12 +404,13 @@ class HttpClient:
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-        self.session = requests.Session()
+        self.session = new_session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers["Accept"] = "application/json"
         self.session.headers.update(self.headers)
-        # Proxies or credentials from the environment must not leak in.
-        self.session.trust_env = False
+        # Seconds spent in requests that did not complete; they count
+        # against max_total_wait like the sleeps between attempts.
+        self.lost = 0.0
 
     def close(self) -> None:
         self.session.close()
@@ -168,8 +429,14 @@ class HttpClient:
         elif path_or_url.startswith("/"):
             return self.base_url + path_or_url
         if "://" not in path_or_url:
-            raise PaginationError(f"cannot follow link {path_or_url!r}: not a path or URL")
-        if not same_origin(path_or_url, self.base_url):
+            raise PaginationError(f"cannot follow link {safe_text(ascii(path_or_url), 300)}: "
+                                  "not a path or URL")
+        try:
+            same = same_origin(path_or_url, self.base_url)
+        except ValueError:  # an unparsable host or port: "http://[::1", "http://h:99999"
+            raise PaginationError(f"cannot follow link {safe_text(ascii(path_or_url), 300)}: "
+                                  "not a valid URL") from None
+        if not same:
             raise PaginationError(
                 f"refusing to follow {redact_url(path_or_url)}: it leaves the configured "
                 f"origin {redact_url(self.base_url)}"
@@ -190,9 +457,12 @@ class HttpClient:
         attempt = 0
         while True:
             attempt += 1
+            started = time.monotonic()
             try:
                 return self._attempt(url, params, headers, json_body)
             except (ProviderError, TransportError) as exc:
+                if isinstance(exc, TransportError):
+                    self.lost += time.monotonic() - started
                 if not exc.retriable:
                     raise
                 if attempt >= policy.max_attempts:
@@ -205,10 +475,10 @@ class HttpClient:
                         code=getattr(exc, "code", None),
                     ) from exc
                 wait = policy.delay(attempt, exc.retry_after)
-                if self.stats.waited + wait > policy.max_total_wait:
+                if self.stats.waited + self.lost + wait > policy.max_total_wait:
                     raise ProviderError(
                         f"{exc} (gave up: retries would wait more than "
-                        f"{policy.max_total_wait:.0f}s in total)"
+                        f"{policy.max_total_wait:g}s in total, counting requests that did not complete)"
                     ) from exc
                 self.stats.retries += 1
                 self.stats.waited += wait
@@ -221,20 +491,18 @@ class HttpClient:
         if self.throttle is not None:
             self.throttle()
         self.stats.requests += 1
-        try:
-            response = self.session.get(
-                url,
-                params=params,
-                headers=headers,
-                json=json_body,
-                auth=self.auth,
-                timeout=(self.policy.connect_timeout, self.policy.read_timeout),
-                allow_redirects=False,
-            )
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransportError(f"{type(exc).__name__} for {redact_url(url)}") from None
-        except requests.exceptions.ChunkedEncodingError:
-            raise TransportError(f"connection dropped mid-body for {redact_url(url)}") from None
+        policy = self.policy
+        response = send(
+            self.session, "GET", url,
+            deadline=policy.request_deadline,
+            max_bytes=policy.max_response_bytes,
+            params=params,
+            headers=headers,
+            json=json_body,
+            auth=self.auth,
+            timeout=(policy.connect_timeout, policy.read_timeout),
+            allow_redirects=False,
+        )
         log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
         secrets = request_secrets(response.request)
         try:
@@ -264,12 +532,15 @@ class HttpClient:
         body = response.content
         try:
             return parse_json(body)
-        except (ValueError, UnicodeDecodeError):
-            ctype = response.headers.get("Content-Type", "no content type")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            ctype = safe_text(response.headers.get("Content-Type", "no content type"), 100)
+            what = ("is ambiguous JSON" if isinstance(exc, DuplicateKeyError) else "is not valid JSON")
+            why = (f": {exc}" if isinstance(exc, DuplicateKeyError)
+                   else ": nested too deeply" if isinstance(exc, RecursionError) else "")
             raise MalformedResponseError(
-                f"response from {redact_url(response.url)} is not valid JSON "
-                f"({ctype}, {len(body)} bytes)",
-                raw=mask(body.decode("utf-8", "replace"), secrets)[:2000],
+                f"response from {redact_url(response.url)} {what} "
+                f"({ctype}, {len(body)} bytes){why}",
+                raw=safe_text(mask(body[:8000].decode("utf-8", "replace"), secrets), 2000),
             ) from None
 
     def paginate(

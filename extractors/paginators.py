@@ -11,6 +11,7 @@ import hashlib
 from typing import Any, Mapping, Protocol, Sequence
 
 from extractors.errors import MalformedResponseError, PaginationError
+from extractors.text import safe_text
 
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
 
@@ -45,6 +46,13 @@ class BasePaginator:
             self.has_next = False
             self.token = None
             return
+        if not (token.isascii() and token.isprintable()):
+            # Links and cursors are ASCII by every provider's spec; anything
+            # else cannot be sent as a URL and would only crash the request.
+            raise MalformedResponseError(
+                f"page {self.pages} leads on with a link or cursor that is not printable ASCII: "
+                f"{safe_text(ascii(token), 200)}"
+            )
         digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
         if digest in self._seen:
             raise PaginationError(

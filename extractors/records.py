@@ -1,13 +1,48 @@
-"""What an extractor produces: balance rows, rejected records, pages."""
+"""What an extractor produces: balance rows, rejected records, pages.
+
+Also the bounds on a single value. A provider controls the text of every
+number, and the cost of turning that text into an exact amount is not the
+cost of reading it: ``1e999999999`` is 11 characters, but as plain digits it
+is a billion of them (``int()`` of it, or the staging table's ``format(x,
+"f")``, runs for minutes and takes gigabytes). Every number is measured on
+its text first, in time proportional to that text, and one bigger than
+:data:`MAX_INTEGER_DIGITS` digits before the point or
+:data:`MAX_FRACTION_DIGITS` after it is never converted: it becomes an
+:class:`Oversized` value, which the amount readers reject as a record.
+"""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from extractors.text import safe_text
+
 Amount = int | Decimal
+
+# balance_history's amounts are NUMERIC without precision: PostgreSQL takes
+# up to 131072 digits before the point and 16383 after. 1000 each is far
+# inside both, far above any real balance (a uint256 has 78 digits), inside
+# Python's 4300-digit int/str conversion limit, and converts in microseconds.
+MAX_INTEGER_DIGITS = 1000
+MAX_FRACTION_DIGITS = 1000
+# An exponent needs at most this many digits to place a number within the
+# bounds above; a longer one is refused before int() reads it.
+_MAX_EXPONENT_DIGITS = 6
+# Longest text a bounded number can have (sign, point, exponent included),
+# beyond it no other check is needed.
+_MAX_NUMBER_TEXT = MAX_INTEGER_DIGITS + MAX_FRACTION_DIGITS + 16
+# The smallest integer with more digits than the bound (compared, not printed).
+_INTEGER_LIMIT = 10 ** MAX_INTEGER_DIGITS
+
+# A JSON number, the only text an amount may have when sent as a string
+# (Decimal() alone would also take "1_000", " 5", "Infinity" or full-width
+# digits; int() takes "+5" and "٥").
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,10 +63,19 @@ class BalanceRow:
 
 @dataclass(slots=True, frozen=True)
 class Rejection:
-    """A record that could not be parsed, kept with its raw text and the reason."""
+    """A record that could not be parsed, kept with its raw text and the reason.
+
+    Both are made storable here (no NUL, no lone surrogate), whichever
+    provider built them: a rejection that cannot be written would lose the
+    run's real error.
+    """
 
     raw: str
     reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw", safe_text(self.raw))
+        object.__setattr__(self, "reason", safe_text(self.reason, 2000))
 
 
 @dataclass(slots=True)
@@ -54,9 +98,73 @@ class RecordError(ValueError):
     """A single record is malformed; the message is the quarantine reason."""
 
 
+class Oversized:
+    """A JSON number too big to convert, kept as its text with the reason.
+
+    ``parse_json`` puts one in place of such a number; reading it as an
+    amount raises the :class:`RecordError`, so the record is rejected while
+    the rest of the page loads.
+    """
+
+    __slots__ = ("text", "reason")
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        shown = self.text if len(self.text) <= 40 else f"{self.text[:20]}...{self.text[-8:]}"
+        return f"{shown} ({self.reason})"
+
+
+def number_size_problem(text: str) -> str | None:
+    """Why the JSON number ``text`` is beyond the bounds, or None if it is within.
+
+    Only string operations on ``text`` (and ``int()`` of an exponent of at
+    most six digits): linear in its length, whatever value it denotes.
+    """
+    if len(text) > _MAX_NUMBER_TEXT:
+        return (f"{len(text)} characters long: more than {MAX_INTEGER_DIGITS} digits before the decimal "
+                f"point or {MAX_FRACTION_DIGITS} after it")
+    mantissa, _, exponent = text.lower().partition("e")
+    exponent_digits = len(exponent.lstrip("+-").lstrip("0"))
+    if exponent_digits > _MAX_EXPONENT_DIGITS:
+        return (f"its exponent has {exponent_digits} digits: more than "
+                f"{MAX_INTEGER_DIGITS} digits before the decimal point or {MAX_FRACTION_DIGITS} after it")
+    whole, _, fraction = mantissa.lstrip("-").partition(".")
+    shift = int(exponent or 0) - len(fraction)  # value = int(whole + fraction) * 10**shift
+    significant = len((whole + fraction).lstrip("0"))
+    before, after = max(1, significant + shift), max(0, -shift)
+    if before > MAX_INTEGER_DIGITS:
+        return f"{before} digits before the decimal point, more than the {MAX_INTEGER_DIGITS} stored"
+    if after > MAX_FRACTION_DIGITS:
+        return f"{after} digits after the decimal point, more than the {MAX_FRACTION_DIGITS} stored"
+    return None
+
+
+def json_int(text: str) -> int | Oversized:
+    """``parse_int`` hook: an int, unless the text is too long to convert."""
+    problem = number_size_problem(text)
+    return int(text) if problem is None else Oversized(text, problem)
+
+
+def json_decimal(text: str) -> Decimal | Oversized:
+    """``parse_float`` hook: an exact Decimal, unless it is beyond the bounds."""
+    problem = number_size_problem(text)
+    return Decimal(text) if problem is None else Oversized(text, problem)
+
+
+_UNENCODABLE = re.compile(r"[\ud800-\udfff]")
+
+
 def to_json_text(value: Any) -> str:
     """JSON text of a decoded value, with Decimals written exactly."""
-    return json.dumps(value, default=_exact, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(value, default=_exact, separators=(",", ":"), ensure_ascii=False)
+    if _UNENCODABLE.search(text):
+        # A lone surrogate (decoded from "\ud800") has no UTF-8 form; escaped,
+        # the text is still the exact JSON and can be stored.
+        text = json.dumps(value, default=_exact, separators=(",", ":"))
+    return text
 
 
 def _exact(value: Any) -> Any:
@@ -64,6 +172,8 @@ def _exact(value: Any) -> Any:
         # A float subclass would be rounded by json; RawJSON is 3.13+, so
         # write the Decimal as a string instead: the text stays exact.
         return str(value)
+    if isinstance(value, Oversized):
+        return value.text
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
@@ -81,15 +191,24 @@ def integer_amount(value: Any, field_name: str, *, minimum: int | None = None,
     """An exact integer amount from a JSON number or a string of digits."""
     if isinstance(value, bool):
         raise RecordError(f"{field_name} is a boolean, expected an integer")
+    if isinstance(value, Oversized):
+        raise RecordError(f"{field_name} is {value!r}")
     if isinstance(value, int):
-        amount = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit() and value == value.strip():
+        amount = _bounded_int(value, field_name)
+    elif isinstance(value, str) and _INTEGER.fullmatch(value):
+        problem = number_size_problem(value)
+        if problem is not None:
+            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}")
         amount = int(value)
-    elif isinstance(value, Decimal) and value == value.to_integral_value() and value.is_finite():
+    elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         # 1e3 arrives as Decimal('1E+3'): an integer written with an exponent.
+        # str() of a Decimal is scientific when long, so measuring it is cheap.
+        problem = number_size_problem(str(value))
+        if problem is not None:
+            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}")
         amount = int(value)
     else:
-        raise RecordError(f"{field_name} is {value!r}, expected an integer")
+        raise RecordError(f"{field_name} is {_shown(value)}, expected an integer")
     if minimum is not None and amount < minimum:
         raise RecordError(f"{field_name} is {amount}, below the provider's minimum {minimum}")
     if maximum is not None and amount > maximum:
@@ -101,15 +220,33 @@ def decimal_amount(value: Any, field_name: str) -> Decimal:
     """An exact decimal amount from a JSON number (already Decimal) or string."""
     if isinstance(value, bool):
         raise RecordError(f"{field_name} is a boolean, expected a number")
+    if isinstance(value, Oversized):
+        raise RecordError(f"{field_name} is {value!r}")
     if isinstance(value, int):
-        return Decimal(value)
+        return Decimal(_bounded_int(value, field_name))
     if isinstance(value, Decimal) and value.is_finite():
+        problem = number_size_problem(str(value))
+        if problem is not None:
+            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}")
         return value
-    if isinstance(value, str):
-        try:
-            amount = Decimal(value)
-        except ArithmeticError:
-            raise RecordError(f"{field_name} is {value!r}, expected a number") from None
-        if amount.is_finite():
-            return amount
-    raise RecordError(f"{field_name} is {value!r}, expected a number")
+    if isinstance(value, str) and _JSON_NUMBER.fullmatch(value):
+        problem = number_size_problem(value)
+        if problem is not None:
+            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}")
+        return Decimal(value)
+    raise RecordError(f"{field_name} is {_shown(value)}, expected a number")
+
+
+def _bounded_int(value: int, field_name: str) -> int:
+    """``value``, unless it has more digits than balance_history is meant to hold."""
+    if -_INTEGER_LIMIT < value < _INTEGER_LIMIT:
+        return value
+    # json converted it, so it has at most 4300 digits: str() is cheap.
+    text = str(value)
+    raise RecordError(f"{field_name} is {Oversized(text, number_size_problem(text) or 'too large')!r}")
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value for a reason, cut short: a provider string can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from extractors.text import safe_text
+
 _SENSITIVE = re.compile(r"(key|token|secret|sign|signature|password|auth|credential)", re.I)
 
 
@@ -25,7 +27,8 @@ def redact_url(url: str) -> str:
         query = "&".join(pairs)
     else:
         query = parts.query
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    # URLs partly come from providers (next links): safe to raise and store.
+    return safe_text(urlunsplit((parts.scheme, netloc, parts.path, query, "")))
 
 
 def same_origin(a: str, b: str) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
@@ -11,13 +12,41 @@ import psycopg2.extensions
 # NUMERIC comes back as Decimal (psycopg2's default); keep it that way and
 # make sure no caller registers a float caster for it.
 
+# Every wait on the database has an end. The longest statement the pipeline
+# runs is the publish of a whole snapshot in one INSERT ... SELECT (1 M rows
+# in 10 to 30 s on the 2-core test machine, docs/RELIABILITY.md): 15 minutes
+# leaves room for 30 times that. A lock is never legitimately held long against us: readers take no
+# lock we wait for, and our own long waits (a second publish of one source)
+# raise their limit for that one statement. A timeout is an error naming
+# the setting (``canceling statement due to lock timeout``), and the run
+# records it as its failure.
+STATEMENT_TIMEOUT = timedelta(minutes=15)
+LOCK_TIMEOUT = timedelta(seconds=30)
+
 
 class DatabaseError(RuntimeError):
     """The database cannot be reached or is not ready; one clear line."""
 
 
-def connect(url: str, *, application_name: str = "balance-snapshots") -> psycopg2.extensions.connection:
-    """Connect with a ``postgresql://`` URL (any SQLAlchemy driver suffix is ignored)."""
+def session_options(statement_timeout: timedelta = STATEMENT_TIMEOUT,
+                    lock_timeout: timedelta = LOCK_TIMEOUT) -> str:
+    """libpq ``options`` that set the session's time limits from its first statement."""
+    return (f"-c statement_timeout={_milliseconds(statement_timeout)}"
+            f" -c lock_timeout={_milliseconds(lock_timeout)}")
+
+
+def _milliseconds(value: timedelta) -> int:
+    return int(value.total_seconds() * 1000)
+
+
+def connect(url: str, *, application_name: str = "balance-snapshots",
+            statement_timeout: timedelta = STATEMENT_TIMEOUT,
+            lock_timeout: timedelta = LOCK_TIMEOUT) -> psycopg2.extensions.connection:
+    """Connect with a ``postgresql://`` URL (any SQLAlchemy driver suffix is ignored).
+
+    The session gets ``statement_timeout`` and ``lock_timeout`` (see
+    :data:`STATEMENT_TIMEOUT`, :data:`LOCK_TIMEOUT`).
+    """
     parts = urlsplit(url)
     if not parts.scheme.startswith(("postgres", "postgresql")):
         raise DatabaseError(f"database URL must start with postgresql://, got {parts.scheme}://")
@@ -30,6 +59,7 @@ def connect(url: str, *, application_name: str = "balance-snapshots") -> psycopg
             password=unquote(parts.password) if parts.password else None,
             application_name=application_name,
             connect_timeout=10,
+            options=session_options(statement_timeout, lock_timeout),
         )
     except psycopg2.OperationalError as exc:
         # libpq's message can quote the DSN; keep only its first line, which
@@ -44,7 +74,7 @@ def reconnect_like(conn, *, application_name: str) -> psycopg2.extensions.connec
     info = conn.info
     return psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=info.user,
                             password=info.password or None, application_name=application_name,
-                            connect_timeout=10)
+                            connect_timeout=10, options=session_options())
 
 
 def describe(url: str) -> str:

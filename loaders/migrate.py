@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -9,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
-from loaders.db import connect, sqlalchemy_url
+from loaders.db import LOCK_TIMEOUT, connect, sqlalchemy_url
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -18,8 +19,22 @@ def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     # '%' must be doubled for ConfigParser; passwords may contain it.
-    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", migration_url(url).replace("%", "%%"))
     return config
+
+
+def migration_url(url: str) -> str:
+    """The SQLAlchemy URL migrations run with: with a ``lock_timeout``.
+
+    A migration takes ACCESS EXCLUSIVE locks. Behind a dashboard's open
+    transaction it would wait without end, and every later reader would
+    queue behind it; it gives up after ``lock_timeout`` instead (run it
+    again when the readers are idle). Statements get no time limit here:
+    rewriting a large table (0006) legitimately takes long.
+    """
+    options = quote(f"-c lock_timeout={int(LOCK_TIMEOUT.total_seconds() * 1000)}", safe="")
+    engine_url = sqlalchemy_url(url)
+    return f"{engine_url}{'&' if '?' in engine_url else '?'}options={options}"
 
 
 def upgrade(url: str, revision: str = "head") -> str:

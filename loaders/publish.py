@@ -17,9 +17,6 @@ from loaders import partitions, runs, staging
 from loaders.db import transaction
 
 
-SNAPSHOT_LOCK_NAMESPACE = 7313  # pg_advisory_xact_lock(namespace, hash of source and as_of)
-
-
 class PublishError(RuntimeError):
     """The snapshot cannot be published; nothing was."""
 
@@ -33,80 +30,124 @@ class PublishResult:
     rejected: int
 
 
-def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0) -> PublishResult:
+def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
+            once_per_interval: bool = False) -> PublishResult:
+    """Publish the run's staged snapshot; a failure is recorded on the run, then raised.
+
+    With ``once_per_interval`` (a provider that reports only the present), a
+    run whose interval another run has already published is marked
+    ``skipped`` instead: its snapshot, taken later, would be a second one
+    for the same interval. A run that failed (a publish cut off by a
+    timeout or a lost connection) is picked up again: every check below is
+    made anew.
+    """
     run = runs.get_run(conn, run_id)
-    if run.status == "no_snapshot":
+    if run.status in ("no_snapshot", "skipped"):
         return PublishResult(run_id, run.status, 0, 0, 0)
     if run.status == "published":
         raise PublishError(f"run {run_id} is already published")
+    try:
+        return _publish(conn, run, shards, max_rejected, once_per_interval)
+    except BaseException as exc:
+        runs.record_failure(conn, run_id, str(exc) if isinstance(exc, PublishError)
+                            else f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_interval: bool) -> PublishResult:
+    run_id = run.run_id
+    if run.status == "failed":
+        runs.resume(conn, run_id)
     if run.as_of is None:
         raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
     partitions.ensure_partition(conn, run.as_of)
-    try:
-        with transaction(conn) as cur:
-            run = runs.get_run(conn, run_id, for_update=True)
-            if run.status not in ("running", "staged"):
-                raise PublishError(f"run {run_id} is {run.status}, not ready to publish")
-            rejected = runs.count_rejections(cur, run_id)
-            if rejected > max_rejected:
-                raise PublishError(
-                    f"{rejected} record(s) rejected, more than the {max_rejected} this source "
-                    "allows; nothing published (see rejected_records)"
+    with transaction(conn) as cur:
+        run = runs.get_run(conn, run_id, for_update=True)
+        if run.status not in ("running", "staged"):
+            raise PublishError(f"run {run_id} is {run.status}, not ready to publish")
+        rejected = runs.count_rejections(cur, run_id)
+        if rejected > max_rejected:
+            raise PublishError(
+                f"{rejected} record(s) rejected, more than the {max_rejected} this source "
+                "allows; nothing published (see rejected_records)"
+            )
+        _take_turn(cur, run.source)
+        if once_per_interval:
+            earlier = runs.published_run(cur, run.source, run.scheduled_for, other_than=run_id)
+            if earlier is not None:
+                cur.execute(
+                    "UPDATE snapshot_runs SET status = 'skipped', finished_at = now(), error = %s"
+                    " WHERE run_id = %s",
+                    (f"run {earlier} published the interval ending {run.scheduled_for.isoformat()} "
+                     "first; this provider reports only the present, so this later snapshot is not "
+                     "stored as a second one", run_id),
                 )
-            # Two runs of one snapshot (a manual trigger beside the schedule)
-            # publish one after the other, so "is it new?" stays true until commit.
-            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                        (SNAPSHOT_LOCK_NAMESPACE, f"{run.source}|{run.as_of.isoformat()}"))
-            # The key-order sort of a whole snapshot then fits in memory.
-            cur.execute("SET LOCAL work_mem = '256MB'")
-            tables = [staging.table_name(run_id, shard) for shard in range(shards)]
-            _require_tables(cur, run_id, shards)
-            rows_staged = _check_staging_intact(cur, run_id, shards)
-            staged = sql.SQL(" UNION ALL ").join(
-                sql.SQL("SELECT * FROM {}").format(t) for t in tables
-            )
-            snapshot_is_new = _refuse_changed_history(cur, staged, run)
-            # Sorted in key order, the inserts walk the primary-key index left
-            # to right instead of touching random pages (~25% faster). A new
-            # snapshot (the usual case) needs no conflict handling, which
-            # halves the cost; DISTINCT ON drops a holding listed twice alike.
-            cur.execute(
-                sql.SQL(
-                    """
-                    INSERT INTO balance_history
-                        (source, provider, account, asset, balance, decimals, available_balance,
-                         spark_factor, as_of, as_of_raw, scheduled_for, run_id)
-                    SELECT DISTINCT ON (s.account, s.asset)
-                           %s, %s, s.account, s.asset, s.balance, s.decimals, s.available_balance,
-                           s.spark_factor, %s, %s, %s, %s
-                      FROM ({}) s
-                     ORDER BY s.account, s.asset
-                    {}
-                    """
-                ).format(staged, sql.SQL("" if snapshot_is_new else
-                                         "ON CONFLICT (source, account, asset, as_of) DO NOTHING")),
-                (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
-            )
-            rows_published = cur.rowcount
-            _publish_aggregates(cur, run, shards)
-            if snapshot_is_new and rows_published != rows_staged:
-                # Only now is the (costly) check worth it: some holding came twice.
-                _refuse_duplicates(cur, staged)
-            cur.execute(
+                for shard in range(shards):
+                    staging.drop(cur, run_id, shard)
+                return PublishResult(run_id, "skipped", 0, 0, rejected)
+        # The key-order sort of a whole snapshot then fits in memory.
+        cur.execute("SET LOCAL work_mem = '256MB'")
+        tables = [staging.table_name(run_id, shard) for shard in range(shards)]
+        _require_tables(cur, run_id, shards)
+        rows_staged = _check_staging_intact(cur, run_id, shards)
+        staged = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT * FROM {}").format(t) for t in tables
+        )
+        snapshot_is_new = _refuse_changed_history(cur, staged, run)
+        # Sorted in key order, the inserts walk the primary-key index left
+        # to right instead of touching random pages (~25% faster). A new
+        # snapshot (the usual case) needs no conflict handling, which
+        # halves the cost; DISTINCT ON drops a holding listed twice alike.
+        cur.execute(
+            sql.SQL(
                 """
-                UPDATE snapshot_runs
-                   SET status = 'published', rows = %s, rows_inserted = %s,
-                       rejected = %s, finished_at = now(), error = NULL
-                 WHERE run_id = %s
-                """,
-                (rows_staged, rows_published, rejected, run_id),
-            )
-            for shard in range(shards):
-                staging.drop(cur, run_id, shard)
-    except PublishError as exc:
-        runs.finish(conn, run_id, "failed", error=str(exc))
-        raise
+                INSERT INTO balance_history
+                    (source, provider, account, asset, balance, decimals, available_balance,
+                     spark_factor, as_of, as_of_raw, scheduled_for, run_id)
+                SELECT DISTINCT ON (s.account, s.asset)
+                       %s, %s, s.account, s.asset, s.balance, s.decimals, s.available_balance,
+                       s.spark_factor, %s, %s, %s, %s
+                  FROM ({}) s
+                 ORDER BY s.account, s.asset
+                {}
+                """
+            ).format(staged, sql.SQL("" if snapshot_is_new else
+                                     "ON CONFLICT (source, account, asset, as_of) DO NOTHING")),
+            (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
+        )
+        rows_published = cur.rowcount
+        _publish_aggregates(cur, run, shards)
+        if snapshot_is_new and rows_published != rows_staged:
+            # Only now is the (costly) check worth it: some holding came twice.
+            _refuse_duplicates(cur, staged)
+        cur.execute(
+            """
+            UPDATE snapshot_runs
+               SET status = 'published', rows = %s, rows_inserted = %s,
+                   rejected = %s, finished_at = now(), error = NULL
+             WHERE run_id = %s
+            """,
+            (rows_staged, rows_published, rejected, run_id),
+        )
+        for shard in range(shards):
+            staging.drop(cur, run_id, shard)
     return PublishResult(run_id, "published", rows_staged, rows_published, rejected)
+
+
+def _take_turn(cur, source: str) -> None:
+    """Publishes of one source take turns, so "is this snapshot new?" stays true until commit.
+
+    Two runs of one snapshot (a manual run beside the schedule) then publish
+    one after the other. The lock is a row of ``source_locks``, which no
+    reader may lock. Waiting for the other publish is expected: for this one
+    statement the wait may last as long as a statement may run.
+    """
+    cur.execute("SELECT current_setting('lock_timeout')")
+    lock_timeout = cur.fetchone()[0]
+    cur.execute("SELECT set_config('lock_timeout', current_setting('statement_timeout'), true)")
+    cur.execute("INSERT INTO source_locks (source) VALUES (%s) ON CONFLICT DO NOTHING", (source,))
+    cur.execute("SELECT FROM source_locks WHERE source = %s FOR UPDATE", (source,))
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
 
 
 def _publish_aggregates(cur, run: runs.Run, shards: int) -> None:

@@ -1,21 +1,34 @@
-"""Run bookkeeping: one ``snapshot_runs`` row per attempt to take a snapshot."""
+"""Run bookkeeping: one ``snapshot_runs`` row per attempt to take a snapshot.
+
+Text that reaches these rows from a provider (errors, warnings, rejected
+records and their reasons) goes through :func:`extractors.text.safe_text`
+here, at the storage boundary: a NUL or a lone surrogate in a provider's
+message must not make recording the failure fail too.
+"""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
+import psycopg2
 from psycopg2.extras import execute_values
 
+from extractors.text import safe_text
+from loaders import leases
 from loaders.db import transaction
 
+log = logging.getLogger(__name__)
+
 MAX_WARNINGS_KEPT = 100
-# First key of the advisory locks that mark a run as being worked on; the
-# second is the run id. Postgres drops a session's locks when its process
-# dies, which is how a killed crawl is told apart from a running one.
-LOCK_NAMESPACE = 7312
-SHARD_LOCK_NAMESPACE = 7314  # 7313 is publish's per-snapshot lock
+# Stored text is cut to these lengths (characters): enough to say what
+# went wrong, never a provider's whole body in an error column.
+MAX_ERROR_CHARS = 10_000
+MAX_WARNING_CHARS = 2_000
+MAX_REASON_CHARS = 2_000
+MAX_RAW_CHARS = 100_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,7 +43,11 @@ class Run:
 
 
 def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
-              dag_run_id: str | None = None, shards: int = 1) -> int:
+              dag_run_id: str | None = None, shards: int = 1, hold: bool = False) -> int:
+    """A new ``running`` run; with ``hold``, held by this session from its first moment.
+
+    Held in the same transaction, a concurrent reaper never sees it unheld.
+    """
     with transaction(conn) as cur:
         cur.execute(
             """
@@ -40,7 +57,33 @@ def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
             """,
             (source, provider, scheduled_for, dag_run_id, shards),
         )
+        run_id = cur.fetchone()[0]
+        if hold:
+            leases.take(cur, leases.SNAPSHOT, run_id)
+        return run_id
+
+
+def record_skipped(conn, source: str, provider: str, scheduled_for: datetime, reason: str, *,
+                   dag_run_id: str | None = None) -> int:
+    """A run that did nothing, and why (kept in ``error``, as for ``no_snapshot``)."""
+    with transaction(conn) as cur:
+        cur.execute(
+            """
+            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, status, error, finished_at)
+            VALUES (%s, %s, %s, %s, 'skipped', %s, now())
+            RETURNING run_id
+            """,
+            (source, provider, scheduled_for, dag_run_id, safe_text(reason, MAX_ERROR_CHARS)),
+        )
         return cur.fetchone()[0]
+
+
+def published_run(cur, source: str, scheduled_for: datetime, *, other_than: int | None = None) -> int | None:
+    """The first published run of ``source`` for the interval ending at ``scheduled_for``, if any."""
+    cur.execute("SELECT min(run_id) FROM snapshot_runs WHERE source = %s AND scheduled_for = %s"
+                " AND status = 'published' AND run_id IS DISTINCT FROM %s",
+                (source, scheduled_for, other_than))
+    return cur.fetchone()[0]
 
 
 def get_run(conn, run_id: int, *, for_update: bool = False) -> Run:
@@ -85,9 +128,20 @@ def set_snapshot(conn, run_id: int, as_of: datetime, as_of_raw: str) -> str:
         return cur.fetchone()[0]
 
 
+def forget_snapshot(conn, run_id: int) -> None:
+    """Clear the snapshot time an earlier, discarded crawl of the run recorded.
+
+    For runs whose one crawl reads the present (no snapshot chosen up
+    front): a retried task or a crawl started again reads a new present.
+    """
+    with transaction(conn) as cur:
+        cur.execute("UPDATE snapshot_runs SET as_of = NULL, as_of_raw = NULL WHERE run_id = %s",
+                    (run_id,))
+
+
 def add_progress(conn, run_id: int, *, pages: int, requests: int, retries: int,
                  warnings: Iterable[str] = ()) -> None:
-    warnings = list(warnings)[:MAX_WARNINGS_KEPT]
+    warnings = [safe_text(w, MAX_WARNING_CHARS) for w in list(warnings)[:MAX_WARNINGS_KEPT]]
     with transaction(conn) as cur:
         cur.execute(
             """
@@ -131,7 +185,8 @@ def add_rejections(cur, run_id: int, shard: int, rejections: Iterable[tuple[str,
     execute_values(
         cur,
         "INSERT INTO rejected_records (run_id, shard, raw, reason) VALUES %s",
-        [(run_id, shard, raw, reason) for raw, reason in rejections],
+        [(run_id, shard, safe_text(raw, MAX_RAW_CHARS), safe_text(reason, MAX_REASON_CHARS))
+         for raw, reason in rejections],
     )
 
 
@@ -145,8 +200,35 @@ def finish(conn, run_id: int, status: str, *, error: str | None = None) -> None:
         cur.execute(
             "UPDATE snapshot_runs SET status = %s, error = %s, finished_at = now()"
             " WHERE run_id = %s AND status <> 'published'",
-            (status, error, run_id),
+            (status, None if error is None else safe_text(error, MAX_ERROR_CHARS), run_id),
         )
+
+
+def record_failure(conn, run_id: int, error: str, status: str = "failed") -> bool:
+    """Mark the run failed with ``error``; never raises, True if it was recorded.
+
+    Called while another error is on its way up: that error is the one the
+    caller re-raises, so a broken connection here is logged, not raised.
+    What the caller was doing in the open transaction failed: it is rolled back.
+    """
+    message = safe_text(error, MAX_ERROR_CHARS)
+    # The second try is for a database whose encoding cannot hold some
+    # character of the message: ASCII with escapes fits every encoding.
+    for text in (message, ascii(message)[1:-1]):
+        try:
+            if conn.closed:
+                break
+            conn.rollback()
+            finish(conn, run_id, status, error=text)
+            return True
+        except (psycopg2.DataError, UnicodeEncodeError):
+            continue
+        except Exception as exc:
+            log.error("run %d failed (%s) and the failure could not be recorded: %s",
+                      run_id, message[:500], safe_text(exc, 500))
+            return False
+    log.error("run %d failed (%s) and the failure could not be recorded", run_id, message[:500])
+    return False
 
 
 def summary(conn, run_id: int) -> dict:
@@ -170,26 +252,17 @@ def summary(conn, run_id: int) -> dict:
 def hold(conn, run_id: int, shard: int | None = None) -> None:
     """Mark the run as being worked on by this session (until release or death).
 
-    A shard's crawl holds the run *shared*, so the shards of one run crawl
-    side by side, and its own shard exclusively, so a retry cannot crawl a
-    shard its zombie predecessor is still writing. Either way the reaper's
-    exclusive try-lock fails while anyone works on the run.
+    A shard's crawl holds only its shard, so the shards of one run crawl
+    side by side, and a retry cannot crawl a shard its zombie predecessor
+    is still writing; a process that takes the whole snapshot holds the
+    whole run. Either way the reaper leaves the run alone while its holder
+    is connected (see :mod:`loaders.leases`).
     """
-    with transaction(conn) as cur:
-        if shard is None:
-            cur.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
-        else:
-            cur.execute("SELECT pg_advisory_lock_shared(%s, %s)", (LOCK_NAMESPACE, run_id))
-            cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (SHARD_LOCK_NAMESPACE, f"{run_id}/{shard}"))
+    leases.claim(conn, leases.SNAPSHOT, run_id, leases.WHOLE_RUN if shard is None else shard)
 
 
 def release(conn, run_id: int, shard: int | None = None) -> None:
-    with transaction(conn) as cur:
-        if shard is None:
-            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, run_id))
-        else:
-            cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SHARD_LOCK_NAMESPACE, f"{run_id}/{shard}"))
-            cur.execute("SELECT pg_advisory_unlock_shared(%s, %s)", (LOCK_NAMESPACE, run_id))
+    leases.release(conn, leases.SNAPSHOT, run_id, leases.WHOLE_RUN if shard is None else shard)
 
 
 def reap_abandoned(conn, source: str) -> list[int]:
@@ -214,8 +287,7 @@ def reap_abandoned(conn, source: str) -> list[int]:
     reaped = []
     for run_id in candidates:
         with transaction(conn) as cur:
-            cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, run_id))
-            if not cur.fetchone()[0]:
+            if not leases.reapable(cur, leases.SNAPSHOT, run_id):
                 continue  # someone is working on it
             cur.execute(
                 "UPDATE snapshot_runs SET status = 'abandoned', finished_at = now(),"
@@ -223,6 +295,7 @@ def reap_abandoned(conn, source: str) -> list[int]:
                 " WHERE run_id = %s AND status = 'running'",
                 (run_id,),
             )
+            leases.forget(cur, leases.SNAPSHOT, run_id)
             staging.drop_run(cur, run_id)
             reaped.append(run_id)
     return reaped

@@ -23,8 +23,11 @@ Three kinds of check::
     max_staleness = "2h"               # default: twice the longest interval of the schedule
 
 Tolerances are decimals written as strings (never TOML floats: they are
-money); durations are ``90s``, ``15m``, ``1h``, ``2d`` or sums like ``1h30m``.
-Every mistake is reported as ``checks.<name>.<key>: what is wrong``.
+money), at most 10^30 (``rel_tolerance`` at most 1) and at least 10^-30
+apart from zero; durations are ``90s``, ``15m``, ``1h``, ``2d`` or sums
+like ``1h30m``, at most 366 days. Every mistake is reported on one line as
+``checks.<name>.<key>: what is wrong``; a check that names a source with a
+mistake has a mistake too.
 """
 from __future__ import annotations
 
@@ -34,18 +37,34 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, Union
 
-from pipeline.config import Config, ConfigError, SourceConfig, _coerce, named_table
+from pipeline.config import (  # noqa: F401  (CRON_PRESETS and cron_of are used from here too)
+    CRON_PRESETS,
+    Config,
+    ConfigError,
+    SourceConfig,
+    _coerce,
+    cron_of,
+    named_table,
+    schedule_times,
+)
 
-CRON_PRESETS = {
-    "@hourly": "0 * * * *",
-    "@daily": "0 0 * * *",
-    "@weekly": "0 0 * * 0",
-    "@monthly": "0 0 1 * *",
-    "@quarterly": "0 0 1 */3 *",
-    "@yearly": "0 0 1 1 *",
-}
-_DURATION = re.compile(r"(\d+)([smhd])")
+# ASCII digits only (``\d`` would take any Unicode digit), at most 9 per
+# part so the sum cannot overflow before it is bounded.
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
+_DURATION = re.compile(r"(?:[0-9]{1,9}[smhd]){1,4}")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# Longer skews or staleness than a year are a typo, and a window of checks
+# built on them would reach back before any snapshot.
+MAX_DURATION = timedelta(days=366)
+# Whole units; beyond these a tolerance is a typo, and NUMERIC columns
+# store it exactly.
+MAX_TOLERANCE = Decimal("1e30")
+MIN_TOLERANCE = Decimal("1e-30")
+# Scheduled runs one continuity check looks at per window. Schedules fire at
+# most once a minute, so the 3-day window of the reconcile DAG has at most
+# 4,321; a longer window of a tight schedule is refused, not turned into
+# hundreds of thousands of gap breaks.
+MAX_FIRE_TIMES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,22 +139,43 @@ _KEYS: dict[str, set[str]] = {
 
 
 def load_checks(config: Config, names: list[str] | None = None) -> dict[str, Check]:
-    """The config's checks (all, or those named), validated against its sources."""
-    checks = parse_checks(config.checks, config.sources)
-    if names:
-        unknown = [n for n in names if n not in checks]
-        if unknown:
-            known = ", ".join(sorted(checks)) or "none"
-            raise ConfigError(f"no check named {unknown[0]!r} in {config.path} (configured: {known})")
-        checks = {n: checks[n] for n in names}
-    return checks
+    """The config's checks (all, or those named), validated against its sources.
+
+    Raises the first mistake among the checks asked for.
+    """
+    checks, errors = usable_checks(config)
+    wanted = names or list(config.checks)
+    for name in wanted:
+        if name in errors:
+            raise ConfigError(errors[name])
+        if name not in checks:
+            known = ", ".join(sorted(config.checks)) or "none"
+            raise ConfigError(f"no check named {name!r} in {config.path} (configured: {known})")
+    return {n: checks[n] for n in wanted}
+
+
+def usable_checks(config: Config) -> tuple[dict[str, Check], dict[str, str]]:
+    """The checks without mistakes, and the one-line error of each other one.
+
+    The reconcile DAG runs the first and reports the second, so one wrong
+    check (or a check of a wrong source) does not stop the others.
+    """
+    checks: dict[str, Check] = {}
+    errors: dict[str, str] = {}
+    for name, table in config.checks.items():
+        try:
+            checks[name] = parse_check(name, table, config.sources, config.errors)
+        except ConfigError as exc:
+            errors[name] = str(exc)
+    return checks, errors
 
 
 def parse_checks(tables: dict[str, Any], sources: dict[str, SourceConfig]) -> dict[str, Check]:
     return {name: parse_check(name, table, sources) for name, table in tables.items()}
 
 
-def parse_check(name: str, table: Any, sources: dict[str, SourceConfig]) -> Check:
+def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
+                broken_sources: dict[str, str] | None = None) -> Check:
     where = f"checks.{name}"
     kind = named_table("checks", name, table, "kind", list(_KEYS))
     unknown = set(table) - _KEYS[kind]
@@ -145,13 +185,13 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig]) -> Chec
     if kind == "pair":
         return PairCheck(
             name=name,
-            left=_holding(table, "left", where, sources),
-            right=_holding(table, "right", where, sources),
+            left=_holding(table, "left", where, sources, broken_sources),
+            right=_holding(table, "right", where, sources, broken_sources),
             max_skew=_duration(_required(table, "max_skew", where), f"{where}.max_skew"),
             abs_tolerance=_tolerance(table, "abs_tolerance", where),
             rel_tolerance=_tolerance(table, "rel_tolerance", where),
         )
-    source = _source(table, "source", where, sources)
+    source = _source(table, "source", where, sources, broken_sources)
     if kind == "aggregate":
         assets = table.get("assets")
         if assets is not None:
@@ -179,21 +219,25 @@ def _required(table: dict, key: str, where: str) -> Any:
     return table[key]
 
 
-def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig]) -> SourceConfig:
+def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
+            broken_sources: dict[str, str] | None = None) -> SourceConfig:
     name = _coerce(_required(table, key, where), str, f"{where}.{key}")
+    if broken_sources and name in broken_sources:
+        raise ConfigError(f"{where}.{key}: source {name!r} has a mistake in its [sources.{name}] table")
     if name not in sources:
         known = ", ".join(sorted(sources)) or "none"
         raise ConfigError(f"{where}.{key}: unknown source {name!r} (configured: {known})")
     return sources[name]
 
 
-def _holding(table: dict, key: str, where: str, sources: dict[str, SourceConfig]) -> Holding:
+def _holding(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
+             broken_sources: dict[str, str] | None = None) -> Holding:
     spec = _coerce(_required(table, key, where), dict, f"{where}.{key}")
     where = f"{where}.{key}"
     unknown = set(spec) - {"source", "account", "asset"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: account, asset, source)")
-    source = _source(spec, "source", where, sources)
+    source = _source(spec, "source", where, sources, broken_sources)
     return Holding(source=source.name,
                    account=_coerce(_required(spec, "account", where), str, f"{where}.account"),
                    asset=_coerce(_required(spec, "asset", where), str, f"{where}.asset"))
@@ -203,6 +247,9 @@ def _tolerance(table: dict, key: str, where: str) -> Decimal:
     value = _coerce(table.get(key, "0"), Decimal, f"{where}.{key}")
     if not value.is_finite() or value < 0:
         raise ConfigError(f"{where}.{key}: must be a finite decimal of at least 0, got {table[key]!r}")
+    high = Decimal(1) if key == "rel_tolerance" else MAX_TOLERANCE
+    if value > high or 0 < value < MIN_TOLERANCE:
+        raise ConfigError(f"{where}.{key}: must be 0 or between {MIN_TOLERANCE} and {high}, got {table[key]!r}")
     return value
 
 
@@ -215,12 +262,19 @@ def _allow_negative(value: Any, where: str) -> bool | tuple[str, ...]:
 
 
 def parse_duration(text: str) -> timedelta:
-    """``"90s"``, ``"15m"``, ``"1h"``, ``"2d"``, ``"1h30m"`` as a timedelta; ValueError otherwise."""
+    """``"90s"``, ``"15m"``, ``"1h"``, ``"2d"``, ``"1h30m"`` as a timedelta; ValueError otherwise.
+
+    At most 366 days: a longer one is refused, never overflows.
+    """
     text = text.strip()
-    parts = _DURATION.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
+    if not _DURATION.fullmatch(text):
         raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 1h or 2d")
-    return sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+    # Seconds as an int first: 999999999d is beyond what timedelta holds.
+    seconds = sum(int(n) * int(timedelta(**{_UNITS[u]: 1}).total_seconds())
+                  for n, u in _DURATION_PART.findall(text))
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
 
 
 def _duration(value: Any, where: str) -> timedelta:
@@ -235,21 +289,21 @@ def _duration(value: Any, where: str) -> timedelta:
     return duration
 
 
-def cron_of(schedule: str | None) -> str | None:
-    """The cron expression a source's schedule fires on; None for no recurring schedule."""
-    if schedule is None or schedule == "@once":
-        return None
-    return CRON_PRESETS.get(schedule, schedule)
-
-
 def fire_times(cron: str, start: datetime, end: datetime) -> list[datetime]:
-    """The times ``cron`` fires in ``[start, end]`` (UTC, as Airflow schedules them)."""
+    """The times ``cron`` fires in ``[start, end]`` (UTC, as Airflow schedules them).
+
+    ValueError when that is more than MAX_FIRE_TIMES: the window is too long
+    for the schedule.
+    """
     from croniter import croniter
 
     times = []
     # Step back one second so a fire time equal to ``start`` is included.
-    it = croniter(cron, start - timedelta(seconds=1))
+    it = croniter(cron, start - timedelta(seconds=1), max_years_between_matches=1)
     while (t := it.get_next(datetime)) <= end:
+        if len(times) == MAX_FIRE_TIMES:
+            raise ValueError(f"more than {MAX_FIRE_TIMES} runs of {cron!r} from {start.isoformat()} to "
+                             f"{end.isoformat()}: check a shorter window")
         times.append(t)
     return times
 
@@ -259,8 +313,5 @@ def longest_interval(cron: str, start: datetime) -> timedelta:
 
     200 fires cover a weekend even for business-hours-only schedules.
     """
-    from croniter import croniter
-
-    it = croniter(cron, start)
-    times = [it.get_next(datetime) for _ in range(200)]
+    times = schedule_times(cron, start, 200)
     return max(b - a for a, b in zip(times, times[1:]))

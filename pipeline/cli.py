@@ -1,10 +1,11 @@
 """The ``balances`` command.
 
     balances migrate                      apply the migrations
-    balances snapshot SOURCE [--at TIME]  take one snapshot outside Airflow
+    balances snapshot SOURCE [--at TIME] [--force]
+                                          take one snapshot outside Airflow
     balances runs [--source S]            list recent runs
     balances partitions [--months N]      create monthly partitions ahead
-    balances demo                         the README's end-to-end demo
+    balances demo [--serve]               the README's end-to-end demo (--serve: live, until Ctrl-C)
     balances reconcile [--from --to]      run the [checks] (default: the last 3 days)
     balances report [--out DIR]           HTML + Markdown report with charts (last 3 days)
 
@@ -12,12 +13,15 @@
 (breaks are data, kept in reconciliation_breaks), and 1 when it could not run.
 
 Exit status 0 on success, 1 when a run or command fails, 2 for a usage or
-configuration error; failures print one line saying why.
+configuration error; failures print one line saying why. A source or check
+with a mistake stops only the commands that use it; the others print one
+warning line per mistake and go on, as the DAG files do.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"balances: config error: {exc}", file=sys.stderr)
         return 2
-    except (DatabaseError, ExtractError, RuntimeError, LookupError, ValueError) as exc:
+    except (DatabaseError, ExtractError, RuntimeError, LookupError, ValueError, OSError) as exc:
         print(f"balances: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -53,8 +57,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    from pipeline.config import one_line
+
+    text = one_line(" ".join(str(exc).split()))
     return text or type(exc).__name__
+
+
+def _warn_config_errors(errors: dict[str, str], skip: str | None = None) -> None:
+    for name, error in errors.items():
+        if name != skip:
+            print(f"balances: warning: config error: {error}", file=sys.stderr)
+
+
+def _count(low: int, high: int):
+    """An argparse type: an integer in ``[low, high]``."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
+        return int(text)
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,19 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("snapshot", help="take one snapshot of SOURCE now (or --at)")
     p.add_argument("source")
     p.add_argument("--at", type=_aware_time, help="snapshot time, ISO-8601 (default: now)")
+    p.add_argument("--force", action="store_true",
+                   help="take a fresh snapshot even if a present-only provider's interval is already published")
     p.set_defaults(func=cmd_snapshot)
 
     p = commands.add_parser("runs", help="list recent snapshot runs")
     p.add_argument("--source")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_count(1, 10_000), default=20)
     p.set_defaults(func=cmd_runs)
 
     p = commands.add_parser("partitions", help="create balance_history partitions ahead")
-    p.add_argument("--months", type=int, default=3, help="months ahead of this one (default 3)")
+    p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
     p.set_defaults(func=cmd_partitions)
 
     p = commands.add_parser("demo", help="run every configured sandbox source through Airflow")
     p.add_argument("--db-url", help="use this database instead of a private cluster")
+    p.add_argument("--serve", action="store_true",
+                   help="then keep the real Airflow services (and Superset) running over moving sandboxes"
+                        " until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("reconcile", help="run the configured checks over a window (default: last 3 days)")
@@ -128,17 +154,20 @@ def cmd_snapshot(args) -> int:
     from pipeline.config import load_config
     from pipeline.snapshot import take_snapshot
 
-    source = load_config(args.config).source(args.source)
+    config = load_config(args.config)
+    source = config.source(args.source)
+    _warn_config_errors(config.errors, skip=args.source)
     at = args.at or datetime.now(timezone.utc)
     creds = connections.credentials(source.conn_id)
     conn = _connect()
     try:
         _require_schema(conn)
-        summary = take_snapshot(conn, source, at, credentials=creds)
+        summary = take_snapshot(conn, source, at, credentials=creds, force=args.force)
     finally:
         conn.close()
     print_summary(summary)
-    return 0 if summary["status"] in ("published", "no_snapshot") else 1
+    # A skipped rerun did what was asked: the interval's snapshot is there.
+    return 0 if summary["status"] in ("published", "no_snapshot", "skipped") else 1
 
 
 def _require_schema(conn, table: str = "snapshot_runs") -> None:
@@ -198,6 +227,10 @@ def cmd_partitions(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
+    if args.serve:
+        from pipeline.serve import run_serve
+
+        return run_serve(db_url=args.db_url)
     return run_demo(db_url=args.db_url)
 
 
@@ -220,7 +253,10 @@ def cmd_reconcile(args) -> int:
     from pipeline.config import load_config
     from pipeline.reconcile import open_breaks, reconcile
 
-    checks = load_checks(load_config(args.config), args.check)
+    config = load_config(args.config)
+    checks = load_checks(config, args.check)
+    _warn_config_errors({**config.errors, "[alerts]": config.alerts_error} if config.alerts_error
+                        else config.errors)
     if not checks:
         raise ConfigError("no [checks.<name>] tables in the config file")
     window_from, window_to = _window(args)
@@ -243,15 +279,16 @@ def cmd_reconcile(args) -> int:
 
 def cmd_report(args) -> int:
     from pipeline.connections import database_url
-    from pipeline.report import write_report
+    from pipeline.report import output_directory, write_report
 
+    out = output_directory(Path(args.out))  # before any work: a wrong --out fails at once
     window_from, window_to = _window(args)
     conn = _connect()
     try:
         _require_schema(conn, "reconciliation_breaks_detail")
     finally:
         conn.close()
-    for path in write_report(database_url(), Path(args.out), window_from, window_to):
+    for path in write_report(database_url(), out, window_from, window_to):
         print(path)
     return 0
 

@@ -2,32 +2,85 @@
 
 Keys every source accepts are read here; every other key belongs to the
 provider and is checked against the provider's settings dataclass. Any
-mistake is reported as ``sources.<name>.<field>: what is wrong``.
+mistake is reported on one line as ``sources.<name>.<field>: what is
+wrong``. Every number is finite and inside a documented range, every
+``*_url`` is http(s) with a host, a schedule fires at most once a minute
+and at least once a year. A source with a mistake does not stop the
+others: :func:`load_config` keeps it out of ``sources`` and keeps its error
+in ``errors``, so the CLI and the DAG files accept exactly the same sources.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from extractors.http import RetryPolicy
+from extractors.redaction import redact_url
 from extractors.registry import PROVIDER_NAMES, provider as provider_named
 
 CONFIG_ENV = "BALANCES_CONFIG"
 SCHEDULE_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+CRON_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+}
+# Names become Airflow ids and SQL values: ASCII only, matched in full
+# (``$`` would accept a trailing newline, ``\d`` any Unicode digit).
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+# Five cron fields, ASCII: minute hour day-of-month month day-of-week.
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,64}")
+# A config file is a few kilobytes; refusing a huge one keeps a wrong path
+# (a log, /dev/zero) from filling memory.
+MAX_CONFIG_BYTES = 1 << 20
+# Sharding splits one crawl over parallel Airflow tasks; beyond this the
+# request budget and the pool are the limit, not the number of shards.
+MAX_SHARDS = 64
+# A schedule fires at most once a minute (five-field crons only: no
+# seconds) and at least once a year (a Feb-31 cron never fires).
+MAX_SCHEDULE_INTERVAL = timedelta(days=366)
+# Fires looked at to measure a schedule (200 cover a weekend even for
+# business-hours-only schedules).
+_SCHEDULE_SAMPLE = 200
+# Default task timeout: the schedule's shortest interval, kept within these.
+MIN_DEFAULT_TASK_TIMEOUT = timedelta(minutes=10)
+MAX_DEFAULT_TASK_TIMEOUT = timedelta(hours=6)
+DEFAULT_SCHEDULE = "@hourly"
+DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START_DATE_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc))
 
 
 class ConfigError(ValueError):
-    """The config file is wrong; the message names the source and the field."""
+    """The config file is wrong; the message names the source and the field.
+
+    The message is always one line: a key or value read from the file may
+    hold a newline or another control character, shown escaped instead.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """``text`` with control, format and line-separator characters escaped."""
+    return "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else ascii(c)[1:-1]
+                   for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +88,31 @@ class SourceConfig:
     name: str
     provider: str
     settings: Any
-    schedule: str | None = "@hourly"
+    schedule: str | None = DEFAULT_SCHEDULE
     conn_id: str | None = None
-    start_date: datetime = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    start_date: datetime = DEFAULT_START_DATE
     catchup: bool = False
     max_rejected: int = 0
     max_pages: int = 100_000
     shards: int = 1
     task_retries: int = 3
     task_retry_delay: float = 60.0
+    # Seconds one Airflow task may run (its execution_timeout); parse_source
+    # derives it from the schedule when the file does not set it.
+    task_timeout: float = MAX_DEFAULT_TASK_TIMEOUT.total_seconds()
     rate_limit: float | None = None
+    # Seconds a provider's snapshot may lie from the time asked (either way)
+    # before the run refuses it: pipeline.snapshot.check_snapshot_age.
+    max_snapshot_age: float = 86_400.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @property
     def dag_id(self) -> str:
         return f"balances_{self.name}"
+
+    @property
+    def execution_timeout(self) -> timedelta:
+        return timedelta(seconds=self.task_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +120,17 @@ class Config:
     path: Path
     sources: dict[str, SourceConfig]
     checks: dict[str, Any] = field(default_factory=dict)
+    # Sources whose table has a mistake, by name, with the one-line error:
+    # kept apart so one wrong source does not take the others down with it.
+    errors: dict[str, str] = field(default_factory=dict)
+    alerts: Any = None  # pipeline.alerts.AlertsConfig: the [alerts] table
+    # The [alerts] table's mistake, when load_config went on without it:
+    # the snapshot DAGs do not need it, the reconcile DAG file reports it.
+    alerts_error: str | None = None
 
     def source(self, name: str) -> SourceConfig:
+        if name in self.errors:
+            raise ConfigError(self.errors[name])
         try:
             return self.sources[name]
         except KeyError:
@@ -78,7 +150,9 @@ _COMMON: dict[str, type] = {
     "shards": int,
     "task_retries": int,
     "task_retry_delay": float,
+    "task_timeout": float,
     "rate_limit": float,
+    "max_snapshot_age": float,
 }
 # Keys that tune retries, mapped onto RetryPolicy fields.
 _RETRY: dict[str, str] = {
@@ -89,7 +163,59 @@ _RETRY: dict[str, str] = {
     "max_total_wait": "max_total_wait",
     "connect_timeout": "connect_timeout",
     "read_timeout": "read_timeout",
+    "request_deadline": "request_deadline",
+    "max_response_bytes": "max_response_bytes",
 }
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Where a number may lie; ``low_open`` excludes ``low`` itself."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    unit: str = ""
+
+    def check(self, value: float | int, where: str) -> None:
+        if self.low_open and value <= self.low or value < self.low or value > self.high:
+            low = f"more than {_number(self.low)}" if self.low_open else f"at least {_number(self.low)}"
+            raise ConfigError(f"{where}: must be {low} and at most {_number(self.high)}{self.unit},"
+                              f" got {_number(value)}")
+
+
+def _number(value: float | int) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**63 else repr(value)
+
+
+_SECONDS = " (seconds)"
+# The range of every number a source accepts, by key. A number not listed
+# here (a provider setting, a key added later) gets DEFAULT_RANGE.
+RANGES: dict[str, Range] = {
+    "max_rejected": Range(0, 1_000_000_000),
+    "max_pages": Range(1, 10_000_000),
+    "shards": Range(1, MAX_SHARDS),
+    "task_retries": Range(0, 100),
+    "task_retry_delay": Range(0, 86_400, unit=_SECONDS),
+    "task_timeout": Range(10, 7 * 86_400, unit=_SECONDS),
+    "rate_limit": Range(0, 10_000, low_open=True, unit=" (requests per second)"),
+    "max_snapshot_age": Range(60, 366 * 86_400, unit=_SECONDS),
+    "max_attempts": Range(1, 100),
+    "backoff_base": Range(0, 3_600, unit=_SECONDS),
+    "backoff_cap": Range(0, 3_600, unit=_SECONDS),
+    "max_retry_after": Range(0, 86_400, unit=_SECONDS),
+    "max_total_wait": Range(0, 86_400, unit=_SECONDS),
+    "connect_timeout": Range(0, 3_600, low_open=True, unit=_SECONDS),
+    "read_timeout": Range(0, 3_600, low_open=True, unit=_SECONDS),
+    "request_deadline": Range(0, 3_600, low_open=True, unit=_SECONDS),
+    # 1 KiB holds the smallest error body; past 1 GiB one page would not fit a worker.
+    "max_response_bytes": Range(1_024, 1 << 30, unit=" (bytes)"),
+}
+# Counts, sizes and seconds are never negative, and past 2**31 - 1 a
+# number is a typo, not a setting.
+DEFAULT_RANGE = Range(0, 2**31 - 1)
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -100,30 +226,74 @@ def config_path(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Read and validate the config file (``path``, else ``$BALANCES_CONFIG``)."""
+    """Read and validate the config file (``path``, else ``$BALANCES_CONFIG``).
+
+    A source with a mistake is left out of ``sources`` and its error kept
+    in ``errors`` (``source(name)`` raises it); a mistake in the file as a
+    whole raises.
+    """
     path = config_path(path)
     try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"config file {path} is a directory, not a TOML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
         with open(path, "rb") as fh:
-            document = tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(document, path)
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests arrays or tables too deeply") from None
+    return parse_config(document, path, partial=True)
 
 
-def parse_config(document: dict[str, Any], path: Path = Path("<config>")) -> Config:
-    unknown = set(document) - {"sources", "checks"}
+def parse_config(document: dict[str, Any], path: Path = Path("<config>"), *, partial: bool = False) -> Config:
+    """Validate a parsed config document.
+
+    With ``partial``, a source with a mistake is recorded in ``errors``
+    instead of raising (checks are validated later, by
+    :mod:`pipeline.checks`, against the sources that parsed).
+    """
+    unknown = set(document) - {"sources", "checks", "alerts"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level table(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{path}: unknown top-level table(s) {', '.join(sorted(map(ascii, unknown)))}")
     tables = document.get("sources", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{path}: 'sources' must be a table of [sources.<name>] tables")
-    sources = {name: parse_source(name, table) for name, table in tables.items()}
+    sources: dict[str, SourceConfig] = {}
+    errors: dict[str, str] = {}
+    for name, table in tables.items():
+        try:
+            sources[name] = parse_source(name, table)
+        except ConfigError as exc:
+            if not partial:
+                raise
+            errors[name] = str(exc)
     checks = document.get("checks", {})
     if not isinstance(checks, dict):
         raise ConfigError(f"{path}: 'checks' must be a table of [checks.<name>] tables")
-    return Config(path=path, sources=sources, checks=checks)
+    from pipeline.alerts import parse_alerts
+
+    alerts, alerts_error = None, None
+    try:
+        alerts = parse_alerts(document.get("alerts"))
+    except ConfigError as exc:
+        if not partial:
+            raise
+        alerts_error = str(exc)
+    return Config(path=path, sources=sources, checks=checks, errors=errors, alerts=alerts,
+                  alerts_error=alerts_error)
 
 
 def named_table(section: str, name: str, table: Any, selector: str, known) -> str:
@@ -133,55 +303,127 @@ def named_table(section: str, name: str, table: Any, selector: str, known) -> st
     other keys the table may have.
     """
     where = f"{section}.{name}"
-    if not _NAME.match(name):
-        raise ConfigError(f"{where}: names in [{section}] are lowercase letters, digits and _"
-                          " (they become Airflow ids)")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{section}.{ascii(name)}: names in [{section}] are 1 to 63 lowercase ASCII letters,"
+                          " digits and _, starting with a letter (they become Airflow ids)")
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
     value = table.get(selector)
     if value is None:
         raise ConfigError(f"{where}.{selector}: missing (one of {', '.join(known)})")
-    if value not in known:
+    if not isinstance(value, str) or value not in known:
         raise ConfigError(f"{where}.{selector}: unknown {selector} {value!r} (known: {', '.join(known)})")
     return value
 
 
 def parse_source(name: str, table: Any) -> SourceConfig:
+    """One ``[sources.<name>]`` table as a SourceConfig; ConfigError on the first mistake."""
     where = f"sources.{name}"
     provider = named_table("sources", name, table, "provider", PROVIDER_NAMES)
+    retry_types = typing.get_type_hints(RetryPolicy)
     common: dict[str, Any] = {}
     retry: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for key, value in table.items():
         if key in _COMMON:
-            common[key] = _coerce(value, _COMMON[key], f"{where}.{key}")
+            value = common[key] = _coerce(value, _COMMON[key], f"{where}.{key}")
         elif key in _RETRY:
-            retry[_RETRY[key]] = _coerce(value, int if key == "max_attempts" else float, f"{where}.{key}")
+            value = retry[_RETRY[key]] = _coerce(value, retry_types.get(_RETRY[key], float), f"{where}.{key}")
         else:
             rest[key] = value
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            RANGES.get(key, DEFAULT_RANGE).check(value, f"{where}.{key}")
     common.pop("provider")
-    schedule = common.get("schedule", "@hourly")
+    start_date = common.get("start_date", DEFAULT_START_DATE)
+    low, high = START_DATE_RANGE
+    if not low <= start_date < high:
+        raise ConfigError(f"{where}.start_date: must be from {low:%Y-%m-%d} and before {high:%Y-%m-%d},"
+                          f" got {start_date.isoformat()}")
+    schedule = common.get("schedule", DEFAULT_SCHEDULE)
     if schedule in ("", "none", "None"):
-        common["schedule"] = None
-    elif schedule not in SCHEDULE_PRESETS and not _valid_cron(schedule):
-        raise ConfigError(f"{where}.schedule: {schedule!r} is neither a cron expression nor a preset such as @hourly")
-    for key in ("max_rejected", "max_pages", "shards", "task_retries", "task_retry_delay"):
-        minimum = 0 if key in ("max_rejected", "task_retries", "task_retry_delay") else 1
-        if key in common and common[key] < minimum:
-            raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {common[key]}")
+        schedule = common["schedule"] = None
+    interval = schedule_interval(schedule, start_date, f"{where}.schedule")
+    if "task_timeout" not in common:
+        common["task_timeout"] = default_task_timeout(interval).total_seconds()
     module = provider_named(provider)
     if common.get("shards", 1) > 1 and not module.shardable:
         raise ConfigError(f"{where}.shards: {provider} sources cannot be sharded (one request answers all)")
-    if common.get("rate_limit") is not None and common["rate_limit"] <= 0:
-        raise ConfigError(f"{where}.rate_limit: requests per second must be positive")
     settings = build_settings(module.settings, rest, where)
     try:
         policy = RetryPolicy(**retry)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if policy.max_attempts < 1:
-        raise ConfigError(f"{where}.max_attempts: must be at least 1")
     return SourceConfig(name=name, provider=provider, settings=settings, retry=policy, **common)
+
+
+def default_task_timeout(interval: timedelta | None) -> timedelta:
+    """A task's execution_timeout when ``task_timeout`` is not set.
+
+    One interval of the schedule: a task still running when the next run
+    is due has stalled rather than worked. Kept within 10 minutes (a
+    every-minute source still gets time for a large crawl) and 6 hours (a
+    daily source need not wait a day to learn a task hung).
+    """
+    if interval is None:
+        return MAX_DEFAULT_TASK_TIMEOUT
+    return min(max(interval, MIN_DEFAULT_TASK_TIMEOUT), MAX_DEFAULT_TASK_TIMEOUT)
+
+
+def cron_of(schedule: str | None) -> str | None:
+    """The cron expression a schedule fires on; None for no recurring schedule."""
+    if schedule is None or schedule == "@once":
+        return None
+    return CRON_PRESETS.get(schedule, schedule)
+
+
+def schedule_times(cron: str, start: datetime, count: int = _SCHEDULE_SAMPLE) -> list[datetime]:
+    """The first ``count`` fire times of ``cron`` after ``start``.
+
+    ValueError when the cron does not parse or a fire is more than a year
+    after the one before (croniter then stops looking instead of searching
+    ahead for decades).
+    """
+    from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+    try:
+        it = croniter(cron, start, max_years_between_matches=1)
+        return [it.get_next(datetime) for _ in range(count)]
+    except CroniterBadDateError:
+        raise ValueError(f"{cron!r} never fires, or fires less often than once a year") from None
+    except (CroniterBadCronError, ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"{cron!r} is not a cron expression: {exc}") from None
+
+
+def schedule_interval(schedule: str | None, start: datetime, where: str) -> timedelta | None:
+    """Validate a schedule; return its shortest interval (None: no recurring schedule).
+
+    A schedule is a preset (@hourly, ...), ``none``, or a five-field cron
+    (minute hour day-of-month month day-of-week) that fires at least once a
+    year; seconds are refused, so no schedule fires more than once a minute.
+    """
+    if schedule is None or schedule == "@once":
+        return None
+    if schedule.startswith("@") and schedule not in SCHEDULE_PRESETS:
+        raise ConfigError(f"{where}: unknown preset {schedule!r} (known: {', '.join(sorted(SCHEDULE_PRESETS))})")
+    cron = cron_of(schedule)
+    # Split on ASCII blanks only: any other space stays inside a field and
+    # fails the ASCII field pattern.
+    fields = re.split(r"[ \t]+", cron.strip(" \t"))
+    if len(fields) != 5:
+        raise ConfigError(f"{where}: {schedule!r} is neither a preset such as @hourly nor a five-field cron"
+                          " (minute hour day month weekday; no seconds field: at most one run a minute)")
+    if not all(_CRON_FIELD.fullmatch(f) for f in fields):
+        raise ConfigError(f"{where}: {schedule!r} is not a cron expression (five fields of ASCII digits,"
+                          " month or day names and * / , -)")
+    try:
+        times = schedule_times(cron, start)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if max(gaps) > MAX_SCHEDULE_INTERVAL:
+        raise ConfigError(f"{where}: {schedule!r} fires less often than once a year")
+    return min(gaps)
 
 
 def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -195,7 +437,16 @@ def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in values:
-            kwargs[name] = _coerce(values[name], hints[name], f"{where}.{name}")
+            value = kwargs[name] = _coerce(values[name], hints[name], f"{where}.{name}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                RANGES.get(name, DEFAULT_RANGE).check(value, f"{where}.{name}")
+            # Every provider URL (base_url, an RPC or token URL) is checked
+            # here once, whatever the provider module checks itself.
+            if name == "url" or name.endswith("_url"):
+                check_url(value, f"{where}.{name}")
+            elif name.endswith("_urls") and isinstance(value, list):
+                for i, url in enumerate(value):
+                    check_url(url, f"{where}.{name}[{i}]")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: missing (required for this provider)")
     try:
@@ -204,6 +455,34 @@ def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
         if len(exc.args) == 2:
             raise ConfigError(f"{where}.{exc.args[0]}: {exc.args[1]}") from None
         raise ConfigError(f"{where}: {exc}") from None
+
+
+_URL_TEXT = re.compile(r"[!-~]{1,2000}")  # printable ASCII, no spaces
+
+
+def check_url(url: Any, where: str) -> None:
+    """An http(s) URL with a host and no query or fragment, else ConfigError.
+
+    Anything else (``file:``, a bare path, a host-less ``http:///x``) would
+    fail at run time at best, and read local files at worst.
+    """
+    if not isinstance(url, str):
+        return
+    if not _URL_TEXT.fullmatch(url):
+        raise ConfigError(f"{where}: {ascii(redact_url(url))} is not a URL (printable ASCII, no spaces)")
+    parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {redact_url(url)!r} has an invalid port") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(f"{where}: {redact_url(url)!r} must not have a query or fragment")
+
+
+# A tolerance as written: plain ASCII decimal, optional short exponent.
+_DECIMAL_TEXT = re.compile(r"[-+]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][-+]?[0-9]{1,3})?")
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -227,20 +506,31 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # TOML has inf and nan; neither is a timeout, a delay or a rate.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {value} is out of range") from None
     elif kind is str:
         if isinstance(value, str) and value.strip():
-            return value.strip()
+            value = value.strip()
+            if any(unicodedata.category(c) == "Cc" for c in value):
+                raise ConfigError(f"{where}: {value!r} contains a control character")
+            return value
     elif kind is Decimal:
         # Tolerances are money: only strings or integers, never TOML floats.
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Decimal(value)
+        if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value.strip()):
             try:
-                return Decimal(value)
+                return Decimal(value.strip())
             except InvalidOperation:
                 pass
     elif kind is datetime:
         if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
         if hasattr(value, "year"):  # a TOML date
             return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
     elif kind is dict:
@@ -254,7 +544,26 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
-def _valid_cron(expression: str) -> bool:
-    from croniter import croniter
 
-    return croniter.is_valid(expression)
+def config_error_dag(dag_id: str, errors: list[str]):
+    """A DAG that Airflow refuses with ``errors`` as the import error of its file.
+
+    A DAG file that raises loses every DAG it defines. This DAG's timetable
+    fails ``validate()``, which the DagBag calls on each DAG before keeping
+    it: the DagBag records the failure as an import error of the file (the
+    red banner of the UI, ``airflow dags list-import-errors``) and still
+    keeps the file's other DAGs.
+    """
+    from airflow.sdk import DAG
+    from airflow.sdk.bases.timetable import BaseTimetable
+    from airflow.sdk.exceptions import AirflowTimetableInvalid
+
+    message = "\n".join(one_line(e) for e in errors)
+
+    class ConfigMistakes(BaseTimetable):
+        can_be_scheduled = False
+
+        def validate(self) -> None:
+            raise AirflowTimetableInvalid(message)
+
+    return DAG(dag_id=dag_id, schedule=ConfigMistakes(), description="config mistakes", tags=["balances"])

@@ -10,6 +10,7 @@ import os
 
 from extractors.credentials import Credentials
 from extractors.redaction import mask
+from extractors.text import safe_text
 
 DB_CONN_ID = "balances_db"
 DB_URL_ENV = "BALANCES_DB_URL"
@@ -54,5 +55,9 @@ def database_url(*, allow_env_url: bool = True) -> str:
 
 
 def scrub(text: str, secrets: list[str]) -> str:
-    """Remove every known secret from a message before it is logged or stored."""
-    return mask(text, [secret for secret in secrets if secret and len(secret) >= 4])
+    """Remove every known secret from a message before it is logged or stored.
+
+    The result is also storable: a provider's NUL or lone surrogate echoed
+    in an error would otherwise make recording the error fail.
+    """
+    return safe_text(mask(text, [secret for secret in secrets if secret and len(secret) >= 4]))

@@ -32,6 +32,7 @@ check's open breaks in the window that are no longer found.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -39,8 +40,13 @@ from typing import Any, Callable, Iterable
 
 from psycopg2.extras import Json, execute_values
 
+from extractors.text import safe_text
+from loaders import leases
 from loaders.db import transaction
+from loaders.runs import MAX_ERROR_CHARS
 from pipeline.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
+
+log = logging.getLogger(__name__)
 
 # Without --from/--to (and in the DAG) a reconciliation looks back this far.
 DEFAULT_LOOKBACK = timedelta(days=3)
@@ -87,9 +93,16 @@ def default_window(end: datetime, lookback: timedelta = DEFAULT_LOOKBACK) -> tup
 
 def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: datetime, *,
               dag_run_id: str | None = None) -> Reconciliation:
-    """Run ``checks`` over ``[window_from, window_to]``; one transaction per check."""
+    """Run ``checks`` over ``[window_from, window_to]``; one transaction per check.
+
+    The run is held by this session while it works (:mod:`loaders.leases`),
+    so a reconciliation whose process died is reaped (``abandoned``) by the
+    next one; one that fails ends ``failed`` with its error.
+    """
     if window_from > window_to:
         raise ValueError(f"the window starts ({window_from.isoformat()}) after it ends ({window_to.isoformat()})")
+    for run_id in reap_abandoned(conn):
+        log.warning("reconciliation run %d was abandoned by a process that stopped", run_id)
     with transaction(conn) as cur:
         cur.execute(
             """
@@ -99,6 +112,7 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
             (window_from, window_to, list(checks), dag_run_id),
         )
         run = Reconciliation(cur.fetchone()[0], window_from, window_to, list(checks))
+        leases.take(cur, leases.RECONCILIATION, run.run_id)
     try:
         for check in checks.values():
             found = find_breaks(conn, check, window_from, window_to)
@@ -108,12 +122,34 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
             run.breaks_open += counts["open"]
             run.breaks_new += counts["new"]
             run.breaks_resolved += counts["resolved"]
+        _finish(conn, run, "succeeded", None)
     except BaseException as exc:
-        conn.rollback()
-        _finish(conn, run, "failed", f"{type(exc).__name__}: {exc}")
+        _record_failure(conn, run, exc)
         raise
-    _finish(conn, run, "succeeded", None)
+    finally:
+        leases.release(conn, leases.RECONCILIATION, run.run_id)
     return run
+
+
+def reap_abandoned(conn) -> list[int]:
+    """Mark reconciliation runs whose process died as ``abandoned``."""
+    with transaction(conn) as cur:
+        cur.execute("SELECT run_id FROM reconciliation_runs WHERE status = 'running' ORDER BY run_id")
+        candidates = [r[0] for r in cur.fetchall()]
+    reaped = []
+    for run_id in candidates:
+        with transaction(conn) as cur:
+            if not leases.reapable(cur, leases.RECONCILIATION, run_id):
+                continue  # still at work
+            cur.execute(
+                "UPDATE reconciliation_runs SET status = 'abandoned', finished_at = now(),"
+                " error = 'the process running this reconciliation stopped before finishing it'"
+                " WHERE run_id = %s AND status = 'running'",
+                (run_id,),
+            )
+            leases.forget(cur, leases.RECONCILIATION, run_id)
+            reaped.append(run_id)
+    return reaped
 
 
 def _finish(conn, run: Reconciliation, status: str, error: str | None) -> None:
@@ -128,6 +164,18 @@ def _finish(conn, run: Reconciliation, status: str, error: str | None) -> None:
             """,
             (status, error, run.checks_run, run.breaks_open, run.breaks_new, run.breaks_resolved, run.run_id),
         )
+
+
+def _record_failure(conn, run: Reconciliation, exc: BaseException) -> None:
+    """Mark the run failed with ``exc``; never raises, so ``exc`` is what the caller sees."""
+    error = safe_text(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
+    try:
+        conn.rollback()
+        _finish(conn, run, "failed", error)
+    except Exception as second:
+        run.status = "failed"
+        log.error("reconciliation run %d failed (%s) and the failure could not be recorded: %s",
+                  run.run_id, error[:500], safe_text(second, 500))
 
 
 def find_breaks(conn, check: Check, window_from: datetime, window_to: datetime) -> list[Break]:

@@ -5,15 +5,21 @@ source (``balances_<source>.png``, linked from both). A chart shows, for the
 source's largest assets in whole units at its latest snapshot in the window,
 the largest accounts over the window. Charts are drawn from floats; the
 break tables print the exact NUMERIC values.
+
+Every file is written to a temporary file in the output directory and then
+renamed over its name: a reader never sees half a report, and a symlink
+planted at ``report.md`` is replaced, never written through.
 """
 from __future__ import annotations
 
 import html
+import os
 import re
+import secrets
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import matplotlib
 
@@ -59,10 +65,50 @@ SELECT b.source, b.asset, b.account, b.as_of, {whole_units('b.balance', 'b')} AS
 """
 
 
+class ReportError(RuntimeError):
+    """The report cannot be written where it was asked to be."""
+
+
+def output_directory(out_dir: Path) -> Path:
+    """``out_dir``, created if missing; ReportError when something else is in the way."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a dangling symlink, or a file on the way
+        raise ReportError(f"--out {out_dir}: a file or a broken symlink is in the way") from None
+    except NotADirectoryError:
+        raise ReportError(f"--out {out_dir}: a parent is not a directory") from None
+    return out_dir
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` through a new temporary file beside it, then rename it over ``path``.
+
+    The temporary name is random and opened with O_EXCL | O_NOFOLLOW, so
+    nothing planted in the directory is followed; the rename replaces
+    whatever ``path`` was (a symlink included) instead of writing into it.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.is_dir() and not path.is_symlink():
+            raise ReportError(f"{path}: is a directory, cannot replace it with the report")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_report(url: str, out_dir: Path, window_from: datetime, window_to: datetime) -> list[Path]:
     """Write the report for ``[window_from, window_to]``; the paths written, HTML first."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_directory(out_dir)
     series = read_series(url, window_from, window_to)
     conn = connect(url, application_name="balances-report")
     try:
@@ -79,8 +125,9 @@ def write_report(url: str, out_dir: Path, window_from: datetime, window_to: date
     sections = [(s, charts.get(s), [b for b in breaks.values() if s in b["sources"]]) for s in sources]
     title = f"Balances {window_from:%Y-%m-%d %H:%M} to {window_to:%Y-%m-%d %H:%M} UTC"
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(render_html(title, len(breaks), sections))
-    md_path.write_text(render_markdown(title, len(breaks), sections))
+    page, markdown = render_html(title, len(breaks), sections), render_markdown(title, len(breaks), sections)
+    write_atomically(html_path, lambda fh: fh.write(page.encode("utf-8")))
+    write_atomically(md_path, lambda fh: fh.write(markdown.encode("utf-8")))
     return [html_path, md_path, *charts.values()]
 
 
@@ -113,8 +160,10 @@ def draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime
     axes[0, 0].set_xlim(start, window[1])
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90)
-    plt.close(fig)
+    try:
+        write_atomically(path, lambda fh: fig.savefig(fh, format="png", dpi=90))
+    finally:
+        plt.close(fig)
     return path
 
 

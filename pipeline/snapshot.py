@@ -6,16 +6,19 @@ runs them back to back with :func:`take_snapshot`.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError
 from extractors.records import Rejection
+from extractors.text import safe_text
 from extractors.registry import provider, stats_of
 from loaders import publish as publishing
 from loaders import runs
 from loaders.budget import RequestBudget
+from loaders.db import transaction
 from loaders.staging import StagingWriter
 from pipeline import connections
 from pipeline.config import SourceConfig
@@ -29,6 +32,29 @@ LIVE_GRACE = timedelta(minutes=30)
 
 class RejectedRecordsError(RuntimeError):
     """More records were rejected than the source allows."""
+
+
+class SnapshotTooFar(SnapshotError):
+    """The provider's snapshot is further from the time asked than the source allows."""
+
+
+def check_snapshot_age(source: SourceConfig, scheduled_for: datetime, as_of: datetime) -> None:
+    """Refuse a snapshot more than ``source.max_snapshot_age`` away from the time asked.
+
+    Called before a snapshot time is recorded on a run (``runs.set_snapshot``).
+    Hedera answers ``timestamp=lte:T`` with its latest snapshot at or before T
+    however old it is: a mirror node missing recent history would pass a 1970
+    snapshot off as today's. A provider's clock far ahead is refused alike.
+    """
+    limit = timedelta(seconds=source.max_snapshot_age)
+    distance = scheduled_for - as_of
+    if abs(distance) > limit:
+        side = "before" if distance > timedelta(0) else "after"
+        raise SnapshotTooFar(
+            f"{source.name}: the provider's snapshot {as_of.isoformat()} is {abs(distance)} {side} the "
+            f"time asked ({scheduled_for.isoformat()}), more than max_snapshot_age ({limit}); "
+            "refusing to store it"
+        )
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,11 +101,33 @@ def close_extractor(extractor) -> None:
 
 
 def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: str | None = None,
-          now: datetime | None = None) -> int:
-    """Open a run for the snapshot due at ``scheduled_for``."""
+          now: datetime | None = None, force: bool = False, hold: bool = False) -> int:
+    """Open a run for the snapshot due at ``scheduled_for``.
+
+    A provider that reports only the present cannot take an interval's
+    snapshot twice: a rerun of an interval it already published is recorded
+    as ``skipped`` (nothing fetched, nothing stored) unless ``force`` asks
+    for a fresh snapshot. With ``hold`` the new run is held by this session
+    from its first moment (see :func:`loaders.runs.hold`).
+    """
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
-    if not provider(source.provider).answers_for_past(source.settings):
+    present_only = not provider(source.provider).answers_for_past(source.settings)
+    for run_id in runs.reap_abandoned(conn, source.name):
+        log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",
+                    source.name, run_id)
+    if present_only and not force:
+        with transaction(conn) as cur:
+            published = runs.published_run(cur, source.name, scheduled_for)
+        if published is not None:
+            reason = (f"{source.name}: the interval ending {scheduled_for.isoformat()} was already "
+                      f"published by run {published}; {source.provider} reports only the present, "
+                      "so a rerun would store a second snapshot of it. Nothing fetched "
+                      f"('balances snapshot {source.name} --force' takes a fresh one)")
+            log.info("%s", reason)
+            return runs.record_skipped(conn, source.name, source.provider, scheduled_for, reason,
+                                       dag_run_id=dag_run_id)
+    if present_only:
         now = now or datetime.now(timezone.utc)
         if scheduled_for < now - LIVE_GRACE:
             raise HistoryUnavailable(
@@ -87,30 +135,99 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
                 f"store them as the snapshot for {scheduled_for.isoformat()} (a backfill or a late "
                 "rerun of a past interval)"
             )
-    for run_id in runs.reap_abandoned(conn, source.name):
-        log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",
-                    source.name, run_id)
     return runs.start_run(conn, source.name, source.provider, scheduled_for,
-                          dag_run_id=dag_run_id, shards=source.shards)
+                          dag_run_id=dag_run_id, shards=source.shards, hold=hold)
+
+
+def chooses_snapshot(source: SourceConfig) -> bool:
+    """Whether the provider picks the run's snapshot before crawling (``CHOOSES_SNAPSHOT``).
+
+    Such an extractor has ``choose_snapshot(at) -> (as_of, as_of_raw) | None``
+    and its ``pages`` accepts ``snapshot=``: every shard then reads the one
+    snapshot recorded on the run.
+    """
+    return getattr(importlib.import_module(f"extractors.{source.provider}"), "CHOOSES_SNAPSHOT", False)
+
+
+def chosen_snapshot(conn, source: SourceConfig, run: runs.Run, extractor) -> tuple[datetime, str] | None:
+    """The run's snapshot: the one recorded, or chosen now and recorded; None if there is none."""
+    if run.as_of_raw is not None:
+        return run.as_of, run.as_of_raw
+    chosen = extractor.choose_snapshot(run.scheduled_for)
+    if chosen is None:
+        return None
+    check_snapshot_age(source, run.scheduled_for, chosen[0])
+    recorded = runs.set_snapshot(conn, run.run_id, *chosen)
+    if recorded != chosen[1]:
+        # Another process chose first (a snapshot was written in between): keep its choice.
+        run = runs.get_run(conn, run.run_id)
+        return run.as_of, run.as_of_raw
+    return chosen
 
 
 def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) -> list[dict]:
-    """The shards of this run: one per ``source.shards``, each with its account range."""
-    if source.shards == 1:
-        return [{"shard": 0, "account_range": None}]
+    """The shards of this run: one per ``source.shards``, each with its account range.
+
+    Runs once per run, so a provider that chooses its snapshot does it here.
+    When the provider holds no snapshot at or before the run's time, the run
+    ends as ``no_snapshot`` and there is no shard to crawl.
+    """
+    single = [{"shard": 0, "account_range": None}]
+    chooses = chooses_snapshot(source)
+    if source.shards == 1 and not chooses:
+        return single
+    runs.resume(conn, run_id)
     run = runs.get_run(conn, run_id)
-    extractor = build_extractor(source, credentials, conn)
+    secrets = credentials.secrets() if credentials else []
+    extractor = None
     try:
-        ranges = extractor.shard_ranges(run.scheduled_for, source.shards)
+        extractor = build_extractor(source, credentials, conn)
+        snapshot = chosen_snapshot(conn, source, run, extractor) if chooses else None
+        if chooses and snapshot is None:
+            message = (f"{source.name}: the provider has no balance snapshot at or before "
+                       f"{run.scheduled_for.isoformat()}")
+            _progress(conn, run_id, extractor, 0, [])
+            runs.finish(conn, run_id, "no_snapshot", error=message)
+            log.info("%s", message)
+            return []
+        if source.shards == 1:
+            ranges = [None]
+        else:
+            ranges = [list(r) for r in extractor.shard_ranges(run.scheduled_for, source.shards, snapshot=snapshot)]
+        _progress(conn, run_id, extractor, 0, [])
+    except BaseException as exc:
+        _record_plan_failure(conn, run_id, exc, secrets, extractor)
+        raise
     finally:
-        close_extractor(extractor)
-    return [{"shard": i, "account_range": list(r)} for i, r in enumerate(ranges)]
+        if extractor is not None:
+            close_extractor(extractor)
+    return [{"shard": i, "account_range": r} for i, r in enumerate(ranges)]
+
+
+def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[str], extractor) -> None:
+    """Record why planning failed. Never raises: ``exc`` is what the caller must see."""
+    error = connections.scrub(f"{type(exc).__name__}: {exc}", secrets)
+    raw = getattr(exc, "raw", None)
+    try:
+        if raw:
+            # The body we could not read is kept, as a crawl keeps it.
+            with transaction(conn) as cur:
+                runs.add_rejections(cur, run_id, 0, [(connections.scrub(raw, secrets),
+                                                      connections.scrub(str(exc), secrets))])
+        if extractor is not None:
+            _progress(conn, run_id, extractor, 0, [])
+    except Exception as second:
+        log.error("run %d failed (%s); could not record its details: %s", run_id, error[:500],
+                  safe_text(second, 500))
+    runs.record_failure(conn, run_id, error)
 
 
 def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
           account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
     """Read the snapshot from the provider and stage it; publish nothing."""
     run = runs.get_run(conn, run_id)
+    if run.status == "skipped":  # a rerun that has nothing to do (see begin)
+        return CrawlResult(run_id, shard, "skipped", 0, 0, 0)
     runs.hold(conn, run_id, shard)
     try:
         return _crawl(conn, source, run, shard, account_range, credentials)
@@ -127,15 +244,39 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
     try:
         extractor = build_extractor(source, credentials, conn)
     except Exception as exc:  # e.g. a Connection without the fields the provider needs
-        runs.finish(conn, run_id, "failed", error=connections.scrub(f"{type(exc).__name__}: {exc}", secrets))
+        runs.record_failure(conn, run_id, connections.scrub(f"{type(exc).__name__}: {exc}", secrets))
         raise
     writer = StagingWriter(conn, run_id, shard)
     pages = 0
+    recorded = False  # the snapshot time of this crawl is on the run
+    # A run read by one crawl of the present takes the time of this crawl,
+    # not of an earlier attempt whose rows were dropped (a task retry).
+    reads_present = source.shards == 1 and not chooses_snapshot(source)
     warnings: list[str] = []
     try:
+        if reads_present:
+            runs.forget_snapshot(conn, run_id)
         kwargs = {"account_range": tuple(account_range)} if account_range else {}
+        if chooses_snapshot(source):
+            snapshot = chosen_snapshot(conn, source, run, extractor)
+            if snapshot is None:  # a crawl started without plan_shards
+                raise NoSnapshotAvailable(f"the provider has no balance snapshot at or before "
+                                          f"{run.scheduled_for.isoformat()}")
+            kwargs["snapshot"] = snapshot
         for page in extractor.pages(run.scheduled_for, **kwargs):
-            if pages == 0:
+            if page.kind == "restart":
+                # The provider's data moved under a live crawl: what is staged
+                # is void, and the extractor reads the snapshot again.
+                writer.abort()
+                writer = StagingWriter(conn, run_id, shard)
+                warnings.extend(page.warnings)
+                if reads_present:
+                    runs.forget_snapshot(conn, run_id)
+                    recorded = False
+                continue
+            if not recorded:
+                recorded = True
+                check_snapshot_age(source, run.scheduled_for, page.as_of)
                 recorded = runs.set_snapshot(conn, run_id, page.as_of, page.as_of_raw)
                 if recorded != page.as_of_raw:
                     raise SnapshotError(
@@ -152,13 +293,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         log.info("%s: %s", source.name, exc)
         return CrawlResult(run_id, shard, "no_snapshot", pages, 0, 0)
     except BaseException as exc:
-        raw = getattr(exc, "raw", None)
-        writer.abort()
-        if raw:
-            # The body we could not read is kept, like any rejected record.
-            writer.add([], [Rejection(raw=connections.scrub(raw, secrets), reason=str(exc))])
-        _progress(conn, run_id, extractor, pages, warnings)
-        runs.finish(conn, run_id, "failed", error=connections.scrub(f"{type(exc).__name__}: {exc}", secrets))
+        _record_crawl_failure(conn, run_id, exc, secrets, writer, extractor, pages, warnings)
         raise
     finally:
         close_extractor(extractor)
@@ -168,9 +303,37 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
     if writer.rejected > source.max_rejected:
         message = (f"{writer.rejected} record(s) rejected, more than the {source.max_rejected} "
                    f"source {source.name} allows; nothing published (see rejected_records for run {run_id})")
-        runs.finish(conn, run_id, "failed", error=message)
+        runs.record_failure(conn, run_id, message)
         raise RejectedRecordsError(message)
     return CrawlResult(run_id, shard, "staged", pages, writer.rows, writer.rejected)
+
+
+def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[str], writer,
+                          extractor, pages: int, warnings: list[str]) -> None:
+    """Record why the crawl failed. Never raises: ``exc`` is what the caller must see.
+
+    Each step is tried on its own (staging dropped, the unreadable body
+    kept, progress counted, the run marked failed with the real error); one
+    that fails, say on a lost connection, is logged and the others still run.
+    """
+    error = connections.scrub(f"{type(exc).__name__}: {exc}", secrets)
+    raw = getattr(exc, "raw", None)
+    steps = [("drop the staged rows", writer.abort)]
+    if raw:
+        # The body we could not read is kept, like any rejected record.
+        steps.append(("keep the unreadable body", lambda: writer.add(
+            [], [Rejection(raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets))])))
+    steps.append(("count the progress", lambda: _progress(conn, run_id, extractor, pages, warnings)))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as second:
+            log.error("run %d failed (%s); could not %s: %s", run_id, error[:500], what, safe_text(second, 500))
+            try:
+                conn.rollback()
+            except Exception:
+                pass  # the connection is gone; record_failure says so
+    runs.record_failure(conn, run_id, error)
 
 
 def _progress(conn, run_id, extractor, pages, warnings) -> None:
@@ -179,22 +342,37 @@ def _progress(conn, run_id, extractor, pages, warnings) -> None:
                       warnings=warnings)
 
 
-def publish(conn, source: SourceConfig, run_id: int) -> publishing.PublishResult:
-    """Make the staged snapshot visible, all of it at once."""
-    return publishing.publish(conn, run_id, shards=source.shards, max_rejected=source.max_rejected)
+def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False) -> publishing.PublishResult:
+    """Make the staged snapshot visible, all of it at once.
+
+    A present-only provider's run whose interval another run published
+    meanwhile ends ``skipped`` (see :func:`begin`), unless ``force``.
+    """
+    present_only = not provider(source.provider).answers_for_past(source.settings)
+    return publishing.publish(conn, run_id, shards=source.shards, max_rejected=source.max_rejected,
+                              once_per_interval=present_only and not force)
 
 
-def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None) -> dict:
-    """begin + crawl + publish in one process (the CLI's ``snapshot`` command)."""
-    run_id = begin(conn, source, at)
-    runs.hold(conn, run_id)  # one process does it all: it holds the run throughout
+def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
+                  force: bool = False) -> dict:
+    """begin + crawl + publish in one process (the CLI's ``snapshot`` command).
+
+    ``force`` takes a fresh snapshot even when a present-only provider's
+    interval is already published (see :func:`begin`).
+    """
+    # One process does it all: it holds the run throughout, from the moment
+    # it exists, so a concurrent begin never reaps it.
+    run_id = begin(conn, source, at, force=force, hold=True)
+    if runs.get_run(conn, run_id).status == "skipped":
+        return runs.summary(conn, run_id)
     try:
         statuses = [
             crawl(conn, source, run_id, credentials=credentials, **shard).status
             for shard in plan_shards(conn, source, run_id, credentials=credentials)
         ]
-        if "no_snapshot" not in statuses:
-            publish(conn, source, run_id)
+        # No shard at all: the run was closed as no_snapshot while planning.
+        if statuses and "no_snapshot" not in statuses:
+            publish(conn, source, run_id, force=force)
     finally:
         if not conn.closed:
             runs.release(conn, run_id)

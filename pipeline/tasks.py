@@ -3,7 +3,8 @@
 Each function opens its own database connection from the Airflow
 Connection ``balances_db`` and returns only ids and counts (XCom never
 carries rows). Errors that a retry cannot fix become
-``AirflowFailException`` so Airflow does not retry them.
+``AirflowFailException`` so Airflow does not retry them, wherever they sit
+in the chain of the exception that reached the task.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Iterator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from extractors.errors import ExtractError
+from extractors.text import safe_text
+from loaders import runs
 from loaders.db import connect
 from loaders.publish import PublishError
 from pipeline import connections, snapshot
@@ -43,23 +46,50 @@ def scheduled_time(context) -> datetime:
     return context.get("data_interval_end") or context["dag_run"].run_after
 
 
+def not_retriable(exc: BaseException) -> BaseException | None:
+    """The error a retry cannot fix that ``exc`` carries, or None.
+
+    The chain is walked from the outside in (``raise ... from``, then the
+    exception being handled when ``exc`` was raised) and the first error
+    that knows whether it is retriable decides: a 400 from the provider
+    stays fatal when something else was raised while handling it, or
+    wrapped it.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ExtractError):
+            return None if exc.retriable else exc
+        if isinstance(exc, (RejectedRecordsError, PublishError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextmanager
 def fatal_errors_fail_fast() -> Iterator[None]:
     try:
         yield
-    except ExtractError as exc:
-        if exc.retriable:
+    except (AirflowFailException, AirflowSkipException):
+        raise
+    except BaseException as exc:
+        fatal = not_retriable(exc)
+        if fatal is None:
             raise
-        raise AirflowFailException(str(exc)) from exc
-    except (RejectedRecordsError, PublishError) as exc:
-        raise AirflowFailException(str(exc)) from exc
+        message = f"{type(fatal).__name__}: {fatal}" if fatal is not exc else str(fatal)
+        raise AirflowFailException(safe_text(message)) from exc
 
 
 def begin_run(source_name: str, context) -> int:
     source = source_config(source_name)
     with fatal_errors_fail_fast(), database() as conn:
-        return snapshot.begin(conn, source, scheduled_time(context),
-                              dag_run_id=context["dag_run"].run_id)
+        run_id = snapshot.begin(conn, source, scheduled_time(context),
+                                dag_run_id=context["dag_run"].run_id)
+        run = runs.get_run(conn, run_id)
+        if run.status == "skipped":
+            # Skipping skips the crawl and the publish too: no Asset event.
+            raise AirflowSkipException(runs.summary(conn, run_id)["error"])
+    return run_id
 
 
 def plan_shards(source_name: str, run_id: int) -> list[dict]:
@@ -87,5 +117,7 @@ def publish_snapshot(source_name: str, run_id: int) -> dict:
     if result.status == "no_snapshot":
         # Skipped, not succeeded: no Asset event for a snapshot that is not there.
         raise AirflowSkipException(f"run {run_id}: the provider had no snapshot to publish")
+    if result.status == "skipped":
+        raise AirflowSkipException(f"run {run_id}: another run published this interval first")
     return {"run_id": run_id, "rows": result.rows_staged, "rows_inserted": result.rows_published,
             "rejected": result.rejected}

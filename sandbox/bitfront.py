@@ -77,8 +77,8 @@ MESSAGES = {  # the statusCode table of the docs; success answers say SUCCESS, n
     6004: "API RPS limit exceeded",
     6005: "Invalid request timestamp",
 }
-_NONCE = re.compile(r"^[1-9]\d{4}$")
-_MILLIS = re.compile(r"^\d{1,15}$")
+_NONCE = re.compile(r"[1-9][0-9]{4}")
+_MILLIS = re.compile(r"[0-9]{1,15}")
 
 
 def _now_ms() -> int:
@@ -134,11 +134,11 @@ class BitfrontExchange:
             return 4001
         if key != self.api_key:
             return 6001
-        if not _MILLIS.match(timestamp):
+        if not _MILLIS.fullmatch(timestamp):
             return 4013
         if not -PAST_TOLERANCE_MS <= int(timestamp) - now < FUTURE_TOLERANCE_MS:
             return 6005
-        if not _NONCE.match(nonce):
+        if not _NONCE.fullmatch(nonce):
             return 4018
         message = f"{nonce}{timestamp}{request.method}{request.path}{request.raw_query}"
         message += request.body.decode("utf-8", "replace")

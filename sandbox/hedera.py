@@ -1,28 +1,68 @@
 """A fake Hedera mirror node: ``/api/v1/balances`` and ``/api/v1/tokens/{id}``.
 
-Behaves as the mirror node's OpenAPI spec and docs say: default order
-``desc``; ``limit`` defaults to 25 and larger values are cut to 100 without
-a word; ``timestamp`` picks the latest snapshot at or before the bound (and
-``null`` before the first snapshot); ``links.next`` is a relative, unencoded
-path repeating the query with ``account.id=lt:<last>`` (or ``gt:`` for
-``asc``) and is null only when a page is short, so an exactly full last
-page is followed by an empty one; unknown parameters get 400 with the
-``_status`` error body; token ``decimals`` is a string.
+Answers as the Hiero mirror node's own REST module does, read from
+``github:mpcq-network/mpcq-mirror-node`` at commit 60af5fda6
+(``rest/balances.js``, ``rest/utils.js``, ``rest/entityId.js``,
+``rest/middleware/requestHandler.js``, ``rest/config/application.yml``) and
+checked against its request/response pairs in
+``rest/__tests__/specs/balances/*.json``:
+
+* Snapshot choice (``getAccountBalanceTimestampRange``): ``timestamp``
+  bounds pick the latest snapshot inside them; ``eq`` means ``lte``;
+  ``ne`` excludes one time. No snapshot in the bounds answers
+  ``{"timestamp": null, "balances": [], "links": {"next": null}}``.
+* ``timestamp`` of an answer is the snapshot's when rows are listed and
+  **null whenever no row is** (``formatBalancesResult``): an empty page
+  after an exactly full last page, and a filter or account range that
+  matches nothing in an existing snapshot, alike.
+* ``account.id`` (``parseAccountIdQueryParam`` / ``parseParams``): repeated
+  values are deduplicated; exact ids (no operator or ``eq``) form one
+  ``IN (...)`` list; every other value is one more condition, all of them
+  **ANDed** (``0.0.98`` with ``gte:0.0.1000`` matches nothing). Ids are
+  ``shard.realm.num``, ``realm.num`` or an encoded integer, compared as
+  encoded ids (``entityId.js``). More than 100 values of one parameter
+  get 400 (``maxRepeatedQueryParameters``).
+* ``links.next`` (``getPaginationLink`` / ``getNextParamQueries`` /
+  ``updateReqQuery`` / ``isEmptyRange``): null unless the page is full;
+  otherwise the query as parsed (keys in first-seen order, values
+  decoded and written back unencoded) with ``account.id`` values matching
+  ``lt[e]?:`` (desc) or ``gt[e]?:`` (asc) removed and the anchor
+  ``lt:<last>`` / ``gt:<last>`` added — added only when the *original*
+  ``account.id`` value, as JavaScript writes an array (joined with
+  commas), starts with ``gt``/``lt``, or when no ``account.id`` is left. So
+  a query of exact ids only gets a link that **repeats the request**, and
+  a link whose range is empty (``gte:0.0.20`` then ``lt:0.0.20``) is null.
+* ``limit`` defaults to 25, larger values are cut to 100, 0 is refused;
+  ``order`` defaults to ``desc``; unknown parameters get 400 with the
+  ``_status`` body; token ``decimals`` is a string.
+
+Not reproduced: the importer's month-partition bound (a snapshot more than
+a month older than the requested time is not found by the real node),
+aliases and EVM addresses as ``account.id``, ``account.balance`` and
+``account.publickey`` filtering (accepted, ignored), live balances when no
+``timestamp`` is given (the latest snapshot is served instead).
 """
 from __future__ import annotations
 
 import bisect
-import time
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from sandbox.server import Request, Response, json_response
 
-ALLOWED = {"account.id", "account.balance", "account.publickey", "limit", "order", "timestamp"}
-_OP = re.compile(r"^(?:(eq|ne|lt|lte|gt|gte):)?(.+)$")
-_ID = re.compile(r"^(?:(\d{1,10})\.)?(?:(\d{1,10})\.)?(\d{1,10})$")
-_TS = re.compile(r"^(\d{1,12})(?:\.(\d{1,9}))?$")
+ALLOWED = ("account.balance", "account.id", "account.publickey", "limit", "order", "timestamp")
+OPERATORS = ("eq", "ne", "lt", "lte", "gt", "gte")
+MAX_REPEATED = 100  # config.query.maxRepeatedQueryParameters
+DEFAULT_LIMIT, MAX_LIMIT = 25, 100  # config.response.limit
+# entityId.js: entityIdRegex and encodedEntityIdRegex (JavaScript's \d is ASCII).
+_ENTITY_ID = re.compile(r"(?:([0-9]{1,4})\.)?([0-9]{1,5})\.([0-9]{1,12})")
+_ENCODED_ID = re.compile(r"-?[0-9]{1,19}")
+_TS = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,9}))?")  # utils.isValidTimestampParam
+_POSITIVE = re.compile(r"[0-9]{1,19}")
+_GT_LT = re.compile(r"[gl]te?:")  # utils.gtLtPattern, anchored at the start
+_SHARD_BITS, _REALM_BITS, _NUM_BITS = 10, 16, 38
 
 
 @dataclass(slots=True)
@@ -54,14 +94,63 @@ class Snapshot:
 
 
 def timestamp_nanos(text: str) -> int:
-    match = _TS.match(text)
+    match = _TS.fullmatch(text)
     if not match:
         raise ValueError(text)
     return int(match[1]) * 10**9 + int((match[2] or "0").ljust(9, "0"))
 
 
-def error(status: int, message: str) -> Response:
-    return json_response({"_status": {"messages": [{"message": message}]}}, status=status)
+def encode_id(shard: int, realm: int, num: int) -> int:
+    return (shard << (_REALM_BITS + _NUM_BITS)) | (realm << _NUM_BITS) | num
+
+
+def parse_entity_id(text: str, shard: int = 0, realm: int = 0) -> int | None:
+    """The encoded id of ``shard.realm.num``, ``realm.num`` or an encoded integer; None if invalid."""
+    match = _ENTITY_ID.fullmatch(text)
+    if match:
+        return encode_id(int(match[1]) if match[1] is not None else shard, int(match[2]), int(match[3]))
+    if _ENCODED_ID.fullmatch(text):
+        value = int(text)
+        return value if 0 <= value < 2**63 else None
+    return None
+
+
+def split_operator(value: str) -> tuple[str, str] | None:
+    """``op:value`` as utils.parseOperatorAndValueFromQueryParam splits it."""
+    parts = value.split(":")
+    if len(parts) == 1:
+        return "eq", parts[0]
+    if len(parts) == 2 and parts[0] in OPERATORS:
+        return parts[0], parts[1]
+    return None
+
+
+def parse_query(pairs: list[tuple[str, str]]) -> dict[str, str | list[str]]:
+    """requestQueryParser: keys lowercased in first-seen order, repeats merged into a list."""
+    query: dict[str, str | list[str]] = {}
+    for key, value in pairs:
+        key = key.lower()
+        if key in query:
+            current = query[key]
+            query[key] = (current if isinstance(current, list) else [current]) + [value]
+        else:
+            query[key] = value
+    return query
+
+
+def values_of(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def js_string(value: str | list[str]) -> str:
+    """How JavaScript turns the value into a string for ``RegExp.test``."""
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def error(status: int, *messages: str) -> Response:
+    return json_response({"_status": {"messages": [{"message": m} for m in messages]}}, status=status)
 
 
 class HederaMirror:
@@ -76,7 +165,7 @@ class HederaMirror:
     def __call__(self, request: Request) -> Response:
         if request.method != "GET":
             return error(405, "Method not allowed")
-        if request.path == "/api/v1/balances":
+        if request.path.rstrip("/") == "/api/v1/balances":
             return self.balances(request)
         if request.path.startswith("/api/v1/tokens/"):
             return self.token(request.path.rsplit("/", 1)[1])
@@ -91,38 +180,54 @@ class HederaMirror:
             "type": "FUNGIBLE_COMMON",
         })
 
+    # -- the request ---------------------------------------------------------
+
+    def _invalid(self, query: dict[str, str | list[str]]) -> list[str]:
+        """utils.validateReq: every bad parameter, in the order given."""
+        bad = []
+        for key, value in query.items():
+            if key not in ALLOWED:
+                bad.append(f"Unknown query parameter: {key}")
+                continue
+            values = values_of(value)
+            if len(values) > MAX_REPEATED:
+                bad.append(f"Parameter values count exceeds maximum number allowed: {key} "
+                           f"count: {len(values)} max: {MAX_REPEATED}")
+                continue
+            for v in values:
+                if not self._valid(key, v):
+                    bad.append(f"Invalid parameter: {key}")
+        return bad
+
+    def _valid(self, key: str, value: str) -> bool:
+        split = value.split(":")
+        if len(split) > 2:
+            return False
+        op, val = ("eq", split[0]) if len(split) == 1 else (split[0], split[1])
+        if op not in OPERATORS:
+            return False
+        if key == "account.id":
+            return parse_entity_id(val, self.shard, self.realm) is not None
+        if key == "limit":
+            return bool(_POSITIVE.fullmatch(val)) and int(val) > 0
+        if key == "order":
+            return val.lower() in ("asc", "desc")
+        if key == "timestamp":
+            return bool(_TS.fullmatch(val))
+        return True
+
     def balances(self, request: Request) -> Response:
-        for name, _ in request.query:
-            if name not in ALLOWED:
-                return error(400, f"Unknown query parameter: {name}")
-        try:
-            limit = min(int(request.params("limit")[-1]), 100) if request.params("limit") else 25
-            if limit < 1:
-                raise ValueError
-        except ValueError:
-            return error(400, "Invalid parameter: limit")
-        order = (request.params("order") or ["desc"])[-1]
-        if order not in ("asc", "desc"):
-            return error(400, "Invalid parameter: order")
-        try:
-            snapshot = self._choose(request.params("timestamp"))
-            low, high, excluded, exact = self._account_bounds(request.params("account.id"))
-        except ValueError as exc:
-            return error(400, f"Invalid parameter: {exc}")
+        query = parse_query(request.query)
+        bad = self._invalid(query)
+        if bad:
+            return error(400, *bad)
+        limits = values_of(query.get("limit"))
+        limit = min(int(limits[-1]), MAX_LIMIT) if limits else DEFAULT_LIMIT
+        order = "asc" if js_string(query.get("order", "desc")).lower() == "asc" else "desc"
+        snapshot = self._choose(values_of(query.get("timestamp")))
         if snapshot is None:
             return json_response({"timestamp": None, "balances": [], "links": {"next": None}})
-        nums = snapshot.nums
-        start = bisect.bisect_left(nums, low)
-        stop = bisect.bisect_right(nums, high)
-        picked: list[int] = []
-        indices = range(start, stop) if order == "asc" else range(stop - 1, start - 1, -1)
-        for i in indices:
-            num = nums[i]
-            if num in excluded or (exact is not None and num not in exact):
-                continue
-            picked.append(num)
-            if len(picked) == limit:
-                break
+        picked = self._pick(snapshot, values_of(query.get("account.id")), order, limit)
         balances = []
         for num in picked:
             account = snapshot.account(num)
@@ -132,70 +237,113 @@ class HederaMirror:
                 "tokens": [{"token_id": t, "balance": b} for t, b in account.tokens],
             })
         next_link = None
-        if len(picked) == limit:
-            next_link = self._next_link(request, order, picked[-1])
-        return json_response({"timestamp": snapshot.timestamp, "balances": balances,
-                              "links": {"next": next_link}})
+        if len(balances) == limit:
+            next_link = self._next_link(request.path, query, order, balances[-1]["account"])
+        # formatBalancesResult: the timestamp comes from the rows; no row, no timestamp.
+        return json_response({"timestamp": snapshot.timestamp if balances else None,
+                              "balances": balances, "links": {"next": next_link}})
 
     def _id(self, num: int) -> str:
         return f"{self.shard}.{self.realm}.{num}"
 
     def _choose(self, params: list[str]) -> Snapshot | None:
-        upper = None  # (nanos, inclusive)
-        lower = None
-        for param in params:
-            op, value = _OP.match(param).groups()
-            try:
-                nanos = timestamp_nanos(value)
-            except ValueError:
-                raise ValueError("timestamp") from None
-            if op in (None, "eq", "lte"):  # eq behaves as lte for balances
-                upper = (nanos, True)
+        """getOptimizedTimestampRange + getAccountBalanceTimestampRange."""
+        if not params:
+            return self.snapshots[-1] if self.snapshots else None
+        lower, upper, excluded = 0, 2**63 - 1, set()
+        for param in dict.fromkeys(params):  # parseParams dedupes
+            op, value = split_operator(param)
+            nanos = timestamp_nanos(value)
+            if op in ("eq", "lte"):  # eq is turned into lte for balances
+                upper = min(upper, nanos)
             elif op == "lt":
-                upper = (nanos, False)
-            elif op in ("gt", "gte"):
-                lower = (nanos, op == "gte")
+                upper = min(upper, nanos - 1)
+            elif op == "gte":
+                lower = max(lower, nanos)
+            elif op == "gt":
+                lower = max(lower, nanos + 1)
             else:
-                raise ValueError("timestamp")
-        candidates = self.snapshots
-        if upper is not None:
-            candidates = [s for s in candidates if s.nanos < upper[0] or (upper[1] and s.nanos == upper[0])]
-        if lower is not None:
-            candidates = [s for s in candidates if s.nanos > lower[0] or (lower[1] and s.nanos == lower[0])]
+                excluded.add(nanos)
+        candidates = [s for s in self.snapshots if lower <= s.nanos <= upper and s.nanos not in excluded]
         return candidates[-1] if candidates else None
 
-    def _account_bounds(self, params: list[str]):
-        low, high = 0, 10**12
-        excluded: set[int] = set()
+    def _pick(self, snapshot: Snapshot, params: list[str], order: str, limit: int) -> list[int]:
+        """The page's account numbers: every ``account.id`` condition ANDed."""
+        base = encode_id(self.shard, self.realm, 0)
+        low, high = base, base + 2**_NUM_BITS - 1  # this fake's accounts share one shard.realm
         exact: set[int] | None = None
-        for param in params:
-            op, value = _OP.match(param).groups()
-            match = _ID.match(value)
-            if not match:
-                raise ValueError("account.id")
-            num = int(match[3])
-            if op in (None, "eq"):
-                exact = (exact or set()) | {num}
+        excluded: set[int] = set()
+        for param in dict.fromkeys(params):
+            op, value = split_operator(param)
+            encoded = parse_entity_id(value, self.shard, self.realm)
+            if op == "eq":
+                exact = (exact or set()) | {encoded}
             elif op == "ne":
-                excluded.add(num)
+                excluded.add(encoded)
             elif op == "lt":
-                high = min(high, num - 1)
+                high = min(high, encoded - 1)
             elif op == "lte":
-                high = min(high, num)
+                high = min(high, encoded)
             elif op == "gt":
-                low = max(low, num + 1)
-            elif op == "gte":
-                low = max(low, num)
-        return low, high, excluded, exact
+                low = max(low, encoded + 1)
+            else:
+                low = max(low, encoded)
+        if exact is not None:
+            wanted = sorted(e - base for e in exact if low <= e <= high and e not in excluded)
+            present = [n for n in wanted if _holds(snapshot.nums, n)]
+            return (present if order == "asc" else present[::-1])[:limit]
+        nums = snapshot.nums
+        start, stop = bisect.bisect_left(nums, low - base), bisect.bisect_right(nums, high - base)
+        indices = range(start, stop) if order == "asc" else range(stop - 1, start - 1, -1)
+        picked = []
+        for i in indices:
+            if nums[i] + base in excluded:
+                continue
+            picked.append(nums[i])
+            if len(picked) == limit:
+                break
+        return picked
 
-    def _next_link(self, request: Request, order: str, last: int) -> str:
-        # The real node repeats the query as received, values unencoded, with
-        # the paging bound replaced: lt:<last> for desc, gt:<last> for asc.
-        cursor_ops = ("lt", "lte") if order == "desc" else ("gt", "gte")
-        kept = [(k, v) for k, v in request.query
-                if not (k == "account.id" and _OP.match(v).group(1) in cursor_ops)]
-        kept.append(("account.id", f"{'lt' if order == 'desc' else 'gt'}:{self._id(last)}"))
-        return request.path + "?" + "&".join(f"{k}={v}" for k, v in kept)
+    def _next_link(self, path: str, query: dict[str, str | list[str]], order: str, last: str) -> str | None:
+        """getNextParamQueries with lastValueMap {account.id: last}, as the real node builds it."""
+        query = dict(query)
+        cursor = re.compile(r"gte?:" if order == "asc" else r"lte?:")  # operatorPatterns, unanchored
+        anchor = f"{'gt' if order == 'asc' else 'lt'}:{last}"
+        original = query.get("account.id")
+        if isinstance(original, list):
+            query["account.id"] = [v for v in original if not cursor.search(v)]
+        elif original is not None and cursor.search(original):
+            del query["account.id"]
+        if "account.id" in query:
+            if _GT_LT.match(js_string(original)):
+                query["account.id"] = values_of(query["account.id"]) + [anchor]
+        else:
+            query["account.id"] = anchor
+        if self._empty_range(values_of(query["account.id"])):
+            return None
+        pairs = [(k, v) for k, value in query.items() for v in values_of(value)]
+        return path.rstrip("/") + "?" + "&".join(f"{k}={v}" for k, v in pairs)
+
+    def _empty_range(self, values: list[str]) -> bool:
+        """utils.isEmptyRange on the ``gt``/``lt`` values of the next link."""
+        lower = upper = None
+        for value in values:
+            if not _GT_LT.match(value):
+                continue
+            op, text = split_operator(value)
+            encoded = parse_entity_id(text, self.shard, self.realm)
+            if op in ("gt", "gte"):
+                encoded += op == "gt"
+                lower = encoded if lower is None else max(lower, encoded)
+            else:
+                encoded -= op == "lt"
+                upper = encoded if upper is None else min(upper, encoded)
+        return lower is not None and upper is not None and upper < lower
+
+
+def _holds(nums: Sequence[int], num: int) -> bool:
+    i = bisect.bisect_left(nums, num)
+    return i < len(nums) and nums[i] == num
 
 
 def generated_snapshot(timestamp: str, accounts: int, *, tokens_every: int = 0,
@@ -219,7 +367,9 @@ def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
     A snapshot's balances follow from its time alone, as on a real mirror
     node: a demo run next hour serves the same book for 10:15 as this one did.
     """
-    latest = now_seconds - now_seconds % 900
+    # A second back: the snapshot's sub-second part must not lie after the
+    # moment the app is made, or "now" would pick the snapshot before it.
+    latest = (now_seconds - 1) - (now_seconds - 1) % 900
     tokens = {"0.0.5001": 6, "0.0.5002": 2}
     snapshots = []
     for at in (latest - 1800, latest - 900, latest):

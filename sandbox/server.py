@@ -3,7 +3,9 @@
 Each fake is a function from :class:`Request` to :class:`Response`. The
 server records every request (headers included, so tests can check that no
 credential reached a host it should not) and can be told to misbehave:
-answer with a status, reset the connection, stall, or cut a body short.
+answer with a status, reset the connection, stall, cut a body short, trickle
+it, or send it padded to any size and compressed, without holding it in
+memory (a gzip bomb is a few lines).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -55,7 +58,14 @@ class Fault:
 
     ``kind`` is ``status`` (answer with ``response``), ``reset`` (close the
     connection without answering), ``delay`` (stall ``seconds`` then answer
-    normally) or ``truncate`` (send half of the real body and hang up).
+    normally), ``truncate`` (send half of the real body and hang up),
+    ``trickle`` (send the headers, then the body one byte every ``seconds``)
+    or ``pad`` (the real body with ``size`` bytes of JSON whitespace after
+    its first byte, generated while sending: still the same JSON).
+
+    ``encoding`` (``gzip`` or ``deflate``) compresses a ``pad`` body on the
+    fly, sent chunked; ``chunked`` sends an uncompressed one without a
+    Content-Length, so only reading it tells its size.
     """
 
     kind: str
@@ -64,6 +74,9 @@ class Fault:
     response: Response | None = None
     seconds: float = 0.0
     after: int = 0  # let this many matching requests through first
+    size: int = 0
+    encoding: str = ""
+    chunked: bool = False
 
 
 _NUMBER = re.compile(r'"@@num:([^"@]+)@@"')
@@ -83,6 +96,18 @@ def _number_token(value: Any) -> str:
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(status=status, body=dumps(value), headers=dict(headers or {}))
+
+
+_PAD_PART = b" " * (1024 * 1024)
+
+
+def _padded(body: bytes, size: int):
+    """``body`` with ``size`` spaces after its first byte, in parts of at most 1 MiB."""
+    yield body[:1]
+    while size > 0:
+        yield _PAD_PART[:size]
+        size -= len(_PAD_PART)
+    yield body[1:]
 
 
 class FakeServer:
@@ -195,7 +220,12 @@ class FakeServer:
                         response = server.app(request)
                     except Exception as exc:  # a bug in a fake must show, not hang the client
                         response = json_response({"error": f"fake crashed: {exc!r}"}, status=500)
-                self._write(response, truncate=fault is not None and fault.kind == "truncate")
+                if fault is not None and fault.kind == "trickle":
+                    self._trickle(response, fault.seconds)
+                elif fault is not None and fault.kind == "pad":
+                    self._pad(response, fault)
+                else:
+                    self._write(response, truncate=fault is not None and fault.kind == "truncate")
 
             def _write(self, response: Response, truncate: bool = False) -> None:
                 reason = REASONS.get(response.status, "Status")
@@ -208,5 +238,59 @@ class FakeServer:
                 self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
                 if truncate:
                     self.close_connection = True
+
+            def _head(self, response: Response, extra: list[str]) -> None:
+                reason = REASONS.get(response.status, "Status")
+                head = [f"HTTP/1.1 {response.status} {reason}",
+                        f"Content-Type: {response.content_type}"] + extra
+                head += [f"{k}: {v}" for k, v in response.headers.items()]
+                self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode())
+                self.wfile.flush()
+
+            def _trickle(self, response: Response, seconds: float) -> None:
+                self.close_connection = True
+                self._head(response, [f"Content-Length: {len(response.body)}"])
+                try:
+                    for i in range(len(response.body)):
+                        self.wfile.write(response.body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(seconds)
+                except OSError:  # the client gave up: what the fault is for
+                    pass
+
+            def _pad(self, response: Response, fault: Fault) -> None:
+                self.close_connection = True
+                body = response.body
+                parts = _padded(body, fault.size)
+                try:
+                    if fault.encoding:
+                        wbits = {"gzip": 31, "deflate": 15}[fault.encoding]
+                        packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+                        self._head(response, [f"Content-Encoding: {fault.encoding}",
+                                              "Transfer-Encoding: chunked"])
+                        for part in parts:
+                            self._chunk(packer.compress(part))
+                        self._chunk(packer.flush())
+                        self._last_chunk()
+                    elif fault.chunked:
+                        self._head(response, ["Transfer-Encoding: chunked"])
+                        for part in parts:
+                            self._chunk(part)
+                        self._last_chunk()
+                    else:
+                        self._head(response, [f"Content-Length: {len(body) + fault.size}"])
+                        for part in parts:
+                            self.wfile.write(part)
+                    self.wfile.flush()
+                except OSError:  # the client refused the rest: what the fault is for
+                    pass
+
+            def _chunk(self, data: bytes) -> None:
+                # An empty chunk would end the body: only the last one may be.
+                if data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            def _last_chunk(self) -> None:
+                self.wfile.write(b"0\r\n\r\n")
 
         return Handler

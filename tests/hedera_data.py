@@ -24,3 +24,23 @@ def mirror(accounts: int = 57) -> HederaMirror:
          Snapshot.of(T3, book(3, accounts))],
         tokens={"0.0.7001": 4},
     )
+
+
+# The network of the trial: 250 accounts (the treasury, 0.0.98 and
+# 0.0.1001 to 0.0.1248), two snapshots. 100 of them are at or below 0.0.1098,
+# so "lte:0.0.1098" with the default limit of 100 ends on a full page.
+NETWORK_NUMS = [2, 98] + list(range(1001, 1249))
+
+
+def network_book(step: int) -> dict[int, Account]:
+    holdings = {}
+    for num in NETWORK_NUMS:
+        tokens = [("0.0.7001", num * 10 + step)] if num % 50 == 0 else []
+        holdings[num] = Account(balance=num * 1_000 + step, tokens=tokens)
+    holdings[2] = Account(balance=BIG + step)
+    return holdings
+
+
+def network() -> HederaMirror:
+    return HederaMirror([Snapshot.of(T1, network_book(1)), Snapshot.of(T2, network_book(2))],
+                        tokens={"0.0.7001": 4})

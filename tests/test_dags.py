@@ -11,7 +11,7 @@ from pipeline.demo import write_sources
 from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
 from tests.sandboxes import PROVIDERS, demo_app, install_connection, source_keys
 from sandbox.hedera import Account
-from tests.hedera_data import T2, mirror
+from tests.hedera_data import NETWORK_NUMS, T2, mirror, network
 
 pytestmark = pytest.mark.airflow
 
@@ -48,10 +48,13 @@ def test_example_config_builds_one_dag_per_source(airflow_env):
 
 
 def test_broken_config_is_an_import_error_naming_the_field(airflow_env):
-    write_config('[sources.bad]\nprovider = "hedera"\nbase_url = "http://x"\nlimit = 500\n')
+    write_config('[sources.bad]\nprovider = "hedera"\nbase_url = "http://x"\nlimit = 500\n'
+                 + hedera_config("http://127.0.0.1:9", name="fine"))
     bag = dag_bag()
     errors = " ".join(bag.import_errors.values())
     assert "sources.bad.limit" in errors and "100" in errors
+    # The mistake costs only its own source's DAG.
+    assert "balances_fine" in bag.dags and "balances_bad" not in bag.dags
 
 
 def test_dag_run_publishes_a_snapshot_and_updates_the_asset(airflow_env, db, serve):
@@ -97,6 +100,34 @@ def test_dag_run_with_a_fatal_error_fails_without_publishing(airflow_env, db, se
     assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("failed",)]
     assert fetch(db, "SELECT count(*) > 0 FROM rejected_records") == [(True,)]
+
+
+def test_dag_run_before_the_first_snapshot_ends_as_no_snapshot(airflow_env, db, serve):
+    server = serve(mirror())
+    write_config(hedera_config(server.url))
+    dag = load_dag("balances_hedera_dagtest")
+    dag_run = dag.test(logical_date=datetime(2023, 6, 1, tzinfo=timezone.utc))
+    # Planning found no snapshot: no shard to crawl, nothing to publish, no failure.
+    assert dag_run.state == "success"
+    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["crawl_snapshot"] == "skipped" and states["publish_snapshot"] == "skipped"
+    assert fetch(db, "SELECT status, as_of_raw FROM snapshot_runs") == [("no_snapshot", None)]
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
+
+
+def test_sharded_dag_loads_the_readme_account_ids(airflow_env, db, serve):
+    server = serve(network())
+    write_config(hedera_config(server.url, extra='shards = 3\naccount_ids = ["0.0.98", "gte:0.0.1000"]'))
+    dag = load_dag("balances_hedera_dagtest")
+    dag_run = dag.test(logical_date=datetime.fromtimestamp(1700001000, tz=timezone.utc))
+    assert dag_run.state == "success"
+    nums = [n for n in NETWORK_NUMS if n == 98 or n >= 1000]
+    expected = len(nums) + sum(1 for n in nums if n % 50 == 0)  # HBAR rows + token rows
+    assert fetch(db, "SELECT status, as_of_raw, rows, rejected FROM snapshot_runs") == [
+        ("published", T2, expected, 0)]
+    assert fetch(db, "SELECT count(DISTINCT account), min(account) FROM balance_history") == [
+        (len(nums), "0.0.1001")]
+    assert fetch(db, "SELECT count(*) FROM balance_history WHERE account IN ('0.0.2', '0.0.98')") == [(1,)]
 
 
 def test_sharded_dag_maps_one_crawl_per_shard_and_publishes_once(airflow_env, db, serve):

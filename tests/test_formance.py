@@ -12,13 +12,15 @@ import pytest
 import requests
 
 from extractors.credentials import Credentials
-from extractors.errors import HistoryUnavailable, MalformedResponseError, ProviderError
-from extractors.formance import asset_decimals, format_pit
+from extractors.errors import (HistoryUnavailable, LedgerUnavailable, MalformedResponseError, ProviderError,
+                               SnapshotError, SnapshotMoved)
+from extractors.formance import address_matches, asset_decimals, format_pit
 from extractors.records import RecordError
 from extractors.registry import provider
 from pipeline.config import ConfigError
 from pipeline.snapshot import RejectedRecordsError, build_extractor, take_snapshot
-from sandbox.formance import TOKEN_PATH, FormanceStack, Ledger
+from sandbox.formance import (MOVES_HISTORY, TOKEN_PATH, FormanceStack, Ledger, v1x_address_matches,
+                              v2_address_matches)
 from sandbox.server import Fault, Response, json_response
 from tests.conftest import fetch, make_source
 
@@ -123,11 +125,11 @@ def test_v1_stops_on_has_more_and_follow_ups_send_only_the_cursor(db, serve):
     bodies = []
     app = Rewrite(stack(), BALANCES, lambda body: bodies.append(body) or body)
     server = serve(app)
-    take_snapshot(db, formance_source(server, page_size=2, address="users:.*"), now(), credentials=CREDS)
+    take_snapshot(db, formance_source(server, page_size=2, address="users:"), now(), credentials=CREDS)
     requests = ledger_requests(server, "/main/balances")
     # users:001..004 fill exactly two pages: hasMore false on the second, no third request.
     assert len(requests) == 2
-    assert sorted(requests[0].query) == [("address", "users:.*"), ("pageSize", "2")]
+    assert sorted(requests[0].query) == [("address", "users:"), ("pageSize", "2")]
     assert [name for name, _ in requests[1].query] == ["cursor"]
     assert requests[1].params("cursor") == [bodies[0]["cursor"]["next"]]
     # The last page omits next (absent, not null) and the crawl ended cleanly.
@@ -161,14 +163,14 @@ def test_has_more_without_next_is_malformed(db, serve):
 
 def test_aggregate_lands_beside_the_snapshot_it_was_read_with(db, serve):
     server = serve(stack())
-    take_snapshot(db, formance_source(server, address="users:.*"), now(), credentials=CREDS)
+    take_snapshot(db, formance_source(server, address="users:"), now(), credentials=CREDS)
     as_of = history(db)[0][4]
     assert aggregates(db) == [("COIN", Decimal(7), 0, as_of), ("EUR/2", Decimal(0), 2, as_of),
                               ("USD/2", Decimal(BIG + 345), 2, as_of)]
     summed = fetch(db, "SELECT asset, sum(balance) FROM balance_history GROUP BY asset ORDER BY asset")
     assert summed == [(a, b) for a, b, _, _ in aggregates(db)]
     aggregate_request = ledger_requests(server, "/aggregate/balances")[0]
-    assert aggregate_request.query == [("address", "users:.*")]
+    assert aggregate_request.query == [("address", "users:")]
 
 
 def test_v1_refuses_a_past_snapshot_time(db, serve):
@@ -177,29 +179,19 @@ def test_v1_refuses_a_past_snapshot_time(db, serve):
         take_snapshot(db, formance_source(server), now() - timedelta(hours=2), credentials=CREDS)
     assert server.request_count == 0
     assert provider("formance").answers_for_past(formance_source(server).settings) is False
-    assert provider("formance").answers_for_past(formance_source(server, api="v2").settings) is True
+    for api in ("v2", "v2-standalone"):
+        assert provider("formance").answers_for_past(formance_source(server, api=api).settings) is True
 
 
 def test_v1_standalone_uses_the_ledgers_own_paths(db, serve):
     server = serve(stack(mounts=("",)))
-    with pytest.raises(ProviderError) as caught:
+    with pytest.raises(LedgerUnavailable, match='no v1 API at /api/ledger/_info.*api = "v1-standalone"'):
         take_snapshot(db, formance_source(server), now(), credentials=CREDS)
-    assert caught.value.status == 404 and caught.value.code == "NOT_FOUND"
     server.clear()
     summary = take_snapshot(db, formance_source(server, api="v1-standalone"), now(), credentials=CREDS)
     assert summary["status"] == "published" and len(history(db)) == 8
     assert {r.path for r in server.requests if r.path != TOKEN_PATH} == {
-        "/main/balances", "/main/aggregate/balances"}
-
-
-def test_provider_error_is_surfaced_with_its_code(db, serve):
-    server = serve(stack())
-    with pytest.raises(ProviderError) as caught:
-        take_snapshot(db, formance_source(server, ledger="nope"), now(), credentials=CREDS)
-    assert caught.value.code == "NOT_FOUND" and not caught.value.retriable
-    error = fetch(db, "SELECT status, error FROM snapshot_runs")[0]
-    assert error[0] == "failed"
-    assert "HTTP 404" in error[1] and "NOT_FOUND: ledger nope not found" in error[1]
+        "/_info", "/main/balances", "/main/aggregate/balances"}
 
 
 def test_5xx_with_empty_body_and_internal_errors_are_retried(db, serve):
@@ -240,7 +232,7 @@ def test_asset_scale_comes_from_the_suffix():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ConfigError, match="api: must be one of v1, v1-standalone, v2"):
+    with pytest.raises(ConfigError, match="api: must be one of v1, v1-standalone, v2, v2-standalone"):
         make_source("f", provider="formance", base_url="http://f", ledger="main", api="v3")
     with pytest.raises(ConfigError, match="page_size: must be between 1 and 100 for the v2 API"):
         make_source("f", provider="formance", base_url="http://f", ledger="main", api="v2", page_size=500)
@@ -258,14 +250,15 @@ def test_token_is_fetched_once_and_sent_on_every_request(db, serve):
     server = serve(app)
     summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert app.tokens_issued == 1
-    # The token fetch counts among the run's requests: 1 + 3 pages + the aggregate.
-    assert summary["requests"] == server.request_count == 5
+    # The token fetch counts among the run's requests: 1 + _info + 3 pages + the aggregate
+    # before and after them.
+    assert summary["requests"] == server.request_count == 7
     token_request = server.requests[0]
     assert token_request.method == "POST" and token_request.path == TOKEN_PATH
     form = dict(parse_qsl(token_request.body.decode()))
     assert form == {"grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET}
     calls = [r for r in server.requests if r.path != TOKEN_PATH]
-    assert len(calls) == 4
+    assert len(calls) == 6
     assert {r.header("authorization") for r in calls} == {f"Bearer {app.issued[0]}"}
 
 
@@ -304,7 +297,7 @@ def test_401_renews_the_token_once_and_resends(db, serve):
     summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert summary["status"] == "published" and summary["retries"] == 0
     assert app.tokens_issued == 2 and len(history(db)) == 8
-    assert summary["requests"] == server.request_count == 7
+    assert summary["requests"] == server.request_count == 9
     # The resent request carried the new token.
     resent = ledger_requests(server, "/main/balances")[2]
     assert resent.header("authorization") == f"Bearer {app.issued[1]}"
@@ -328,7 +321,7 @@ def test_second_401_is_fatal(db, serve):
         take_snapshot(db, formance_source(server), now(), credentials=CREDS)
     assert caught.value.status == 401 and not caught.value.retriable
     assert "after renewing the access token" in str(caught.value)
-    assert app.tokens_issued == 2 and len(ledger_requests(server)) == 2
+    assert app.tokens_issued == 2 and len(ledger_requests(server, "/main/balances")) == 2
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("failed",)]
 
 
@@ -384,7 +377,9 @@ def test_v2_backfill_reads_the_ledger_at_the_scheduled_time(db, serve):
     first, *follow_ups = ledger_requests(server, "/accounts")
     assert sorted(first.query) == [("expand", "volumes"), ("pageSize", "2"), ("pit", format_pit(BETWEEN))]
     assert follow_ups and all([k for k, _ in r.query] == ["cursor"] for r in follow_ups)
-    assert ledger_requests(server, "/aggregate/balances")[0].query == [("pit", format_pit(BETWEEN))]
+    # On the volumes' time axis: insertion dates.
+    assert ledger_requests(server, "/aggregate/balances")[0].query == [
+        ("pit", format_pit(BETWEEN)), ("useInsertionDate", "true")]
     assert all(r.header("formance-bigint-as-string") == "true" for r in ledger_requests(server, ""))
 
     take_snapshot(db, source, AFTER, credentials=CREDS)
@@ -395,7 +390,7 @@ def test_v2_backfill_reads_the_ledger_at_the_scheduled_time(db, serve):
 
 def test_v2_amounts_are_exact_as_strings_and_as_numbers(serve):
     seen = []
-    app = Rewrite(stack(moving_book()), "/v2/main/accounts", lambda body: seen.append(body) or body)
+    app = Rewrite(stack(moving_book()), "/api/ledger/v2/main/accounts", lambda body: seen.append(body) or body)
     server = serve(app)
     extractor = build_extractor(formance_source(server, api="v2"), CREDS)
     as_strings = [r for p in extractor.pages(AFTER) for r in p.rows]
@@ -407,8 +402,9 @@ def test_v2_amounts_are_exact_as_strings_and_as_numbers(serve):
     assert world(seen[0]) == {"input": "0", "output": str(BIG), "balance": str(-BIG)}
     assert world(seen[1]) == {"input": 0, "output": BIG, "balance": -BIG}
     assert as_strings == as_numbers
+    # v2 lists accounts in ascending address order.
     assert [(r.account, r.balance) for r in as_numbers if r.account] == [
-        ("world", -BIG), ("users:002", 100), ("users:001", BIG - 100)]
+        ("users:001", BIG - 100), ("users:002", 100), ("world", -BIG)]
 
 
 def test_v2_address_filter_goes_in_the_body(db, serve):
@@ -417,7 +413,9 @@ def test_v2_address_filter_goes_in_the_body(db, serve):
     take_snapshot(db, formance_source(server, api="v2", address="users:"), AFTER, credentials=CREDS)
     assert {r[0] for r in history(db)} == {"users:001", "users:002"}
     assert aggregates(db) == [("USD/2", Decimal(BIG), 2, AFTER)]
-    for request in ledger_requests(server, ""):
+    reads = ledger_requests(server, "/accounts") + ledger_requests(server, "/aggregate/balances")
+    assert len(reads) == 2
+    for request in reads:
         assert json.loads(request.body) == {"$match": {"address": "users:"}}
 
 
@@ -438,3 +436,282 @@ def test_demo_source_and_connection_work_together(db, serve, monkeypatch):
     rows = {(r[0], r[1]): (r[2], r[3]) for r in history(db)}
     assert rows[("treasury:hedera", "HBAR/8")] == (Decimal(12_345_678_900_000_000), 8)
     assert {asset for _, asset in rows} == {"HBAR/8", "USD/2", "EUR/2", "COIN"}
+
+
+# -- the real server's behaviours (issue 12's table, row by row) ----------------
+
+
+def runs(db):
+    return fetch(db, "SELECT status, error, warnings FROM snapshot_runs ORDER BY run_id")
+
+
+@pytest.mark.parametrize("server_version", ["v1.x", "v2.2", "v2.4.12"])
+def test_1_unknown_ledger_is_an_error_and_nothing_is_created(db, serve, server_version):
+    app = stack(server=server_version)
+    server = serve(app)
+    # The trap: a v1 route on an unknown ledger creates it and answers empty.
+    trap = requests.get(f"{server.url}/api/ledger/typo/balances",
+                        headers={"Authorization": f"Bearer {_token(server)}"})
+    assert trap.status_code == 200 and trap.json()["cursor"]["data"] == [] and app.created == ["typo"]
+    with pytest.raises(LedgerUnavailable, match="ledger 'nope' does not exist .*'main'"):
+        take_snapshot(db, formance_source(server, ledger="nope"), now(), credentials=CREDS)
+    assert app.created == ["typo"] and "nope" not in app.ledgers
+    assert [r.path for r in ledger_requests(server, "_info")] == ["/api/ledger/_info"]
+    assert not ledger_requests(server, "/nope/balances") and history(db) == []
+    assert runs(db)[0][0] == "failed" and "does not exist" in runs(db)[0][1]
+
+
+def test_1_unknown_ledger_on_v2_is_an_error(db, serve):
+    app = stack()
+    server = serve(app)
+    with pytest.raises(LedgerUnavailable, match="ledger 'nope' does not exist: HTTP 404 .*NOT_FOUND"):
+        take_snapshot(db, formance_source(server, ledger="nope", api="v2"), AFTER, credentials=CREDS)
+    assert [r.path for r in server.requests if r.path != TOKEN_PATH] == ["/api/ledger/v2/nope"]
+    assert "nope" not in app.ledgers
+
+
+def test_1_a_ledger_holding_no_account_fails_unless_allowed(db, serve):
+    server = serve(FormanceStack({"main": Ledger(), "other": book()}, clients={CLIENT: SECRET}))
+    with pytest.raises(SnapshotError, match="holds no account with a balance .*allow_empty = true"):
+        take_snapshot(db, formance_source(server), now(), credentials=CREDS)
+    # A filter that matches nothing looks the same.
+    with pytest.raises(SnapshotError, match=r"ledger 'other' \(address 'nobody:'\) holds no account"):
+        take_snapshot(db, formance_source(server, ledger="other", address="nobody:"), now(), credentials=CREDS)
+    summary = take_snapshot(db, formance_source(server, allow_empty=True), now(), credentials=CREDS)
+    assert summary["status"] == "published" and history(db) == []
+    assert any("holds no account" in w for w in runs(db)[-1][2])
+
+
+def test_2_only_filters_that_mean_the_same_everywhere_are_accepted():
+    for bad, why in [("users:.*", "not a literal"), ("users:00[12]", "not a literal"), ("*", "not a literal"),
+                     ("users:...", "not a literal"), ("users:001,users:002", "comma"),
+                     ("u", "one character")]:
+        with pytest.raises(ConfigError, match=f"^sources.f.address: .*{why}"):
+            make_source("f", provider="formance", base_url="http://f", ledger="main", address=bad)
+    for good in ("users:", "users:001", "treasury:hedera", ":001", "users::savings", "a-b_c:"):
+        make_source("f", provider="formance", base_url="http://f", ledger="main", address=good)
+    make_source("f", provider="formance", base_url="http://f", ledger="main", address="u", api="v2")
+    # What the refused ones would do: a regex on v1.x, nothing on a v2.x server's v1 routes.
+    assert v1x_address_matches("users:.*", "users:001:savings")
+    assert not v2_address_matches("users:.*", "users:001") and not v2_address_matches("users:00[12]", "users:001")
+    assert v1x_address_matches("users:00[12]", "users:001")
+    assert address_matches("users:", "users:001") and not address_matches("users:", "users:001:savings")
+
+
+def test_2_the_sandbox_serves_v1_filters_as_each_server_does(serve):
+    ledger = book().transfer(T0, "world", "users:001:savings", "USD/2", 9)
+    listed = {}
+    for version in ("v1.x", "v2.2", "v2.3", "v2.4.12"):
+        server = serve(stack(ledger, server=version))
+        headers = {"Authorization": f"Bearer {_token(server)}"}
+        for pattern in ("users:.*", "users:", "users:..."):
+            body = requests.get(f"{server.url}{BALANCES}", params={"address": pattern}, headers=headers).json()
+            listed[version, pattern] = sorted(a for r in body["cursor"]["data"] for a in r)
+    two = ["users:001", "users:002", "users:003"]
+    assert listed["v1.x", "users:.*"] == sorted(two + ["users:001:savings"])
+    assert listed["v1.x", "users:"] == two  # v1.x lists only accounts that moved: no users:004
+    assert all(listed[v, "users:.*"] == [] for v in ("v2.2", "v2.3", "v2.4.12"))
+    assert listed["v2.2", "users:"] == listed["v2.4.12", "users:"] == two + ["users:004"]
+    assert listed["v2.3", "users:"] == sorted(two + ["users:004", "users:001:savings"])
+    assert listed["v2.3", "users:..."] == two + ["users:004"] and listed["v2.2", "users:..."] == []
+    assert listed["v2.4.12", "users:..."] == sorted(two + ["users:004", "users:001:savings"])
+
+
+def test_2_a_stray_address_fails_the_run_and_is_never_stored(db, serve):
+    # v2.3.0 to v2.4.11 match a trailing ':' at any depth.
+    ledger = book().transfer(T0, "world", "users:001:savings", "USD/2", 9)
+    server = serve(stack(ledger, server="v2.3"))
+    for api in ("v1", "v2"):
+        with pytest.raises(SnapshotError, match="listed 'users:001:savings', outside the address filter "
+                                                r"\(v2.3.0 to v2.3.21 .* at any depth"):
+            take_snapshot(db, formance_source(server, address="users:", api=api), now(), credentials=CREDS)
+    assert history(db) == [] and aggregates(db) == []
+    assert [r[0] for r in runs(db)] == ["failed", "failed"]
+
+
+def test_3_v2_2_compatibility_layer_losing_the_filter_fails_the_run(db, serve):
+    server = serve(stack(server="v2.2"))
+    with pytest.raises(SnapshotError, match="listed 'world', outside the address filter .*v2.3.0 fixed it"):
+        take_snapshot(db, formance_source(server, address="users:", page_size=3), now(), credentials=CREDS)
+    # Page 2 was asked with the cursor alone and came back unfiltered.
+    follow_up = ledger_requests(server, "/main/balances")[-1]
+    assert [k for k, _ in follow_up.query] == ["cursor"]
+    assert history(db) == []
+    fixed = serve(stack(server="v2.4.12"))
+    summary = take_snapshot(db, formance_source(fixed, address="users:", page_size=2), now(), credentials=CREDS)
+    assert summary["status"] == "published"
+    assert {r[0] for r in history(db)} == {"users:001", "users:002", "users:003"}
+
+
+def test_4_v2_through_the_gateway_and_standalone(db, serve):
+    gateway = serve(stack(moving_book(), mounts=("/api/ledger",)))
+    take_snapshot(db, formance_source(gateway, api="v2"), AFTER, credentials=CREDS)
+    assert {r.path for r in gateway.requests if r.path != TOKEN_PATH} == {
+        "/api/ledger/v2/main", "/api/ledger/v2/main/accounts", "/api/ledger/v2/main/aggregate/balances"}
+    with pytest.raises(LedgerUnavailable, match='no v2 API at /v2/main: .*api = "v2"'):
+        take_snapshot(db, formance_source(gateway, api="v2-standalone"), AFTER, credentials=CREDS)
+    standalone = serve(stack(moving_book(), mounts=("",)))
+    with pytest.raises(LedgerUnavailable, match='no v2 API at /api/ledger/v2/main: .*api = "v2-standalone"'):
+        take_snapshot(db, formance_source(standalone, api="v2"), AFTER, credentials=CREDS)
+    summary = take_snapshot(db, formance_source(standalone, api="v2-standalone", ledger="main"),
+                            AFTER - timedelta(minutes=1), credentials=CREDS)
+    assert summary["status"] == "published"
+    assert {r.path for r in standalone.requests if r.path.startswith("/v2/")} == {
+        "/v2/main", "/v2/main/accounts", "/v2/main/aggregate/balances"}
+    # A v1.x server has no v2 API at all.
+    old = serve(stack(moving_book(), server="v1.x", mounts=("",)))
+    with pytest.raises(LedgerUnavailable, match="a v1.x server has only the v1 API"):
+        take_snapshot(db, formance_source(old, api="v2-standalone"), AFTER, credentials=CREDS)
+
+
+def test_5_backdated_transaction_keeps_one_time_axis(db, serve):
+    # Effective before the snapshot time, inserted after it.
+    ledger = moving_book().transfer(T0, "world", "users:003", "USD/2", 50, inserted=AFTER + timedelta(hours=1))
+    server = serve(stack(ledger))
+    url = f"{server.url}/api/ledger/v2/main/aggregate/balances"
+    headers = {"Authorization": f"Bearer {_token(server)}"}
+    by_effective = requests.get(url, params={"pit": format_pit(AFTER)}, headers=headers).json()["data"]
+    by_insertion = requests.get(url, params={"pit": format_pit(AFTER), "useInsertionDate": "true"},
+                                headers=headers).json()["data"]
+    assert by_effective == {"USD/2": 0} and by_insertion == {"USD/2": 0}
+    filtered = {"$match": {"address": "users:"}}
+    assert requests.get(url, params={"pit": format_pit(AFTER)}, headers=headers,
+                        json=filtered).json()["data"] == {"USD/2": BIG + 50}
+    take_snapshot(db, formance_source(server, api="v2", address="users:"), AFTER, credentials=CREDS)
+    # The volumes do not hold the backdated 50 yet; neither does the aggregate read beside them.
+    assert {r[0]: r[2] for r in history(db)} == {"users:001": BIG - 100, "users:002": 100}
+    assert aggregates(db) == [("USD/2", Decimal(BIG), 2, AFTER)]
+
+
+def test_5_a_ledger_lacking_a_feature_is_named(db, serve):
+    ledger = moving_book()
+    ledger.features[MOVES_HISTORY] = "DISABLED"
+    server = serve(stack(ledger))
+    with pytest.raises(LedgerUnavailable, match="feature MOVES_HISTORY='DISABLED'.*need MOVES_HISTORY=ON"):
+        take_snapshot(db, formance_source(server, api="v2"), AFTER, credentials=CREDS)
+    # What the server itself answers, should it be asked anyway.
+    ledger.features["MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES"] = "DISABLED"
+    extractor = build_extractor(formance_source(server, api="v2"), CREDS)
+    with pytest.raises(ProviderError, match='missing feature "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES"'
+                                            ".*created without a feature"):
+        extractor.client.get_json("/api/ledger/v2/main/aggregate/balances", {"pit": format_pit(AFTER)})
+
+
+def test_6_an_account_added_between_pages_makes_the_crawl_start_again(db, serve):
+    app = stack()
+    server = serve(app)
+    moved_at = []
+
+    def move(ledger):
+        moved_at.append(now())
+        ledger.transfer(moved_at[0], "world", "users:000", "USD/2", 5)
+
+    # Sorted ascending, users:000 lands before the offset: page 2 repeats an address.
+    app.after_pages(1, move)
+    summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
+    assert summary["status"] == "published"
+    # The snapshot is the second pass's: its time is after the move, not the voided first pass's.
+    assert summary["as_of"] > moved_at[0]
+    assert {r[4] for r in history(db)} == {summary["as_of"]}
+    [(_, _, warnings)] = runs(db)
+    assert any("listed twice" in w and "reading it again" in w for w in warnings)
+    rows = {(r[0], r[1]): r[2] for r in history(db)}
+    assert rows[("users:000", "USD/2")] == 5 and rows[("world", "USD/2")] == -(BIG + 345 + 5)
+    # Before the first pass (cut short by the repeat), then before and after the second.
+    assert len(ledger_requests(server, "/main/aggregate/balances")) == 3
+
+
+def test_6_movement_inside_the_filter_or_between_read_accounts_is_caught(db, serve):
+    app = stack()
+    server = serve(app)
+    app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:003", "COIN", 1))
+    take_snapshot(db, formance_source(server, page_size=2, address="users:"), now(), credentials=CREDS)
+    assert any("aggregate balances changed" in w for w in runs(db)[-1][2])
+    assert {(r[0], r[1]): r[2] for r in history(db)}[("users:003", "COIN")] == 8
+    # Unfiltered, a transfer between two accounts keeps the aggregate: the listed sum shows it.
+    app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:001", "COIN", 2))
+    take_snapshot(db, formance_source(server, page_size=2), now() + timedelta(seconds=1), credentials=CREDS)
+    assert any("do not add up" in w for w in runs(db)[-1][2])
+
+
+def test_6_a_ledger_that_never_holds_still_fails_the_run(db, serve):
+    app = stack()
+    server = serve(app)
+    for i in range(1, 40):
+        app.after_pages(i, lambda ledger, i=i: ledger.transfer(now(), "world", f"users:000{i}", "USD/2", 1))
+    with pytest.raises(SnapshotMoved, match='moved during each of 3 crawls .*Use api = "v2"'):
+        take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
+    assert history(db) == [] and runs(db)[0][0] == "failed"
+    assert fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'") == [(0,)]
+
+
+def test_7_v1x_aggregate_regex_is_unanchored_so_such_filters_are_refused(serve):
+    assert v1x_address_matches("users:00.", "users:001")
+    assert not v1x_address_matches("users:00.", "users:x001")
+    assert v1x_address_matches("users:00.", "users:x001", aggregate=True)  # like_regex, unanchored
+    assert v1x_address_matches("users:001", "users:001", aggregate=True)
+    assert not v1x_address_matches("users:001", "users:x001", aggregate=True)  # word segments: ==
+    with pytest.raises(ConfigError, match="sources.f.address: segment '00.'"):
+        make_source("f", provider="formance", base_url="http://f", ledger="main", address="users:00.")
+
+
+def test_8_v1x_filter_details(db, serve):
+    server = serve(stack(server="v1.x"))
+    headers = {"Authorization": f"Bearer {_token(server)}"}
+    crash = requests.get(f"{server.url}{BALANCES}", params={"address": "u"}, headers=headers)
+    assert crash.status_code == 500 and crash.content == b""
+    assert v1x_address_matches("users:", "users:001") and v1x_address_matches("users:*", "users:001")
+    assert v1x_address_matches("users:.*", "users") and v1x_address_matches("users:.*", "users:1:2")
+    summary = take_snapshot(db, formance_source(server, address="users:", page_size=2), now(), credentials=CREDS)
+    assert summary["status"] == "published"
+    assert {r[0] for r in history(db)} == {"users:001", "users:002", "users:003"}
+
+
+def test_9_asset_notation_as_the_server_defines_it(db, serve):
+    assert [asset_decimals(a) for a in ("USD/999", "EUR_CENTS/2", "A/16383", "X1_Y")] == [999, 2, 16383, 0]
+    with pytest.raises(RecordError, match="valid on the ledger, but above 16383"):
+        asset_decimals("USD/999999")
+    for bad in ("USD/1000000", "USD_/2", "USD_cents/2", "USD/\u0662", "USD/2\n", "_USD"):
+        with pytest.raises(RecordError, match="not a Formance asset"):
+            asset_decimals(bad)
+    ledger = Ledger.of(T0, {"world": {"GOLD/300": -7, "EUR_CENTS/2": -3}, "users:001": {"GOLD/300": 7},
+                            "users:002": {"EUR_CENTS/2": 3}})
+    server = serve(stack(ledger))
+    take_snapshot(db, formance_source(server), now(), credentials=CREDS)
+    assert {(r[0], r[1]): (r[2], r[3]) for r in history(db)}[("users:001", "GOLD/300")] == (7, 300)
+    units = fetch(db, "SELECT balance_units FROM balance_history_units WHERE account = 'users:001'")
+    assert units == [(Decimal(7).scaleb(-300),)]
+
+
+def test_10_missing_scope_is_403_with_an_empty_body(db, serve):
+    app = stack(server="v1.x", required_scope="accounts:read")
+    server = serve(app)
+    with pytest.raises(ProviderError, match="HTTP 403 .*lacks a scope") as caught:
+        take_snapshot(db, formance_source(server), now(), credentials=CREDS)
+    assert caught.value.status == 403 and not caught.value.retriable
+    scoped = Credentials(CLIENT, SECRET, {"scope": "accounts:read"})
+    summary = take_snapshot(db, formance_source(server), now(), credentials=scoped)
+    assert summary["status"] == "published" and app.scopes[-1] == "accounts:read"
+
+
+def test_10_sort_orders_differ_and_the_crawl_does_not_care(db, serve):
+    orders = {}
+    for version in ("v1.x", "v2.4.12"):
+        server = serve(stack(server=version))
+        headers = {"Authorization": f"Bearer {_token(server)}"}
+        body = requests.get(f"{server.url}{BALANCES}", headers=headers).json()
+        orders[version] = [a for r in body["cursor"]["data"] for a in r]
+        take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
+    assert orders["v1.x"] == sorted(orders["v1.x"], reverse=True)
+    assert orders["v2.4.12"] == sorted(orders["v2.4.12"])
+    server = serve(stack())
+    body = requests.get(f"{server.url}/api/ledger/v2/main/accounts",
+                        headers={"Authorization": f"Bearer {_token(server)}"}).json()
+    assert [a["address"] for a in body["cursor"]["data"]] == sorted(orders["v2.4.12"])
+    assert [r[0] for r in runs(db)] == ["published", "published"]
+
+
+def _token(server) -> str:
+    answer = requests.post(f"{server.url}{TOKEN_PATH}", data={
+        "grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET})
+    return answer.json()["access_token"]

@@ -12,7 +12,7 @@ from pipeline.snapshot import RejectedRecordsError, begin, crawl, publish, take_
 from sandbox.hedera import Account, HederaMirror, Snapshot
 from sandbox.server import Fault, Response, json_response
 from tests.conftest import fetch, make_source
-from tests.hedera_data import BIG, T1, T2, T3, mirror
+from tests.hedera_data import BIG, NETWORK_NUMS, T1, T2, T3, mirror, network, network_book
 
 AFTER_T3 = datetime(2023, 11, 14, 23, 0, tzinfo=timezone.utc)  # later than every snapshot
 BETWEEN_T2_T3 = datetime.fromtimestamp(1700001000, tz=timezone.utc)
@@ -47,9 +47,12 @@ def test_crawl_follows_every_page_and_lands_exactly(db, serve):
     # 58 accounts at 10 per page: 6 pages, the last one short.
     assert summary["pages"] == 6
     balances_requests = [r for r in server.requests if r.path == "/api/v1/balances"]
-    assert len(balances_requests) == 6
+    # One unfiltered lookup chose the snapshot, then the 6 pages asked for exactly it.
+    assert len(balances_requests) == 7
+    assert balances_requests[0].query == [("timestamp", f"lte:{format_timestamp(AFTER_T3)}"), ("limit", "1")]
+    assert all(("timestamp", f"lte:{T3}") in r.query for r in balances_requests[1:])
     # Follow-up requests used the server's own unencoded next link.
-    assert "account.id=lt:0.0." in balances_requests[1].raw_query
+    assert "account.id=lt:0.0." in balances_requests[2].raw_query
 
 
 def test_token_rows_carry_the_tokens_decimals_fetched_once(db, serve):
@@ -137,7 +140,8 @@ def test_changed_history_for_a_held_snapshot_is_refused(db, serve):
 
 def test_failure_mid_crawl_leaves_no_partial_snapshot(db, serve):
     server = serve(mirror())
-    server.inject(Fault("status", times=100, path="/api/v1/balances", after=2,
+    # The snapshot lookup and two pages get through.
+    server.inject(Fault("status", times=100, path="/api/v1/balances", after=3,
                         response=json_response({"_status": {"messages": [{"message": "down"}]}}, 503)))
     source = hedera_source(server, limit=10, max_attempts=3)
     with pytest.raises(ProviderError, match="HTTP 503"):
@@ -232,7 +236,8 @@ class _LinkTo:
 
     def __call__(self, request):
         response = self.app(request)
-        if request.path == "/api/v1/balances" and self.links:
+        # The snapshot lookup (limit=1) follows no link: only crawl pages are relinked.
+        if request.path == "/api/v1/balances" and self.links and ("limit", "1") not in request.query:
             import json
 
             body = json.loads(response.body)
@@ -322,10 +327,12 @@ def test_sharded_crawl_loads_the_same_snapshot_as_one_crawl(db, serve):
     sharded = take_snapshot(db, hedera_source(server, limit=10, shards=3), AFTER_T3)
     assert history(db) == expected
     assert sharded["rows"] == whole["rows"]
-    # The highest account is 0.0.1057: three ranges of 353 account numbers.
-    first_requests = [r.query for r in server.requests if ("account.id", "gte:0.0.0") in r.query]
-    assert ("account.id", "lt:0.0.353") in first_requests[0]
-    assert any(("account.id", "gte:0.0.706") in r.query for r in server.requests)
+    # The highest account is 0.0.1057: three ranges of 353 account numbers,
+    # the first open below, the last open above.
+    queries = [r.query for r in server.requests if r.path == "/api/v1/balances"]
+    assert any(q[2:] == [("account.id", "lte:0.0.352")] for q in queries)
+    assert any(q[2:] == [("account.id", "gte:0.0.353"), ("account.id", "lte:0.0.705")] for q in queries)
+    assert any(q[2:] == [("account.id", "gte:0.0.706")] for q in queries)
 
 
 def test_shards_are_refused_for_providers_that_cannot_split(db):
@@ -364,10 +371,291 @@ def test_source_rate_limit_paces_a_crawl(db, serve):
 
     started = clock.monotonic()
     summary = take_snapshot(db, hedera_source(server, limit=10, rate_limit=10), AFTER_T3)
-    # 6 balance pages + 1 token lookup at 10 requests/s, burst 10: no wait needed...
-    assert summary["requests"] == 7
+    # The snapshot lookup, 6 balance pages, 1 token lookup at 10 requests/s, burst 10: no wait needed...
+    assert summary["requests"] == 8
     fast = clock.monotonic() - started
     started = clock.monotonic()
     take_snapshot(db, hedera_source(server, limit=10, rate_limit=2), AFTER_T3)
-    # ...at 2/s with a bucket of 2, the 7 requests need at least 2.5 s.
-    assert clock.monotonic() - started >= 2.4 > fast
+    # ...at 2/s with a bucket of 2, the 8 requests need at least 3 s.
+    assert clock.monotonic() - started >= 2.9 > fast
+
+
+# --- the sandbox answers as the real mirror node's rest/ module does -------------
+
+def ask(app, query: str):
+    """One request to the sandbox app, without a server: (status, body)."""
+    import json
+    from urllib.parse import parse_qsl
+
+    from sandbox.server import Request
+
+    path, _, raw = query.partition("?") if query.startswith("/") else ("/api/v1/balances", "", query)
+    response = app(Request("GET", path, raw, parse_qsl(raw, keep_blank_values=True), {}))
+    return response.status, json.loads(response.body)
+
+
+def accounts_of(body) -> list[str]:
+    return [b["account"] for b in body["balances"]]
+
+
+def test_sandbox_empty_page_after_a_full_last_page_has_a_null_timestamp():
+    status, body = ask(network(), f"account.id=lte:0.0.1098&limit=100&timestamp=lte:{T2}")
+    assert status == 200 and len(body["balances"]) == 100 and body["timestamp"] == T2
+    # The anchor replaces the lte: bound (rest/utils.js updateReqQuery).
+    assert body["links"]["next"] == f"/api/v1/balances?limit=100&timestamp=lte:{T2}&account.id=lt:0.0.2"
+    assert ask(network(), body["links"]["next"]) == (
+        200, {"timestamp": None, "balances": [], "links": {"next": None}})
+
+
+def test_sandbox_ands_repeated_account_ids_and_lists_exact_ones():
+    assert ask(network(), f"account.id=0.0.98&account.id=gte:0.0.1000&timestamp=lte:{T2}")[1] == {
+        "timestamp": None, "balances": [], "links": {"next": None}}
+    _, body = ask(network(), f"account.id=0.0.98&account.id=0.0.1001&account.id=0.0.98&timestamp=lte:{T2}")
+    assert accounts_of(body) == ["0.0.1001", "0.0.98"] and body["timestamp"] == T2
+    _, body = ask(network(), f"account.id=gte:0.0.1100&account.id=lt:0.0.1103&timestamp=lte:{T2}")
+    assert accounts_of(body) == ["0.0.1102", "0.0.1101", "0.0.1100"]
+
+
+def test_sandbox_next_link_of_exact_ids_repeats_the_request():
+    query = f"account.id=0.0.2&account.id=0.0.98&account.id=0.0.1100&limit=2&timestamp=lte:{T2}"
+    _, body = ask(network(), query)
+    assert accounts_of(body) == ["0.0.1100", "0.0.98"]
+    assert body["links"]["next"] == "/api/v1/balances?" + query
+    # An exact id first and a range after: JavaScript tests "0.0.5,gte:..." against
+    # ^[gl]te?: and adds no anchor either.
+    _, body = ask(network(), f"account.id=0.0.1100&account.id=gte:0.0.1000&limit=1&timestamp=lte:{T2}")
+    assert body["links"]["next"] == f"/api/v1/balances?account.id=0.0.1100&account.id=gte:0.0.1000&limit=1&timestamp=lte:{T2}"
+
+
+def test_sandbox_links_as_in_the_real_specs():
+    # rest/__tests__/specs/balances/limit.json: no account.id, asc: the anchor goes last.
+    _, body = ask(network(), f"limit=2&order=asc&timestamp={T2}")
+    assert body["links"]["next"] == f"/api/v1/balances?limit=2&order=asc&timestamp={T2}&account.id=gt:0.0.98"
+    # Same file: gte:0.0.20, limit 2, desc ends on 0.0.20: the link's range is empty, so no link.
+    _, body = ask(network(), f"account.id=gte:0.0.1247&limit=2&timestamp={T2}")
+    assert accounts_of(body) == ["0.0.1248", "0.0.1247"] and body["links"]["next"] is None
+    # A range kept beside the anchor.
+    _, body = ask(network(), f"account.id=gte:0.0.1000&limit=2&timestamp={T2}")
+    assert body["links"]["next"] == f"/api/v1/balances?account.id=gte:0.0.1000&account.id=lt:0.0.1247&limit=2&timestamp={T2}"
+
+
+def test_sandbox_snapshot_choice_and_empty_answers():
+    empty = {"timestamp": None, "balances": [], "links": {"next": None}}
+    # timestamp-empty-result.json: nothing at or before the time.
+    assert ask(network(), "timestamp=1600000000")[1] == empty
+    # eq (and no operator) means lte for balances.
+    assert ask(network(), "timestamp=eq:1700000899&limit=1")[1]["timestamp"] == T1
+    assert ask(network(), "timestamp=1700000900.123456789&limit=1")[1]["timestamp"] == T2
+    assert ask(network(), "timestamp=lt:1700000900.123456789&limit=1")[1]["timestamp"] == T1
+    # not-found.json: a filter matching nothing in an existing snapshot.
+    assert ask(network(), f"account.id=gte:0.0.5000&timestamp=lte:{T2}")[1] == empty
+
+
+@pytest.mark.parametrize("query, message", [
+    ("account.id=0.0.98%0A", "Invalid parameter: account.id"),
+    ("account.id=%EF%BC%90.0.98", "Invalid parameter: account.id"),
+    ("account.id=like:0.0.98", "Invalid parameter: account.id"),
+    ("limit=0", "Invalid parameter: limit"),
+    ("timestamp=12.5.1", "Invalid parameter: timestamp"),
+    ("token.id=0.0.1", "Unknown query parameter: token.id"),
+    ("&".join(["account.id=0.0.1"] * 101), "Parameter values count exceeds maximum number allowed: account.id"),
+])
+def test_sandbox_refuses_what_the_real_node_refuses(query, message):
+    status, body = ask(network(), query)
+    assert status == 400 and body["_status"]["messages"][0]["message"].startswith(message)
+
+
+# --- every configuration the README documents loads what the node holds ---------
+
+class Recording:
+    """The app, keeping each balances answer so a test can see what the node said."""
+
+    def __init__(self, app):
+        self.app, self.answers = app, []
+
+    def __call__(self, request):
+        import json
+
+        response = self.app(request)
+        if request.path == "/api/v1/balances":
+            self.answers.append((request.query, json.loads(response.body)))
+        return response
+
+
+def network_rows(nums, step=2) -> list[tuple]:
+    """The history rows that the network's snapshot ``step`` holds for ``nums``."""
+    book = network_book(step)
+    rows = []
+    for num in nums:
+        rows.append((f"0.0.{num}", "HBAR", Decimal(book[num].balance), 8, T2))
+        rows.extend((f"0.0.{num}", t, Decimal(b), 4, T2) for t, b in book[num].tokens)
+    return sorted(rows)
+
+
+def test_range_ending_on_a_full_page_loads_every_account(db, serve):
+    app = Recording(network())
+    summary = take_snapshot(db, hedera_source(serve(app), account_ids=["lte:0.0.1098"]), BETWEEN_T2_T3)
+    assert summary["status"] == "published"
+    assert history(db) == network_rows([n for n in NETWORK_NUMS if n <= 1098])
+    # The node gave the full page a link, and the page behind it no timestamp.
+    assert app.answers[-2][1]["links"]["next"] is not None
+    assert app.answers[-1][1] == {"timestamp": None, "balances": [], "links": {"next": None}}
+
+
+def test_network_a_multiple_of_limit_loads_whole(db, serve):
+    app = Recording(network())
+    summary = take_snapshot(db, hedera_source(serve(app), limit=50), BETWEEN_T2_T3)
+    assert summary["status"] == "published" and summary["pages"] == 6
+    assert history(db) == network_rows(NETWORK_NUMS)
+    assert app.answers[-1][1]["timestamp"] is None
+
+
+def test_readme_example_loads_the_account_and_the_range(db, serve):
+    app = Recording(network())
+    source = hedera_source(serve(app), account_ids=["0.0.98", "gte:0.0.1000"])
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert summary["status"] == "published" and summary["rejected"] == 0
+    assert history(db) == network_rows([n for n in NETWORK_NUMS if n == 98 or n >= 1000])
+    # Each expression on its own: never both account.id values in one request.
+    for query, _ in app.answers:
+        assert len([v for k, v in query if k == "account.id" and not v.startswith("lt:")]) <= 1
+
+
+def test_exact_ids_beyond_one_page_are_asked_in_groups(db, serve):
+    app = Recording(network())
+    source = hedera_source(serve(app), account_ids=["0.0.2", "0.0.98", "0.0.1100"], limit=2)
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert summary["status"] == "published"
+    assert history(db) == network_rows([2, 98, 1100])
+    lookups = [q for q, _ in app.answers if ("limit", "2") in q]
+    assert [[v for k, v in q if k == "account.id"] for q in lookups] == [["0.0.2", "0.0.98"], ["0.0.1100"]]
+    # The first answer's next link repeats the request: it was not followed.
+    assert app.answers[1][1]["links"]["next"].endswith("account.id=0.0.2&account.id=0.0.98")
+
+
+def test_shards_with_an_empty_range_publish_the_whole_snapshot(db, serve):
+    app = Recording(network())
+    summary = take_snapshot(db, hedera_source(serve(app), shards=3), BETWEEN_T2_T3)
+    assert summary["status"] == "published"
+    assert history(db) == network_rows(NETWORK_NUMS)
+    # 0.0.1248 is the top: the middle third (0.0.417 to 0.0.833) holds no account.
+    middle = [body for q, body in app.answers if ("account.id", "gte:0.0.417") in q]
+    assert middle == [{"timestamp": None, "balances": [], "links": {"next": None}}]
+
+
+def test_shards_and_account_ids_split_the_union(db, serve):
+    server = serve(network())
+    source = hedera_source(server, shards=3, account_ids=["0.0.98", "0.0.1100", "gte:0.0.1200"])
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert summary["status"] == "published" and summary["warnings"] == []
+    assert history(db) == network_rows([n for n in NETWORK_NUMS if n in (98, 1100) or n >= 1200])
+
+
+def test_overlapping_entries_load_each_account_once(db, serve):
+    app = Recording(network())
+    source = hedera_source(serve(app), account_ids=["gte:0.0.1050", "lte:0.0.1100", "0.0.1060", "gt:0.0.1200"])
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert history(db) == network_rows(NETWORK_NUMS)
+    assert summary["rows"] == summary["rows_inserted"] == len(history(db))
+    # Together they cover every id: one unfiltered crawl.
+    assert all(k != "account.id" or v.startswith("lt:") for q, _ in app.answers for k, v in q)
+
+
+def test_exact_id_absent_from_the_snapshot_is_missing_not_zero(db, serve):
+    server = serve(network())
+    source = hedera_source(server, account_ids=["0.0.98", "0.0.99"])
+    with pytest.raises(RejectedRecordsError, match="1 record"):
+        take_snapshot(db, source, BETWEEN_T2_T3)
+    assert history(db) == []
+    [(raw, reason)] = fetch(db, "SELECT raw, reason FROM rejected_records")
+    assert raw == '{"account":"0.0.99"}' and reason.startswith("missing:") and T2 in reason
+
+    summary = take_snapshot(db, hedera_source(server, account_ids=["0.0.98", "0.0.99"], max_rejected=1),
+                            BETWEEN_T2_T3)
+    assert summary["status"] == "published" and summary["rejected"] == 1
+    assert history(db) == network_rows([98])
+
+
+def test_exact_id_inside_a_range_is_checked_too(db, serve):
+    server = serve(network())
+    source = hedera_source(server, account_ids=["lte:0.0.1000", "0.0.500"], max_rejected=1)
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert summary["rejected"] == 1
+    assert fetch(db, "SELECT raw FROM rejected_records") == [('{"account":"0.0.500"}',)]
+    assert history(db) == network_rows([2, 98])
+
+
+def test_range_matching_nothing_is_a_warning(db, serve):
+    server = serve(network())
+    source = hedera_source(server, account_ids=["0.0.98", "gte:0.0.5000"])
+    summary = take_snapshot(db, source, BETWEEN_T2_T3)
+    assert summary["status"] == "published"
+    assert history(db) == network_rows([98])
+    assert summary["warnings"] == [f"account_ids entry 'gte:0.0.5000' matches no account in snapshot {T2}"]
+
+
+def test_snapshot_is_chosen_once_even_when_a_newer_one_appears(db, serve):
+    app = network()
+    newer = Snapshot.of(T3, network_book(3))
+
+    class Publishing:
+        """The node writes T3 just after the run chose T2 (the run's time is after both)."""
+
+        def __call__(self, request):
+            response = app(request)
+            if request.path == "/api/v1/balances" and newer not in app.snapshots:
+                app.snapshots.append(newer)
+            return response
+
+    server = serve(Publishing())
+    summary = take_snapshot(db, hedera_source(server, limit=50, shards=2), AFTER_T3)
+    assert summary["as_of_raw"] == T2
+    assert {r[4] for r in history(db)} == {T2}
+    assert history(db) == network_rows(NETWORK_NUMS)
+
+
+def test_balances_without_a_timestamp_stay_an_error(db, serve):
+    class Stripped:
+        app = network()
+
+        def __call__(self, request):
+            import json
+
+            response = self.app(request)
+            body = json.loads(response.body)
+            if ("limit", "1") not in request.query and body.get("balances"):
+                body["timestamp"] = None
+            return json_response(body)
+
+    with pytest.raises(MalformedResponseError, match="without a snapshot timestamp"):
+        take_snapshot(db, hedera_source(serve(Stripped())), BETWEEN_T2_T3)
+    assert history(db) == []
+
+
+@pytest.mark.parametrize("entry", ["\uff10.0.98", "0.0.\u0669", "ne:0.0.98", "0.0.x", "lt:0.0.0",
+                                   "gte: 0.0.1", "0.0.98\n0.0.99", "99999.0.1", "0.0.274877906944"])
+def test_account_ids_the_node_cannot_answer_are_one_line_config_errors(entry):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        make_source("h", provider="hedera", base_url="http://h", account_ids=["0.0.2", entry])
+    message = str(caught.value)
+    assert message.startswith("sources.h.account_ids") and "\n" not in message
+
+
+@pytest.mark.parametrize("entry", ["0.0.98\n", "0.0.98 ", " 0.0.98"])
+def test_account_id_patterns_match_the_whole_string(entry):
+    # The config file strips surrounding blanks first; the pattern itself takes none.
+    from extractors.hedera import Settings
+
+    with pytest.raises(ValueError, match="account_ids"):
+        Settings("http://h", account_ids=[entry])
+
+
+def test_account_id_forms_the_node_accepts():
+    from extractors.hedera import Settings
+
+    exprs = Settings("http://h", account_ids=["98", "0.98", "eq:0.0.98", "gt:0.0.1", "lte:1.2.3"]).expressions()
+    assert [(e.exact, e.low) for e in exprs[:3]] == [(True, 98)] * 3
+    assert exprs[3].low == 2 and not exprs[3].exact
+    assert exprs[4].high == (1 << 54) | (2 << 38) | 3

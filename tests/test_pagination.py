@@ -35,6 +35,8 @@ class Relinking:
         response = self.app(request)
         if not request.path.endswith(self.endpoint) or response.status != 200:
             return response
+        if ("limit", "1") in request.query:
+            return response  # Hedera's snapshot lookup before the crawl follows no link
         self.pages += 1
         body = json.loads(response.body)
         holder = body[self.path[0]]
@@ -103,8 +105,8 @@ def test_a_link_off_the_configured_origin_is_refused_and_gets_no_credential(db, 
 
     error = _refused(db, live, "leaves the configured origin")
     assert other.request_count == 0 and list(other.requests) == []
-    # Only the first page was read, from the configured origin.
-    assert [r.path for r in live.server.requests].count("/api/v1/balances") == 1
+    # Only the snapshot lookup and the first page were read, from the configured origin.
+    assert [r.path for r in live.server.requests].count("/api/v1/balances") == 2
     assert live.server.requests[0].header("x-api-key") == "mirror-key-0123456789"
     assert "mirror-key" not in str(error)
 
