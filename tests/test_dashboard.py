@@ -1,0 +1,177 @@
+"""The Superset dashboard in a real browser: Debian's headless Chromium via chromedriver.
+
+Real snapshots of the moving sandboxes (Hedera at three past minutes, the
+others now) and a reconciliation fill the database; Superset (its own
+virtualenv, ``scripts/superset``) imports ``dashboards/export`` reading the
+views as a ``balances_reader`` login; the browser logs in, opens the
+dashboard and waits for the charts to show the data: the open break's
+subject, an exact balance beyond float precision, every source's
+freshness. The screenshot is kept (``$BALANCES_DASHBOARD_SCREENSHOT``, else
+the test's temporary directory).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from psycopg2 import sql
+
+from pipeline import connections
+from pipeline.checks import load_checks
+from pipeline.config import parse_config, parse_source
+from pipeline.demo import DEMO_CHECKS, write_sources
+from pipeline.reconcile import reconcile
+from pipeline.snapshot import take_snapshot
+from sandbox import apps, live
+from sandbox.server import FakeServer
+from tests.conftest import REPO, fetch
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+RENDER_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def superset_venv() -> Path:
+    """scripts/superset: installs only when dashboards/requirements.txt changed."""
+    result = subprocess.run([str(REPO / "scripts" / "superset")], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from pipeline.superset import venv
+
+    return venv()
+
+
+def load_demo_data(db, tmp_path: Path) -> None:
+    servers = []
+    sources = {}
+    try:
+        for name in apps.available():
+            server = FakeServer(live.live_app(name)).start()
+            servers.append(server)
+            keys = live.live_source(name, server.url)
+            keys.update(backoff_base=0.01, rate_limit=1000)
+            sources[f"{name}_sandbox"] = keys
+            connection = apps.sandbox(name).DEMO_CONNECTION
+            if connection:
+                os.environ[f"AIRFLOW_CONN_{connection[0].upper()}"] = connection[1]
+        if "hedera_sandbox" in sources:
+            servers[0].app.page_delay = 0
+        now = datetime.now(timezone.utc)
+        for keys in sources.values():
+            keys["start_date"] = now - timedelta(minutes=1)
+        for name, keys in sources.items():
+            source = parse_source(name, dict(keys))
+            times = [now - timedelta(minutes=m) for m in (6, 3, 0)] if keys["provider"] == "hedera" else [now]
+            for at in times:
+                summary = take_snapshot(db, source, at, credentials=connections.credentials(source.conn_id))
+                assert summary["status"] == "published", summary
+        config = tmp_path / "balances.toml"
+        write_sources(config, sources, DEMO_CHECKS)
+        checks = load_checks(parse_config(tomllib.loads(config.read_text()), config))
+        reconcile(db, checks, now - timedelta(minutes=10), now + timedelta(seconds=30))
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def browser(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                f"--user-data-dir={profile}", "--window-size=1600,2100"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def wait_for(driver, condition, what: str, timeout: float = RENDER_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition(driver)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not shown within {timeout:.0f}s; page text: "
+                                 + driver.find_element("tag name", "body").text[:1500])
+        time.sleep(1)
+
+
+def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_venv, tmp_path):
+    from pipeline.superset import SupersetServer
+
+    # Not a skip: CI must not pass without the browser (.ci/run installs it).
+    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \
+        "Debian's browser is missing: apt-get install -y chromium chromium-driver"
+
+    load_demo_data(db, tmp_path)
+    (subject,) = fetch(db, """SELECT DISTINCT subject_label FROM reconciliation_breaks_detail
+                               WHERE status = 'open' AND kind = 'negative_balance'""")[0]
+    (big,) = fetch(db, "SELECT balance_text FROM balances_latest ORDER BY balance_units DESC LIMIT 1")[0]
+    assert len(big.replace(".", "")) > 17  # beyond what a float carries exactly
+    sources = [s for (s,) in fetch(db, "SELECT source FROM source_freshness ORDER BY source")]
+
+    started = time.monotonic()
+    superset = SupersetServer.start(superset_venv, tmp_path / "superset", database_url)
+    ready = time.monotonic() - started
+    driver = browser(tmp_path)
+    try:
+        driver.get(f"{superset.url}/login/")
+        wait_for(driver, lambda d: d.find_elements("id", "password"), "the login form")
+        driver.find_element("id", "username").send_keys(superset.login)
+        driver.find_element("id", "password").send_keys(superset.password)
+        driver.find_element("css selector", "button[type=submit]").click()
+        wait_for(driver, lambda d: "/login" not in d.current_url, "the page after logging in")
+        driver.get(f"{superset.url}{superset.dashboard_path}")
+
+        text = lambda d: d.find_element("tag name", "body").text  # noqa: E731
+        wait_for(driver, lambda d: subject in text(d), f"the open break {subject!r}")
+        wait_for(driver, lambda d: big in text(d), f"the exact balance {big}")
+        wait_for(driver, lambda d: all(s in text(d) for s in sources), f"the freshness of {sources}")
+        # The three time charts draw on canvases (ECharts), once their data arrived.
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".chart-container canvas")) >= 3,
+                 "three rendered time charts")
+        body = text(driver)
+        for title in ("Balance of a holding over time", "Latest balances (exact)", "Source freshness",
+                      "Breaks per day", "Open breaks", "Pair check treasury_hbar"):
+            assert title in body
+        assert "Unexpected error" not in body and "No results were returned" not in body
+        time.sleep(2)  # animations settle before the picture
+        shot = Path(os.environ.get("BALANCES_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
+        superset.stop()
+    print(f"\ndashboard: Superset ready in {ready:.0f}s, rendered in {time.monotonic() - started - ready:.0f}s;"
+          f" screenshot {shot}")
+
+
+def test_import_against_a_database_without_the_views_is_one_line(db, database_url):
+    empty = "balances_dashboard_empty"
+    db.autocommit = True
+    with db.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(empty)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(empty)))
+    db.autocommit = False
+    url = database_url.rsplit("/", 1)[0] + "/" + empty
+    out = Path(tempfile.mkdtemp()) / "bundle.zip"
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "dashboards" / "build.py"), "bundle", "--db-url", url,
+                                 "--out", str(out)], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    assert result.returncode == 1
+    assert result.stderr == (f"dashboards: the database '{empty}' has no view balance_history_units:"
+                             " run 'balances migrate' on it first\n")
+    assert not out.exists()
