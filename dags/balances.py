@@ -73,11 +73,12 @@ def snapshot_dag(source: SourceConfig):
     return balances_snapshot()
 
 
-# A source with a mistake must not take the others down: raising here would
-# drop every DAG of this file. A placeholder DAG with a failing task would
-# only show the mistake once it runs (and new DAGs start paused). So the
-# mistakes become this file's import error, through a DAG the DagBag refuses,
-# while every valid source keeps its DAG.
+# A source with a mistake (a wrong table, or a provider module that fails to
+# import: load_config imports each provider only for its own sources) must
+# not take the others down: raising here would drop every DAG of this file.
+# A placeholder DAG with a failing task would only show the mistake once it
+# runs (and new DAGs start paused). So the mistakes become this file's import
+# error, through a DAG the DagBag refuses, while every valid source keeps its DAG.
 _config = load_config()
 _errors = list(_config.errors.values())
 for _source in _config.sources.values():

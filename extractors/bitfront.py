@@ -34,6 +34,8 @@ import requests
 from extractors.credentials import Credentials
 from extractors.errors import ExtractError, MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
+from extractors.paginators import SinglePage
+from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -47,9 +49,6 @@ from extractors.records import (
 from extractors.redaction import redact_url
 from extractors.text import safe_text
 
-HAS_HISTORY = False  # the API only reports the present balances
-# 3 requests per second and 60 per minute per key: 1/s sustained, bursts of 3.
-RATE_LIMIT = (1.0, 3)
 BALANCES_PATH = "/v1/account/balances"
 SUCCESS = 1000
 # Rate limit, internal error, internal timeout, socket timeout.
@@ -199,9 +198,10 @@ class BitfrontExtractor:
 
     provider = "bitfront"
 
-    def __init__(self, settings: Settings, client: HttpClient) -> None:
+    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
         self.settings = settings
         self.client = client
+        self.max_pages = max_pages
 
     def pages(self, at: datetime,
               account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
@@ -212,7 +212,7 @@ class BitfrontExtractor:
             # Raised here, not in build, so the run is marked failed with the reason.
             raise ExtractError("a BitFront source needs conn_id: an Airflow Connection whose login "
                                "is the API key and password the API secret")
-        data = self.client.get_json(BALANCES_PATH)
+        data = next(self.client.paginate(BALANCES_PATH, None, SinglePage(max_pages=self.max_pages)))
         if data.get("timezone", "UTC") != "UTC":
             raise MalformedResponseError(f"timezone is {data['timezone']!r}, the API promises UTC",
                                          raw=to_json_text(data)[:2000])
@@ -248,11 +248,21 @@ class BitfrontExtractor:
 
 
 def build(settings: Settings, credentials: Credentials | None, policy, *,
-          max_pages: int) -> BitfrontExtractor:
+          max_pages: int, throttle: Throttle | None = None) -> BitfrontExtractor:
     """A BitFront extractor; the Connection's login is the API key, its password the secret."""
     auth = None
     if credentials is not None and credentials.login and credentials.password:
         auth = BitfrontAuth(credentials.login, credentials.password)
     client = HttpClient(settings.base_url, auth=auth, policy=policy, error_for=bitfront_error,
-                        check=check_status)
-    return BitfrontExtractor(settings, client)
+                        check=check_status, throttle=throttle)
+    return BitfrontExtractor(settings, client, max_pages=max_pages)
+
+
+PROVIDER = Provider(
+    name="bitfront",
+    settings=Settings,
+    build=build,
+    has_history=False,  # the API only reports the present balances
+    # 3 requests per second and 60 per minute per key: 1/s sustained, bursts of 3.
+    rate_limit=(1.0, 3),
+)

@@ -21,8 +21,10 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from extractors.credentials import Credentials
-from extractors.errors import ExtractError, MalformedResponseError, PaginationError, ProviderError
+from extractors.errors import ExtractError, MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
+from extractors.paginators import PlannedPages
+from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -35,8 +37,6 @@ from extractors.records import (
 from extractors.text import safe_text
 
 DEFAULT_BASE_URL = "https://teosapi.coreledger.net"
-HAS_HISTORY = False  # the API reports balances as of the call, nothing earlier
-RATE_LIMIT = (5.0, 5)  # documented: 300 calls per minute (and 30,000 per 24 h)
 RATE_LIMITED = "13000"
 
 _VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
@@ -224,15 +224,15 @@ class CoreLedgerExtractor:
     def pages(self, at: datetime, account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
         """Yield one page per batch; ``at`` is ignored: the API only knows now."""
         batches = plan_batches(self.settings)
-        if len(batches) > self.max_pages:
-            raise PaginationError(f"page cap reached: the grid needs {len(batches)} requests, more than "
-                                  f"max_pages = {self.max_pages}")
+        version = self.settings.api_version
+        # Planned here in full: a grid over the page cap is refused before any request.
+        paginator = PlannedPages([balances_path(version, b.addresses, b.asset_ids) for b in batches],
+                                 what="the grid", max_pages=self.max_pages)
         # One time for the whole grid: the run is one snapshot, not one per batch.
         as_of = datetime.now(timezone.utc)
         as_of_raw = as_of.isoformat()
-        version = self.settings.api_version
-        for batch in batches:
-            data = self.client.get_json(balances_path(version, batch.addresses, batch.asset_ids))
+        bodies = self.client.paginate(paginator.targets[0], None, paginator)
+        for data, batch in zip(bodies, batches, strict=True):
             page = Page(as_of=as_of, as_of_raw=as_of_raw)
             self._parse(data, batch, page)
             yield page
@@ -291,11 +291,21 @@ def decimals_of(spark_factor: int) -> int | None:
     return len(text) - 1 if _POWER_OF_TEN.fullmatch(text) else None
 
 
-def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> CoreLedgerExtractor:
+def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int,
+          throttle: Throttle | None = None) -> CoreLedgerExtractor:
     """A CoreLedger extractor; the Connection's password is the bearer API key."""
     if credentials is None or not credentials.password:
         raise ExtractError("CoreLedger needs an API key: set conn_id to an Airflow connection "
                            "whose password is the key")
     client = HttpClient(settings.base_url, headers={"Authorization": f"Bearer {credentials.password}"},
-                        policy=policy, error_for=coreledger_error)
+                        policy=policy, error_for=coreledger_error, throttle=throttle)
     return CoreLedgerExtractor(settings, client, max_pages=max_pages)
+
+
+PROVIDER = Provider(
+    name="coreledger",
+    settings=Settings,
+    build=build,
+    has_history=False,  # the API reports balances as of the call, nothing earlier
+    rate_limit=(5.0, 5),  # documented: 300 calls per minute (and 30,000 per 24 h)
+)

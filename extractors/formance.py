@@ -50,6 +50,7 @@ from extractors.errors import (
 )
 from extractors.http import HttpClient, RetryPolicy, error_text, http_error
 from extractors.paginators import CursorPaginator
+from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -334,7 +335,9 @@ class FormanceExtractor:
 
     def _balance_pages(self, pit: datetime | None, as_of: datetime | None,
                        crawl: _Crawl) -> Iterator[Page]:
-        paginator = CursorPaginator(max_pages=self.max_pages)
+        paginator = CursorPaginator(cursor_path=("cursor", "next"),
+                                    has_more_path=("cursor", "hasMore"), cursor_param="cursor",
+                                    max_pages=self.max_pages)
         if self.v2:
             params = [("pageSize", self.settings.page_size), ("expand", "volumes"),
                       ("pit", format_pit(pit))]
@@ -504,7 +507,7 @@ def _parse_v1(record: Any) -> list[tuple[str, list[BalanceRow]]]:
 
 
 def build(settings: Settings, credentials: Credentials | None, policy: RetryPolicy, *,
-          max_pages: int) -> FormanceExtractor:
+          max_pages: int, throttle: Throttle | None = None) -> FormanceExtractor:
     """A Formance extractor; a Connection makes it an OAuth2 client, none means no auth."""
     auth = None
     if credentials is not None:
@@ -513,7 +516,15 @@ def build(settings: Settings, credentials: Credentials | None, policy: RetryPoli
             timeout=(policy.connect_timeout, policy.read_timeout))
     headers = BIGINT_AS_STRING if settings.api in V2_APIS else {}
     client = HttpClient(settings.base_url, auth=auth, headers=headers, policy=policy,
-                        error_for=formance_error)
+                        error_for=formance_error, throttle=throttle)
     if auth is not None:
         auth.stats = client.stats
     return FormanceExtractor(settings, client, max_pages=max_pages)
+
+
+PROVIDER = Provider(
+    name="formance",
+    settings=Settings,
+    build=build,
+    has_history=has_history,  # v2 answers for a past time (pit), v1 only for the present
+)

@@ -23,13 +23,13 @@ from typing import Any, Iterator
 from extractors.errors import (
     MalformedResponseError,
     NoSnapshotAvailable,
-    PaginationError,
     ProviderError,
     SnapshotError,
 )
 from extractors.credentials import Credentials
 from extractors.http import HttpClient, error_text, http_error
-from extractors.paginators import NextLinkPaginator
+from extractors.paginators import NextLinkPaginator, check_page_cap
+from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -43,9 +43,6 @@ from extractors.records import (
 HBAR = "HBAR"
 HBAR_DECIMALS = 8
 MAX_LIMIT = 100
-HAS_HISTORY = True  # timestamp=lte:<time> selects any past snapshot
-SHARDABLE = True  # the account-id space splits into account.id=gte:..&lte:.. ranges
-CHOOSES_SNAPSHOT = True  # choose_snapshot(at) once per run; every shard reads that snapshot
 TOKENS_LISTED_AT_MOST = 50  # HIP-367: the balances endpoint cuts the rest silently
 INT64_MAX = 2**63 - 1
 
@@ -328,32 +325,26 @@ class HederaExtractor:
                 params.append(("account.id", f"gte:{id_text(low)}"))
             if high < MAX_ENCODED_ID:
                 params.append(("account.id", f"lte:{id_text(high)}"))
-            self._check_cap(read)
-            # The page cap holds for the whole crawl, not for each range.
-            paginator = NextLinkPaginator(max_pages=self.max_pages - read)
+            check_page_cap(read, self.max_pages)
+            # The page cap holds for the whole crawl, not for each range. The
+            # real node ends a range with an empty page whose timestamp is
+            # null and whose link may still be set: no balances, no next page.
+            paginator = NextLinkPaginator(next_path=("links", "next"), records_path=("balances",),
+                                          max_pages=self.max_pages - read)
             for data in self.client.paginate(self.path, params, paginator):
                 read += 1
-                page, listed = self._page(data, snapshot, plan)
+                page, _ = self._page(data, snapshot, plan)
                 yield page
-                # The real node ends a range with an empty page whose
-                # timestamp is null and whose link may still be set.
-                if not listed:
-                    break
         for ids in plan.lookups:
             # At most `limit` exact ids: one page holds them all. The node's
             # next link for exact ids has no anchor (it repeats the request),
             # so it is never followed.
-            self._check_cap(read)
+            check_page_cap(read, self.max_pages)
             params = [("limit", self.settings.limit), pinned] + [("account.id", id_text(i)) for i in ids]
             data = self.client.get_json(self.path, params)
             read += 1
             page, _ = self._page(data, snapshot, plan, asked=set(ids))
             yield page
-
-    def _check_cap(self, read: int) -> None:
-        if read >= self.max_pages:
-            raise PaginationError(f"page cap reached: {self.max_pages} pages read and the provider still "
-                                  "offers more (raise max_pages if this source really is that large)")
 
     def _balances(self, data: Any) -> list:
         if not isinstance(data, dict):
@@ -440,10 +431,22 @@ class HederaExtractor:
         return self._decimals[token_id]
 
 
-def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int) -> HederaExtractor:
+def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int,
+          throttle: Throttle | None = None) -> HederaExtractor:
     """A Hedera extractor; a Connection's password, if any, is the API key."""
     headers = {}
     if credentials is not None and credentials.password:
         headers[settings.api_key_header] = credentials.password
-    client = HttpClient(settings.base_url, headers=headers, policy=policy, error_for=hedera_error)
+    client = HttpClient(settings.base_url, headers=headers, policy=policy, error_for=hedera_error,
+                        throttle=throttle)
     return HederaExtractor(settings, client, max_pages=max_pages)
+
+
+PROVIDER = Provider(
+    name="hedera",
+    settings=Settings,
+    build=build,
+    has_history=True,  # timestamp=lte:<time> selects any past snapshot
+    shardable=True,  # the account-id space splits into account.id=gte:..&lte:.. ranges
+    chooses_snapshot=True,  # choose_snapshot(at) once per run; every shard reads that snapshot
+)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from extractors.text import safe_text
 
@@ -45,20 +45,68 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
+def _column(sql_type: str, default: Any = MISSING) -> Any:
+    """A :class:`BalanceRow` field that is a column of ``balance_history``, of ``sql_type`` there."""
+    return field(default=default, metadata={"sql_type": sql_type})
+
+
 @dataclass(slots=True, frozen=True)
 class BalanceRow:
     """One holding: ``balance`` of ``asset`` on ``account``, exactly as reported.
 
     ``balance`` is in the provider's own unit (tinybars, Sparks, cents...);
     ``decimals`` or ``spark_factor`` say how to get whole units from it.
+
+    Each field is a column of ``balance_history`` and of the staging tables
+    (see :data:`ROW_COLUMNS`): a new amount is a field here plus the
+    migration adding its column.
     """
 
-    account: str
-    asset: str
-    balance: Amount
-    decimals: int | None = None
-    available_balance: Amount | None = None
-    spark_factor: int | None = None
+    # Ids in "C", as in balance_history (migration 0006): sorted in staging,
+    # they arrive in the order of its primary key.
+    account: str = _column('text COLLATE "C"')
+    asset: str = _column('text COLLATE "C"')
+    balance: Amount = _column("numeric")
+    decimals: int | None = _column("smallint", None)
+    available_balance: Amount | None = _column("numeric", None)
+    spark_factor: int | None = _column("numeric", None)
+
+
+@dataclass(slots=True, frozen=True)
+class Column:
+    """A column a :class:`BalanceRow` brings to ``balance_history``.
+
+    ``kind`` is how its values are written: ``text``, ``integer`` (an int)
+    or ``amount`` (an int or a Decimal, compared when a snapshot is loaded
+    twice). ``nullable`` follows the field's type (``| None``).
+    """
+
+    name: str
+    sql_type: str
+    kind: str
+    nullable: bool
+
+
+_KINDS = {frozenset({str}): "text", frozenset({int}): "integer", frozenset({int, Decimal}): "amount"}
+
+
+def _columns(cls: type) -> tuple[Column, ...]:
+    hints = get_type_hints(cls)
+    columns = []
+    for f in fields(cls):
+        types = set(get_args(hints[f.name])) or {hints[f.name]}
+        nullable = type(None) in types
+        kind = _KINDS.get(frozenset(types - {type(None)}))
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: a column is str, int or Amount, "
+                            "optionally | None")
+        columns.append(Column(f.name, f.metadata["sql_type"], kind, nullable))
+    return tuple(columns)
+
+
+# The columns of a history row, in BalanceRow's field order: staging's DDL,
+# its COPY encoder and publish's INSERT are built from these.
+ROW_COLUMNS: tuple[Column, ...] = _columns(BalanceRow)
 
 
 @dataclass(slots=True, frozen=True)

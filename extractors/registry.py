@@ -1,58 +1,61 @@
 """The providers this pipeline knows, by the name used in ``provider = "..."``.
 
-Each provider is one module in this package that defines:
+A provider is a module of this package that declares
+``PROVIDER = Provider(...)`` (see :mod:`extractors.provider`). The list is
+found, not kept: every module whose source has that declaration at its top
+level is a provider, named after the module. The sandbox list, the tests
+and the example config are checked against it.
 
-* ``Settings`` — a dataclass of the ``[sources.<name>]`` keys it accepts
-  (``__post_init__`` raises ``ValueError(field, message)`` on bad values);
-* ``build(settings, credentials, policy, *, max_pages)`` — an extractor,
-  whose ``pages(at, account_range=None)`` yields :class:`~extractors.records.Page`
-  objects and whose ``client`` is the :class:`~extractors.http.HttpClient`;
-* ``HAS_HISTORY`` — whether the API can answer for a past time (or a
-  function ``has_history(settings)`` when that depends on the settings, as
-  for Formance's v1 and v2 APIs);
-* optionally ``SHARDABLE`` (the extractor has ``shard_ranges(at, shards)``
-  and honours ``account_range``) and ``RATE_LIMIT`` (requests per second,
-  burst) from the provider's documented limits.
-
-Modules are imported on first use, so a broken provider cannot stop the
-others from loading.
+Finding a provider reads its source without importing it, and a module is
+imported only when a source uses it: a provider module that fails to import
+costs its own sources (:class:`ProviderUnavailable`), never the others.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Callable
+import pkgutil
+import re
+from pathlib import Path
 
-from extractors.http import RequestStats
+import extractors
+from extractors.provider import Provider
 
-PROVIDER_NAMES = ("hedera", "formance", "bitfront", "coreledger")
+# ``PROVIDER = ...`` or ``PROVIDER: Provider = ...`` at the start of a line
+# (searched in "\n" + the source: a literal prefix keeps the search fast).
+_DECLARATION = re.compile(r"\nPROVIDER[ \t]*(?::[^=\n]*)?=(?!=)")
 
 
-@dataclass(frozen=True, slots=True)
-class Provider:
-    name: str
-    settings: type
-    build: Callable[..., Any]
-    # False for APIs that only report the present: a past snapshot time is refused.
-    has_history: bool | Callable[[Any], bool]
-    shardable: bool = False
-    rate_limit: tuple[float, float] | None = None
+class ProviderUnavailable(ImportError):
+    """The provider's module exists but could not be imported (or declares no Provider)."""
 
-    def answers_for_past(self, settings: Any) -> bool:
-        if callable(self.has_history):
-            return self.has_history(settings)
-        return self.has_history
+
+def names() -> tuple[str, ...]:
+    """Every provider module in the package, sorted."""
+    found = set()
+    for info in pkgutil.iter_modules(extractors.__path__):
+        folder = Path(info.module_finder.path)
+        source = folder / info.name / "__init__.py" if info.ispkg else folder / f"{info.name}.py"
+        try:
+            text = source.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if _DECLARATION.search("\n" + text):
+            found.add(info.name)
+    return tuple(sorted(found))
 
 
 def provider(name: str) -> Provider:
-    if name not in PROVIDER_NAMES:
+    """The provider ``name``: KeyError if there is none, ProviderUnavailable if it is broken."""
+    if name not in names():
         raise KeyError(name)
-    module: ModuleType = importlib.import_module(f"extractors.{name}")
-    has_history = getattr(module, "has_history", None) or module.HAS_HISTORY
-    return Provider(name, module.Settings, module.build, has_history,
-                    getattr(module, "SHARDABLE", False), getattr(module, "RATE_LIMIT", None))
-
-
-def stats_of(extractor: Any) -> RequestStats:
-    return extractor.client.stats
+    try:
+        module = importlib.import_module(f"extractors.{name}")
+    except Exception as exc:  # a syntax error, a missing dependency, a module that raises
+        raise ProviderUnavailable(
+            f"the {name} provider module (extractors/{name}.py) failed to import: "
+            f"{type(exc).__name__}: {exc}", name=f"extractors.{name}") from exc
+    declared = getattr(module, "PROVIDER", None)
+    if not isinstance(declared, Provider) or declared.name != name:
+        raise ProviderUnavailable(f"extractors/{name}.py must end with PROVIDER = Provider(name={name!r}, ...)",
+                                  name=f"extractors.{name}")
+    return declared

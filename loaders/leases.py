@@ -29,6 +29,12 @@ Why not the alternatives:
 A claim and a reap of one run take turns on the run's own row (``FOR NO
 KEY UPDATE`` / ``FOR UPDATE SKIP LOCKED``), so "is anyone alive on it?"
 and "it is mine now" are one step.
+
+Every lock the pipeline takes is here: leases on runs (namespaced by the
+kind of run, :data:`SNAPSHOT` or :data:`RECONCILIATION`) and the turn that
+publishes of one source take (:func:`take_publish_turn`, a row of
+``source_locks``). Partitions are guarded inside the database function
+that creates them (migration 0008).
 """
 from __future__ import annotations
 
@@ -39,12 +45,16 @@ from datetime import timedelta
 from psycopg2 import sql
 
 from loaders.db import transaction
+from loaders.statuses import ReconciliationStatus, RunStatus
 
 log = logging.getLogger(__name__)
 
+# The kinds of run a lease names (run_leases.run_kind), each with its table
+# and the status of a run still at work.
 SNAPSHOT = "snapshot"
 RECONCILIATION = "reconciliation"
 _RUN_TABLES = {SNAPSHOT: sql.Identifier("snapshot_runs"), RECONCILIATION: sql.Identifier("reconciliation_runs")}
+_RUNNING = {SNAPSHOT: RunStatus.RUNNING, RECONCILIATION: ReconciliationStatus.RUNNING}
 WHOLE_RUN = -1
 # How long a claim waits for another live session to let go (a retried
 # shard behind its zombie predecessor) before failing; the task's retry
@@ -138,8 +148,8 @@ def reapable(cur, kind: str, run_id: int) -> bool:
     Locks the run's row for the rest of the caller's transaction; a run
     whose row is locked (being claimed, published, updated) is not reapable now.
     """
-    cur.execute(sql.SQL("SELECT FROM {} WHERE run_id = %s AND status = 'running' FOR UPDATE SKIP LOCKED")
-                .format(_RUN_TABLES[kind]), (run_id,))
+    cur.execute(sql.SQL("SELECT FROM {} WHERE run_id = %s AND status = %s FOR UPDATE SKIP LOCKED")
+                .format(_RUN_TABLES[kind]), (run_id, _RUNNING[kind]))
     if cur.fetchone() is None:
         return False
     cur.execute(f"SELECT EXISTS (SELECT FROM run_leases l WHERE l.run_kind = %s AND l.run_id = %s AND {_ALIVE})",
@@ -150,3 +160,20 @@ def reapable(cur, kind: str, run_id: int) -> bool:
 def forget(cur, kind: str, run_id: int) -> None:
     """Drop every lease of a run that has ended."""
     cur.execute("DELETE FROM run_leases WHERE run_kind = %s AND run_id = %s", (kind, run_id))
+
+
+def take_publish_turn(cur, source: str) -> None:
+    """Publishes of one source take turns, so "is this snapshot new?" stays true until commit.
+
+    Two runs of one snapshot (a manual run beside the schedule) then publish
+    one after the other. The lock is a row of ``source_locks``, which no
+    reader may lock, held until the caller's transaction ends. Waiting for
+    the other publish is expected: for this one statement the wait may last
+    as long as a statement may run.
+    """
+    cur.execute("SELECT current_setting('lock_timeout')")
+    lock_timeout = cur.fetchone()[0]
+    cur.execute("SELECT set_config('lock_timeout', current_setting('statement_timeout'), true)")
+    cur.execute("INSERT INTO source_locks (source) VALUES (%s) ON CONFLICT DO NOTHING", (source,))
+    cur.execute("SELECT FROM source_locks WHERE source = %s FOR UPDATE", (source,))
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
-from loaders import partitions, runs, staging
+from extractors.records import ROW_COLUMNS
+from loaders import leases, partitions, rejections, runs, staging
 from loaders.db import transaction
+from loaders.runs import RunStatus
+
+# The row's own columns, as balance_history and staging both have them.
+_ROW = sql.SQL(", ").join(sql.Identifier(c.name) for c in ROW_COLUMNS)
+_STAGED_ROW = sql.SQL(", ").join(sql.Identifier("s", c.name) for c in ROW_COLUMNS)
+# A snapshot loaded again must bring the same amounts.
+_AMOUNT_CHANGED = sql.SQL(" OR ").join(
+    sql.SQL("h.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c.name))
+    for c in ROW_COLUMNS if c.kind == "amount"
+)
 
 
 class PublishError(RuntimeError):
@@ -24,7 +35,7 @@ class PublishError(RuntimeError):
 @dataclass(slots=True, frozen=True)
 class PublishResult:
     run_id: int
-    status: str
+    status: RunStatus
     rows_staged: int
     rows_published: int
     rejected: int
@@ -39,52 +50,51 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
     ``skipped`` instead: its snapshot, taken later, would be a second one
     for the same interval. A run that failed (a publish cut off by a
     timeout or a lost connection) is picked up again: every check below is
-    made anew.
+    made anew. More rejected records than ``max_rejected`` over all shards
+    raise :class:`~loaders.rejections.RejectedRecordsError`.
     """
     run = runs.get_run(conn, run_id)
-    if run.status in ("no_snapshot", "skipped"):
+    if run.status in (RunStatus.NO_SNAPSHOT, RunStatus.SKIPPED):
         return PublishResult(run_id, run.status, 0, 0, 0)
-    if run.status == "published":
+    if run.status == RunStatus.PUBLISHED:
         raise PublishError(f"run {run_id} is already published")
     try:
         return _publish(conn, run, shards, max_rejected, once_per_interval)
     except BaseException as exc:
-        runs.record_failure(conn, run_id, str(exc) if isinstance(exc, PublishError)
-                            else f"{type(exc).__name__}: {exc}")
+        # Refusals are stored as they read; anything else names its type.
+        refused = isinstance(exc, (PublishError, rejections.RejectedRecordsError))
+        runs.record_failure(conn, run_id, str(exc) if refused else f"{type(exc).__name__}: {exc}")
         raise
 
 
 def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_interval: bool) -> PublishResult:
     run_id = run.run_id
-    if run.status == "failed":
+    if run.status == RunStatus.FAILED:
         runs.resume(conn, run_id)
     if run.as_of is None:
         raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
     partitions.ensure_partition(conn, run.as_of)
     with transaction(conn) as cur:
         run = runs.get_run(conn, run_id, for_update=True)
-        if run.status not in ("running", "staged"):
+        if run.status != RunStatus.RUNNING:
             raise PublishError(f"run {run_id} is {run.status}, not ready to publish")
-        rejected = runs.count_rejections(cur, run_id)
-        if rejected > max_rejected:
-            raise PublishError(
-                f"{rejected} record(s) rejected, more than the {max_rejected} this source "
-                "allows; nothing published (see rejected_records)"
-            )
-        _take_turn(cur, run.source)
+        rejected = rejections.count(cur, run_id)
+        rejections.check_threshold(run_id, run.source, rejected, max_rejected)
+        leases.take_publish_turn(cur, run.source)
         if once_per_interval:
             earlier = runs.published_run(cur, run.source, run.scheduled_for, other_than=run_id)
             if earlier is not None:
                 cur.execute(
-                    "UPDATE snapshot_runs SET status = 'skipped', finished_at = now(), error = %s"
+                    "UPDATE snapshot_runs SET status = %s, finished_at = now(), error = %s"
                     " WHERE run_id = %s",
-                    (f"run {earlier} published the interval ending {run.scheduled_for.isoformat()} "
+                    (RunStatus.SKIPPED,
+                     f"run {earlier} published the interval ending {run.scheduled_for.isoformat()} "
                      "first; this provider reports only the present, so this later snapshot is not "
                      "stored as a second one", run_id),
                 )
                 for shard in range(shards):
                     staging.drop(cur, run_id, shard)
-                return PublishResult(run_id, "skipped", 0, 0, rejected)
+                return PublishResult(run_id, RunStatus.SKIPPED, 0, 0, rejected)
         # The key-order sort of a whole snapshot then fits in memory.
         cur.execute("SET LOCAL work_mem = '256MB'")
         tables = [staging.table_name(run_id, shard) for shard in range(shards)]
@@ -102,16 +112,14 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
             sql.SQL(
                 """
                 INSERT INTO balance_history
-                    (source, provider, account, asset, balance, decimals, available_balance,
-                     spark_factor, as_of, as_of_raw, scheduled_for, run_id)
+                    (source, provider, {}, as_of, as_of_raw, scheduled_for, run_id)
                 SELECT DISTINCT ON (s.account, s.asset)
-                       %s, %s, s.account, s.asset, s.balance, s.decimals, s.available_balance,
-                       s.spark_factor, %s, %s, %s, %s
+                       %s, %s, {}, %s, %s, %s, %s
                   FROM ({}) s
                  ORDER BY s.account, s.asset
                 {}
                 """
-            ).format(staged, sql.SQL("" if snapshot_is_new else
+            ).format(_ROW, _STAGED_ROW, staged, sql.SQL("" if snapshot_is_new else
                                      "ON CONFLICT (source, account, asset, as_of) DO NOTHING")),
             (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
         )
@@ -123,31 +131,15 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
         cur.execute(
             """
             UPDATE snapshot_runs
-               SET status = 'published', rows = %s, rows_inserted = %s,
+               SET status = %s, rows = %s, rows_inserted = %s,
                    rejected = %s, finished_at = now(), error = NULL
              WHERE run_id = %s
             """,
-            (rows_staged, rows_published, rejected, run_id),
+            (RunStatus.PUBLISHED, rows_staged, rows_published, rejected, run_id),
         )
         for shard in range(shards):
             staging.drop(cur, run_id, shard)
-    return PublishResult(run_id, "published", rows_staged, rows_published, rejected)
-
-
-def _take_turn(cur, source: str) -> None:
-    """Publishes of one source take turns, so "is this snapshot new?" stays true until commit.
-
-    Two runs of one snapshot (a manual run beside the schedule) then publish
-    one after the other. The lock is a row of ``source_locks``, which no
-    reader may lock. Waiting for the other publish is expected: for this one
-    statement the wait may last as long as a statement may run.
-    """
-    cur.execute("SELECT current_setting('lock_timeout')")
-    lock_timeout = cur.fetchone()[0]
-    cur.execute("SELECT set_config('lock_timeout', current_setting('statement_timeout'), true)")
-    cur.execute("INSERT INTO source_locks (source) VALUES (%s) ON CONFLICT DO NOTHING", (source,))
-    cur.execute("SELECT FROM source_locks WHERE source = %s FOR UPDATE", (source,))
-    cur.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+    return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected)
 
 
 def _publish_aggregates(cur, run: runs.Run, shards: int) -> None:
@@ -185,7 +177,7 @@ def _check_staging_intact(cur, run_id: int, shards: int) -> int:
     Staging tables are UNLOGGED (fast COPY, no WAL): crash recovery empties
     them. Publishing what is left would make a partial snapshot look whole.
     """
-    recorded = runs.staged_counts(cur, run_id)
+    recorded = staging.staged_counts(cur, run_id)
     total = 0
     for shard in range(shards):
         if shard not in recorded:
@@ -237,11 +229,10 @@ def _refuse_changed_history(cur, staged: sql.Composable, run: runs.Run) -> bool:
               FROM ({}) s
               JOIN balance_history h
                 ON h.source = %s AND h.as_of = %s AND h.account = s.account AND h.asset = s.asset
-             WHERE h.balance <> s.balance
-                OR h.available_balance IS DISTINCT FROM s.available_balance
+             WHERE {}
              LIMIT 3
             """
-        ).format(staged),
+        ).format(staged, _AMOUNT_CHANGED),
         (run.source, run.as_of),
     )
     changed = cur.fetchall()

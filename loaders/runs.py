@@ -1,9 +1,15 @@
 """Run bookkeeping: one ``snapshot_runs`` row per attempt to take a snapshot.
 
-Text that reaches these rows from a provider (errors, warnings, rejected
-records and their reasons) goes through :func:`extractors.text.safe_text`
-here, at the storage boundary: a NUL or a lone surrogate in a provider's
-message must not make recording the failure fail too.
+This module owns a run's lifecycle: it starts runs, moves them from one
+:class:`~loaders.statuses.RunStatus` to the next, holds and releases them
+(:mod:`loaders.leases`) and reaps the ones whose process died, dropping
+their staging (:mod:`loaders.staging`). It depends on those modules, never
+the other way round.
+
+Text that reaches these rows from a provider (errors, warnings) goes
+through :func:`extractors.text.safe_text` here, at the storage boundary: a
+NUL or a lone surrogate in a provider's message must not make recording
+the failure fail too. Rejected records are kept by :mod:`loaders.rejections`.
 """
 from __future__ import annotations
 
@@ -14,11 +20,11 @@ from datetime import datetime
 from typing import Iterable
 
 import psycopg2
-from psycopg2.extras import execute_values
 
 from extractors.text import safe_text
-from loaders import leases
+from loaders import leases, staging
 from loaders.db import transaction
+from loaders.statuses import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +33,6 @@ MAX_WARNINGS_KEPT = 100
 # went wrong, never a provider's whole body in an error column.
 MAX_ERROR_CHARS = 10_000
 MAX_WARNING_CHARS = 2_000
-MAX_REASON_CHARS = 2_000
-MAX_RAW_CHARS = 100_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,7 +40,7 @@ class Run:
     run_id: int
     source: str
     provider: str
-    status: str
+    status: RunStatus
     scheduled_for: datetime
     as_of: datetime | None
     as_of_raw: str | None
@@ -52,10 +56,10 @@ def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
         cur.execute(
             """
             INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, shards, status)
-            VALUES (%s, %s, %s, %s, %s, 'running')
+            VALUES (%s, %s, %s, %s, %s, %s)
             RETURNING run_id
             """,
-            (source, provider, scheduled_for, dag_run_id, shards),
+            (source, provider, scheduled_for, dag_run_id, shards, RunStatus.RUNNING),
         )
         run_id = cur.fetchone()[0]
         if hold:
@@ -70,10 +74,11 @@ def record_skipped(conn, source: str, provider: str, scheduled_for: datetime, re
         cur.execute(
             """
             INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, status, error, finished_at)
-            VALUES (%s, %s, %s, %s, 'skipped', %s, now())
+            VALUES (%s, %s, %s, %s, %s, %s, now())
             RETURNING run_id
             """,
-            (source, provider, scheduled_for, dag_run_id, safe_text(reason, MAX_ERROR_CHARS)),
+            (source, provider, scheduled_for, dag_run_id, RunStatus.SKIPPED,
+             safe_text(reason, MAX_ERROR_CHARS)),
         )
         return cur.fetchone()[0]
 
@@ -81,8 +86,8 @@ def record_skipped(conn, source: str, provider: str, scheduled_for: datetime, re
 def published_run(cur, source: str, scheduled_for: datetime, *, other_than: int | None = None) -> int | None:
     """The first published run of ``source`` for the interval ending at ``scheduled_for``, if any."""
     cur.execute("SELECT min(run_id) FROM snapshot_runs WHERE source = %s AND scheduled_for = %s"
-                " AND status = 'published' AND run_id IS DISTINCT FROM %s",
-                (source, scheduled_for, other_than))
+                " AND status = %s AND run_id IS DISTINCT FROM %s",
+                (source, scheduled_for, RunStatus.PUBLISHED, other_than))
     return cur.fetchone()[0]
 
 
@@ -96,16 +101,17 @@ def get_run(conn, run_id: int, *, for_update: bool = False) -> Run:
         row = cur.fetchone()
     if row is None:
         raise LookupError(f"no snapshot run {run_id}")
-    return Run(*row)
+    run_id, source, provider, status, *rest = row
+    return Run(run_id, source, provider, RunStatus(status), *rest)
 
 
 def resume(conn, run_id: int) -> None:
     """A retried task picks the run up again."""
     with transaction(conn) as cur:
         cur.execute(
-            "UPDATE snapshot_runs SET status = 'running', error = NULL, finished_at = NULL"
-            " WHERE run_id = %s AND status IN ('running', 'failed', 'abandoned')",
-            (run_id,),
+            "UPDATE snapshot_runs SET status = %s, error = NULL, finished_at = NULL"
+            " WHERE run_id = %s AND status IN (%s, %s, %s)",
+            (RunStatus.RUNNING, run_id, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.ABANDONED),
         )
 
 
@@ -155,56 +161,18 @@ def add_progress(conn, run_id: int, *, pages: int, requests: int, retries: int,
         )
 
 
-def forget_staged(cur, run_id: int, shard: int) -> None:
-    """A shard starting (again) has staged nothing yet."""
-    cur.execute("UPDATE snapshot_runs SET staged = staged - %s WHERE run_id = %s", (str(shard), run_id))
-
-
-def record_staged(cur, run_id: int, shard: int, rows: int, aggregates: int) -> None:
-    """Written durably once the shard's rows are committed to staging."""
-    cur.execute(
-        "UPDATE snapshot_runs SET staged = staged || jsonb_build_object(%s::text,"
-        " jsonb_build_object('rows', %s::bigint, 'aggregates', %s::bigint)) WHERE run_id = %s",
-        (str(shard), rows, aggregates, run_id),
-    )
-
-
-def staged_counts(cur, run_id: int) -> dict[int, tuple[int, int]]:
-    cur.execute("SELECT staged FROM snapshot_runs WHERE run_id = %s", (run_id,))
-    staged = cur.fetchone()[0]
-    return {int(shard): (v["rows"], v["aggregates"]) for shard, v in staged.items()}
-
-
-def clear_rejections(cur, run_id: int, shard: int) -> None:
-    """A retried shard replaces what its earlier attempt recorded."""
-    cur.execute("DELETE FROM rejected_records WHERE run_id = %s AND shard = %s", (run_id, shard))
-
-
-def add_rejections(cur, run_id: int, shard: int, rejections: Iterable[tuple[str, str]]) -> None:
-    """Keep rejected records with their raw text and the reason."""
-    execute_values(
-        cur,
-        "INSERT INTO rejected_records (run_id, shard, raw, reason) VALUES %s",
-        [(run_id, shard, safe_text(raw, MAX_RAW_CHARS), safe_text(reason, MAX_REASON_CHARS))
-         for raw, reason in rejections],
-    )
-
-
-def count_rejections(cur, run_id: int) -> int:
-    cur.execute("SELECT count(*) FROM rejected_records WHERE run_id = %s", (run_id,))
-    return cur.fetchone()[0]
-
-
-def finish(conn, run_id: int, status: str, *, error: str | None = None) -> None:
+def finish(conn, run_id: int, status: RunStatus, *, error: str | None = None) -> None:
+    """End the run as ``status``, unless it is already published (a published run stays so)."""
     with transaction(conn) as cur:
         cur.execute(
             "UPDATE snapshot_runs SET status = %s, error = %s, finished_at = now()"
-            " WHERE run_id = %s AND status <> 'published'",
-            (status, None if error is None else safe_text(error, MAX_ERROR_CHARS), run_id),
+            " WHERE run_id = %s AND status <> %s",
+            (RunStatus(status), None if error is None else safe_text(error, MAX_ERROR_CHARS), run_id,
+             RunStatus.PUBLISHED),
         )
 
 
-def record_failure(conn, run_id: int, error: str, status: str = "failed") -> bool:
+def record_failure(conn, run_id: int, error: str, status: RunStatus = RunStatus.FAILED) -> bool:
     """Mark the run failed with ``error``; never raises, True if it was recorded.
 
     Called while another error is on its way up: that error is the one the
@@ -272,16 +240,14 @@ def reap_abandoned(conn, source: str) -> list[int]:
     reaped at once; Airflow retries its own runs (a retried task resumes
     the run), so those are reaped only when a day old.
     """
-    from loaders import staging
-
     with transaction(conn) as cur:
         cur.execute(
             """
             SELECT run_id FROM snapshot_runs
-             WHERE source = %s AND status = 'running'
+             WHERE source = %s AND status = %s
                AND (dag_run_id IS NULL OR started_at < now() - interval '1 day')
             """,
-            (source,),
+            (source, RunStatus.RUNNING),
         )
         candidates = [r[0] for r in cur.fetchall()]
     reaped = []
@@ -290,10 +256,10 @@ def reap_abandoned(conn, source: str) -> list[int]:
             if not leases.reapable(cur, leases.SNAPSHOT, run_id):
                 continue  # someone is working on it
             cur.execute(
-                "UPDATE snapshot_runs SET status = 'abandoned', finished_at = now(),"
+                "UPDATE snapshot_runs SET status = %s, finished_at = now(),"
                 " error = 'the process taking this snapshot stopped before publishing it'"
-                " WHERE run_id = %s AND status = 'running'",
-                (run_id,),
+                " WHERE run_id = %s AND status = %s",
+                (RunStatus.ABANDONED, run_id, RunStatus.RUNNING),
             )
             leases.forget(cur, leases.SNAPSHOT, run_id)
             staging.drop_run(cur, run_id)

@@ -4,21 +4,32 @@ Staging tables live in the ``balance_staging`` schema, are UNLOGGED (they
 are rebuilt from the provider if lost) and have no indexes, so COPY runs at
 close to the server's limit. Nothing in them is visible to readers of
 ``balance_history`` until :mod:`loaders.publish` moves them in one
-transaction.
+transaction. Their columns, and the COPY encoding of a row, are built from
+:data:`extractors.records.ROW_COLUMNS`.
+
+What a shard staged is recorded on its run (``snapshot_runs.staged``), so
+publish can tell a finished shard from one emptied by a crash.
 """
 from __future__ import annotations
 
 import io
 from decimal import Decimal
-from typing import Iterable
+from typing import Callable, Iterable
 
 from psycopg2 import sql
 
-from extractors.records import BalanceRow, Rejection
-from loaders import runs
+from extractors.records import ROW_COLUMNS, BalanceRow, Column, Rejection
+from loaders import rejections
 
 SCHEMA = "balance_staging"
-COLUMNS = ("account", "asset", "balance", "decimals", "available_balance", "spark_factor")
+COLUMNS = tuple(c.name for c in ROW_COLUMNS)
+_COLUMN_NAMES = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+# As in balance_history, without its keys and defaults: staging only holds rows.
+_COLUMNS_DDL = sql.SQL(", ").join(
+    sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.sql_type),
+                              sql.SQL("" if c.nullable else " NOT NULL"))
+    for c in ROW_COLUMNS
+)
 FLUSH_BYTES = 4 << 20  # memory per shard stays at a few MB, whatever the crawl size
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -47,6 +58,27 @@ def drop_run(cur, run_id: int) -> None:
         cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
 
 
+def forget_staged(cur, run_id: int, shard: int) -> None:
+    """A shard starting (again) has staged nothing yet."""
+    cur.execute("UPDATE snapshot_runs SET staged = staged - %s WHERE run_id = %s", (str(shard), run_id))
+
+
+def record_staged(cur, run_id: int, shard: int, rows: int, aggregates: int) -> None:
+    """Written durably once the shard's rows are committed to staging."""
+    cur.execute(
+        "UPDATE snapshot_runs SET staged = staged || jsonb_build_object(%s::text,"
+        " jsonb_build_object('rows', %s::bigint, 'aggregates', %s::bigint)) WHERE run_id = %s",
+        (str(shard), rows, aggregates, run_id),
+    )
+
+
+def staged_counts(cur, run_id: int) -> dict[int, tuple[int, int]]:
+    """Rows and aggregates each finished shard staged, by shard."""
+    cur.execute("SELECT staged FROM snapshot_runs WHERE run_id = %s", (run_id,))
+    staged = cur.fetchone()[0]
+    return {int(shard): (v["rows"], v["aggregates"]) for shard, v in staged.items()}
+
+
 def _text(value: str) -> str:
     # Account ids and assets almost never need escaping; checking is cheaper
     # than translating every one.
@@ -65,25 +97,65 @@ def _number(value: int | Decimal | None) -> str:
 NULL = "\\N"
 
 
-def encode(rows: Iterable[BalanceRow]) -> str:
-    """Rows in COPY text format.
+# How each kind of column is written in COPY text, ``@`` standing for its
+# value. Inline expressions, not calls: this runs for every value of a
+# million-row load.
+_FORMATS = {
+    ("text", False): "{_text(@)}",
+    ("text", True): "{NULL if @ is None else _text(@)}",
+    ("integer", False): "{@}",
+    ("integer", True): "{NULL if @ is None else @}",
+    # Never an exponent: plain digits read back exactly as NUMERIC.
+    ("amount", False): "{format(@, 'f') if @.__class__ is dec else @}",
+    ("amount", True): "{NULL if @ is None else format(@, 'f') if @.__class__ is dec else @}",
+}
 
-    The hot loop of a million-row load: one f-string per row, with the
-    common cases (plain text, int amounts, NULLs) inline.
+
+def _encoder_source(columns: tuple[Column, ...]) -> str:
+    """The source of an encoder for ``columns``: one f-string per row.
+
+    A value used more than once in its format is read into a local first;
+    the helpers are locals too (cheaper to look up than globals).
     """
-    dec = Decimal
-    out: list[str] = []
-    append = out.append
-    for r in rows:
-        b, d, av, sf = r.balance, r.decimals, r.available_balance, r.spark_factor
-        append(
-            f"{_text(r.account)}\t{_text(r.asset)}\t"
-            f"{format(b, 'f') if b.__class__ is dec else b}\t"
-            f"{NULL if d is None else d}\t"
-            f"{NULL if av is None else _number(av)}\t"
-            f"{NULL if sf is None else sf}\n"
-        )
-    return "".join(out)
+    reads, parts = [], []
+    for c in columns:
+        fmt = _FORMATS[c.kind, c.nullable]
+        if fmt.count("@") > 1:
+            reads.append((f"v{len(reads)}", f"r.{c.name}"))
+            parts.append(fmt.replace("@", reads[-1][0]))
+        else:
+            parts.append(fmt.replace("@", f"r.{c.name}"))
+    line = "\\t".join(parts)
+    unpack = (f"        {', '.join(n for n, _ in reads)}, = {', '.join(a for _, a in reads)},\n"
+              if reads else "")
+    return (
+        "def encode(rows):\n"
+        "    _text, dec, NULL = _TEXT, _DECIMAL, _NULL\n"
+        "    out = []\n"
+        "    append = out.append\n"
+        "    for r in rows:\n"
+        f"{unpack}"
+        f'        append(f"{line}\\n")\n'
+        '    return "".join(out)\n'
+    )
+
+
+def _encoder(columns: tuple[Column, ...]) -> Callable[[Iterable[BalanceRow]], str]:
+    # Generated once, as dataclasses generates __init__: a loop over the
+    # columns inside the loop over rows makes encoding nearly twice as
+    # slow; this is the function one would write by hand for these columns.
+    namespace = {"_TEXT": _text, "_DECIMAL": Decimal, "_NULL": NULL}
+    source = _encoder_source(columns)
+    exec(compile(source, f"<encoder of {', '.join(c.name for c in columns)}>", "exec"), namespace)
+    return namespace["encode"]
+
+
+_encode = _encoder(ROW_COLUMNS)
+
+
+def encode(rows: Iterable[BalanceRow]) -> str:
+    """Rows in COPY text format, one line per row, columns as :data:`COLUMNS`."""
+    return _encode(rows)
 
 
 class StagingWriter:
@@ -105,17 +177,9 @@ class StagingWriter:
         self._size = 0
         with conn.cursor() as cur:
             drop(cur, run_id, shard)
-            # Ids in "C", as in balance_history (migration 0006): sorted
-            # here, they arrive in the order of its primary key.
-            cur.execute(
-                sql.SQL(
-                    'CREATE UNLOGGED TABLE {} (account text COLLATE "C" NOT NULL,'
-                    ' asset text COLLATE "C" NOT NULL, balance numeric NOT NULL, decimals smallint,'
-                    " available_balance numeric, spark_factor numeric)"
-                ).format(self.table)
-            )
-            runs.clear_rejections(cur, run_id, shard)
-            runs.forget_staged(cur, run_id, shard)
+            cur.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(self.table, _COLUMNS_DDL))
+            rejections.clear(cur, run_id, shard)
+            forget_staged(cur, run_id, shard)
         conn.commit()
 
     def add(self, rows: list[BalanceRow], rejected: list[Rejection] = (), kind: str = "balances") -> None:
@@ -133,7 +197,7 @@ class StagingWriter:
                 self.flush()
         if rejected:
             with self.conn.cursor() as cur:
-                runs.add_rejections(cur, self.run_id, self.shard, ((r.raw, r.reason) for r in rejected))
+                rejections.add(cur, self.run_id, self.shard, ((r.raw, r.reason) for r in rejected))
             # Committed at once: rejected records are kept even if the run fails.
             self.conn.commit()
             self.rejected += len(rejected)
@@ -158,9 +222,7 @@ class StagingWriter:
         self._size = 0
         with self.conn.cursor() as cur:
             cur.copy_expert(
-                sql.SQL("COPY {} ({}) FROM STDIN").format(
-                    self.table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-                ),
+                sql.SQL("COPY {} ({}) FROM STDIN").format(self.table, _COLUMN_NAMES),
                 data,
                 size=1 << 20,
             )
@@ -170,7 +232,7 @@ class StagingWriter:
         """Flush: the shard's rows are staged, still unpublished."""
         self.flush()
         with self.conn.cursor() as cur:
-            runs.record_staged(cur, self.run_id, self.shard, self.rows, self.aggregates)
+            record_staged(cur, self.run_id, self.shard, self.rows, self.aggregates)
         self.conn.commit()
 
     def abort(self) -> None:

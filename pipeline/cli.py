@@ -150,6 +150,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
+    from loaders.runs import RunStatus
     from pipeline import connections
     from pipeline.config import load_config
     from pipeline.snapshot import take_snapshot
@@ -167,7 +168,8 @@ def cmd_snapshot(args) -> int:
         conn.close()
     print_summary(summary)
     # A skipped rerun did what was asked: the interval's snapshot is there.
-    return 0 if summary["status"] in ("published", "no_snapshot", "skipped") else 1
+    done = (RunStatus.PUBLISHED, RunStatus.NO_SNAPSHOT, RunStatus.SKIPPED)
+    return 0 if summary["status"] in done else 1
 
 
 def _require_schema(conn, table: str = "snapshot_runs") -> None:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from extractors.http import RetryPolicy
 from extractors.redaction import redact_url
-from extractors.registry import PROVIDER_NAMES, provider as provider_named
+from extractors import registry
 
 CONFIG_ENV = "BALANCES_CONFIG"
 SCHEDULE_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -319,7 +319,7 @@ def named_table(section: str, name: str, table: Any, selector: str, known) -> st
 def parse_source(name: str, table: Any) -> SourceConfig:
     """One ``[sources.<name>]`` table as a SourceConfig; ConfigError on the first mistake."""
     where = f"sources.{name}"
-    provider = named_table("sources", name, table, "provider", PROVIDER_NAMES)
+    provider = named_table("sources", name, table, "provider", registry.names())
     retry_types = typing.get_type_hints(RetryPolicy)
     common: dict[str, Any] = {}
     retry: dict[str, Any] = {}
@@ -346,7 +346,11 @@ def parse_source(name: str, table: Any) -> SourceConfig:
     interval = schedule_interval(schedule, start_date, f"{where}.schedule")
     if "task_timeout" not in common:
         common["task_timeout"] = default_task_timeout(interval).total_seconds()
-    module = provider_named(provider)
+    try:
+        module = registry.provider(provider)
+    except registry.ProviderUnavailable as exc:
+        # Only the sources of this provider are lost; the others still load.
+        raise ConfigError(f"{where}.provider: {exc}") from None
     if common.get("shards", 1) > 1 and not module.shardable:
         raise ConfigError(f"{where}.shards: {provider} sources cannot be sharded (one request answers all)")
     settings = build_settings(module.settings, rest, where)

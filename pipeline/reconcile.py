@@ -44,6 +44,7 @@ from extractors.text import safe_text
 from loaders import leases
 from loaders.db import transaction
 from loaders.runs import MAX_ERROR_CHARS
+from loaders.statuses import ReconciliationStatus, RunStatus
 from pipeline.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Reconciliation:
     window_from: datetime
     window_to: datetime
     checks: list[str]
-    status: str = "running"
+    status: ReconciliationStatus = ReconciliationStatus.RUNNING
     checks_run: int = 0
     breaks_open: int = 0
     breaks_new: int = 0
@@ -107,9 +108,9 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
         cur.execute(
             """
             INSERT INTO reconciliation_runs (window_from, window_to, status, checks, dag_run_id)
-            VALUES (%s, %s, 'running', %s, %s) RETURNING run_id
+            VALUES (%s, %s, %s, %s, %s) RETURNING run_id
             """,
-            (window_from, window_to, list(checks), dag_run_id),
+            (window_from, window_to, ReconciliationStatus.RUNNING, list(checks), dag_run_id),
         )
         run = Reconciliation(cur.fetchone()[0], window_from, window_to, list(checks))
         leases.take(cur, leases.RECONCILIATION, run.run_id)
@@ -122,7 +123,7 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
             run.breaks_open += counts["open"]
             run.breaks_new += counts["new"]
             run.breaks_resolved += counts["resolved"]
-        _finish(conn, run, "succeeded", None)
+        _finish(conn, run, ReconciliationStatus.SUCCEEDED, None)
     except BaseException as exc:
         _record_failure(conn, run, exc)
         raise
@@ -134,7 +135,8 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
 def reap_abandoned(conn) -> list[int]:
     """Mark reconciliation runs whose process died as ``abandoned``."""
     with transaction(conn) as cur:
-        cur.execute("SELECT run_id FROM reconciliation_runs WHERE status = 'running' ORDER BY run_id")
+        cur.execute("SELECT run_id FROM reconciliation_runs WHERE status = %s ORDER BY run_id",
+                    (ReconciliationStatus.RUNNING,))
         candidates = [r[0] for r in cur.fetchall()]
     reaped = []
     for run_id in candidates:
@@ -142,17 +144,17 @@ def reap_abandoned(conn) -> list[int]:
             if not leases.reapable(cur, leases.RECONCILIATION, run_id):
                 continue  # still at work
             cur.execute(
-                "UPDATE reconciliation_runs SET status = 'abandoned', finished_at = now(),"
+                "UPDATE reconciliation_runs SET status = %s, finished_at = now(),"
                 " error = 'the process running this reconciliation stopped before finishing it'"
-                " WHERE run_id = %s AND status = 'running'",
-                (run_id,),
+                " WHERE run_id = %s AND status = %s",
+                (ReconciliationStatus.ABANDONED, run_id, ReconciliationStatus.RUNNING),
             )
             leases.forget(cur, leases.RECONCILIATION, run_id)
             reaped.append(run_id)
     return reaped
 
 
-def _finish(conn, run: Reconciliation, status: str, error: str | None) -> None:
+def _finish(conn, run: Reconciliation, status: ReconciliationStatus, error: str | None) -> None:
     run.status = status
     with transaction(conn) as cur:
         cur.execute(
@@ -171,9 +173,9 @@ def _record_failure(conn, run: Reconciliation, exc: BaseException) -> None:
     error = safe_text(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
     try:
         conn.rollback()
-        _finish(conn, run, "failed", error)
+        _finish(conn, run, ReconciliationStatus.FAILED, error)
     except Exception as second:
-        run.status = "failed"
+        run.status = ReconciliationStatus.FAILED
         log.error("reconciliation run %d failed (%s) and the failure could not be recorded: %s",
                   run.run_id, error[:500], safe_text(second, 500))
 
@@ -229,7 +231,7 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
         f"""
         WITH times AS (
             SELECT DISTINCT as_of AS t FROM snapshot_runs
-             WHERE source = %(ls)s AND status = 'published' AND as_of BETWEEN %(from)s AND %(to)s
+             WHERE source = %(ls)s AND status = %(published)s AND as_of BETWEEN %(from)s AND %(to)s
         )
         SELECT t, l.units, rs.as_of, r.units, l.units - r.units,
                greatest(%(abs)s, %(rel)s * greatest(abs(l.units), abs(r.units)))
@@ -239,7 +241,7 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
                 WHERE b.source = %(ls)s AND b.account = %(la)s AND b.asset = %(lx)s AND b.as_of = t) l ON true
           LEFT JOIN LATERAL (
                SELECT max(as_of) AS as_of FROM snapshot_runs
-                WHERE source = %(rs)s AND status = 'published' AND as_of <= t) rs ON true
+                WHERE source = %(rs)s AND status = %(published)s AND as_of <= t) rs ON true
           LEFT JOIN LATERAL (
                SELECT {whole_units('b.balance', 'b')} AS units FROM balance_history b
                 WHERE b.source = %(rs)s AND b.account = %(ra)s AND b.asset = %(rx)s AND b.as_of = rs.as_of) r ON true
@@ -247,7 +249,8 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
         """,
         {"ls": check.left.source, "la": check.left.account, "lx": check.left.asset,
          "rs": check.right.source, "ra": check.right.account, "rx": check.right.asset,
-         "from": window_from, "to": window_to, "abs": check.abs_tolerance, "rel": check.rel_tolerance},
+         "from": window_from, "to": window_to, "abs": check.abs_tolerance, "rel": check.rel_tolerance,
+         "published": RunStatus.PUBLISHED},
     )
     subject = {"left": check.left.as_dict(), "right": check.right.as_dict()}
     # Differences and tolerances come from SQL: Python's Decimal rounds
@@ -319,13 +322,13 @@ def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetim
         return
     cur.execute(
         """
-        SELECT scheduled_for, bool_or(status IN ('published', 'no_snapshot')),
+        SELECT scheduled_for, bool_or(status IN (%s, %s)),
                string_agg(status, ', ' ORDER BY run_id)
           FROM snapshot_runs
          WHERE source = %s AND scheduled_for = ANY(%s)
          GROUP BY scheduled_for
         """,
-        (check.source, scheduled),
+        (RunStatus.PUBLISHED, RunStatus.NO_SNAPSHOT, check.source, scheduled),
     )
     runs = {t: (done, statuses) for t, done, statuses in cur.fetchall()}
     for t in scheduled:
@@ -342,13 +345,13 @@ def _stale(cur, check: ContinuityCheck, window_from: datetime, window_to: dateti
     cur.execute(
         """
         SELECT DISTINCT as_of FROM snapshot_runs
-         WHERE source = %(source)s AND status = 'published' AND as_of <= %(to)s
+         WHERE source = %(source)s AND status = %(published)s AND as_of <= %(to)s
            AND as_of >= coalesce((SELECT max(as_of) FROM snapshot_runs
-                                   WHERE source = %(source)s AND status = 'published' AND as_of <= %(from)s),
+                                   WHERE source = %(source)s AND status = %(published)s AND as_of <= %(from)s),
                                  %(from)s)
          ORDER BY as_of
         """,
-        {"source": check.source, "from": window_from, "to": window_to},
+        {"source": check.source, "from": window_from, "to": window_to, "published": RunStatus.PUBLISHED},
     )
     times = [r[0] for r in cur.fetchall()]
     allowed = Decimal(int(check.max_staleness.total_seconds()))

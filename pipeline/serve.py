@@ -15,6 +15,7 @@ The test suite starts the same stack with :func:`live_stack`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -35,6 +36,8 @@ from pipeline import devdb
 from pipeline.demo import DEMO_CHECKS, DEMO_DIR, REPO, write_sources
 from sandbox import apps
 from sandbox.server import FakeServer
+
+log = logging.getLogger(__name__)
 
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 POOL_SLOTS = 4
@@ -224,9 +227,27 @@ def stop(stack: Stack, grace: float = 30) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        _wait_group_gone(process, timeout=15)
     for server in stack.servers:
         server.stop()
     stack.servers.clear()
+
+
+def _wait_group_gone(process: subprocess.Popen, timeout: float) -> None:
+    """Wait until no member of the process group is left.
+
+    Members other than the leader are reparented when it dies and reaped
+    by init a moment later: until then the group still exists, and a port
+    or a file they held may still be in use.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    log.warning("process group %d of %s still exists %.0fs after SIGKILL", process.pid, process.args, timeout)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -6,7 +6,6 @@ runs them back to back with :func:`take_snapshot`.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,11 +13,14 @@ from datetime import datetime, timedelta, timezone
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError
 from extractors.records import Rejection
 from extractors.text import safe_text
-from extractors.registry import provider, stats_of
+from extractors import provider as contract
+from extractors.registry import provider
 from loaders import publish as publishing
-from loaders import runs
+from loaders import rejections, runs
 from loaders.budget import RequestBudget
 from loaders.db import transaction
+from loaders.rejections import RejectedRecordsError
+from loaders.runs import RunStatus
 from loaders.staging import StagingWriter
 from pipeline import connections
 from pipeline.config import SourceConfig
@@ -30,8 +32,9 @@ log = logging.getLogger(__name__)
 LIVE_GRACE = timedelta(minutes=30)
 
 
-class RejectedRecordsError(RuntimeError):
-    """More records were rejected than the source allows."""
+# A crawl's outcome when its rows wait in staging: not a run status (the
+# run stays running until publish).
+STAGED = "staged"
 
 
 class SnapshotTooFar(SnapshotError):
@@ -59,6 +62,8 @@ def check_snapshot_age(source: SourceConfig, scheduled_for: datetime, as_of: dat
 
 @dataclass(slots=True, frozen=True)
 class CrawlResult:
+    """What one crawl did: ``status`` is :data:`STAGED`, or the run's status if it ended the run."""
+
     run_id: int
     shard: int
     status: str
@@ -69,13 +74,10 @@ class CrawlResult:
 
 def build_extractor(source: SourceConfig, credentials=None, conn=None):
     """The source's extractor; with ``conn``, its requests draw on the provider's budget."""
-    extractor = provider(source.provider).build(source.settings, credentials, source.retry,
-                                                max_pages=source.max_pages)
     budget = request_budget(conn, source) if conn is not None else None
-    if budget is not None:
-        extractor.client.throttle = budget.acquire
-        extractor.budget = budget
-    return extractor
+    throttle = contract.Throttle(budget.acquire, budget.close) if budget is not None else None
+    return provider(source.provider).open(source.settings, credentials, source.retry,
+                                          max_pages=source.max_pages, throttle=throttle)
 
 
 def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
@@ -94,10 +96,7 @@ def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
 
 
 def close_extractor(extractor) -> None:
-    extractor.client.close()
-    budget = getattr(extractor, "budget", None)
-    if budget is not None:
-        budget.close()
+    contract.close(extractor)
 
 
 def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: str | None = None,
@@ -140,13 +139,13 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
 
 
 def chooses_snapshot(source: SourceConfig) -> bool:
-    """Whether the provider picks the run's snapshot before crawling (``CHOOSES_SNAPSHOT``).
+    """Whether the provider picks the run's snapshot before crawling (``chooses_snapshot``).
 
     Such an extractor has ``choose_snapshot(at) -> (as_of, as_of_raw) | None``
     and its ``pages`` accepts ``snapshot=``: every shard then reads the one
     snapshot recorded on the run.
     """
-    return getattr(importlib.import_module(f"extractors.{source.provider}"), "CHOOSES_SNAPSHOT", False)
+    return provider(source.provider).chooses_snapshot
 
 
 def chosen_snapshot(conn, source: SourceConfig, run: runs.Run, extractor) -> tuple[datetime, str] | None:
@@ -187,7 +186,7 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
             message = (f"{source.name}: the provider has no balance snapshot at or before "
                        f"{run.scheduled_for.isoformat()}")
             _progress(conn, run_id, extractor, 0, [])
-            runs.finish(conn, run_id, "no_snapshot", error=message)
+            runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=message)
             log.info("%s", message)
             return []
         if source.shards == 1:
@@ -212,8 +211,8 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
         if raw:
             # The body we could not read is kept, as a crawl keeps it.
             with transaction(conn) as cur:
-                runs.add_rejections(cur, run_id, 0, [(connections.scrub(raw, secrets),
-                                                      connections.scrub(str(exc), secrets))])
+                rejections.add(cur, run_id, 0, [(connections.scrub(raw, secrets),
+                                                 connections.scrub(str(exc), secrets))])
         if extractor is not None:
             _progress(conn, run_id, extractor, 0, [])
     except Exception as second:
@@ -226,8 +225,8 @@ def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
           account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
     """Read the snapshot from the provider and stage it; publish nothing."""
     run = runs.get_run(conn, run_id)
-    if run.status == "skipped":  # a rerun that has nothing to do (see begin)
-        return CrawlResult(run_id, shard, "skipped", 0, 0, 0)
+    if run.status == RunStatus.SKIPPED:  # a rerun that has nothing to do (see begin)
+        return CrawlResult(run_id, shard, RunStatus.SKIPPED, 0, 0, 0)
     runs.hold(conn, run_id, shard)
     try:
         return _crawl(conn, source, run, shard, account_range, credentials)
@@ -289,9 +288,9 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
     except NoSnapshotAvailable as exc:
         writer.abort()
         _progress(conn, run_id, extractor, pages, warnings)
-        runs.finish(conn, run_id, "no_snapshot", error=str(exc))
+        runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=str(exc))
         log.info("%s: %s", source.name, exc)
-        return CrawlResult(run_id, shard, "no_snapshot", pages, 0, 0)
+        return CrawlResult(run_id, shard, RunStatus.NO_SNAPSHOT, pages, 0, 0)
     except BaseException as exc:
         _record_crawl_failure(conn, run_id, exc, secrets, writer, extractor, pages, warnings)
         raise
@@ -300,12 +299,12 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
     _progress(conn, run_id, extractor, pages, warnings)
     for warning in warnings[:20]:
         log.warning("%s: %s", source.name, warning)
-    if writer.rejected > source.max_rejected:
-        message = (f"{writer.rejected} record(s) rejected, more than the {source.max_rejected} "
-                   f"source {source.name} allows; nothing published (see rejected_records for run {run_id})")
-        runs.record_failure(conn, run_id, message)
-        raise RejectedRecordsError(message)
-    return CrawlResult(run_id, shard, "staged", pages, writer.rows, writer.rejected)
+    try:
+        rejections.check_threshold(run_id, source.name, writer.rejected, source.max_rejected)
+    except RejectedRecordsError as exc:
+        runs.record_failure(conn, run_id, str(exc))
+        raise
+    return CrawlResult(run_id, shard, STAGED, pages, writer.rows, writer.rejected)
 
 
 def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[str], writer,
@@ -337,7 +336,7 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
 
 
 def _progress(conn, run_id, extractor, pages, warnings) -> None:
-    stats = stats_of(extractor)
+    stats = contract.stats(extractor)
     runs.add_progress(conn, run_id, pages=pages, requests=stats.requests, retries=stats.retries,
                       warnings=warnings)
 
@@ -363,7 +362,7 @@ def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
     # One process does it all: it holds the run throughout, from the moment
     # it exists, so a concurrent begin never reaps it.
     run_id = begin(conn, source, at, force=force, hold=True)
-    if runs.get_run(conn, run_id).status == "skipped":
+    if runs.get_run(conn, run_id).status == RunStatus.SKIPPED:
         return runs.summary(conn, run_id)
     try:
         statuses = [
@@ -371,7 +370,7 @@ def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
             for shard in plan_shards(conn, source, run_id, credentials=credentials)
         ]
         # No shard at all: the run was closed as no_snapshot while planning.
-        if statuses and "no_snapshot" not in statuses:
+        if statuses and RunStatus.NO_SNAPSHOT not in statuses:
             publish(conn, source, run_id, force=force)
     finally:
         if not conn.closed:

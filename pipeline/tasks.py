@@ -19,9 +19,10 @@ from extractors.text import safe_text
 from loaders import runs
 from loaders.db import connect
 from loaders.publish import PublishError
+from loaders.rejections import RejectedRecordsError
+from loaders.runs import RunStatus
 from pipeline import connections, snapshot
 from pipeline.config import SourceConfig, load_config
-from pipeline.snapshot import RejectedRecordsError
 
 
 @contextmanager
@@ -86,7 +87,7 @@ def begin_run(source_name: str, context) -> int:
         run_id = snapshot.begin(conn, source, scheduled_time(context),
                                 dag_run_id=context["dag_run"].run_id)
         run = runs.get_run(conn, run_id)
-        if run.status == "skipped":
+        if run.status == RunStatus.SKIPPED:
             # Skipping skips the crawl and the publish too: no Asset event.
             raise AirflowSkipException(runs.summary(conn, run_id)["error"])
     return run_id
@@ -106,7 +107,8 @@ def crawl_snapshot(source_name: str, run_id: int, shard: int = 0,
     with fatal_errors_fail_fast(), database() as conn:
         result = snapshot.crawl(conn, source, run_id, shard=shard, account_range=account_range,
                                 credentials=creds)
-    return {"run_id": result.run_id, "shard": result.shard, "status": result.status,
+    # Plain text in XCom, whatever type the status has here.
+    return {"run_id": result.run_id, "shard": result.shard, "status": str(result.status),
             "pages": result.pages, "rows": result.rows, "rejected": result.rejected}
 
 
@@ -114,10 +116,10 @@ def publish_snapshot(source_name: str, run_id: int) -> dict:
     source = source_config(source_name)
     with fatal_errors_fail_fast(), database() as conn:
         result = snapshot.publish(conn, source, run_id)
-    if result.status == "no_snapshot":
+    if result.status == RunStatus.NO_SNAPSHOT:
         # Skipped, not succeeded: no Asset event for a snapshot that is not there.
         raise AirflowSkipException(f"run {run_id}: the provider had no snapshot to publish")
-    if result.status == "skipped":
+    if result.status == RunStatus.SKIPPED:
         raise AirflowSkipException(f"run {run_id}: another run published this interval first")
     return {"run_id": run_id, "rows": result.rows_staged, "rows_inserted": result.rows_published,
             "rejected": result.rejected}

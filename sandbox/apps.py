@@ -1,6 +1,8 @@
 """The sandbox provider of each name, for ``python -m sandbox`` and the demo.
 
-Each module ``sandbox.<provider>`` defines:
+A provider's sandbox is the module ``sandbox.<provider>``, found by its
+presence (the providers are listed by :func:`extractors.registry.names`).
+Each defines:
 
 * ``demo_app()`` — the fake with its demo data set, ready to serve;
 * ``demo_source(url)`` — the ``[sources.<name>]`` keys pointing at it;
@@ -10,24 +12,18 @@ Each module ``sandbox.<provider>`` defines:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
-SANDBOXES = ("hedera", "formance", "bitfront", "coreledger")
+from extractors import registry
 
 
 def sandbox(name: str) -> ModuleType:
-    if name not in SANDBOXES:
+    if name not in registry.names():
         raise KeyError(name)
     return importlib.import_module(f"sandbox.{name}")
 
 
 def available() -> list[str]:
-    """The sandboxes that exist in this checkout."""
-    found = []
-    for name in SANDBOXES:
-        try:
-            sandbox(name)
-        except ModuleNotFoundError:
-            continue
-        found.append(name)
-    return found
+    """The providers that have a sandbox in this checkout."""
+    return [name for name in registry.names() if importlib.util.find_spec(f"sandbox.{name}") is not None]

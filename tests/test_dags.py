@@ -1,13 +1,21 @@
 """The generated DAGs, parsed and run by real Airflow (``dag.test()``)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import tomllib
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+import extractors
+from extractors import registry
+from extractors.provider import Provider
+from pipeline.config import load_config, parse_source
 from pipeline.demo import write_sources
+from sandbox.apps import available, sandbox
 from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
 from tests.sandboxes import PROVIDERS, demo_app, install_connection, source_keys
 from sandbox.hedera import Account
@@ -30,15 +38,43 @@ backoff_base = 0.01
 """
 
 
+EXAMPLE = REPO / "config" / "balances.example.toml"
+
+
+def test_providers_are_the_modules_that_declare_one():
+    assert PROVIDERS == ("bitfront", "coreledger", "formance", "hedera")
+    for name in PROVIDERS:
+        declared = registry.provider(name)
+        assert isinstance(declared, Provider) and declared.name == name
+    # The shared machinery declares no provider.
+    assert not {"http", "paginators", "records", "provider", "registry"} & set(PROVIDERS)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_provider_has_a_sandbox_a_demo_source_an_example_and_a_readme_section(provider):
+    assert provider in available()
+    module = sandbox(provider)
+    keys = module.demo_source("http://127.0.0.1:9")
+    assert keys["provider"] == provider
+    parse_source(f"{provider}_demo", dict(keys))  # the demo source is a valid source
+    assert module.DEMO_CONNECTION is None or len(module.DEMO_CONNECTION) == 2
+    example = tomllib.loads(EXAMPLE.read_text())["sources"]
+    assert provider in {table["provider"] for table in example.values()}
+    assert provider in EXAMPLE.read_text().split("provider ", 1)[1].split("(required)", 1)[0]
+    # Its README section shows a source table.
+    assert f'\nprovider = "{provider}"\n' in (REPO / "README.md").read_text()
+
+
 def test_example_config_builds_one_dag_per_source(airflow_env):
-    write_config((REPO / "config" / "balances.example.toml").read_text())
+    write_config(EXAMPLE.read_text())
     bag = dag_bag()
     assert bag.import_errors == {}
     snapshot_dags = {d: dag for d, dag in bag.dags.items() if set(dag.tags) & set(PROVIDERS)}
-    assert sorted(snapshot_dags) == ["balances_bitfront_main", "balances_coreledger_main", "balances_formance_main",
-                                     "balances_hedera_mainnet", "balances_hedera_testnet"]
+    expected = load_config(EXAMPLE)
+    assert sorted(snapshot_dags) == sorted(s.dag_id for s in expected.sources.values())
+    assert {s.provider for s in expected.sources.values()} == set(PROVIDERS)
     for dag_id, dag in snapshot_dags.items():
-        provider = dag_id.split("_")[1]
+        provider = expected.sources[dag_id.removeprefix("balances_")].provider
         assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot"]
         assert all(t.pool == f"balances_{provider}" for t in dag.tasks)
         assert dag.max_active_runs == 1
@@ -55,6 +91,51 @@ def test_broken_config_is_an_import_error_naming_the_field(airflow_env):
     assert "sources.bad.limit" in errors and "100" in errors
     # The mistake costs only its own source's DAG.
     assert "balances_fine" in bag.dags and "balances_bad" not in bag.dags
+
+
+def test_a_provider_module_that_fails_to_import_costs_only_its_sources(airflow_env, tmp_path, monkeypatch):
+    """A half-deployed provider module: its sources are reported and left out, the rest load."""
+    (tmp_path / "bitfront.py").write_text(
+        'raise RuntimeError("half-deployed")\nPROVIDER = None\n')
+    # Found before the real module, as a broken copy on the DAG processor's path would be.
+    monkeypatch.setattr(extractors, "__path__", [str(tmp_path), *extractors.__path__])
+    monkeypatch.delitem(sys.modules, "extractors.bitfront")
+    write_config(hedera_config("http://127.0.0.1:9", name="fine") + """
+[sources.exchange]
+provider = "bitfront"
+conn_id = "bitfront_main"
+
+[checks.fine_gaps]
+kind = "continuity"
+source = "fine"
+
+[checks.exchange_gaps]
+kind = "continuity"
+source = "exchange"
+""")
+    bag = dag_bag()
+    errors = {Path(f).name: e for f, e in bag.import_errors.items()}
+    assert sorted(errors) == ["balances.py", "reconciliation.py"]
+    assert ("sources.exchange.provider: the bitfront provider module (extractors/bitfront.py) failed to "
+            "import: RuntimeError: half-deployed") in errors["balances.py"]
+    assert "checks.exchange_gaps.source: source 'exchange' has a mistake" in errors["reconciliation.py"]
+    ours = sorted(d for d in bag.dags if d.startswith(("balances_", "reconcile_")))
+    assert ours == ["balances_fine", "reconcile_balances"]
+    assert "balances://snapshots/fine" in str(bag.dags["reconcile_balances"].timetable.asset_condition)
+
+
+def test_a_module_without_a_declaration_is_no_provider(tmp_path, monkeypatch):
+    (tmp_path / "helpers.py").write_text("PROVIDERS = ()\nPROVIDER_URL = 'x'\n")
+    (tmp_path / "newcomer.py").write_text("PROVIDER: object = object()\n")
+    monkeypatch.setattr(extractors, "__path__", [str(tmp_path), *extractors.__path__])
+    assert "helpers" not in registry.names() and "newcomer" in registry.names()
+    # Declared but not a Provider named after its module: refused, with what to write.
+    try:
+        with pytest.raises(registry.ProviderUnavailable, match="PROVIDER = Provider"):
+            registry.provider("newcomer")
+    finally:
+        sys.modules.pop("extractors.newcomer", None)
+    assert importlib.util.find_spec("sandbox.newcomer") is None and "newcomer" not in available()
 
 
 def test_dag_run_publishes_a_snapshot_and_updates_the_asset(airflow_env, db, serve):

@@ -9,6 +9,7 @@ they need and no other.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -21,8 +22,9 @@ import pytest
 from alembic import command
 from psycopg2 import sql
 
-from extractors.records import BalanceRow
+from extractors.records import ROW_COLUMNS, BalanceRow
 from loaders import partitions, publish, runs, staging
+from loaders.statuses import ReconciliationStatus, RunStatus
 from loaders.db import connect
 from loaders.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import fetch
@@ -290,6 +292,39 @@ def scratch_database(database_url: str, name: str) -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(drop)
         admin.close()
+
+
+def _column_types(conn, schema: str, table: str) -> dict[str, tuple[str, bool, str | None]]:
+    return {name: (type_, nullable, collation) for name, type_, nullable, collation in fetch(
+        conn,
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull, c.collname"
+        "  FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation AND c.collname <> 'default'"
+        " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (f"{schema}.{table}",))}
+
+
+def test_a_history_row_is_declared_as_balance_history_and_staging_have_it(db):
+    """ROW_COLUMNS, the one declaration of a row, agrees with the migrations and builds staging."""
+    history = _column_types(db, "public", "balance_history")
+    run_id = runs.start_run(db, "s", "hedera", T1)
+    staging.StagingWriter(db, run_id, 0)
+    staged = _column_types(db, staging.SCHEMA, f"run_{run_id}_shard_0")
+    assert tuple(staged) == staging.COLUMNS == tuple(c.name for c in ROW_COLUMNS)
+    for c in ROW_COLUMNS:
+        base_type, _, collation = c.sql_type.partition(" COLLATE ")
+        expected = (base_type, c.nullable, collation.strip('"') or None)
+        assert history[c.name] == expected, c.name
+        assert staged[c.name] == expected, c.name
+
+
+def test_run_statuses_are_the_ones_the_schema_allows(db):
+    def allowed(constraint: str) -> set[str]:
+        (definition,) = fetch(db, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s",
+                              (constraint,))[0]
+        return set(re.findall(r"'([a-z_]+)'::text", definition))
+
+    assert allowed("snapshot_runs_status_check") == set(RunStatus)
+    assert allowed("reconciliation_runs_status_check") == set(ReconciliationStatus)
 
 
 def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):

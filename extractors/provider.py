@@ -1,0 +1,111 @@
+"""What a provider is: the contract between a provider module and the run.
+
+A provider module (``extractors/<name>.py``) ends with one declaration::
+
+    PROVIDER = Provider(
+        name="hedera",
+        settings=Settings,
+        build=build,
+        has_history=True,
+        shardable=True,
+        chooses_snapshot=True,
+    )
+
+and the run (:mod:`pipeline.snapshot`) uses nothing else of the module. The
+declaration says what differs between providers; what they share (the HTTP
+client, its retries and statistics, closing) is written once, here and in
+:mod:`extractors.http`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Iterator, Protocol
+
+from extractors.credentials import Credentials
+from extractors.http import HttpClient, RequestStats, RetryPolicy
+from extractors.records import Page
+
+AccountRange = tuple[str | None, str | None]
+
+
+class Extractor(Protocol):
+    """One crawl's view of a provider, made by :meth:`Provider.open`.
+
+    ``pages`` yields the snapshot for ``at`` one :class:`~extractors.records.Page`
+    at a time, never the whole crawl. A shardable provider's extractor also has
+    ``shard_ranges(at, shards, snapshot=None)`` and honours ``account_range``;
+    one that chooses its snapshot has ``choose_snapshot(at) -> (as_of,
+    as_of_raw) | None`` and its ``pages`` accepts ``snapshot=``.
+    """
+
+    client: HttpClient  # every request goes through it: retries, statistics, closing
+
+    def pages(self, at: datetime, account_range: AccountRange | None = None) -> Iterator[Page]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """Called before every request, e.g. to draw on a request budget shared by processes.
+
+    ``release`` frees what the hook holds (the budget's own connection) when
+    the extractor is closed.
+    """
+
+    acquire: Callable[[], None]
+    release: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        self.acquire()
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A provider as its module declares it (``PROVIDER = Provider(...)``).
+
+    Attributes:
+        name: the ``provider = "..."`` of a source; also the module's name.
+        settings: the dataclass of the provider's own ``[sources.<name>]`` keys;
+            its ``__post_init__`` raises ``ValueError(field, message)`` on a bad value.
+        build: ``build(settings, credentials, policy, *, max_pages, throttle)``
+            makes the extractor; ``throttle`` goes to its :class:`HttpClient`.
+        has_history: whether the API answers for a past time; a function of the
+            settings when that depends on them (Formance: v2 does, v1 does not).
+            A provider without history refuses a past snapshot time.
+        shardable: the account space splits into ranges crawled in parallel.
+        chooses_snapshot: the snapshot is chosen once per run, before the crawl,
+            and every shard reads that one.
+        rate_limit: the documented limit as (requests per second, burst); a
+            source's ``rate_limit`` overrides it.
+    """
+
+    name: str
+    settings: type
+    build: Callable[..., Extractor]
+    has_history: bool | Callable[[Any], bool]
+    shardable: bool = False
+    chooses_snapshot: bool = False
+    rate_limit: tuple[float, float] | None = None
+
+    def answers_for_past(self, settings: Any) -> bool:
+        if callable(self.has_history):
+            return self.has_history(settings)
+        return self.has_history
+
+    def open(self, settings: Any, credentials: Credentials | None, policy: RetryPolicy, *,
+             max_pages: int, throttle: Throttle | None = None) -> Extractor:
+        """An extractor for one crawl; :func:`close` it when done."""
+        return self.build(settings, credentials, policy, max_pages=max_pages, throttle=throttle)
+
+
+def close(extractor: Extractor) -> None:
+    """Close the extractor's connections, and release its throttle's."""
+    client = extractor.client
+    client.close()
+    if isinstance(client.throttle, Throttle) and client.throttle.release is not None:
+        client.throttle.release()
+
+
+def stats(extractor: Extractor) -> RequestStats:
+    """Requests made and retried so far by this extractor."""
+    return extractor.client.stats

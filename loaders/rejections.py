@@ -1,0 +1,55 @@
+"""Rejected records: what a provider sent that could not be read, and the rejection threshold.
+
+Rejections are kept in ``rejected_records`` with the raw text and the
+reason, whatever becomes of the run; a source's ``max_rejected`` says how
+many a snapshot may have and still be published. Text from a provider goes
+through :func:`extractors.text.safe_text` here, at the storage boundary.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from psycopg2.extras import execute_values
+
+from extractors.text import safe_text
+
+# Stored text is cut to these lengths (characters).
+MAX_REASON_CHARS = 2_000
+MAX_RAW_CHARS = 100_000
+
+
+class RejectedRecordsError(RuntimeError):
+    """More records were rejected than the source allows; nothing is published."""
+
+
+def check_threshold(run_id: int, source: str, rejected: int, max_rejected: int) -> None:
+    """Raise :class:`RejectedRecordsError` if ``rejected`` is more than ``max_rejected``.
+
+    A crawl checks its own shard's count, so a bad shard fails at once; the
+    publish checks the run's total, which the shards make together.
+    """
+    if rejected > max_rejected:
+        raise RejectedRecordsError(
+            f"{rejected} record(s) rejected, more than the {max_rejected} source {source} allows; "
+            f"nothing published (see rejected_records for run {run_id})"
+        )
+
+
+def clear(cur, run_id: int, shard: int) -> None:
+    """A retried shard replaces what its earlier attempt recorded."""
+    cur.execute("DELETE FROM rejected_records WHERE run_id = %s AND shard = %s", (run_id, shard))
+
+
+def add(cur, run_id: int, shard: int, rejections: Iterable[tuple[str, str]]) -> None:
+    """Keep rejected records with their raw text and the reason."""
+    execute_values(
+        cur,
+        "INSERT INTO rejected_records (run_id, shard, raw, reason) VALUES %s",
+        [(run_id, shard, safe_text(raw, MAX_RAW_CHARS), safe_text(reason, MAX_REASON_CHARS))
+         for raw, reason in rejections],
+    )
+
+
+def count(cur, run_id: int) -> int:
+    cur.execute("SELECT count(*) FROM rejected_records WHERE run_id = %s", (run_id,))
+    return cur.fetchone()[0]
