@@ -73,7 +73,7 @@ def parse_account_id(text: Any) -> int | None:
     """The encoded id of a ``shard.realm.num`` the node sent, or None."""
     if not isinstance(text, str) or not _ENTITY_ID.fullmatch(text):
         return None
-    shard, realm, num = (int(p) for p in text.split("."))
+    shard, realm, num = map(int, text.split("."))
     if shard >= 2**_SHARD_BITS or realm >= 2**_REALM_BITS or num >= 2**_NUM_BITS:
         return None
     return encode_id(shard, realm, num)

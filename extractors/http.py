@@ -18,8 +18,11 @@ could disagree.
 from __future__ import annotations
 
 import email.utils
+import heapq
+import itertools
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -217,7 +220,7 @@ _CURRENT = threading.local()  # the Deadline of the request this thread is makin
 class Deadline:
     """Cuts the connection of one request when its time is up.
 
-    A timer shuts the socket down at the deadline, which wakes a read
+    The watchdog shuts the socket down at the deadline, which wakes a read
     blocked in connect, headers or body alike; a per-read timeout cannot,
     since a trickling server keeps every single read short.
     """
@@ -225,19 +228,18 @@ class Deadline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.expired = False
+        self.done = False
         self._conn: HTTPConnection | None = None
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> "Deadline":
         self._outer = getattr(_CURRENT, "deadline", None)
         _CURRENT.deadline = self
-        self._timer.start()
+        _WATCHDOG.watch(time.monotonic() + self.seconds, self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        self.done = True  # the watchdog drops it without touching the connection
         _CURRENT.deadline = self._outer
 
     def attach(self, conn: HTTPConnection) -> None:
@@ -246,8 +248,10 @@ class Deadline:
             if self.expired:
                 raise TimeoutError("request deadline passed")
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
+            if self.done:
+                return
             self.expired = True
             conn = self._conn
         sock = getattr(conn, "sock", None)
@@ -256,6 +260,62 @@ class Deadline:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class _Watchdog:
+    """One thread that expires every request deadline of the process.
+
+    A timer thread per request would cost a thread start per request (about
+    a millisecond on a busy machine, as much as parsing the page). Requests
+    end in the order they start, so finished deadlines are dropped from the
+    front of the heap as new ones arrive and it stays a few entries long.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, when: float, deadline: Deadline) -> None:
+        with self._cond:
+            while self._heap and self._heap[0][2].done:
+                heapq.heappop(self._heap)
+            heapq.heappush(self._heap, (when, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="request-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is deadline:
+                self._cond.notify()  # sooner than what the thread sleeps towards
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when, _, deadline = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _new_watchdog_after_fork() -> None:
+    # A forked child (Airflow's task runner) has no watchdog thread, and
+    # the parent's lock may have been held at the fork.
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_new_watchdog_after_fork)
 
 
 def _attach(conn: HTTPConnection) -> None:
