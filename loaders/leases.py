@@ -55,6 +55,7 @@ SNAPSHOT = "snapshot"
 RECONCILIATION = "reconciliation"
 _RUN_TABLES = {SNAPSHOT: sql.Identifier("snapshot_runs"), RECONCILIATION: sql.Identifier("reconciliation_runs")}
 _RUNNING = {SNAPSHOT: RunStatus.RUNNING, RECONCILIATION: ReconciliationStatus.RUNNING}
+_ABANDONED = {SNAPSHOT: RunStatus.ABANDONED, RECONCILIATION: ReconciliationStatus.ABANDONED}
 WHOLE_RUN = -1
 # How long a claim waits for another live session to let go (a retried
 # shard behind its zombie predecessor) before failing; the task's retry
@@ -155,6 +156,17 @@ def reapable(cur, kind: str, run_id: int) -> bool:
     cur.execute(f"SELECT EXISTS (SELECT FROM run_leases l WHERE l.run_kind = %s AND l.run_id = %s AND {_ALIVE})",
                 (kind, run_id))
     return not cur.fetchone()[0]
+
+
+def abandon(cur, kind: str, run_id: int, error: str) -> bool:
+    """Mark the run ``abandoned`` with ``error`` if it is :func:`reapable`; True if it was."""
+    if not reapable(cur, kind, run_id):
+        return False
+    cur.execute(sql.SQL("UPDATE {} SET status = %s, finished_at = now(), error = %s"
+                        " WHERE run_id = %s AND status = %s").format(_RUN_TABLES[kind]),
+                (_ABANDONED[kind], error, run_id, _RUNNING[kind]))
+    forget(cur, kind, run_id)
+    return True
 
 
 def forget(cur, kind: str, run_id: int) -> None:

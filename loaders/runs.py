@@ -253,15 +253,8 @@ def reap_abandoned(conn, source: str) -> list[int]:
     reaped = []
     for run_id in candidates:
         with transaction(conn) as cur:
-            if not leases.reapable(cur, leases.SNAPSHOT, run_id):
-                continue  # someone is working on it
-            cur.execute(
-                "UPDATE snapshot_runs SET status = %s, finished_at = now(),"
-                " error = 'the process taking this snapshot stopped before publishing it'"
-                " WHERE run_id = %s AND status = %s",
-                (RunStatus.ABANDONED, run_id, RunStatus.RUNNING),
-            )
-            leases.forget(cur, leases.SNAPSHOT, run_id)
-            staging.drop_run(cur, run_id)
-            reaped.append(run_id)
+            if leases.abandon(cur, leases.SNAPSHOT, run_id,
+                              "the process taking this snapshot stopped before publishing it"):
+                staging.drop_run(cur, run_id)
+                reaped.append(run_id)
     return reaped

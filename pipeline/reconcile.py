@@ -141,16 +141,9 @@ def reap_abandoned(conn) -> list[int]:
     reaped = []
     for run_id in candidates:
         with transaction(conn) as cur:
-            if not leases.reapable(cur, leases.RECONCILIATION, run_id):
-                continue  # still at work
-            cur.execute(
-                "UPDATE reconciliation_runs SET status = %s, finished_at = now(),"
-                " error = 'the process running this reconciliation stopped before finishing it'"
-                " WHERE run_id = %s AND status = %s",
-                (ReconciliationStatus.ABANDONED, run_id, ReconciliationStatus.RUNNING),
-            )
-            leases.forget(cur, leases.RECONCILIATION, run_id)
-            reaped.append(run_id)
+            if leases.abandon(cur, leases.RECONCILIATION, run_id,
+                              "the process running this reconciliation stopped before finishing it"):
+                reaped.append(run_id)
     return reaped
 
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +130,18 @@ def fetch(conn, query: str, params=()) -> list[tuple]:
         rows = cur.fetchall()
     conn.commit()
     return rows
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def staging_tables(db) -> int:
+    return fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'")[0][0]
 
 
 @pytest.fixture(scope="session")

@@ -24,22 +24,10 @@ from loaders.staging import StagingWriter
 from pipeline import devdb
 from pipeline.snapshot import take_snapshot
 from sandbox.server import Fault
-from tests.conftest import PG_DATA, REPO, fetch, make_source
+from tests.conftest import PG_DATA, REPO, fetch, make_source, staging_tables, wait_for
 from tests.hedera_data import mirror
 
 AFTER_T3 = datetime(2023, 11, 14, 23, 0, tzinfo=timezone.utc)
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def staging_tables(db) -> int:
-    return fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'")[0][0]
 
 
 def cli(config, database_url, *args):

@@ -50,7 +50,7 @@ from pipeline.snapshot import publish as publish_run
 from sandbox.bitfront import SANDBOX_KEY, SANDBOX_SECRET, BitfrontExchange, holding
 from sandbox.hedera import HederaMirror, Snapshot
 from sandbox.server import Fault, json_response
-from tests.conftest import REPO, fetch, load_dag, make_source, write_config
+from tests.conftest import REPO, fetch, load_dag, make_source, staging_tables, wait_for, write_config
 from tests.hedera_data import book, mirror
 from tests.test_views import scratch_database
 
@@ -63,18 +63,6 @@ PROMPT = 20.0
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def staging_tables(db) -> int:
-    return fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'")[0][0]
 
 
 def gone(db, conn) -> None:
