@@ -375,11 +375,10 @@ def read_body(response: requests.Response, max_bytes: int, deadline: Deadline | 
     one chunk, not after it has expanded. The body is then kept on the
     response (``.content``, ``.json()`` work as usual).
     """
-    where = redact_url(response.url)
     declared = (response.headers.get("Content-Length") or "").strip()
     if _DIGITS.fullmatch(declared) and int(declared) > max_bytes:
         response.close()
-        raise ResponseTooLarge(f"response from {where} announces {int(declared)} bytes, more than "
+        raise ResponseTooLarge(f"response from {redact_url(response.url)} announces {int(declared)} bytes, more than "
                                f"max_response_bytes = {max_bytes}")
     body = bytearray()
     raw = response.raw
@@ -389,7 +388,7 @@ def read_body(response: requests.Response, max_bytes: int, deadline: Deadline | 
             if len(body) > max_bytes or raw.tell() > max_bytes:
                 encoded = (response.headers.get("Content-Encoding") or "identity").strip() != "identity"
                 how = "once decompressed" if encoded and raw.tell() <= max_bytes else "as received"
-                raise ResponseTooLarge(f"response from {where} is larger than max_response_bytes = "
+                raise ResponseTooLarge(f"response from {redact_url(response.url)} is larger than max_response_bytes = "
                                        f"{max_bytes} ({how}); refused without reading the rest")
             if deadline is not None and deadline.expired:
                 raise TimeoutError
@@ -398,15 +397,15 @@ def read_body(response: requests.Response, max_bytes: int, deadline: Deadline | 
         raise
     except urllib3.exceptions.DecodeError:
         response.close()
-        raise MalformedResponseError(f"response from {where} does not decompress as its "
+        raise MalformedResponseError(f"response from {redact_url(response.url)} does not decompress as its "
                                      f"Content-Encoding says") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         response.close()
         if deadline is not None and deadline.expired:
-            raise _deadline_error(deadline, where) from None
+            raise _deadline_error(deadline, redact_url(response.url)) from None
         if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            raise TransportError(f"ReadTimeout for {where}") from None
-        raise TransportError(f"connection dropped mid-body for {where}") from None
+            raise TransportError(f"ReadTimeout for {redact_url(response.url)}") from None
+        raise TransportError(f"connection dropped mid-body for {redact_url(response.url)}") from None
     response._content = bytes(body)
     response._content_consumed = True
     return response._content
@@ -425,21 +424,20 @@ def send(session: requests.Session, method: str, url: str, *, deadline: float, m
     complete, :class:`DeadlineExceeded` when its time is up and
     :class:`ResponseTooLarge` when the body passes the cap.
     """
-    where = redact_url(url)
     with Deadline(deadline) as watch:
         try:
             response = session.request(method, url, stream=True, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if watch.expired:
-                raise _deadline_error(watch, where) from None
-            raise TransportError(f"{type(exc).__name__} for {where}") from None
+                raise _deadline_error(watch, redact_url(url)) from None
+            raise TransportError(f"{type(exc).__name__} for {redact_url(url)}") from None
         except requests.exceptions.ChunkedEncodingError:
             if watch.expired:
-                raise _deadline_error(watch, where) from None
-            raise TransportError(f"connection dropped mid-body for {where}") from None
+                raise _deadline_error(watch, redact_url(url)) from None
+            raise TransportError(f"connection dropped mid-body for {redact_url(url)}") from None
         except requests.RequestException as exc:
             # What retrying cannot fix: a URL or header requests refuses to send.
-            raise ExtractError(f"cannot send the request to {where}: {type(exc).__name__}") from None
+            raise ExtractError(f"cannot send the request to {redact_url(url)}: {type(exc).__name__}") from None
         read_body(response, max_bytes, watch)
     return response
 
@@ -563,7 +561,8 @@ class HttpClient:
             timeout=(policy.connect_timeout, policy.read_timeout),
             allow_redirects=False,
         )
-        log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
+        if log.isEnabledFor(logging.DEBUG):  # redacting the URL costs as much as the log line
+            log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
         secrets = request_secrets(response.request)
         try:
             return self._read(response, secrets)
