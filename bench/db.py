@@ -5,7 +5,7 @@ import os
 
 from loaders.db import connect
 from loaders.migrate import upgrade
-from pipeline import devdb
+from devtools import devdb
 
 
 def bench_database() -> str:

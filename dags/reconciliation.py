@@ -3,7 +3,7 @@
 Scheduled on the Assets of the sources the checks read: a published
 snapshot of any of them (any-of) triggers a run, which checks the window of
 the last 3 days ending at the triggering time and records the breaks in
-`reconciliation_breaks` (see `pipeline/reconcile.py` for what each check
+`reconciliation_breaks` (see `reconciliation/reconcile.py` for what each check
 finds). Reruns update the same breaks; breaks that no longer hold are
 resolved. The task succeeds when the checks ran, whatever they found, and
 is stopped after an hour (`execution_timeout`). Only defined when the
@@ -17,7 +17,7 @@ from datetime import timedelta
 from airflow.sdk import AssetAny, dag, task
 
 from pipeline.assets import snapshot_asset
-from pipeline.checks import Check, usable_checks
+from reconciliation.checks import Check, usable_checks
 from pipeline.config import config_error_dag, load_config
 
 DAG_ID = "reconcile_balances"
@@ -41,7 +41,8 @@ def reconciliation_dag(checks: dict[str, Check]):
     def reconcile_balances():
         @task
         def reconcile_window(**context) -> dict:
-            from pipeline import reconcile, tasks
+            from pipeline import tasks
+            from reconciliation import reconcile
 
             window_from, window_to = reconcile.default_window(reconcile.triggering_time(context))
             with tasks.database() as conn:
@@ -52,13 +53,14 @@ def reconciliation_dag(checks: dict[str, Check]):
 
         reconciled = reconcile_window()
         if load_config().alerts is not None:
-            # [alerts]: each open break not reported yet, once (pipeline/alerts.py).
+            # [alerts]: each open break not reported yet, once (reconciliation/alerts.py).
             @task
             def notify_breaks(**context) -> int:
                 from airflow.sdk.exceptions import AirflowFailException
 
-                from pipeline import alerts, tasks
+                from pipeline import tasks
                 from pipeline.connections import ConnectionMissing
+                from reconciliation import alerts
 
                 try:
                     with tasks.database() as conn:

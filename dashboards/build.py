@@ -62,7 +62,7 @@ VIEWS: dict[str, tuple[str | None, list[tuple[str, str, bool]]]] = {
         ("detail", "TEXT", False)]),
 }
 
-# The demo's pair check (pipeline/demo.py, treasury_hbar): its two sides.
+# The demo's pair check (devtools/demo.py, treasury_hbar): its two sides.
 PAIR_SIDES = ("(source = 'formance_sandbox' AND account = 'treasury:hedera' AND asset = 'HBAR/8')"
               " OR (source = 'hedera_sandbox' AND account = '0.0.1234' AND asset = 'HBAR')")
 

@@ -1,6 +1,6 @@
 """Superset settings for the local dashboard (``balances demo --serve`` and the browser test).
 
-Everything comes from the environment that pipeline/superset.py sets:
+Everything comes from the environment that devtools/superset.py sets:
 the metadata database (SQLite in the run's work directory) and the secret
 key, generated once per work directory and kept beside it.
 """

@@ -1,1 +1,1 @@
-"""Glue between extractors and loaders: config, runs, CLI, sandbox setup."""
+"""Configuration and the run: sources file, connections, the snapshot lifecycle, Airflow task adapters, the CLI."""

@@ -227,10 +227,10 @@ def cmd_partitions(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from devtools.demo import run_demo
 
     if args.serve:
-        from pipeline.serve import run_serve
+        from devtools.serve import run_serve
 
         return run_serve(db_url=args.db_url)
     return run_demo(db_url=args.db_url)
@@ -243,7 +243,7 @@ def _window_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _window(args) -> tuple[datetime, datetime]:
-    from pipeline.reconcile import default_window
+    from reconciliation.reconcile import default_window
 
     window_to = args.window_to or datetime.now(timezone.utc)
     window_from, window_to = default_window(window_to)
@@ -251,9 +251,9 @@ def _window(args) -> tuple[datetime, datetime]:
 
 
 def cmd_reconcile(args) -> int:
-    from pipeline.checks import load_checks
+    from reconciliation.checks import load_checks
     from pipeline.config import load_config
-    from pipeline.reconcile import open_breaks, reconcile
+    from reconciliation.reconcile import open_breaks, reconcile
 
     config = load_config(args.config)
     checks = load_checks(config, args.check)
@@ -281,7 +281,7 @@ def cmd_reconcile(args) -> int:
 
 def cmd_report(args) -> int:
     from pipeline.connections import database_url
-    from pipeline.report import output_directory, write_report
+    from reconciliation.report import output_directory, write_report
 
     out = output_directory(Path(args.out))  # before any work: a wrong --out fails at once
     window_from, window_to = _window(args)

@@ -123,7 +123,7 @@ class Config:
     # Sources whose table has a mistake, by name, with the one-line error:
     # kept apart so one wrong source does not take the others down with it.
     errors: dict[str, str] = field(default_factory=dict)
-    alerts: Any = None  # pipeline.alerts.AlertsConfig: the [alerts] table
+    alerts: Any = None  # reconciliation.alerts.AlertsConfig: the [alerts] table
     # The [alerts] table's mistake, when load_config went on without it:
     # the snapshot DAGs do not need it, the reconcile DAG file reports it.
     alerts_error: str | None = None
@@ -263,7 +263,7 @@ def parse_config(document: dict[str, Any], path: Path = Path("<config>"), *, par
 
     With ``partial``, a source with a mistake is recorded in ``errors``
     instead of raising (checks are validated later, by
-    :mod:`pipeline.checks`, against the sources that parsed).
+    :mod:`reconciliation.checks`, against the sources that parsed).
     """
     unknown = set(document) - {"sources", "checks", "alerts"}
     if unknown:
@@ -283,7 +283,7 @@ def parse_config(document: dict[str, Any], path: Path = Path("<config>"), *, par
     checks = document.get("checks", {})
     if not isinstance(checks, dict):
         raise ConfigError(f"{path}: 'checks' must be a table of [checks.<name>] tables")
-    from pipeline.alerts import parse_alerts
+    from reconciliation.alerts import parse_alerts
 
     alerts, alerts_error = None, None
     try:

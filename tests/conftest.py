@@ -38,7 +38,7 @@ from psycopg2 import sql  # noqa: E402
 
 from loaders.db import connect  # noqa: E402
 from loaders.migrate import upgrade  # noqa: E402
-from pipeline import devdb  # noqa: E402
+from devtools import devdb  # noqa: E402
 from pipeline.config import SourceConfig, parse_source  # noqa: E402
 from sandbox.server import FakeServer  # noqa: E402
 

@@ -15,11 +15,11 @@ from datetime import timedelta
 
 import pytest
 
-from pipeline.alerts import notify_new_breaks
+from reconciliation.alerts import notify_new_breaks
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.connections import ConnectionMissing
-from pipeline.reconcile import reconcile
-from pipeline.checks import load_checks
+from reconciliation.reconcile import reconcile
+from reconciliation.checks import load_checks
 from tests.conftest import fetch, load_dag, write_config
 from tests.test_reconcile import CONFIG, FROM, TO, h, seed, snapshot
 

@@ -21,7 +21,7 @@ from loaders import runs
 from loaders.db import connect
 from loaders.publish import PublishError, publish
 from loaders.staging import StagingWriter
-from pipeline import devdb
+from devtools import devdb
 from pipeline.snapshot import take_snapshot
 from sandbox.server import Fault
 from tests.conftest import PG_DATA, REPO, fetch, make_source, staging_tables, wait_for

@@ -14,7 +14,7 @@ import extractors
 from extractors import registry
 from extractors.provider import Provider
 from pipeline.config import load_config, parse_source
-from pipeline.demo import write_sources
+from devtools.demo import write_sources
 from sandbox.apps import available, sandbox
 from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
 from tests.sandboxes import PROVIDERS, demo_app, install_connection, source_keys

@@ -25,10 +25,10 @@ import pytest
 from psycopg2 import sql
 
 from pipeline import connections
-from pipeline.checks import load_checks
+from reconciliation.checks import load_checks
 from pipeline.config import parse_config, parse_source
-from pipeline.demo import DEMO_CHECKS, write_sources
-from pipeline.reconcile import reconcile
+from devtools.demo import DEMO_CHECKS, write_sources
+from reconciliation.reconcile import reconcile
 from pipeline.snapshot import take_snapshot
 from sandbox import apps, live
 from sandbox.server import FakeServer
@@ -43,7 +43,7 @@ def superset_venv() -> Path:
     """scripts/superset: installs only when dashboards/requirements.txt changed."""
     result = subprocess.run([str(REPO / "scripts" / "superset")], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
-    from pipeline.superset import venv
+    from devtools.superset import venv
 
     return venv()
 
@@ -108,7 +108,7 @@ def wait_for(driver, condition, what: str, timeout: float = RENDER_TIMEOUT):
 
 
 def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_venv, tmp_path):
-    from pipeline.superset import SupersetServer
+    from devtools.superset import SupersetServer
 
     # Not a skip: CI must not pass without the browser (.ci/run installs it).
     assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checks import MAX_FIRE_TIMES, fire_times, load_checks, parse_duration
+from reconciliation.checks import MAX_FIRE_TIMES, fire_times, load_checks, parse_duration
 from pipeline.cli import main
 from pipeline.config import MAX_SHARDS, ConfigError, build_settings, load_config
 from tests.conftest import dag_bag, fetch, write_config

@@ -42,9 +42,9 @@ from loaders.migrate import alembic_config, current_revision, upgrade
 from loaders.publish import PublishError, publish
 from loaders.staging import StagingWriter
 from pipeline import tasks
-from pipeline.checks import parse_checks
+from reconciliation.checks import parse_checks
 from pipeline.config import ConfigError
-from pipeline.reconcile import reconcile
+from reconciliation.reconcile import reconcile
 from pipeline.snapshot import SnapshotTooFar, begin, check_snapshot_age, crawl, take_snapshot
 from pipeline.snapshot import publish as publish_run
 from sandbox.bitfront import SANDBOX_KEY, SANDBOX_SECRET, BitfrontExchange, holding
@@ -417,7 +417,7 @@ def test_a_running_reconcile_is_left_alone_and_a_failing_one_ends_failed(db, dat
         worker.start()
         wait_for(lambda: fetch(db, "SELECT count(*) FROM reconciliation_runs")[0][0] == 1, what="the first run")
         # While it waits, the next reconcile must not take it for dead.
-        from pipeline.reconcile import reap_abandoned
+        from reconciliation.reconcile import reap_abandoned
         assert reap_abandoned(db) == []
         worker.join(timeout=60)
         assert not worker.is_alive()

@@ -17,7 +17,7 @@ import time
 import psycopg2
 import pytest
 
-from pipeline.serve import SERVICES, live_stack
+from devtools.serve import SERVICES, live_stack
 from sandbox import apps
 from tests.conftest import fetch
 

@@ -10,9 +10,9 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.checks import load_checks, parse_checks, parse_duration
+from reconciliation.checks import load_checks, parse_checks, parse_duration
 from pipeline.config import ConfigError, parse_config, parse_source
-from pipeline.reconcile import reconcile
+from reconciliation.reconcile import reconcile
 from tests.conftest import REPO, fetch, load_dag, write_config
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)

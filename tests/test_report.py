@@ -7,10 +7,10 @@ import sys
 import tomllib
 from pathlib import Path
 
-from pipeline.checks import load_checks
+from reconciliation.checks import load_checks
 from pipeline.config import parse_config
-from pipeline.reconcile import reconcile
-from pipeline.report import write_report
+from reconciliation.reconcile import reconcile
+from reconciliation.report import write_report
 from tests.conftest import REPO, fetch
 from tests.test_reconcile import CONFIG, FROM, TO, h, seed
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import write_sources
+from devtools.demo import write_sources
 from sandbox.server import Response
 from tests.conftest import REPO, fetch, load_dag
 from tests.sandboxes import PROVIDERS, SECRET_HEADERS, demo_app, start

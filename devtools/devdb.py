@@ -3,7 +3,7 @@
 Lives under a project-local data directory, listens on 127.0.0.1 only, and
 is started with the PostgreSQL binaries found on the machine. PostgreSQL
 refuses to run as root, so as root the cluster belongs to the ``postgres``
-OS user. ``python -m pipeline.devdb start|stop|url`` drives it by hand.
+OS user. ``python -m devtools.devdb start|stop|url`` drives it by hand.
 """
 from __future__ import annotations
 
@@ -148,4 +148,4 @@ if __name__ == "__main__":
     elif action == "stop":
         stop(directory)
     else:
-        sys.exit("usage: python -m pipeline.devdb start|stop [DIR]")
+        sys.exit("usage: python -m devtools.devdb start|stop [DIR]")

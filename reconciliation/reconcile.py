@@ -45,7 +45,7 @@ from loaders import leases
 from loaders.db import transaction
 from loaders.runs import MAX_ERROR_CHARS
 from loaders.statuses import ReconciliationStatus, RunStatus
-from pipeline.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
+from reconciliation.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 from sqlalchemy import create_engine, pool, text  # noqa: E402
 
 from loaders.db import connect, sqlalchemy_url  # noqa: E402
-from pipeline.reconcile import open_breaks, whole_units  # noqa: E402
+from reconciliation.reconcile import open_breaks, whole_units  # noqa: E402
 
 TOP_ASSETS = 4
 TOP_ACCOUNTS = 5

@@ -78,7 +78,7 @@ class SupersetServer:
         """Prepare ``workdir``, import the dashboard reading ``db_url``'s views, serve; ready when it returns."""
         import requests
 
-        from pipeline.serve import free_port
+        from devtools.serve import free_port
 
         build = dashboards_build()
         workdir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loaders.db import connect, describe
 from loaders.migrate import upgrade
-from pipeline import devdb
+from devtools import devdb
 from sandbox import apps
 from sandbox.server import FakeServer
 
@@ -171,8 +171,8 @@ def backfill_hedera(url: str, keys: dict) -> None:
 
 
 def show_report(url: str, since: datetime) -> None:
-    from pipeline.report import write_report
-    from pipeline.reconcile import open_breaks
+    from reconciliation.report import write_report
+    from reconciliation.reconcile import open_breaks
 
     conn = connect(url)
     try:

@@ -32,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loaders.db import describe
 from loaders.migrate import upgrade
-from pipeline import devdb
-from pipeline.demo import DEMO_CHECKS, DEMO_DIR, REPO, write_sources
+from devtools import devdb
+from devtools.demo import DEMO_CHECKS, DEMO_DIR, REPO, write_sources
 from sandbox import apps
 from sandbox.server import FakeServer
 
@@ -324,7 +324,7 @@ def _interrupt(signum, frame):
 
 
 def _start_superset(db_url: str, workdir: Path):
-    from pipeline.superset import SupersetServer, venv
+    from devtools.superset import SupersetServer, venv
 
     if not (venv() / "bin" / "superset").exists():
         return None

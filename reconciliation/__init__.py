@@ -1,0 +1,1 @@
+"""Reconciliation: checks over the published history, their runs, reports and alerts."""

@@ -1,0 +1,55 @@
+"""The layout holds: what production loads never pulls in development-only code.
+
+Production is what Airflow and the `balances` CLI load to take snapshots and
+reconcile them: dags/, extractors/, loaders/, pipeline/, reconciliation/.
+Development-only code (devtools/, sandbox/, bench/, tests/) may import
+production, never the other way round, so a deployment can leave it out.
+"""
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTION = ("extractors", "loaders", "pipeline", "reconciliation")
+DEVELOPMENT = ("devtools", "sandbox", "bench", "tests")
+
+
+def production_modules() -> list[str]:
+    names = []
+    for package in PRODUCTION:
+        names.append(package)
+        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(ROOT / package)])]
+    return names
+
+
+def test_every_production_package_is_found():
+    modules = production_modules()
+    # A rename that empties a package would make the next test pass vacuously.
+    for package in PRODUCTION:
+        assert sum(m.startswith(package + ".") for m in modules) >= 3, package
+
+
+@pytest.mark.parametrize("dag_file", sorted(p.name for p in (ROOT / "dags").glob("*.py")))
+def test_production_imports_no_development_code(dag_file, tmp_path):
+    # In a fresh interpreter: importing every production module and parsing
+    # a DAG file must leave no development-only module loaded.
+    probe = f"""
+import importlib, importlib.util, json, sys
+for name in {production_modules()!r}:
+    importlib.import_module(name)
+spec = importlib.util.spec_from_file_location("dag_under_test", {str(ROOT / "dags" / dag_file)!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {DEVELOPMENT!r})))
+"""
+    env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "BALANCES_CONFIG": str(ROOT / "config" / "balances.example.toml"),
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
