@@ -15,6 +15,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from extractors.credentials import require_credentials
 from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import (
     DEFAULT_REQUEST_DEADLINE,
@@ -66,9 +67,8 @@ class ClientCredentialsAuth(requests.auth.AuthBase):
         ``base_url`` as a URL reference, so ``/x`` starts at its origin)
         and ``scope``.
         """
-        if not credentials.login or not credentials.password:
-            raise ValueError("an OAuth2 client needs the connection's login (client id) and "
-                             "password (client secret)")
+        require_credentials(credentials, "an OAuth2 client", login="the client id",
+                            password="the client secret")
         path = credentials.extra.get("token_url") or default_token_url
         token_url = urljoin(base_url.rstrip("/") + "/", path)
         return cls(token_url, credentials.login, credentials.password,

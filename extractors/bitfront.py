@@ -31,20 +31,18 @@ from urllib.parse import urlsplit
 
 import requests
 
-from extractors.credentials import Credentials
-from extractors.errors import ExtractError, MalformedResponseError, ProviderError
-from extractors.http import HttpClient, error_text, http_error
+from extractors.credentials import Credentials, require_credentials
+from extractors.errors import MalformedResponseError, ProviderError
+from extractors.http import HttpClient, error_text, http_error, http_retriable, parse_retry_after
 from extractors.paginators import SinglePage
 from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
     RecordError,
-    Rejection,
     decimal_amount,
     integer_amount,
     require,
-    to_json_text,
 )
 from extractors.redaction import redact_url
 from extractors.text import safe_text
@@ -132,7 +130,11 @@ class BitfrontAuth(requests.auth.AuthBase):
 
 
 def status_error(data: Any, response: requests.Response) -> ProviderError:
-    """A ProviderError with BitFront's own ``statusCode`` and ``statusMessage``."""
+    """A ProviderError with BitFront's own ``statusCode`` and ``statusMessage``.
+
+    Retriable if the code says so or, when a gateway answered with an HTTP
+    error, if that status is: the code can only add to the status.
+    """
     code = data.get("statusCode")
     message = safe_text(str(data.get("statusMessage") or "no statusMessage"), 300)
     shown = safe_text(str(code), 40)
@@ -141,18 +143,19 @@ def status_error(data: Any, response: requests.Response) -> ProviderError:
         f"{redact_url(response.url)})",
         status=response.status_code,
         code=shown,
-        retriable=isinstance(code, int) and code in RETRIABLE_CODES,
+        retriable=(isinstance(code, int) and code in RETRIABLE_CODES) or http_retriable(response.status_code),
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
 
 
 def check_status(data: Any, response: requests.Response) -> None:
     """Raise unless the body says ``statusCode == 1000`` (the HTTP status says nothing)."""
     if not isinstance(data, dict) or "statusCode" not in data:
-        raise MalformedResponseError("response has no statusCode", raw=to_json_text(data)[:2000])
+        raise MalformedResponseError("response has no statusCode", raw=data)
     code = data["statusCode"]
     if isinstance(code, bool) or not isinstance(code, int):
         raise MalformedResponseError(f"statusCode is {code!r}, expected an integer",
-                                     raw=to_json_text(data)[:2000])
+                                     raw=data)
     # statusMessage varies ("SUCCESS" in answers, "Success" in the table): only the code counts.
     if code != SUCCESS:
         raise status_error(data, response)
@@ -163,12 +166,7 @@ def bitfront_error(response: requests.Response) -> ProviderError:
     try:
         data = response.json()
         if isinstance(data, dict) and "statusCode" in data:
-            error = status_error(data, response)
-            # The HTTP status is classified as for any provider; the code can only add to it.
-            plain = http_error(response, "")
-            error.retriable = error.retriable or plain.retriable
-            error.retry_after = plain.retry_after
-            return error
+            return status_error(data, response)
     except ValueError:
         pass
     return http_error(response, error_text(response))
@@ -208,26 +206,19 @@ class BitfrontExtractor:
         """Yield the current balances; ``at`` is ignored (begin refuses past times)."""
         if account_range is not None:
             raise ValueError("BitFront sources cannot be sharded")
-        if self.client.auth is None:
-            # Raised here, not in build, so the run is marked failed with the reason.
-            raise ExtractError("a BitFront source needs conn_id: an Airflow Connection whose login "
-                               "is the API key and password the API secret")
         data = next(self.client.paginate(BALANCES_PATH, None, SinglePage(max_pages=self.max_pages)))
         if data.get("timezone", "UTC") != "UTC":
             raise MalformedResponseError(f"timezone is {data['timezone']!r}, the API promises UTC",
-                                         raw=to_json_text(data)[:2000])
+                                         raw=data)
         as_of, as_of_raw = parse_response_time(data.get("responseTime"))
         balances = data.get("responseData")
         if not isinstance(balances, list):
             raise MalformedResponseError("response has no responseData list",
-                                         raw=to_json_text(data)[:2000])
+                                         raw=data)
         page = Page(as_of=as_of, as_of_raw=as_of_raw)
         seen: set[str] = set()
-        for record in balances:
-            try:
-                page.rows.append(self._parse(record, seen))
-            except RecordError as exc:
-                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+        for _, row in page.parse_each(balances, lambda record: self._parse(record, seen)):
+            page.rows.append(row)
         yield page
 
     def _parse(self, record: Any, seen: set[str]) -> BalanceRow:
@@ -250,10 +241,9 @@ class BitfrontExtractor:
 def build(settings: Settings, credentials: Credentials | None, policy, *,
           max_pages: int, throttle: Throttle | None = None) -> BitfrontExtractor:
     """A BitFront extractor; the Connection's login is the API key, its password the secret."""
-    auth = None
-    if credentials is not None and credentials.login and credentials.password:
-        auth = BitfrontAuth(credentials.login, credentials.password)
-    client = HttpClient(settings.base_url, auth=auth, policy=policy, error_for=bitfront_error,
+    credentials = require_credentials(credentials, "a BitFront source",
+                                      login="the API key", password="the API secret")
+    client = HttpClient(settings.base_url, auth=BitfrontAuth(credentials.login, credentials.password), policy=policy, error_for=bitfront_error,
                         check=check_status, throttle=throttle)
     return BitfrontExtractor(settings, client, max_pages=max_pages)
 

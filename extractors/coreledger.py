@@ -20,8 +20,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from extractors.credentials import Credentials
-from extractors.errors import ExtractError, MalformedResponseError, ProviderError
+from extractors.credentials import Credentials, require_credentials
+from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import PlannedPages
 from extractors.provider import Provider, Throttle
@@ -29,10 +29,8 @@ from extractors.records import (
     BalanceRow,
     Page,
     RecordError,
-    Rejection,
     integer_amount,
     require,
-    to_json_text,
 )
 from extractors.text import safe_text
 
@@ -201,13 +199,9 @@ def coreledger_error(response: requests.Response) -> ProviderError:
         text = error_text(response)
     if response.status_code == 414:
         text += " (URL too long for this server: lower max_url_length)"
-    error = http_error(response, text, code=code)
-    if code == RATE_LIMITED or response.status_code == 429:
-        error.retriable = True
-        reset = rate_limit_reset(response)
-        if reset is not None:
-            error.retry_after = reset
-    return error
+    limited = code == RATE_LIMITED or response.status_code == 429
+    return http_error(response, text, code=code, retriable=limited,
+                      retry_after=rate_limit_reset(response) if limited else None)
 
 
 class CoreLedgerExtractor:
@@ -241,22 +235,22 @@ class CoreLedgerExtractor:
         items = data.get("value") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise MalformedResponseError("balances response is neither a JSON array nor {\"value\": [...]}",
-                                         raw=to_json_text(data)[:2000])
+                                         raw=data)
         wanted = {(fold(a), fold(s)): (a, s) for a in batch.addresses for s in batch.asset_ids}
-        for record in items:
-            try:
-                pair = self._pair(record, wanted)
-                amount = integer_amount(require(record, "Amount"), "Amount", minimum=0)
-                factor = self.spark_factor(pair[1])
-                page.rows.append(BalanceRow(pair[0], pair[1], amount, decimals_of(factor), spark_factor=factor))
-            except RecordError as exc:
-                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+        for _, row in page.parse_each(items, lambda record: self._row(record, wanted)):
+            page.rows.append(row)
         for address, asset_id in wanted.values():
-            page.rejected.append(Rejection(
-                raw=to_json_text({"Address": address, "UniqueAssetId": asset_id}),
-                reason=f"missing: no balance returned for address {address} and asset {asset_id} "
-                       "(a missing pair is not read as zero)",
-            ))
+            page.reject({"Address": address, "UniqueAssetId": asset_id},
+                        f"missing: no balance returned for address {address} and asset {asset_id} "
+                        "(a missing pair is not read as zero)")
+
+    def _row(self, record: Any, wanted: dict[tuple[str, str], tuple[str, str]]) -> BalanceRow:
+        # The pair is taken off `wanted` first: a returned pair with a bad
+        # amount is rejected for its amount, not reported missing as well.
+        address, asset_id = self._pair(record, wanted)
+        amount = integer_amount(require(record, "Amount"), "Amount", minimum=0)
+        factor = self.spark_factor(asset_id)
+        return BalanceRow(address, asset_id, amount, decimals_of(factor), spark_factor=factor)
 
     @staticmethod
     def _pair(record: Any, wanted: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str]:
@@ -280,7 +274,7 @@ class CoreLedgerExtractor:
                 factor = integer_amount(require(info, "SparkFactor"), f"SparkFactor of asset {asset_id}",
                                         minimum=1)
             except RecordError as exc:
-                raise MalformedResponseError(f"asset {asset_id}: {exc}", raw=to_json_text(info)[:2000]) from None
+                raise MalformedResponseError(f"asset {asset_id}: {exc}", raw=info) from None
             self._spark_factors[asset_id] = factor
         return self._spark_factors[asset_id]
 
@@ -294,9 +288,7 @@ def decimals_of(spark_factor: int) -> int | None:
 def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int,
           throttle: Throttle | None = None) -> CoreLedgerExtractor:
     """A CoreLedger extractor; the Connection's password is the bearer API key."""
-    if credentials is None or not credentials.password:
-        raise ExtractError("CoreLedger needs an API key: set conn_id to an Airflow connection "
-                           "whose password is the key")
+    credentials = require_credentials(credentials, "a CoreLedger source", password="the API key")
     client = HttpClient(settings.base_url, headers={"Authorization": f"Bearer {credentials.password}"},
                         policy=policy, error_for=coreledger_error, throttle=throttle)
     return CoreLedgerExtractor(settings, client, max_pages=max_pages)

@@ -6,11 +6,16 @@ request, a response we cannot understand, a hostile pagination link).
 """
 from __future__ import annotations
 
+from typing import Any
+
+from extractors.records import to_json_text
 from extractors.text import safe_text
 
 # An error message is stored in snapshot_runs.error and logged: long enough
 # for a provider's message and a URL, bounded whatever the provider sent.
 MESSAGE_LIMIT = 4000
+# How much of a malformed response is kept with the error for quarantine.
+RAW_LIMIT = 2000
 
 
 class ExtractError(Exception):
@@ -74,12 +79,14 @@ class ResponseTooLarge(ExtractError):
 class MalformedResponseError(ExtractError):
     """The response is not what the provider's documentation promises.
 
-    ``raw`` keeps (the start of) the body so it can be quarantined.
+    ``raw`` keeps the start of what was wrong so it can be quarantined: pass
+    the decoded document (or part of it) as it came; its exact JSON text is
+    made here, once.
     """
 
-    def __init__(self, message: str, raw: str = "") -> None:
+    def __init__(self, message: str, raw: Any = "") -> None:
         super().__init__(message)
-        self.raw = raw
+        self.raw = (raw if isinstance(raw, str) else to_json_text(raw))[:RAW_LIMIT]
 
 
 class PaginationError(ExtractError):

@@ -55,9 +55,7 @@ from extractors.records import (
     BalanceRow,
     Page,
     RecordError,
-    Rejection,
     integer_amount,
-    to_json_text,
 )
 
 # api -> (prefix of the ledger service, path of one ledger under it).
@@ -195,10 +193,8 @@ def formance_error(response: requests.Response) -> ProviderError:
     elif isinstance(message, str) and ("missing feature" in message or "to use volumes" in message):
         # ErrMissingFeature / ErrInvalidQuery of internal/storage/ledger (v2.x).
         text = f"{text} (the ledger was created without a feature this read needs)"
-    error = http_error(response, f"{code}: {text}" if code else text, str(code) if code else None)
-    if code in RETRIABLE_CODES:
-        error.retriable = True
-    return error
+    return http_error(response, f"{code}: {text}" if code else text, str(code) if code else None,
+                      retriable=code in RETRIABLE_CODES)
 
 
 @dataclass(slots=True)
@@ -300,7 +296,7 @@ class FormanceExtractor:
                                         "a v1.x server has only the v1 API)") from None
             ledger = data.get("data") if isinstance(data, dict) else None
             if not isinstance(ledger, dict):
-                raise MalformedResponseError("ledger has no data object", raw=to_json_text(data)[:2000])
+                raise MalformedResponseError("ledger has no data object", raw=data)
             features = ledger.get("features")
             if isinstance(features, dict):
                 for feature, value in V2_FEATURES.items():
@@ -323,7 +319,7 @@ class FormanceExtractor:
         ledgers = storage.get("ledgers") if isinstance(storage, dict) else None
         if not isinstance(ledgers, list):
             raise MalformedResponseError("_info has no data.config.storage.ledgers list",
-                                         raw=to_json_text(info)[:2000])
+                                         raw=info)
         if name not in ledgers:
             known = ", ".join(repr(n) for n in ledgers[:10] if isinstance(n, str)) or "none"
             more = f" and {len(ledgers) - 10} more" if len(ledgers) > 10 else ""
@@ -352,15 +348,13 @@ class FormanceExtractor:
             if as_of is None:
                 as_of = datetime.now(timezone.utc)
             page = Page(as_of=as_of, as_of_raw=format_pit(as_of))
-            for record in _cursor_data(data):
-                try:
-                    for address, rows in (self._parse_v2(record) if self.v2 else _parse_v1(record)):
-                        self._account(address, crawl)
-                        page.rows.extend(rows)
-                        for row in rows:
-                            crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
-                except RecordError as exc:
-                    page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
+            parse = self._parse_v2 if self.v2 else _parse_v1
+            for _, accounts in page.parse_each(_cursor_data(data), parse):
+                for address, rows in accounts:
+                    self._account(address, crawl)
+                    page.rows.extend(rows)
+                    for row in rows:
+                        crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
             crawl.rows += len(page.rows)
             crawl.rejected += len(page.rejected)
             yield page
@@ -406,7 +400,7 @@ class FormanceExtractor:
             data = self.client.get_json(path, params)
         totals = data.get("data") if isinstance(data, dict) else None
         if not isinstance(totals, dict):
-            raise MalformedResponseError("aggregate has no data object", raw=to_json_text(data)[:2000])
+            raise MalformedResponseError("aggregate has no data object", raw=data)
         return totals
 
     def _finish(self, crawl: _Crawl, totals: dict, as_of: datetime) -> Page:
@@ -424,7 +418,7 @@ class FormanceExtractor:
                 page.rows.append(BalanceRow("", asset, integer_amount(amount, f"aggregate {asset}"),
                                             asset_decimals(asset)))
             except RecordError as exc:
-                page.rejected.append(Rejection(raw=to_json_text({asset: amount}), reason=str(exc)))
+                page.reject({asset: amount}, exc)
         return page
 
     def _parse_v2(self, record: Any) -> list[tuple[str, list[BalanceRow]]]:
@@ -481,7 +475,7 @@ def _cursor_data(data: Any) -> list:
     cursor = data.get("cursor") if isinstance(data, dict) else None
     records = cursor.get("data") if isinstance(cursor, dict) else None
     if not isinstance(records, list):
-        raise MalformedResponseError("page has no cursor.data list", raw=to_json_text(data)[:2000])
+        raise MalformedResponseError("page has no cursor.data list", raw=data)
     return records
 
 

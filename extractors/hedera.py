@@ -34,10 +34,8 @@ from extractors.records import (
     BalanceRow,
     Page,
     RecordError,
-    Rejection,
     integer_amount,
     require,
-    to_json_text,
 )
 
 HBAR = "HBAR"
@@ -229,7 +227,7 @@ class HederaExtractor:
             return None
         if raw_ts is None:
             raise MalformedResponseError("balances listed without a snapshot timestamp",
-                                         raw=to_json_text(data)[:2000])
+                                         raw=data)
         as_of = parse_timestamp(raw_ts)
         if as_of > at:
             raise SnapshotError(f"asked for a snapshot at or before {at.isoformat()}, got {raw_ts}")
@@ -304,11 +302,9 @@ class HederaExtractor:
         # What only the end of the crawl can tell, on one more page of no rows.
         tail = Page(as_of=snapshot[0], as_of_raw=snapshot[1])
         for missing in sorted(plan.expected):
-            tail.rejected.append(Rejection(
-                raw=to_json_text({"account": id_text(missing)}),
-                reason=f"missing: snapshot {snapshot[1]} holds no account {id_text(missing)} "
-                       "(a missing account is not read as zero)",
-            ))
+            tail.reject({"account": id_text(missing)},
+                        f"missing: snapshot {snapshot[1]} holds no account {id_text(missing)} "
+                        "(a missing account is not read as zero)")
         for expression in plan.watched:
             if expression.text not in plan.matched:
                 tail.warnings.append(f"account_ids entry {expression.text!r} matches no account "
@@ -348,12 +344,12 @@ class HederaExtractor:
 
     def _balances(self, data: Any) -> list:
         if not isinstance(data, dict):
-            raise MalformedResponseError("balances page is not a JSON object", raw=to_json_text(data)[:2000])
+            raise MalformedResponseError("balances page is not a JSON object", raw=data)
         if "timestamp" not in data:
-            raise MalformedResponseError("balances page has no timestamp field", raw=to_json_text(data)[:2000])
+            raise MalformedResponseError("balances page has no timestamp field", raw=data)
         balances = data.get("balances")
         if not isinstance(balances, list):
-            raise MalformedResponseError("page has no balances list", raw=to_json_text(data)[:2000])
+            raise MalformedResponseError("page has no balances list", raw=data)
         return balances
 
     def _page(self, data: Any, snapshot: tuple[datetime, str], plan: _Plan,
@@ -365,19 +361,14 @@ class HederaExtractor:
         raw_ts = data["timestamp"]
         if raw_ts is None:
             raise MalformedResponseError("balances listed without a snapshot timestamp",
-                                         raw=to_json_text(data)[:2000])
+                                         raw=data)
         if raw_ts != snapshot[1]:
             # Every page must come from the one snapshot chosen for the run.
             raise SnapshotError(f"a page is from snapshot {raw_ts}, not {snapshot[1]} chosen for this run")
-        for record in balances:
-            try:
-                account = self._parse_account(record, page)
-            except RecordError as exc:
-                page.rejected.append(Rejection(raw=to_json_text(record), reason=str(exc)))
-                continue
+        for record, account in page.parse_each(balances, lambda record: self._parse_account(record, page)):
             if asked is not None and account not in asked:
                 raise MalformedResponseError(f"asked for {len(asked)} account(s) by id, got {id_text(account)} "
-                                             "as well", raw=to_json_text(record)[:2000])
+                                             "as well", raw=record)
             plan.expected.discard(account)
             for expression in plan.watched:
                 if expression.low <= account <= expression.high:
@@ -427,7 +418,7 @@ class HederaExtractor:
                         require(info, "decimals"), f"decimals of token {token_id}", minimum=0, maximum=255
                     )
                 except RecordError as exc:
-                    raise MalformedResponseError(f"token {token_id}: {exc}", raw=to_json_text(info)[:2000]) from None
+                    raise MalformedResponseError(f"token {token_id}: {exc}", raw=info) from None
         return self._decimals[token_id]
 
 

@@ -198,16 +198,26 @@ def default_error_for(response: requests.Response) -> ProviderError:
     return http_error(response, error_text(response))
 
 
-def http_error(response: requests.Response, message: str, code: str | None = None) -> ProviderError:
-    """Classify an HTTP error once: 429 and 5xx are retriable, other 4xx fatal."""
+def http_retriable(status: int) -> bool:
+    """The HTTP status alone says the provider may answer next time: 408, 429, 5xx."""
+    return status == 429 or status == 408 or status >= 500
+
+
+def http_error(response: requests.Response, message: str, code: str | None = None, *,
+               retriable: bool = False, retry_after: float | None = None) -> ProviderError:
+    """Classify an HTTP error once, when it is made.
+
+    The status decides (:func:`http_retriable`); ``retriable`` adds what only
+    the provider's own error code can tell (a rate-limit code on a 400, say),
+    ``retry_after`` a wait the provider gives other than by ``Retry-After``.
+    """
     status = response.status_code
-    retriable = status == 429 or status == 408 or status >= 500
     return ProviderError(
         f"HTTP {status} from {redact_url(response.url)}: {safe_text(message)}",
         status=status,
         code=None if code is None else safe_text(code, 100),
-        retriable=retriable,
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        retriable=retriable or http_retriable(status),
+        retry_after=retry_after if retry_after is not None else parse_retry_after(response.headers.get("Retry-After")),
     )
 
 

@@ -89,7 +89,7 @@ class BasePaginator:
         records = _get(data, self.records_path)
         if not isinstance(records, list):
             raise MalformedResponseError(f"page has no {_dotted(self.records_path)} list",
-                                         raw=_snippet(data))
+                                         raw=data)
         return records
 
     def advance(self, token: str | None) -> None:
@@ -179,14 +179,14 @@ class CursorPaginator(BasePaginator):
         has_more = _get(data, self.has_more_path)
         if not isinstance(has_more, bool):
             raise MalformedResponseError(f"page has no {_dotted(self.has_more_path)}",
-                                         raw=_snippet(data))
+                                         raw=data)
         if not has_more:
             return None
         token = _get(data, self.cursor_path)
         if not isinstance(token, str) or not token:
             raise MalformedResponseError(
                 f"{_dotted(self.has_more_path)} is true but {_dotted(self.cursor_path)} is missing",
-                raw=_snippet(data),
+                raw=data,
             )
         return token
 
@@ -250,20 +250,14 @@ def _token(data: Any, path: tuple[str, ...]) -> str | None:
     """A link or cursor that must be present: a string, or null for the last page."""
     token = _get(data, path)
     if token is _MISSING:
-        raise MalformedResponseError(f"page has no {_dotted(path)} field", raw=_snippet(data))
+        raise MalformedResponseError(f"page has no {_dotted(path)} field", raw=data)
     if token is not None and not isinstance(token, str):
         raise MalformedResponseError(
             f"{_dotted(path)} is {type(token).__name__}, expected a string or null",
-            raw=_snippet(data),
+            raw=data,
         )
     return token
 
 
 def _dotted(path: tuple[str, ...]) -> str:
     return ".".join(path)
-
-
-def _snippet(data: Any, limit: int = 2000) -> str:
-    from extractors.records import to_json_text
-
-    return to_json_text(data)[:limit]

@@ -17,11 +17,12 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, get_args, get_type_hints
+from typing import Any, Callable, Iterable, Iterator, TypeVar, get_args, get_type_hints
 
 from extractors.text import safe_text
 
 Amount = int | Decimal
+T = TypeVar("T")
 
 # balance_history's amounts are NUMERIC without precision: PostgreSQL takes
 # up to 131072 digits before the point and 16383 after. 1000 each is far
@@ -140,6 +141,25 @@ class Page:
     rejected: list[Rejection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kind: str = "balances"
+
+    def parse_each(self, records: Iterable[Any], parse: Callable[[Any], T]) -> Iterator[tuple[Any, T]]:
+        """``(record, parse(record))`` for each record that parses.
+
+        A record whose ``parse`` raises :class:`RecordError` is rejected alone
+        (kept with its exact text and the reason) and the rest of the page
+        goes on: the one loop every provider walks its records with.
+        """
+        for record in records:
+            try:
+                parsed = parse(record)
+            except RecordError as exc:
+                self.reject(record, exc)
+                continue
+            yield record, parsed
+
+    def reject(self, record: Any, reason: object) -> None:
+        """Keep a record that cannot be loaded: its exact JSON text and why."""
+        self.rejected.append(Rejection(raw=to_json_text(record), reason=str(reason)))
 
 
 class RecordError(ValueError):
