@@ -22,6 +22,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -279,6 +280,9 @@ class _Watchdog:
     a millisecond on a busy machine, as much as parsing the page). Requests
     end in the order they start, so finished deadlines are dropped from the
     front of the heap as new ones arrive and it stays a few entries long.
+    The thread is woken only for a deadline sooner than the one it sleeps
+    towards: waking it for every request would hand it the GIL once per
+    page, which cost as much as the request itself.
     """
 
     def __init__(self) -> None:
@@ -286,6 +290,7 @@ class _Watchdog:
         self._heap: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._waking_at = math.inf  # when the thread wakes by itself
 
     def watch(self, when: float, deadline: Deadline) -> None:
         with self._cond:
@@ -295,7 +300,7 @@ class _Watchdog:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="request-deadlines", daemon=True)
                 self._thread.start()
-            elif self._heap[0][2] is deadline:
+            elif when < self._waking_at:
                 self._cond.notify()  # sooner than what the thread sleeps towards
 
     def _run(self) -> None:
@@ -304,11 +309,13 @@ class _Watchdog:
                 while self._heap and self._heap[0][2].done:
                     heapq.heappop(self._heap)
                 if not self._heap:
+                    self._waking_at = math.inf
                     self._cond.wait()
                     continue
                 when, _, deadline = self._heap[0]
                 delay = when - time.monotonic()
                 if delay > 0:
+                    self._waking_at = when
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)

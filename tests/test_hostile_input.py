@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -384,6 +385,27 @@ def test_slow_headers_fail_at_the_deadline_too(serve):
         client.get_json("/")
     assert time.monotonic() - started < 2
     assert client.get_json("/") == {"ok": True}  # the next request is not affected
+
+
+def test_a_shorter_deadline_is_kept_while_a_longer_one_is_in_flight(serve):
+    # The one watchdog thread sleeps towards the soonest deadline it knows
+    # of; a request with a shorter deadline, made while a longer one is in
+    # flight, must wake it, or the short request would wait for the long one.
+    slow = serve(lambda request: json_response({"ok": True}))
+    slow.inject(Fault("delay", seconds=6))
+    long_client = HttpClient(slow.url, policy=RetryPolicy(max_attempts=1, read_timeout=30, request_deadline=20))
+    in_flight = threading.Thread(target=long_client.get_json, args=("/",), daemon=True)
+    in_flight.start()
+    time.sleep(0.5)
+    stuck = serve(lambda request: json_response({"ok": True}))
+    stuck.inject(Fault("delay", seconds=10))
+    short_client = HttpClient(stuck.url, policy=RetryPolicy(max_attempts=1, read_timeout=30, request_deadline=1))
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        short_client.get_json("/")
+    assert time.monotonic() - started < 3
+    in_flight.join(timeout=15)
+    assert not in_flight.is_alive()  # the long request was not cut: it ended with its answer
 
 
 def test_a_deadline_hit_is_retried_and_the_snapshot_completes(db, serve):
