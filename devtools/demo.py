@@ -70,6 +70,28 @@ source = "bitfront_sandbox"
 """
 
 
+def evm_checks() -> str:
+    """The Formance sandbox's book of the EVM treasury wallet against the chain itself."""
+    from sandbox.evm import TREASURY
+
+    return f"""
+[checks.treasury_eth]
+kind = "pair"
+left = {{ source = "formance_sandbox", account = "treasury:evm", asset = "ETH/18" }}
+right = {{ source = "evm_sandbox", account = "{TREASURY}", asset = "ETH" }}
+abs_tolerance = "0"
+rel_tolerance = "0"
+max_skew = "1h"
+"""
+
+
+def demo_checks(available: list[str]) -> str:
+    checks = DEMO_CHECKS if {"formance", "hedera", "bitfront"} <= set(available) else ""
+    if {"formance", "evm"} <= set(available):
+        checks += evm_checks()
+    return checks
+
+
 def _airflow(args: list[str], env: dict, log: Path) -> int:
     with open(log, "ab") as out:
         return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, stdout=out,
@@ -102,7 +124,7 @@ def run_demo(db_url: str | None = None) -> int:
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
         print(f"sandbox {name}: {server.url}")
     config = DEMO_DIR / "balances.toml"
-    write_sources(config, sources, DEMO_CHECKS if {"formance", "hedera", "bitfront"} <= set(apps.available()) else "")
+    write_sources(config, sources, demo_checks(apps.available()))
 
     env.update({
         "AIRFLOW_HOME": str(DEMO_DIR / "airflow"),

@@ -115,6 +115,20 @@ def masked(exc: ExtractError, secrets: list[str]) -> ExtractError:
     return exc
 
 
+class _MaskingFilter(logging.Filter):
+    """Masks given secrets in every record of the logger it is added to."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(secret in text for secret in self.secrets):
+            record.msg, record.args = mask(text, self.secrets), ()
+        return True
+
+
 class DuplicateKeyError(ValueError):
     """An object in a JSON document has the same key twice."""
 
@@ -466,6 +480,11 @@ class HttpClient:
     Every URL it fetches must be on ``base_url``'s origin, so a credential
     attached by ``auth`` or ``headers`` can never travel to another host.
     Redirects are not followed for the same reason.
+
+    Credentials sent in headers or a form body are found and masked by
+    themselves; ``secrets`` names any other value that must never be shown
+    (a key an ``auth`` puts in the URL path, say): it is masked from every
+    error, and from urllib3's debug log of request lines.
     """
 
     base_url: str
@@ -476,6 +495,7 @@ class HttpClient:
     check: Callable[[Any, requests.Response], None] | None = None
     throttle: Callable[[], None] | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    secrets: Sequence[str] = field(default_factory=tuple, repr=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -486,9 +506,17 @@ class HttpClient:
         # Seconds spent in requests that did not complete; they count
         # against max_total_wait like the sleeps between attempts.
         self.lost = 0.0
+        self.secrets = [s for s in self.secrets if s and len(s) >= 4]
+        self._log_filter = None
+        if self.secrets:
+            self._log_filter = _MaskingFilter(self.secrets)
+            logging.getLogger("urllib3.connectionpool").addFilter(self._log_filter)
 
     def close(self) -> None:
         self.session.close()
+        if self._log_filter is not None:
+            logging.getLogger("urllib3.connectionpool").removeFilter(self._log_filter)
+            self._log_filter = None
 
     def __enter__(self) -> "HttpClient":
         return self
@@ -527,6 +555,15 @@ class HttpClient:
         json_body: Any = None,
     ) -> Any:
         """GET a JSON document, retrying what the policy says is retriable."""
+        return self.request_json("GET", path_or_url, params, headers=headers, json_body=json_body)
+
+    def post_json(self, path_or_url: str, json_body: Any, *, headers: Mapping[str, str] | None = None) -> Any:
+        """POST a JSON body (a read, such as a JSON-RPC call) for a JSON document, retried like a GET."""
+        return self.request_json("POST", path_or_url, None, headers=headers, json_body=json_body)
+
+    def request_json(self, method: str, path_or_url: str, params: Params = None, *,
+                     headers: Mapping[str, str] | None = None, json_body: Any = None) -> Any:
+        """One read, retried as the policy says: every request of a provider goes through here."""
         url = self.url_for(path_or_url)
         policy = self.policy
         attempt = 0
@@ -534,7 +571,7 @@ class HttpClient:
             attempt += 1
             started = time.monotonic()
             try:
-                return self._attempt(url, params, headers, json_body)
+                return self._attempt(method, url, params, headers, json_body)
             except (ProviderError, TransportError) as exc:
                 if isinstance(exc, TransportError):
                     self.lost += time.monotonic() - started
@@ -562,25 +599,30 @@ class HttpClient:
                 )
                 time.sleep(wait)
 
-    def _attempt(self, url: str, params: Params, headers, json_body) -> Any:
+    def _attempt(self, method: str, url: str, params: Params, headers, json_body) -> Any:
         if self.throttle is not None:
             self.throttle()
         self.stats.requests += 1
         policy = self.policy
-        response = send(
-            self.session, "GET", url,
-            deadline=policy.request_deadline,
-            max_bytes=policy.max_response_bytes,
-            params=params,
-            headers=headers,
-            json=json_body,
-            auth=self.auth,
-            timeout=(policy.connect_timeout, policy.read_timeout),
-            allow_redirects=False,
-        )
+        try:
+            response = send(
+                self.session, method, url,
+                deadline=policy.request_deadline,
+                max_bytes=policy.max_response_bytes,
+                params=params,
+                headers=headers,
+                json=json_body,
+                auth=self.auth,
+                timeout=(policy.connect_timeout, policy.read_timeout),
+                allow_redirects=False,
+            )
+        except ExtractError as exc:  # a transport error may quote the URL the auth changed
+            raise masked(exc, self.secrets)
         if log.isEnabledFor(logging.DEBUG):  # redacting the URL costs as much as the log line
-            log.debug("GET %s -> %d", redact_url(response.url), response.status_code)
+            log.debug("%s %s -> %d", method, redact_url(response.url), response.status_code)
         secrets = request_secrets(response.request)
+        if self.secrets:
+            secrets += self.secrets
         try:
             return self._read(response, secrets)
         except ExtractError as exc:

@@ -36,7 +36,9 @@ class Extractor(Protocol):
     at a time, never the whole crawl. A shardable provider's extractor also has
     ``shard_ranges(at, shards, snapshot=None)`` and honours ``account_range``;
     one that chooses its snapshot has ``choose_snapshot(at) -> (as_of,
-    as_of_raw) | None`` and its ``pages`` accepts ``snapshot=``.
+    as_of_raw) | None`` and its ``pages`` accepts ``snapshot=``. One whose
+    snapshot can still change after it was read has ``verify_snapshot(snapshot)``,
+    which raises :class:`~extractors.errors.SnapshotError` when it no longer stands.
     """
 
     client: HttpClient  # every request goes through it: retries, statistics, closing
@@ -75,8 +77,17 @@ class Provider:
         shardable: the account space splits into ranges crawled in parallel.
         chooses_snapshot: the snapshot is chosen once per run, before the crawl,
             and every shard reads that one.
+        verifies_snapshot: the snapshot read can still be undone (a chain's
+            reorganisation): the extractor's ``verify_snapshot((as_of, as_of_raw))``
+            is asked again just before publish, and a snapshot that no longer
+            stands publishes nothing.
         rate_limit: the documented limit as (requests per second, burst); a
             source's ``rate_limit`` overrides it.
+        budget: the name of the request budget a source draws on, from its
+            settings; None (the default) is the provider's name: one budget
+            for all its sources. A provider whose sources reach different
+            services (an EVM source's ``rpc_url``: one chain's endpoint or
+            another's) names one budget per service.
     """
 
     name: str
@@ -85,7 +96,12 @@ class Provider:
     has_history: bool | Callable[[Any], bool]
     shardable: bool = False
     chooses_snapshot: bool = False
+    verifies_snapshot: bool = False
     rate_limit: tuple[float, float] | None = None
+    budget: Callable[[Any], str] | None = None
+
+    def budget_name(self, settings: Any) -> str:
+        return self.name if self.budget is None else self.budget(settings)
 
     def answers_for_past(self, settings: Any) -> bool:
         if callable(self.has_history):

@@ -16,7 +16,7 @@ from extractors.text import safe_text
 from extractors import provider as contract
 from extractors.registry import provider
 from loaders import publish as publishing
-from loaders import rejections, runs
+from loaders import rejections, runs, staging
 from loaders.budget import RequestBudget
 from loaders.db import transaction
 from loaders.rejections import RejectedRecordsError
@@ -84,7 +84,8 @@ def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
     """The budget shared by every crawl of this provider, if it has a rate limit.
 
     A source's ``rate_limit`` (requests per second) overrides the provider's
-    documented default.
+    documented default; a provider may name one budget per service its
+    sources reach (``Provider.budget``).
     """
     if source.rate_limit is not None:
         rate, burst = source.rate_limit, max(1.0, source.rate_limit)
@@ -92,7 +93,8 @@ def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
         rate, burst = provider(source.provider).rate_limit
     else:
         return None
-    return RequestBudget(budget=source.provider, rate=rate, burst=burst, like=conn)
+    budget = provider(source.provider).budget_name(source.settings)
+    return RequestBudget(budget=budget, rate=rate, burst=burst, like=conn)
 
 
 def close_extractor(extractor) -> None:
@@ -341,15 +343,58 @@ def _progress(conn, run_id, extractor, pages, warnings) -> None:
                       warnings=warnings)
 
 
-def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False) -> publishing.PublishResult:
+def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False,
+            credentials=None) -> publishing.PublishResult:
     """Make the staged snapshot visible, all of it at once.
 
     A present-only provider's run whose interval another run published
-    meanwhile ends ``skipped`` (see :func:`begin`), unless ``force``.
+    meanwhile ends ``skipped`` (see :func:`begin`), unless ``force``. A
+    provider that ``verifies_snapshot`` is asked first whether the snapshot
+    still stands (see :func:`verify`).
     """
+    if provider(source.provider).verifies_snapshot:
+        verify(conn, source, run_id, credentials=credentials)
     present_only = not provider(source.provider).answers_for_past(source.settings)
     return publishing.publish(conn, run_id, shards=source.shards, max_rejected=source.max_rejected,
                               once_per_interval=present_only and not force)
+
+
+def verify(conn, source: SourceConfig, run_id: int, *, credentials=None) -> None:
+    """Ask the provider whether the run's staged snapshot still stands; raise if not.
+
+    For a provider whose snapshot can be undone after it was read (a chain
+    reorganising past the snapshot's block). Asked only of a run whose every
+    shard staged; otherwise publishing refuses it anyway. A snapshot that no
+    longer stands fails the run with its staged rows dropped: nothing is
+    published. ``credentials`` default to the source's Connection.
+    """
+    run = runs.get_run(conn, run_id)
+    with transaction(conn) as cur:
+        staged = staging.staged_counts(cur, run_id)
+    if (run.status not in (RunStatus.RUNNING, RunStatus.FAILED) or run.as_of_raw is None
+            or any(shard not in staged for shard in range(source.shards))):
+        return
+    if credentials is None:
+        credentials = connections.credentials(source.conn_id)
+    secrets = credentials.secrets() if credentials else []
+    extractor = None
+    try:
+        extractor = build_extractor(source, credentials, conn)
+        extractor.verify_snapshot((run.as_of, run.as_of_raw))
+        _progress(conn, run_id, extractor, 0, [])
+    except BaseException as exc:
+        if isinstance(exc, SnapshotError):
+            try:  # the staged rows describe a snapshot that is gone
+                with transaction(conn) as cur:
+                    staging.drop_run(cur, run_id)
+            except Exception as second:
+                log.error("run %d: could not drop its staging: %s", run_id, safe_text(second, 500))
+        # Recorded as a failed plan is: the unreadable body kept, the requests counted.
+        _record_plan_failure(conn, run_id, exc, secrets, extractor)
+        raise
+    finally:
+        if extractor is not None:
+            close_extractor(extractor)
 
 
 def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
@@ -371,7 +416,7 @@ def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
         ]
         # No shard at all: the run was closed as no_snapshot while planning.
         if statuses and RunStatus.NO_SNAPSHOT not in statuses:
-            publish(conn, source, run_id, force=force)
+            publish(conn, source, run_id, force=force, credentials=credentials)
     finally:
         if not conn.closed:
             runs.release(conn, run_id)

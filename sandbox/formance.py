@@ -563,13 +563,17 @@ DEMO_LEDGER = "demo"
 DEMO_CLIENT_ID = "balances-sandbox"
 DEMO_CLIENT_SECRET = "sandbox-client-secret-4f1c9a"
 TREASURY_HBAR = 12_345_678_900_000_000  # 123,456,789 HBAR in tinybars: above 2**53
+# The EVM sandbox's treasury wallet (sandbox/evm.py TREASURY_WEI), booked in wei: above 2**64.
+TREASURY_ETH_FIRST, TREASURY_ETH = 1_200 * 10**18, 1_234_567_890_123_456_789_012
 
 
 def demo_ledger(now: datetime) -> Ledger:
-    """A small book: a Hedera treasury, fiat users, a coin holder, an idle and an overdrawn account."""
+    """A small book: Hedera and EVM treasuries, fiat users, a coin holder, an idle and an overdrawn account."""
     ledger = Ledger()
     start, later, recent = now - timedelta(days=3), now - timedelta(days=1), now - timedelta(hours=2)
     ledger.transfer(start, "world", "treasury:hedera", "HBAR/8", TREASURY_HBAR)
+    ledger.transfer(start, "world", "treasury:evm", "ETH/18", TREASURY_ETH_FIRST)
+    ledger.transfer(later, "world", "treasury:evm", "ETH/18", TREASURY_ETH - TREASURY_ETH_FIRST)
     ledger.transfer(start, "world", "users:001", "USD/2", 125_000)
     ledger.transfer(start, "world", "users:002", "EUR/2", 98_050)
     ledger.transfer(start, "world", "users:003", "COIN", 42)

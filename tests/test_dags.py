@@ -42,7 +42,7 @@ EXAMPLE = REPO / "config" / "balances.example.toml"
 
 
 def test_providers_are_the_modules_that_declare_one():
-    assert PROVIDERS == ("bitfront", "coreledger", "formance", "hedera")
+    assert PROVIDERS == ("bitfront", "coreledger", "evm", "formance", "hedera")
     for name in PROVIDERS:
         declared = registry.provider(name)
         assert isinstance(declared, Provider) and declared.name == name

@@ -1,0 +1,672 @@
+"""EVM chains (Ethereum and its kin): native and ERC-20 balances at one block, over JSON-RPC.
+
+What differs from the other providers: a snapshot is one block, not a
+time. For a run's time T the snapshot is the latest block whose timestamp
+is at or before T and that has ``confirmations`` blocks on top of it (a
+reorganisation that deep is not expected), found by a bounded search over
+block headers. ``as_of`` is that block's timestamp, ``as_of_raw`` its
+number and hash (``19000000:0x...``). Every balance is read at that block
+number, each JSON-RPC batch re-reads the block's header and the hash must not
+change, and the hash is checked once more just before publish
+(``verifies_snapshot``): a chain that reorganised past the block fails the
+run and nothing is published.
+
+Requests are JSON-RPC 2.0 POSTs, batched ``max_batch`` calls at a time
+(answers come in any order and are matched by ``id``). The native balance is
+``eth_getBalance(address, block)``; an ERC-20 balance is ``eth_call`` of
+``balanceOf(address)`` at the same block, and the token's ``decimals()`` is
+read once per run, beside ``eth_getCode`` (an address with no code is no
+token). Values are uint256, stored exactly as integers in the chain's
+smallest unit (wei) with ``decimals`` (18 for the native asset).
+
+What real nodes do that shapes this module:
+
+* A node that no longer holds the state of an old block (a full node, not an
+  archive node) answers with an error, never with zero: geth "missing trie
+  node", Erigon "state ... not available", anvil ``--prune-history``
+  "BlockOutOfRangeError". Such an answer fails the run naming it.
+* Rate limits come as HTTP 429 or as JSON-RPC errors inside HTTP 200 (Infura
+  -32005 "limit exceeded", others -32029 or "rate limit" in the message),
+  for a whole batch or for some of its calls: either way the request is
+  retried under the shared retry policy.
+* A call that reverts answers with an error (code 3 or -32000 "execution
+  reverted"); a call to an address without code answers ``0x``. A token
+  doing either, or answering anything but one 32-byte word, is a rejected
+  record with the reason, never a zero balance.
+* Hosted endpoints take an API key in the URL path (Infura ``/v3/<key>``,
+  Alchemy ``/v2/<key>``) or in a header: either way it is added to each
+  request as it is sent, never part of any URL we log or store.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_abi.exceptions import DecodingError
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+
+from extractors.credentials import Credentials, require_credentials
+from extractors.errors import (
+    ExtractError,
+    HistoryUnavailable,
+    MalformedResponseError,
+    NoSnapshotAvailable,
+    ProviderError,
+    SnapshotError,
+)
+from extractors.http import (
+    HttpClient,
+    RetryPolicy,
+    error_text,
+    http_error,
+    parse_retry_after,
+)
+from extractors.paginators import check_page_cap
+from extractors.provider import Provider, Throttle
+from extractors.records import BalanceRow, Page, RecordError, Rejection, to_json_text
+from extractors.redaction import redact_url
+from extractors.text import safe_text
+
+log = logging.getLogger(__name__)
+
+NATIVE_DECIMALS = 18
+MAX_BATCH = 1000  # geth's default BatchRequestLimit; hosted endpoints allow less
+MAX_CONFIRMATIONS = 10_000
+UINT256_MAX = 2**256 - 1
+# Header probes per round of the snapshot search, and rounds at most: 17-ary
+# search over 2**63 blocks takes 16 rounds; more means a node that lies.
+SEARCH_FANOUT = 16
+MAX_SEARCH_ROUNDS = 64
+
+BALANCE_OF = function_signature_to_4byte_selector("balanceOf(address)")
+DECIMALS = function_signature_to_4byte_selector("decimals()")
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
+_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
+_DATA = re.compile(r"0x(?:[0-9a-fA-F]{2})*")
+_ASSET = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,31}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+_RAW = re.compile(r"([0-9]{1,20}):(0x[0-9a-f]{64})")
+
+# JSON-RPC error codes that say "slow down" (EIP-1474 -32005; -32029 and
+# 429 used by hosted endpoints), and the words others use.
+RATE_LIMIT_CODES = {-32005, -32029, 429}
+_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|too many requests|limit exceeded|exceeded .{0,40}(capacity|quota|rate)|"
+                               r"compute units", re.I)
+# A node that has pruned the state of old blocks (not an archive node).
+_PRUNED_WORDS = re.compile(r"missing trie node|BlockOutOfRange|state .{0,40}not available|historical state|"
+                           r"state histor|no state available|pruned|not an archive|distance to target block",
+                           re.I)
+# A call that ran and failed: it reverted (EIP-1474 code 3, or geth's -32000
+# with these words), hit an invalid opcode, ran out of gas. Not a node-side
+# timeout or a block the node does not have: those are no fault of the token.
+_CALL_FAILED_CODES = {3, -32015}
+_CALL_FAILED_WORDS = re.compile(r"revert|invalid opcode|out of gas|vm exception|stack (?:underflow|overflow)|"
+                                r"invalid jump", re.I)
+
+
+def checksum_address(text: Any, where: str) -> str:
+    """The EIP-55 form of an address; ``ValueError(where, ...)`` unless it is one.
+
+    All lower or all upper case carries no checksum; mixed case must be the
+    EIP-55 checksum, which catches a mistyped character.
+    """
+    if not isinstance(text, str) or not _ADDRESS.fullmatch(text):
+        raise ValueError(where, f"{text!r} is not an address (0x and 40 hex digits)")
+    checksummed = to_checksum_address(text)
+    digits = text[2:]
+    if digits != digits.lower() and digits != digits.upper() and text != checksummed:
+        raise ValueError(where, f"{text!r} fails its EIP-55 checksum (mixed case must be exactly "
+                                f"{checksummed!r}): a character is mistyped")
+    return checksummed
+
+
+@dataclass(slots=True)
+class Settings:
+    """The ``[sources.<name>]`` keys an EVM source accepts."""
+
+    rpc_url: str
+    chain_id: int
+    addresses: list[str]
+    tokens: list[str] = field(default_factory=list)
+    native_asset: str = "ETH"
+    confirmations: int = 12
+    max_batch: int = 100
+    # Where a Connection's API key goes: "path" (appended to rpc_url's path,
+    # as Infura and Alchemy take it) or "header" (named by api_key_header).
+    api_key_in: str = "path"
+    api_key_header: str = "x-api-key"
+
+    def __post_init__(self) -> None:
+        if self.chain_id < 1:
+            raise ValueError("chain_id", f"must be a chain id (1 for Ethereum mainnet), got {self.chain_id}")
+        if not self.addresses:
+            raise ValueError("addresses", "list at least one account to snapshot")
+        self.addresses = _unique(self.addresses, "addresses")
+        self.tokens = _unique(self.tokens, "tokens")
+        if not _ASSET.fullmatch(self.native_asset):
+            raise ValueError("native_asset", f"{self.native_asset!r} is not an asset code (a letter, then up to "
+                                             "31 letters, digits, '.', '_' or '-')")
+        if not 0 <= self.confirmations <= MAX_CONFIRMATIONS:
+            raise ValueError("confirmations", f"must be between 0 and {MAX_CONFIRMATIONS}, got {self.confirmations}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError("max_batch", f"must be between 1 and {MAX_BATCH}, got {self.max_batch}")
+        if self.api_key_in not in ("path", "header"):
+            raise ValueError("api_key_in", f"must be 'path' or 'header', got {self.api_key_in!r}")
+        if not _HEADER_NAME.fullmatch(self.api_key_header):
+            raise ValueError("api_key_header", f"{self.api_key_header!r} is not an HTTP header name")
+
+
+def _unique(values: list[str], key: str) -> list[str]:
+    found: list[str] = []
+    for i, text in enumerate(values):
+        address = checksum_address(text, key)
+        if address in found:
+            raise ValueError(key, f"{text!r} is listed twice")
+        found.append(address)
+    return found
+
+
+# --- reading what the node sent -------------------------------------------------
+
+
+def quantity(value: Any, what: str) -> int:
+    """A JSON-RPC quantity (``0x`` and hex digits) as an int; RecordError otherwise."""
+    if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
+        raise RecordError(f"{what} is {_shown(value)}, expected a hex quantity such as '0x1a'")
+    return int(value, 16)
+
+
+def data_bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or not _DATA.fullmatch(value):
+        raise RecordError(f"{what} is {_shown(value)}, expected hex data such as '0x00ff'")
+    return bytes.fromhex(value[2:])
+
+
+def decode_word(data: bytes, abi_type: str, what: str) -> int:
+    """The one ABI word a view function returns (``uint256``, ``uint8``): exactly 32 bytes."""
+    if not data:
+        raise RecordError(f"{what} returned no data (0x): no contract code answers it")
+    if len(data) != 32:
+        raise RecordError(f"{what} returned {len(data)} bytes, expected one 32-byte word")
+    try:
+        (value,) = abi_decode([abi_type], data)
+    except DecodingError as exc:
+        raise RecordError(f"{what} returned {('0x' + data.hex())!r}, not a {abi_type}: {exc}") from None
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def snapshot_raw(number: int, block_hash: str) -> str:
+    """``as_of_raw`` of a block: its number and hash."""
+    return f"{number}:{block_hash.lower()}"
+
+
+def parse_snapshot_raw(raw: str) -> tuple[int, str]:
+    match = _RAW.fullmatch(raw or "")
+    if not match:
+        raise SnapshotError(f"snapshot {raw!r} is not a block's number:hash")
+    return int(match[1]), match[2]
+
+
+@dataclass(slots=True, frozen=True)
+class Header:
+    number: int
+    hash: str
+    timestamp: int
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+
+
+@dataclass(slots=True)
+class RpcError:
+    """One call's JSON-RPC error: ``code``, ``message`` and the whole error object."""
+
+    code: Any
+    message: str
+    raw: Any
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.code in RATE_LIMIT_CODES or bool(_RATE_LIMIT_WORDS.search(self.message))
+
+    @property
+    def pruned(self) -> bool:
+        return bool(_PRUNED_WORDS.search(self.message))
+
+    @property
+    def call_failed(self) -> bool:
+        return self.code in _CALL_FAILED_CODES or bool(_CALL_FAILED_WORDS.search(self.message))
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.code is not None else self.message
+
+
+def rpc_error(value: Any) -> RpcError:
+    code = value.get("code") if isinstance(value, dict) else None
+    message = value.get("message") if isinstance(value, dict) else None
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = None
+    text = message if isinstance(message, str) else to_json_text(value)[:300]
+    return RpcError(code, safe_text(text, 300), value)
+
+
+def _errors(data: Any) -> list[RpcError]:
+    items = data if isinstance(data, list) else [data]
+    return [rpc_error(item["error"]) for item in items if isinstance(item, dict) and item.get("error") is not None]
+
+
+# --- the HTTP side: POST, the key added as the request is sent -------------------
+
+
+class _PathKey(requests.auth.AuthBase):
+    """Appends the API key to the URL path of each request, and hides it from the response's URL.
+
+    The key is never part of a URL the client joins, logs or raises with:
+    only the request on the wire carries it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        shown = request.url
+        parts = urlsplit(shown)
+        path = parts.path.rstrip("/") + "/" + self.key
+        request.url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+        def hide(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+            response.url = shown
+            return response
+
+        request.register_hook("response", hide)
+        return request
+
+
+def rpc_http_error(response: requests.Response) -> ProviderError:
+    """An HTTP error, in the JSON-RPC error's words when the body holds one; 429 retried."""
+    errors: list[RpcError] = []
+    try:
+        errors = _errors(response.json())
+    except (ValueError, TypeError):
+        pass  # not JSON: a proxy's page, say
+    message = str(errors[0]) if errors else error_text(response)
+    return http_error(response, message, retriable=any(e.rate_limited for e in errors))
+
+
+def rpc_check(data: Any, response: requests.Response) -> None:
+    """A 200 that says "slow down" (for the whole batch or any call in it) is retried."""
+    if isinstance(data, dict) and data.get("error") is not None and data.get("id") is None:
+        error = rpc_error(data["error"])
+        raise ProviderError(f"JSON-RPC error from {redact_url(response.url)}: {error}",
+                            code=None if error.code is None else str(error.code),
+                            retriable=error.rate_limited,
+                            retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    for error in _errors(data):
+        if error.rate_limited:
+            raise ProviderError(f"rate limited by {redact_url(response.url)}: {error}",
+                                code=None if error.code is None else str(error.code), retriable=True,
+                                retry_after=parse_retry_after(response.headers.get("Retry-After")))
+
+
+# --- the extractor ------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Call:
+    method: str
+    params: tuple
+    what: str  # how an error names it
+
+
+class EvmExtractor:
+    """Reads one block's balances of the configured addresses and tokens."""
+
+    provider = "evm"
+
+    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
+        self.settings = settings
+        self.client = client
+        self.max_pages = max_pages
+        self._decimals: dict[str, int | Rejection] = {}
+
+    # -- JSON-RPC ------------------------------------------------------------------
+
+    def _batch(self, calls: Sequence[Call]) -> list[Any]:
+        """Each call's ``result``, or its :class:`RpcError`, in the order asked.
+
+        Calls go ``max_batch`` to a request: one as a plain request, more
+        as a batch whose answers are matched by ``id`` (a batch may answer
+        in any order).
+        """
+        size = self.settings.max_batch
+        answers: list[Any] = []
+        for start in range(0, len(calls), size):
+            answers += self._send(calls[start:start + size])
+        return answers
+
+    def _send(self, calls: Sequence[Call]) -> list[Any]:
+        body = [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": list(c.params)}
+                for i, c in enumerate(calls)]
+        data = self.client.post_json(self.client.base_url, body[0] if len(body) == 1 else body)
+        items = [data] if len(body) == 1 and isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise MalformedResponseError(f"a batch of {len(body)} calls was answered with "
+                                         f"{type(data).__name__}, not a list", raw=data)
+        answers: dict[int, Any] = {}
+        for item in items:
+            ident = item.get("id") if isinstance(item, dict) else None
+            if isinstance(ident, bool) or not isinstance(ident, int) or not 0 <= ident < len(body):
+                if isinstance(item, dict) and item.get("error") is not None and ident is None:
+                    raise ProviderError(f"JSON-RPC error for the whole batch: {rpc_error(item['error'])}")
+                raise MalformedResponseError(f"an answer has id {_shown(ident)}, not one of the {len(body)} "
+                                             "calls sent", raw=item)
+            if ident in answers:
+                raise MalformedResponseError(f"call {ident} was answered twice", raw=data)
+            if item.get("error") is not None:
+                answers[ident] = rpc_error(item["error"])
+            elif "result" in item:
+                answers[ident] = item["result"]
+            else:
+                raise MalformedResponseError(f"the answer to call {ident} has neither result nor error",
+                                             raw=item)
+        if len(answers) != len(body):
+            missing = sorted(set(range(len(body))) - set(answers))
+            raise MalformedResponseError(f"{len(missing)} of {len(body)} calls got no answer "
+                                         f"({calls[missing[0]].what} first)", raw=data)
+        return [answers[i] for i in range(len(body))]
+
+    def _fatal(self, answer: RpcError, call: Call, block: int | None = None) -> ExtractError:
+        """The run-ending error for a call that failed where no record can take the blame."""
+        if answer.pruned and block is not None:
+            return HistoryUnavailable(
+                f"this node is not an archive node: it no longer holds the state of block {block} "
+                f"({call.what}: {answer}); use an archive node for backfills, or snapshot recent blocks only")
+        return ProviderError(f"{call.what} failed: {answer}", code=None if answer.code is None else str(answer.code))
+
+    def _result(self, answer: Any, call: Call, block: int | None = None) -> Any:
+        if isinstance(answer, RpcError):
+            raise self._fatal(answer, call, block)
+        return answer
+
+    def _header_call(self, number: int) -> Call:
+        return Call("eth_getBlockByNumber", (hex(number), False), f"eth_getBlockByNumber({number})")
+
+    def _header(self, answer: Any, call: Call, number: int) -> Header | None:
+        block = self._result(answer, call)
+        if block is None:
+            return None
+        try:
+            if not isinstance(block, dict):
+                raise RecordError(f"is {type(block).__name__}, expected an object")
+            found = quantity(block.get("number"), "number")
+            timestamp = quantity(block.get("timestamp"), "timestamp")
+            block_hash = block.get("hash")
+            if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
+                raise RecordError(f"hash is {_shown(block_hash)}, expected 0x and 64 hex digits")
+        except RecordError as exc:
+            raise MalformedResponseError(f"block {number}: {exc}", raw=block) from None
+        if found != number:
+            raise MalformedResponseError(f"asked for block {number}, got block {found}", raw=block)
+        if timestamp > 2**40:
+            raise MalformedResponseError(f"block {number} has timestamp {timestamp}, beyond any date",
+                                         raw=block)
+        return Header(number, block_hash.lower(), timestamp)
+
+    def _headers(self, numbers: Sequence[int], extra: Sequence[Call] = ()) -> tuple[list[Header | None], list[Any]]:
+        calls = [self._header_call(n) for n in numbers]
+        answers = self._batch(list(extra) + calls)
+        headers = [self._header(a, c, n) for a, c, n in zip(answers[len(extra):], calls, numbers)]
+        return headers, answers[:len(extra)]
+
+    def _check_chain(self, answer: Any) -> None:
+        call = Call("eth_chainId", (), "eth_chainId")
+        try:
+            chain = quantity(self._result(answer, call), "eth_chainId")
+        except RecordError as exc:
+            raise MalformedResponseError(str(exc), raw=answer) from None
+        if chain != self.settings.chain_id:
+            raise ExtractError(f"the node at {redact_url(self.settings.rpc_url)} serves chain {chain}, not chain_id "
+                               f"{self.settings.chain_id} as configured; nothing read (a wrong rpc_url or chain_id)")
+
+    # -- the snapshot: one block -------------------------------------------------------
+
+    def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
+        """The latest block at or before ``at`` with ``confirmations`` on top: (its time, number:hash).
+
+        None when no such block exists (the chain starts after ``at``, or is
+        shorter than ``confirmations``).
+        """
+        chain_call, tip_call = Call("eth_chainId", (), "eth_chainId"), Call("eth_blockNumber", (), "eth_blockNumber")
+        chain, tip = self._batch([chain_call, tip_call])
+        self._check_chain(chain)
+        try:
+            tip = quantity(self._result(tip, tip_call), "eth_blockNumber")
+        except RecordError as exc:
+            raise MalformedResponseError(str(exc), raw=tip) from None
+        safe = tip - self.settings.confirmations
+        if safe < 0:
+            return None
+        target = int(at.timestamp() // 1)  # block times are whole seconds
+        if safe == 0:
+            (top,), _ = self._headers([0])
+            genesis = top
+        else:
+            (top, genesis), _ = self._headers([safe, 0])
+        if top is None or genesis is None:
+            raise MalformedResponseError(f"the node reports block {tip} as its latest, but not block "
+                                         f"{safe if top is None else 0}")
+        if top.timestamp <= target:
+            return top.time, snapshot_raw(top.number, top.hash)
+        if genesis.timestamp > target:
+            return None
+        low, high = genesis, top  # low.timestamp <= target < high.timestamp
+        fanout = max(1, min(SEARCH_FANOUT, self.settings.max_batch))
+        for _ in range(MAX_SEARCH_ROUNDS):
+            gap = high.number - low.number
+            if gap <= 1:
+                return low.time, snapshot_raw(low.number, low.hash)
+            probes = sorted({low.number + gap * i // (fanout + 1) for i in range(1, fanout + 1)} - {low.number})
+            headers, _ = self._headers(probes)
+            for header in headers:
+                if header is None:
+                    raise MalformedResponseError(f"block {probes[headers.index(header)]} is missing below the "
+                                                 f"node's latest block {tip}")
+                if not low.timestamp <= header.timestamp <= high.timestamp:
+                    raise MalformedResponseError(
+                        f"block timestamps are out of order: block {header.number} has {header.timestamp}, "
+                        f"outside {low.timestamp}..{high.timestamp} of blocks {low.number} and {high.number}")
+                if header.timestamp > target:
+                    high = header  # the probes above it are later still
+                    break
+                low = header
+        raise MalformedResponseError(f"no block found for {at.isoformat()} after {MAX_SEARCH_ROUNDS} rounds")
+
+    def verify_snapshot(self, snapshot: tuple[datetime, str]) -> None:
+        """Fail unless the snapshot's block is still on the chain: its number still has its hash."""
+        number, block_hash = parse_snapshot_raw(snapshot[1])
+        (header,), _ = self._headers([number])
+        self._same_block(header, number, block_hash)
+
+    def _same_block(self, header: Header | None, number: int, block_hash: str) -> None:
+        if header is None or header.hash != block_hash:
+            now = "no longer exists" if header is None else f"now has hash {header.hash}"
+            raise SnapshotError(
+                f"the chain reorganised past the snapshot's block {number}: it {now}, not {block_hash} as "
+                f"read; nothing published (raise confirmations, now {self.settings.confirmations}, if this recurs)")
+
+    # -- the crawl ---------------------------------------------------------------------
+
+    def pages(self, at: datetime, account_range: tuple[str | None, str | None] | None = None,
+              snapshot: tuple[datetime, str] | None = None) -> Iterator[Page]:
+        """Yield the block's balances, one page per JSON-RPC batch.
+
+        Tokens first: their code and ``decimals()`` (a token that is not a
+        contract or whose ``decimals()`` fails is one rejected record).
+        Then every address's native balance and each good token's
+        ``balanceOf``. Each batch also re-reads the block's header: a hash
+        that changed fails the crawl.
+        """
+        if account_range is not None:
+            raise ValueError("evm sources are not sharded")
+        if snapshot is None:
+            snapshot = self.choose_snapshot(at)
+            if snapshot is None:
+                raise NoSnapshotAvailable(f"the chain has no block at or before {at.isoformat()} with "
+                                          f"{self.settings.confirmations} confirmations")
+        as_of, raw = snapshot
+        number, block_hash = parse_snapshot_raw(raw)
+        (header,), (chain,) = self._headers([number], extra=[Call("eth_chainId", (), "eth_chainId")])
+        self._check_chain(chain)
+        self._same_block(header, number, block_hash)
+        tokens = [t for t in self.settings.tokens if t not in self._decimals]
+        if tokens:
+            self._token_metadata(tokens, number, block_hash)
+        rejected = [self._decimals[t] for t in self.settings.tokens if isinstance(self._decimals[t], Rejection)]
+        good = [t for t in self.settings.tokens if not isinstance(self._decimals[t], Rejection)]
+        addresses = self.settings.addresses
+        holdings = [(a, None) for a in addresses] + [(a, t) for t in good for a in addresses]
+        per = self._per_batch()
+        for read, start in enumerate(range(0, len(holdings), per)):
+            check_page_cap(read, self.max_pages)
+            page = self._balances(holdings[start:start + per], number, block_hash, as_of, raw)
+            if start == 0:
+                page.rejected[:0] = rejected
+            yield page
+
+    def _per_batch(self) -> int:
+        """Calls of a batch besides the header that rides along (none when batches are off)."""
+        return self.settings.max_batch - 1 if self.settings.max_batch > 1 else 1
+
+    def _watch(self, number: int) -> list[Call]:
+        """The header call that rides along in a batch, when the batch has room."""
+        return [self._header_call(number)] if self.settings.max_batch > 1 else []
+
+    def _checked(self, answers: list[Any], watch: list[Call], number: int, block_hash: str) -> list[Any]:
+        if watch:
+            self._same_block(self._header(answers[0], watch[0], number), number, block_hash)
+        return answers[len(watch):]
+
+    def _token_metadata(self, tokens: list[str], number: int, block_hash: str) -> None:
+        block = hex(number)
+        calls: list[Call] = []
+        for token in tokens:
+            calls.append(Call("eth_getCode", (token, block), f"eth_getCode({token})"))
+            calls.append(Call("eth_call", ({"to": token, "data": "0x" + DECIMALS.hex()}, block),
+                              f"decimals() of token {token}"))
+        answers: list[Any] = []
+        per = self._per_batch()
+        for start in range(0, len(calls), per):
+            watch = self._watch(number)
+            answers += self._checked(self._batch(watch + calls[start:start + per]), watch, number, block_hash)
+        for i, token in enumerate(tokens):
+            code_call, decimals_call = calls[2 * i], calls[2 * i + 1]
+            code, decimals = answers[2 * i], answers[2 * i + 1]
+            raw = {"token": token, "block": number, "eth_getCode": _brief(code), "decimals()": _brief(decimals)}
+            try:
+                if isinstance(code, RpcError):
+                    raise self._fatal(code, code_call, number)
+                if not data_bytes(code, f"eth_getCode of {token}"):
+                    raise RecordError(f"token {token} has no contract code at block {number}: not a token "
+                                      "(an account's address, or a contract not yet deployed)")
+                if isinstance(decimals, RpcError):
+                    if decimals.pruned or not decimals.call_failed:
+                        raise self._fatal(decimals, decimals_call, number)
+                    raise RecordError(f"decimals() of token {token} failed at block {number}: {decimals}")
+                value = decode_word(data_bytes(decimals, f"decimals() of {token}"), "uint8",
+                                    f"decimals() of token {token}")
+                self._decimals[token] = value
+            except RecordError as exc:
+                self._decimals[token] = Rejection(raw=to_json_text(raw), reason=str(exc))
+
+    def _balances(self, holdings: list[tuple[str, str | None]], number: int, block_hash: str,
+                  as_of: datetime, raw_snapshot: str) -> Page:
+        block = hex(number)
+        calls = []
+        for address, token in holdings:
+            if token is None:
+                calls.append(Call("eth_getBalance", (address, block), f"eth_getBalance({address})"))
+            else:
+                data = BALANCE_OF + abi_encode(["address"], [address])
+                calls.append(Call("eth_call", ({"to": token, "data": "0x" + data.hex()}, block),
+                                  f"balanceOf({address}) of token {token}"))
+        watch = self._watch(number)
+        answers = self._checked(self._batch(watch + calls), watch, number, block_hash)
+        page = Page(as_of=as_of, as_of_raw=raw_snapshot)
+        for (address, token), call, answer in zip(holdings, calls, answers):
+            asset = self.settings.native_asset if token is None else token
+            try:
+                if isinstance(answer, RpcError):
+                    if token is None or answer.pruned or not answer.call_failed:
+                        raise self._fatal(answer, call, number)
+                    raise RecordError(f"{call.what} failed at block {number}: {answer}")
+                if token is None:
+                    amount = quantity(answer, f"native balance of {address}")
+                    decimals = NATIVE_DECIMALS
+                else:
+                    amount = decode_word(data_bytes(answer, call.what), "uint256", call.what)
+                    decimals = self._decimals[token]
+                page.rows.append(BalanceRow(address, asset, amount, decimals))
+            except RecordError as exc:
+                page.reject({"account": address, "asset": asset, "block": number, "call": call.method,
+                             "answer": _brief(answer)}, exc)
+        return page
+
+
+def _brief(answer: Any) -> Any:
+    """An answer as a rejection keeps it: the error object, or the result (cut short)."""
+    if isinstance(answer, RpcError):
+        return {"error": answer.raw}
+    if isinstance(answer, str) and len(answer) > 2000:
+        return answer[:2000] + "..."
+    return answer
+
+
+def build(settings: Settings, credentials: Credentials | None, policy: RetryPolicy, *,
+          max_pages: int, throttle: Throttle | None = None) -> EvmExtractor:
+    """An EVM extractor. A Connection's password, if any, is the endpoint's API key."""
+    key = None
+    if credentials is not None:  # public endpoints need none
+        key = require_credentials(credentials, "the evm source", password="the endpoint's API key").password
+    headers: dict[str, str] = {}
+    auth = None
+    if key and settings.api_key_in == "header":
+        headers[settings.api_key_header] = key
+    elif key:
+        auth = _PathKey(key)
+    # The key is named as a secret: in the URL path no header rule would find it.
+    client = HttpClient(settings.rpc_url, auth=auth, headers=headers, policy=policy, error_for=rpc_http_error,
+                        check=rpc_check, throttle=throttle, secrets=[key] if key else [])
+    return EvmExtractor(settings, client, max_pages=max_pages)
+
+
+def request_budget(settings: Settings) -> str:
+    """One request budget per endpoint (scheme, host, port): chains on other endpoints do not share it."""
+    parts = urlsplit(settings.rpc_url)
+    return f"evm {parts.scheme}://{parts.hostname}:{parts.port or {'http': 80, 'https': 443}[parts.scheme.lower()]}"
+
+
+PROVIDER = Provider(
+    name="evm",
+    settings=Settings,
+    build=build,
+    has_history=True,  # any block's state, where the node keeps it (an archive node)
+    chooses_snapshot=True,  # choose_snapshot(at): one block per run, by a search over headers
+    verifies_snapshot=True,  # verify_snapshot: the block's hash is checked again before publish
+    rate_limit=(10.0, 20),  # hosted free tiers allow about this; a source's rate_limit overrides it
+    budget=request_budget,  # per endpoint: an Ethereum endpoint's limit is not a Polygon endpoint's
+)
