@@ -10,7 +10,12 @@ With ``scripts/superset`` installed, Superset serves the dashboard too.
 Prints the URLs and logins and runs until Ctrl-C; then stops every process
 it started, each by its own process group.
 
-The test suite starts the same stack with :func:`live_stack`.
+The test suite starts the same stack with :func:`live_stack`. Given
+:class:`CeleryWorkers`, the stack runs Airflow's CeleryExecutor instead: a
+private ``redis-server`` as the broker, Celery results in the metadata
+database, and one ``airflow celery worker`` per name, each recording its
+name as the hostname of the task instances it runs (``bench/celery_scaleout.py``
+kills one of them mid-shard).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 from loaders.db import describe
 from loaders.migrate import upgrade
 from devtools import devdb
-from devtools.demo import DEMO_CHECKS, DEMO_DIR, REPO, write_sources
+from devtools.demo import DEMO_DIR, REPO, demo_checks, write_sources
 from sandbox import apps
 from sandbox.server import FakeServer
 
@@ -42,10 +48,33 @@ log = logging.getLogger(__name__)
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 POOL_SLOTS = 4
 ADMIN = "admin"
+BROKER = "redis"
+# A worker's name, read by worker_hostname() in the task processes it starts.
+WORKER_NAME_ENV = "BALANCES_WORKER_HOSTNAME"
 
 
 class ServeError(RuntimeError):
     """The live stack could not start; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class CeleryWorkers:
+    """Airflow's CeleryExecutor on this machine: a private Redis broker and one worker per name.
+
+    Each worker is ``airflow celery worker --celery-hostname <name>@<host>``
+    serving ``queue`` with ``concurrency`` task slots, with its own log-server
+    port. Task instances it runs record ``<name>`` as their hostname (all
+    workers share one machine here; on separate machines the real hostnames
+    differ anyway).
+    """
+
+    names: tuple[str, ...] = ("w1", "w2")
+    concurrency: int = 2
+    queue: str = "default"
+
+    def process(self, name: str) -> str:
+        """The key of that worker in :attr:`Stack.processes`."""
+        return f"celery-{name}"
 
 
 @dataclass
@@ -59,10 +88,20 @@ class Stack:
     sources: dict[str, dict]
     servers: list[FakeServer] = field(default_factory=list)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    celery: CeleryWorkers | None = None
+    broker_url: str | None = None
+    # Processes left running by a partial kill (pid: start time); stop() ends them.
+    strays: dict[int, int | None] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def metadata_url(self) -> str:
+        """The Airflow metadata database, as a libpq URL (for psycopg2)."""
+        url = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        return url.replace("postgresql+psycopg2://", "postgresql://")
 
     def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> str:
         """Run ``airflow ARGS`` against this stack's metadata; its output."""
@@ -106,9 +145,25 @@ def metadata_url(db_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "/" + name, parts.query, ""))
 
 
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the Celery workers here: the worker's name.
+
+    Several workers on one machine would otherwise all record its FQDN.
+    """
+    return os.environ.get(WORKER_NAME_ENV) or socket.getfqdn()
+
+
 def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, shards: int = 3,
-            schedule: str = "* * * * *", extra_config: str = "") -> Stack:
-    """Sandboxes started, sources file written, Airflow's metadata migrated and pools created."""
+            schedule: str = "* * * * *", extra_config: str = "", sources: dict[str, dict] | None = None,
+            celery: CeleryWorkers | None = None, airflow_config: dict[str, str] | None = None) -> Stack:
+    """Sandboxes started, sources file written, Airflow's metadata migrated and pools created.
+
+    ``sandboxes`` names the moving sandboxes to serve (default: all; an empty
+    list: none). ``sources`` adds sources of the caller's own (``[sources.<name>]``
+    keys, servers already running). ``celery`` runs the tasks on Celery
+    workers instead of the LocalExecutor. ``airflow_config`` adds or overrides
+    Airflow settings as ``AIRFLOW__SECTION__KEY`` variables.
+    """
     from sandbox import live
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +173,12 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
     for key in [k for k in env if k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))]:
         del env[key]
     env.pop("BALANCES_DB_URL", None)
-    sources: dict[str, dict] = {}
+    own_sources = dict(sources or {})
+    sources = {}
     servers: list[FakeServer] = []
     started_at = live.start_of_minute()
     try:
-        for name in sandboxes or apps.available():
+        for name in apps.available() if sandboxes is None else sandboxes:
             server = FakeServer(live.live_app(name)).start()
             servers.append(server)
             keys = live.live_source(name, server.url, schedule=schedule, shards=shards)
@@ -131,8 +187,9 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
             connection = apps.sandbox(name).DEMO_CONNECTION
             if connection:
                 env[f"AIRFLOW_CONN_{connection[0].upper()}"] = connection[1]
+        sources.update(own_sources)
         config = workdir / "balances.toml"
-        checks = DEMO_CHECKS if {"formance", "hedera", "bitfront"} <= {k.split("_")[0] for k in sources} else ""
+        checks = demo_checks([k.split("_")[0] for k in sources])
         write_sources(config, sources, checks + extra_config)
 
         port = free_port()
@@ -166,8 +223,16 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
             "BALANCES_CONFIG": str(config),
             "AIRFLOW_CONN_BALANCES_DB": db_url,
         })
+        broker_url = None
+        if celery is not None:
+            broker_url = f"redis://127.0.0.1:{free_port()}/0"
+            env.update(celery_env(celery, broker_url, env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]))
+        env.update(airflow_config or {})
+        if celery is not None:
+            check_celery(env)
         stack = Stack(db_url=db_url, home=home, config=config, env=env, api_url=api_url,
-                      password=password, sources=sources, servers=servers)
+                      password=password, sources=sources, servers=servers, celery=celery,
+                      broker_url=broker_url)
         stack.airflow("db", "migrate", timeout=600)
         for provider in sorted({keys["provider"] for keys in sources.values()}):
             stack.airflow("pools", "set", f"balances_{provider}", str(POOL_SLOTS),
@@ -179,22 +244,108 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
     return stack
 
 
+_CELERY_EXECUTOR = "airflow.providers.celery.executors.celery_executor_utils"
+
+
+def check_celery(env: dict[str, str]) -> None:
+    """Fail at once, saying why, when the Celery provider cannot load with this Celery release.
+
+    (apache-airflow-providers-celery 3.26.0 imports ``celery.backends.database.retry``,
+    which Celery 5.7 removed: every worker would die at start.)
+    """
+    probe = subprocess.run([sys.executable, "-c", f"import {_CELERY_EXECUTOR}"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        from importlib.metadata import version
+
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ServeError(f"the Celery provider does not load (celery {version('celery')}, "
+                         f"apache-airflow-providers-celery {version('apache-airflow-providers-celery')}): "
+                         f"{last}; celery==5.6.3 works with this provider")
+
+
+def celery_env(celery: CeleryWorkers, broker_url: str, metadata: str) -> dict[str, str]:
+    """The settings every Airflow component needs to run tasks on Celery."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        # Task states in the metadata database (PostgreSQL), not in the broker.
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata,
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(celery.concurrency),
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": celery.queue,
+        # Airflow's default, said out loud: a killed worker's task is retried
+        # by the scheduler once its heartbeats stop, not redelivered by Redis.
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+    }
+
+
+def _spawn(stack: Stack, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    log = open(stack.logs / f"{name}.log", "ab")
+    try:
+        # Own process group: stopping it takes the workers each service forked.
+        stack.processes[name] = subprocess.Popen(args, env=env or stack.env, stdout=log,
+                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                 start_new_session=True)
+    finally:
+        log.close()
+
+
 def start_services(stack: Stack) -> None:
+    if stack.celery is not None:
+        start_broker(stack)
     for name in SERVICES:
         args = [sys.executable, "-m", "airflow", name]
         if name == "api-server":
             args += ["--host", "127.0.0.1", "--port", str(urlsplit(stack.api_url).port), "--workers", "1"]
-        log = open(stack.logs / f"{name}.log", "ab")
+        _spawn(stack, name, args)
+    if stack.celery is not None:
+        for worker in stack.celery.names:
+            start_worker(stack, worker)
+
+
+def start_broker(stack: Stack, timeout: float = 30) -> None:
+    """A private ``redis-server`` on the broker URL's port, in memory only; until it answers."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise ServeError("redis-server not found: apt-get install -y redis-server")
+    port = urlsplit(stack.broker_url).port
+    _spawn(stack, BROKER, [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--daemonize", "no", "--dir", str(stack.home)])
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            # Own process group: stopping it takes the workers each service forked.
-            stack.processes[name] = subprocess.Popen(args, env=stack.env, stdout=log, stderr=subprocess.STDOUT,
-                                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if stack.processes[BROKER].poll() is not None or time.monotonic() > deadline:
+            raise ServeError(f"redis-server did not start on port {port}; see {stack.logs / (BROKER + '.log')}")
+        time.sleep(0.2)
+
+
+def start_worker(stack: Stack, name: str) -> None:
+    """``airflow celery worker`` named ``name`` (also to start a killed one again)."""
+    celery = stack.celery
+    env = dict(stack.env)
+    env.update({
+        WORKER_NAME_ENV: name,
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
+        # Every worker serves its task logs; on one machine each needs its own port.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+    })
+    _spawn(stack, celery.process(name),
+           [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname",
+            f"{name}@{socket.gethostname()}", "--queues", celery.queue, "--concurrency",
+            str(celery.concurrency)], env)
 
 
 def wait_ready(stack: Stack, timeout: float = 180) -> None:
-    """Until the API server answers its health check; a service that died is an error."""
+    """Until the API server answers its health check (and every Celery worker a ping).
+
+    A service that died is an error.
+    """
     import requests
 
     deadline = time.monotonic() + timeout
@@ -203,34 +354,200 @@ def wait_ready(stack: Stack, timeout: float = 180) -> None:
             raise ServeError(f"airflow {', '.join(stack.dead())} exited at start; see {stack.logs}")
         try:
             if requests.get(f"{stack.api_url}/api/v2/monitor/health", timeout=5).ok:
-                return
+                break
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
             raise ServeError(f"the Airflow API server did not answer within {timeout:.0f}s; see {stack.logs}")
         time.sleep(1)
+    if stack.celery is not None:
+        wait_workers(stack, stack.celery.names, timeout=max(10.0, deadline - time.monotonic()))
+
+
+def wait_workers(stack: Stack, names, timeout: float = 120) -> None:
+    """Until the Celery workers ``names`` answer a ping through the broker."""
+    from celery import Celery
+
+    app = Celery(broker=stack.broker_url)
+    wanted = {f"{name}@{socket.gethostname()}" for name in names}
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            answered = {host for reply in app.control.ping(timeout=2) for host in reply}
+            if wanted <= answered:
+                return
+            if stack.dead():
+                raise ServeError(f"airflow {', '.join(stack.dead())} exited; see {stack.logs}")
+            if time.monotonic() > deadline:
+                raise ServeError(f"Celery workers {sorted(wanted - answered)} did not answer within "
+                                 f"{timeout:.0f}s; see {stack.logs}")
+            time.sleep(1)
+    finally:
+        app.close()
+
+
+def worker_tasks(stack: Stack, name: str, timeout: float = 2) -> set[str] | None:
+    """The Celery task ids the worker ``name`` holds (running or received); None if it did not answer.
+
+    Airflow's Celery task id is a task instance's ``external_executor_id``.
+    """
+    from celery import Celery
+
+    app = Celery(broker=stack.broker_url)
+    try:
+        inspect = app.control.inspect(destination=[f"{name}@{socket.gethostname()}"], timeout=timeout)
+        active, reserved = inspect.active(), inspect.reserved()
+    finally:
+        app.close()
+    if active is None or reserved is None:
+        return None
+    return {task["id"] for tasks in (*active.values(), *reserved.values()) for task in tasks}
+
+
+def kill_worker(stack: Stack, name: str, *, group_only: bool = False, timeout: float = 15) -> list[int]:
+    """SIGKILL the Celery worker ``name`` and everything it started, as a lost machine would stop.
+
+    Its process group is not enough: Airflow's task supervisor puts each task
+    process in a group of its own, which would go on running orphaned. So
+    the whole tree is frozen first (SIGSTOP: nothing forks while it is
+    collected), then killed. With ``group_only``, only the worker's process
+    group is killed (``kill -9 -<pgid>``) and the task processes live on
+    (:attr:`Stack.strays` until :func:`stop`). Returns the pids killed.
+    """
+    process = stack.processes[stack.celery.process(name)]
+    if group_only:
+        below = _descendants(process.pid)
+        members = {process.pid} | {pid for pid in below if _group(pid) == process.pid}
+        stack.strays.update({pid: started for pid, started in below.items() if pid not in members})
+        _signal_group(process, signal.SIGKILL)
+        process.wait(timeout=timeout)
+        return sorted(members)
+    tree = _freeze_tree(process.pid)
+    for pid in tree:
+        _kill(pid, signal.SIGKILL)
+    _signal_group(process, signal.SIGKILL)
+    process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(tree)
 
 
 def stop(stack: Stack, grace: float = 30) -> None:
-    """Stop every process this stack started (their whole process groups) and the sandboxes."""
-    for process in stack.processes.values():
+    """Stop every process this stack started (their whole process trees), then the sandboxes.
+
+    The broker goes last: workers and the scheduler talk to it while they stop.
+    """
+    services = {name: p for name, p in stack.processes.items() if name != BROKER}
+    _stop_processes(services, grace)
+    for pid, started in stack.strays.items():
+        if _start_time(pid) == started:
+            _kill(pid, signal.SIGKILL)
+    stack.strays.clear()
+    if BROKER in stack.processes:
+        _stop_processes({BROKER: stack.processes[BROKER]}, grace)
+    for server in stack.servers:
+        server.stop()
+    stack.servers.clear()
+
+
+def _stop_processes(processes: dict[str, subprocess.Popen], grace: float) -> None:
+    # Task processes run in process groups of their own: found now, killed
+    # below if they outlive their service.
+    trees = {name: _descendants(p.pid) for name, p in processes.items()}
+    for process in processes.values():
         _signal_group(process, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for process in stack.processes.values():
+    for name, process in processes.items():
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
         # Whatever is left of the group (task processes, gunicorn workers).
         _signal_group(process, signal.SIGKILL)
+        for pid, started in trees[name].items():
+            if _start_time(pid) == started:  # still that process, not a reused pid
+                _kill(pid, signal.SIGKILL)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         _wait_group_gone(process, timeout=15)
-    for server in stack.servers:
-        server.stop()
-    stack.servers.clear()
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields follow its last ")".
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> dict[int, int | None]:
+    """The processes below ``pid``, each with its start time (to tell a reused pid)."""
+    children = _children()
+    found: dict[int, int | None] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        if child not in found:
+            found[child] = _start_time(child)
+            todo.extend(children.get(child, []))
+    return found
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _freeze_tree(pid: int) -> set[int]:
+    """SIGSTOP ``pid`` and all below it until no new process appears; the pids."""
+    frozen: set[int] = set()
+    while True:
+        tree = {pid} | set(_descendants(pid))
+        new = tree - frozen
+        if not new:
+            return frozen
+        for member in new:
+            _kill(member, signal.SIGSTOP)
+        frozen |= new
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _wait_group_gone(process: subprocess.Popen, timeout: float) -> None:
