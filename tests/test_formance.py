@@ -435,7 +435,9 @@ def test_demo_source_and_connection_work_together(db, serve, monkeypatch):
     assert summary["status"] == "published"
     rows = {(r[0], r[1]): (r[2], r[3]) for r in history(db)}
     assert rows[("treasury:hedera", "HBAR/8")] == (Decimal(12_345_678_900_000_000), 8)
-    assert {asset for _, asset in rows} == {"HBAR/8", "USD/2", "EUR/2", "COIN"}
+    # The EVM wallet's book, in wei: above 2**64, exact (the demo's treasury_eth pair check).
+    assert rows[("treasury:evm", "ETH/18")] == (Decimal(sandbox.TREASURY_ETH), 18)
+    assert {asset for _, asset in rows} == {"HBAR/8", "ETH/18", "USD/2", "EUR/2", "COIN"}
 
 
 # -- the real server's behaviours (issue 12's table, row by row) ----------------
