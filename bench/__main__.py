@@ -14,19 +14,21 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import b1_load, b2_extract, b3_end_to_end, b4_shards
+from bench import b1_load, b2_extract, b3_end_to_end, b4_shards, b5_storage
 
 FULL = {
     "b1": lambda: b1_load.run(1_000_000, 20_000),
     "b2": lambda: b2_extract.run(200_000),
     "b3": lambda: b3_end_to_end.run((100_000, 1_000_000)),
     "b4": lambda: b4_shards.run(40_000),
+    "b5": lambda: b5_storage.run_all(),
 }
 QUICK = {
     "b1": lambda: b1_load.run(50_000, 2_000),
     "b2": lambda: b2_extract.run(20_000),
     "b3": lambda: b3_end_to_end.run((10_000, 20_000)),
     "b4": lambda: b4_shards.run(8_000),
+    "b5": lambda: b5_storage.run_all(quick=True),
 }
 
 
@@ -43,7 +45,7 @@ OPT_IN = {"celery": _celery}
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", default=list(FULL),
-                        help="b1 b2 b3 b4 (default: all), or celery (only when named)")
+                        help="b1 b2 b3 b4 b5 (default: all), or celery (only when named)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     unknown = set(args.names) - set(FULL) - set(OPT_IN)

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from decimal import Decimal
 
-from bench.db import bench_database, reset
+from bench.db import bench_database, full_history_table, reset
 from extractors.records import BalanceRow
 from loaders import runs
 from loaders.db import connect
@@ -72,10 +72,8 @@ def raw_copy(url: str, rows: list[BalanceRow], *, with_keys: bool = False,
     migration 0006 saves, measured).
     """
     conn = connect(url)
-    indexes = " INCLUDING INDEXES" if with_keys else ""
     with conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS bench_raw")
-        cur.execute(f"CREATE TABLE bench_raw (LIKE balance_history INCLUDING DEFAULTS{indexes})")
+        full_history_table(cur, "bench_raw", keys=with_keys)
         if ids_collation:
             cur.execute("ALTER TABLE bench_raw " + ", ".join(
                 f'ALTER COLUMN {c} TYPE text COLLATE "{ids_collation}"'
@@ -108,8 +106,7 @@ def _fresh_target(url: str, name: str, preload: list[BalanceRow] = ()) -> None:
     """
     conn = connect(url)
     with conn.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {name}")
-        cur.execute(f"CREATE TABLE {name} (LIKE balance_history INCLUDING DEFAULTS INCLUDING INDEXES)")
+        full_history_table(cur, name)
         if preload:
             cur.copy_expert(f"COPY {name} ({', '.join(COLUMNS)}) FROM STDIN", io.BytesIO(_copy_text(preload)))
     conn.commit()

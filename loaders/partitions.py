@@ -1,4 +1,4 @@
-"""Monthly partitions of ``balance_history``.
+"""Monthly partitions of the stored history (``balance_history_store`` since migration 0010).
 
 Partitions are created on demand by the publish step (a backfill into an
 old month just works) and ahead of time by ``balances partitions``, so a

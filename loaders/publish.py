@@ -1,16 +1,23 @@
 """Publishing: staged rows become visible in ``balance_history`` at once.
 
-One transaction moves every shard's staging table into the history table,
-marks the run published and drops the staging tables. A reader sees the
-whole snapshot or none of it. Rows already present for the same source,
+One transaction moves every shard's staging table into the history, marks
+the run published and drops the staging tables. A reader sees the whole
+snapshot or none of it. Holdings already present for the same source,
 account, asset and snapshot time are left alone, so a rerun adds nothing;
 but if the provider now reports a *different* balance for a snapshot we
 already hold, the run fails loudly instead of keeping either silently.
+
+Since migration 0010 the history is stored by changes (docs/SCHEMA.md,
+"History stored by changes"): the first snapshot of a source in a month is
+stored whole, later ones only as the holdings that changed, appeared or
+disappeared since the previous snapshot. ``balance_history`` is a view
+answering every holding at every snapshot, as the table did.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psycopg2.errors
 from psycopg2 import sql
 
 from extractors.records import ROW_COLUMNS
@@ -19,8 +26,15 @@ from loaders.db import transaction
 from loaders.runs import RunStatus
 
 # The row's own columns, as balance_history and staging both have them.
-_ROW = sql.SQL(", ").join(sql.Identifier(c.name) for c in ROW_COLUMNS)
 _STAGED_ROW = sql.SQL(", ").join(sql.Identifier("s", c.name) for c in ROW_COLUMNS)
+# A holding is stored again when any of these differs from the previous
+# snapshot; numeric equality ignores the scale, which the text keeps
+# (12.5 is not 12.50), so the scale is compared too.
+_VALUES_DIFFER = sql.SQL(" OR ").join(
+    [sql.SQL("f.{0} IS DISTINCT FROM p.{0}").format(sql.Identifier(c)) for c in ("provider", "decimals")]
+    + [sql.SQL("f.{0} IS DISTINCT FROM p.{0} OR scale(f.{0}) IS DISTINCT FROM scale(p.{0})")
+       .format(sql.Identifier(c.name)) for c in ROW_COLUMNS if c.kind == "amount"]
+)
 # A snapshot loaded again must bring the same amounts.
 _AMOUNT_CHANGED = sql.SQL(" OR ").join(
     sql.SQL("h.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c.name))
@@ -37,8 +51,9 @@ class PublishResult:
     run_id: int
     status: RunStatus
     rows_staged: int
-    rows_published: int
+    rows_published: int  # holdings new to balance_history (0 for a rerun)
     rejected: int
+    rows_stored: int = 0  # rows written to storage: changes, tombstones, or a whole keyframe
 
 
 def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
@@ -103,43 +118,41 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
         staged = sql.SQL(" UNION ALL ").join(
             sql.SQL("SELECT * FROM {}").format(t) for t in tables
         )
-        snapshot_is_new = _refuse_changed_history(cur, staged, run)
-        # Sorted in key order, the inserts walk the primary-key index left
-        # to right instead of touching random pages (~25% faster). A new
-        # snapshot (the usual case) needs no conflict handling, which
-        # halves the cost; DISTINCT ON drops a holding listed twice alike.
-        cur.execute(
-            sql.SQL(
-                """
-                INSERT INTO balance_history
-                    (source, provider, {}, as_of, as_of_raw, scheduled_for, run_id)
-                SELECT DISTINCT ON (s.account, s.asset)
-                       %s, %s, {}, %s, %s, %s, %s
-                  FROM ({}) s
-                 ORDER BY s.account, s.asset
-                {}
-                """
-            ).format(_ROW, _STAGED_ROW, staged, sql.SQL("" if snapshot_is_new else
-                                     "ON CONFLICT (source, account, asset, as_of) DO NOTHING")),
-            (run.source, run.provider, run.as_of, run.as_of_raw, run.scheduled_for, run_id),
-        )
-        rows_published = cur.rowcount
+        cur.execute("SELECT provider, as_of_raw, scheduled_for, run_id, loaded_at FROM balance_snapshots"
+                    " WHERE source = %s AND as_of = %s", (run.source, run.as_of))
+        held = cur.fetchone()
+        if held is None:
+            snapshot = (run.provider, run.as_of_raw, run.scheduled_for, run_id, None)
+            previous, later = _neighbours(cur, run.source, run.as_of)
+            if later:
+                # A backfill before a snapshot of the same month: the database
+                # function stores it and that later one again against it.
+                cur.execute(sql.SQL("CREATE TEMP TABLE balance_put ON COMMIT DROP AS {}").format(
+                    _holdings(staged)), {"provider": run.provider})
+                rows_published = cur.rowcount
+                rows_stored = _put(cur, run.source, run.as_of, snapshot)[1]
+                cur.execute("DROP TABLE pg_temp.balance_put")
+            else:
+                # The usual case: the newest snapshot of its month.
+                rows_published, rows_stored = _append(cur, run, previous, staged)
+            if rows_published != rows_staged:
+                # Only now is the (costly) check worth it: some holding came twice.
+                _refuse_duplicates(cur, staged)
+        else:
+            rows_published, rows_stored = _publish_again(cur, staged, run, held)
         _publish_aggregates(cur, run, shards)
-        if snapshot_is_new and rows_published != rows_staged:
-            # Only now is the (costly) check worth it: some holding came twice.
-            _refuse_duplicates(cur, staged)
         cur.execute(
             """
             UPDATE snapshot_runs
-               SET status = %s, rows = %s, rows_inserted = %s,
+               SET status = %s, rows = %s, rows_inserted = %s, rows_stored = %s,
                    rejected = %s, finished_at = now(), error = NULL
              WHERE run_id = %s
             """,
-            (RunStatus.PUBLISHED, rows_staged, rows_published, rejected, run_id),
+            (RunStatus.PUBLISHED, rows_staged, rows_published, rows_stored, rejected, run_id),
         )
         for shard in range(shards):
             staging.drop(cur, run_id, shard)
-    return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected)
+    return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected, rows_stored)
 
 
 def _publish_aggregates(cur, run: runs.Run, shards: int) -> None:
@@ -214,26 +227,167 @@ def _refuse_duplicates(cur, staged: sql.Composable) -> None:
         raise PublishError(f"the snapshot reports different balances for the same holding: {listed}")
 
 
-def _refuse_changed_history(cur, staged: sql.Composable, run: runs.Run) -> bool:
-    """Fail if the snapshot is already held with other balances; True if it is new."""
+def _neighbours(cur, source: str, as_of) -> tuple:
+    """The snapshot of the source before ``as_of`` in its month (or None), and whether one follows."""
     cur.execute(
-        "SELECT EXISTS (SELECT 1 FROM balance_history WHERE source = %s AND as_of = %s)",
-        (run.source, run.as_of),
+        """
+        SELECT (SELECT max(as_of) FROM balance_snapshots
+                 WHERE source = %(source)s AND as_of < %(as_of)s
+                   AND as_of >= date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+               EXISTS (SELECT FROM balance_snapshots
+                        WHERE source = %(source)s AND as_of > %(as_of)s
+                          AND as_of < (date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') + interval '1 month')
+                                      AT TIME ZONE 'UTC')
+        """,
+        {"source": source, "as_of": as_of},
     )
-    if not cur.fetchone()[0]:
-        return True  # the usual case: a new snapshot, nothing to compare with
+    return cur.fetchone()
+
+
+def _holdings(staged: sql.Composable) -> sql.Composable:
+    """The snapshot's holdings, one row each (DISTINCT ON drops a holding listed twice alike), in key order.
+
+    Shaped as ``balance_history_put`` reads them; the provider is the parameter ``provider``.
+    """
+    return sql.SQL(
+        """
+        SELECT DISTINCT ON (s.account, s.asset) %(provider)s::text AS provider, {},
+               NULL::text AS as_of_raw, NULL::timestamptz AS scheduled_for,
+               NULL::bigint AS run_id, NULL::timestamptz AS loaded_at
+          FROM ({}) s
+         ORDER BY s.account, s.asset
+        """
+    ).format(_STAGED_ROW, staged)
+
+
+def _changes(holdings: sql.Composable, state: sql.Composable, *, returning: bool) -> sql.Composable:
+    """INSERT of the rows that make ``holdings`` out of the previous ``state``: changed, new, gone."""
+    return sql.SQL(
+        """
+        INSERT INTO balance_history_store
+            (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
+        SELECT %(source)s, coalesce(f.provider, p.provider), coalesce(f.account, p.account),
+               coalesce(f.asset, p.asset), f.balance, f.decimals, f.available_balance, f.spark_factor,
+               %(new)s, f.account IS NULL
+          FROM ({}) f
+          FULL JOIN ({}) p ON p.account = f.account AND p.asset = f.asset
+         WHERE f.account IS NULL OR p.account IS NULL OR {}
+        {}
+        """
+    ).format(holdings, state, _VALUES_DIFFER, sql.SQL("RETURNING account, asset, gone" if returning else ""))
+
+
+def _append(cur, run: runs.Run, previous, staged: sql.Composable) -> tuple[int, int]:
+    """Store the staged snapshot as the source's newest of its month; (holdings, rows stored).
+
+    Against the previous snapshot of the month: the holdings that are new
+    or changed, and a tombstone for each one gone, in one hash join of the
+    staged rows with that snapshot's holdings read in key order. With
+    none before it in the month, the snapshot is the month's keyframe and
+    is stored whole.
+    """
+    state = sql.SQL(_STATE if previous is not None else _STATE + " AND false")
+    params = {"source": run.source, "as_of": previous, "new": run.as_of, "provider": run.provider}
+    # Hashing the previous holdings and probing them with the staged rows
+    # as they lie needs no sort of the snapshot (a merge join would sort a
+    # million rows). A holding staged twice then meets itself: alike and
+    # unchanged it is written by neither row, and the count below tells;
+    # otherwise the key refuses the second row, and the snapshot is taken
+    # again with one row per holding, after the duplicate check.
+    returning = previous is not None
+    cur.execute("SET LOCAL enable_mergejoin = off")
+    cur.execute("SAVEPOINT balance_append")
+    try:
+        cur.execute(_changes(sql.SQL("SELECT %(provider)s::text AS provider, s.* FROM ({}) s").format(staged),
+                             state, returning=returning), params)
+    except psycopg2.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT balance_append")
+        _refuse_duplicates(cur, staged)
+        cur.execute(_changes(_holdings(staged), state, returning=returning), params)
+    stored = cur.rowcount
+    written = cur.fetchall() if returning else []
+    cur.execute("RELEASE SAVEPOINT balance_append")
+    cur.execute("SET LOCAL enable_mergejoin = on")
+    if previous is None:
+        holdings = stored
+    else:
+        gone = sum(1 for *_, g in written if g)
+        # Of the holdings written, those the previous snapshot lacked are new.
+        cur.execute(
+            """
+            SELECT count(*) FROM unnest(%(accounts)s::text[], %(assets)s::text[]) k(account, asset)
+             WHERE NOT EXISTS (
+                   SELECT FROM (SELECT h.gone FROM balance_history_store h
+                                 WHERE h.source = %(source)s AND h.account = k.account COLLATE "C"
+                                   AND h.asset = k.asset COLLATE "C" AND h.as_of <= %(as_of)s
+                                   AND h.as_of >= date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                                 ORDER BY h.as_of DESC LIMIT 1) last
+                    WHERE NOT last.gone)
+            """,
+            {"accounts": [a for a, _, g in written if not g], "assets": [x for _, x, g in written if not g],
+             "source": run.source, "as_of": previous},
+        )
+        new = cur.fetchone()[0]
+        cur.execute("SELECT holdings FROM balance_snapshots WHERE source = %s AND as_of = %s",
+                    (run.source, previous))
+        holdings = cur.fetchone()[0] - gone + new
+    cur.execute(
+        """
+        INSERT INTO balance_snapshots (source, as_of, month_start, provider, as_of_raw, scheduled_for, run_id,
+                                       holdings, stored, keyframe)
+        VALUES (%s, %s, date_trunc('month', %s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (run.source, run.as_of, run.as_of, run.provider, run.as_of_raw, run.scheduled_for, run.run_id,
+         holdings, stored, previous is None),
+    )
+    return holdings, stored
+
+
+def _put(cur, source: str, as_of, snapshot: tuple) -> tuple[int, int]:
+    """Make ``pg_temp.balance_put`` snapshot ``as_of`` of ``source``; (holdings, rows stored)."""
+    cur.execute("SELECT holdings, stored FROM balance_history_put(%s, %s, %s, %s, %s, %s, %s)",
+                (source, as_of, *snapshot))
+    return cur.fetchone()
+
+
+# The holdings of a source at one snapshot, with the metadata a row has of
+# its own (a rerun's addition), as migration 0010 stores them.
+_STATE = """
+    SELECT r.provider, r.account, r.asset, r.balance, r.decimals, r.available_balance, r.spark_factor,
+           CASE WHEN r.as_of = %(as_of)s THEN r.as_of_raw END AS as_of_raw,
+           CASE WHEN r.as_of = %(as_of)s THEN r.scheduled_for END AS scheduled_for,
+           CASE WHEN r.as_of = %(as_of)s THEN r.run_id END AS run_id,
+           CASE WHEN r.as_of = %(as_of)s THEN r.loaded_at END AS loaded_at
+      FROM (SELECT DISTINCT ON (h.account, h.asset) h.*
+              FROM balance_history_store h
+             WHERE h.source = %(source)s
+               AND h.as_of >= date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+               AND h.as_of <= %(as_of)s
+             ORDER BY h.account, h.asset, h.as_of DESC) r
+     WHERE NOT r.gone
+"""
+
+
+def _publish_again(cur, staged: sql.Composable, run: runs.Run, held: tuple) -> tuple[int, int]:
+    """A snapshot already held: fail if it now has other balances; add only holdings it lacked.
+
+    As with full rows keyed by holding and snapshot: a holding already held
+    is left alone, one the snapshot lacked is added (with this run as its
+    loader); (holdings added, rows stored).
+    """
+    cur.execute(sql.SQL("CREATE TEMP TABLE balance_put ON COMMIT DROP AS " + _STATE),
+                {"source": run.source, "as_of": run.as_of})
+    cur.execute("CREATE INDEX ON pg_temp.balance_put (account, asset)")
     cur.execute(
         sql.SQL(
             """
             SELECT s.account, s.asset, h.balance, s.balance
               FROM ({}) s
-              JOIN balance_history h
-                ON h.source = %s AND h.as_of = %s AND h.account = s.account AND h.asset = s.asset
+              JOIN pg_temp.balance_put h ON h.account = s.account AND h.asset = s.asset
              WHERE {}
              LIMIT 3
             """
         ).format(staged, _AMOUNT_CHANGED),
-        (run.source, run.as_of),
     )
     changed = cur.fetchall()
     if changed:
@@ -242,4 +396,22 @@ def _refuse_changed_history(cur, staged: sql.Composable, run: runs.Run) -> bool:
             f"snapshot {run.as_of_raw} of {run.source} was already loaded with other balances "
             f"({listed}); refusing to mix two versions of one snapshot"
         )
-    return False
+    cur.execute(
+        sql.SQL(
+            """
+            INSERT INTO pg_temp.balance_put
+            SELECT DISTINCT ON (s.account, s.asset) %s, {}, %s, %s, %s, now()
+              FROM ({}) s
+             WHERE NOT EXISTS (SELECT FROM pg_temp.balance_put h
+                                WHERE h.account = s.account AND h.asset = s.asset)
+             ORDER BY s.account, s.asset
+            """
+        ).format(_STAGED_ROW, staged),
+        (run.provider, run.as_of_raw, run.scheduled_for, run.run_id),
+    )
+    added = cur.rowcount
+    stored = 0
+    if added:
+        stored = _put(cur, run.source, run.as_of, held)[1]
+    cur.execute("DROP TABLE pg_temp.balance_put")
+    return added, stored

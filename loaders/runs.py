@@ -204,7 +204,7 @@ def summary(conn, run_id: int) -> dict:
         cur.execute(
             """
             SELECT run_id, source, provider, status, scheduled_for, as_of, as_of_raw, pages,
-                   requests, retries, rows, rows_inserted, rejected, warnings, error,
+                   requests, retries, rows, rows_inserted, rows_stored, rejected, warnings, error,
                    started_at, finished_at
               FROM snapshot_runs WHERE run_id = %s
             """,

@@ -42,7 +42,8 @@ from devtools import devdb  # noqa: E402
 from pipeline.config import SourceConfig, parse_source  # noqa: E402
 from sandbox.server import FakeServer  # noqa: E402
 
-TABLES = ("balance_history", "aggregate_balances", "rejected_records", "snapshot_runs",
+# balance_history is a view over the first two since migration 0010.
+TABLES = ("balance_history_store", "balance_snapshots", "aggregate_balances", "rejected_records", "snapshot_runs",
           "reconciliation_breaks", "reconciliation_runs")
 
 

@@ -322,7 +322,7 @@ def test_sharded_crawl_loads_the_same_snapshot_as_one_crawl(db, serve):
     whole = take_snapshot(db, hedera_source(server, limit=10), AFTER_T3)
     expected = history(db)
     with db.cursor() as cur:
-        cur.execute("TRUNCATE balance_history")
+        cur.execute("TRUNCATE balance_history_store, balance_snapshots")
     db.commit()
     sharded = take_snapshot(db, hedera_source(server, limit=10, shards=3), AFTER_T3)
     assert history(db) == expected

@@ -198,7 +198,7 @@ def test_a_reader_login_cannot_stall_a_snapshot_publish_partition_or_reconcile(d
     partition_seconds = time.monotonic() - started
     assert name == "balance_history_2044_07" and partition_seconds < PROMPT
     assert fetch(db, "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'balance_history_2044_07'::regclass"
-                     " AND inhparent = 'balance_history'::regclass") == [(1,)]
+                     " AND inhparent = 'balance_history_store'::regclass") == [(1,)]
 
     run_id = stage(db, "hostile_reader", new_month + timedelta(days=3),
                    [BalanceRow("0.0.98", "HBAR", 5, 8), BalanceRow("0.0.99", "HBAR", 7, 8)])
