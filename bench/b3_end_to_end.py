@@ -80,12 +80,17 @@ def one(accounts: int, db_url: str, home: Path) -> dict:
 
 
 def baseline_rss(env: dict) -> float:
-    """RSS of an Airflow process that parsed the DAGs and ran nothing: the floor."""
-    proc = subprocess.run([sys.executable, "-c", "import resource, airflow.sdk, airflow.models; "
+    """RSS of an Airflow process that parsed the DAGs and ran nothing: the floor.
+
+    Read as the process's resident size, not ``ru_maxrss``: Linux keeps the
+    high-water mark across fork and exec, so a child of the benchmark
+    process (large after B1) would report the parent's size.
+    """
+    proc = subprocess.run([sys.executable, "-c", "import psutil, airflow.sdk, airflow.models; "
                            "from airflow.dag_processing.dagbag import DagBag; DagBag(); "
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                           "print(psutil.Process().memory_info().rss)"],
                           env=env, capture_output=True, text=True)
-    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+    return int(proc.stdout.strip().splitlines()[-1]) / 2**20
 
 
 def run(sizes=(100_000, 1_000_000)) -> dict:
