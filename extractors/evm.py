@@ -384,6 +384,10 @@ class EvmExtractor:
             else:
                 raise MalformedResponseError(f"the answer to call {ident} has neither result nor error",
                                              raw=item)
+        if len(body) > 1 and len(items) == 1 and isinstance(answers.get(0), RpcError):
+            # geth refuses an oversized batch with one error carrying the first call's id.
+            raise ProviderError(f"the endpoint refused a batch of {len(body)} calls: {answers[0]} "
+                                "(lower max_batch)")
         if len(answers) != len(body):
             missing = sorted(set(range(len(body))) - set(answers))
             raise MalformedResponseError(f"{len(missing)} of {len(body)} calls got no answer "

@@ -18,7 +18,9 @@ adds what a hosted endpoint (Infura, Alchemy) does around a node:
   refused, as load-balanced endpoints do);
 * batch answers in reverse order (``reorder``; JSON-RPC 2.0 allows any order,
   clients match them by ``id``), and a batch cap (``max_batch``) answered as
-  geth does, with one error for the whole batch;
+  geth does (go-ethereum ``rpc/handler.go``, ``respondWithBatchTooLarge``):
+  a one-element array, error -32600 "batch too large", with the id of the
+  batch's first call;
 * only POST (anything else: 405).
 
 FakeServer's faults (statuses, resets, delays, cut bodies) apply on top.
@@ -312,7 +314,9 @@ class EvmGateway:
         except ValueError:
             return self._error(200, {"code": -32700, "message": "parse error"})
         if isinstance(body, list) and len(body) > self.max_batch:
-            return self._error(200, {"code": -32600, "message": f"batch too large (at most {self.max_batch})"})
+            first = next((c.get("id") for c in body if isinstance(c, dict) and "method" in c and "id" in c), None)
+            return Response(200, body=dumps([{"jsonrpc": "2.0", "id": first,
+                                              "error": {"code": -32600, "message": "batch too large"}}]))
         calls = body if isinstance(body, list) else [body]
         with self._lock:
             self.calls.extend(c for c in calls if isinstance(c, dict))

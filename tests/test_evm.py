@@ -18,7 +18,7 @@ import pytest
 from eth_utils import to_checksum_address
 
 from extractors.credentials import Credentials
-from extractors.errors import ExtractError, HistoryUnavailable, SnapshotError
+from extractors.errors import ExtractError, HistoryUnavailable, ProviderError, SnapshotError
 from extractors.evm import DECIMALS, checksum_address, decode_word, quantity
 from extractors.records import RecordError
 from pipeline import snapshot as pipeline
@@ -318,6 +318,14 @@ def test_batches_stay_within_max_batch_and_answers_are_matched_by_id(db, serve, 
     assert max(sizes) == min(max_batch, 6) if max_batch < 100 else max(sizes) <= 100
     if max_batch == 1:
         assert all(not body.startswith(b"[") for body in (r.body for r in server.requests))
+
+
+def test_a_batch_over_the_endpoints_cap_fails_naming_max_batch(db, serve, chain):
+    # Answered as geth answers it: one error, with the first call's id.
+    server = serve(EvmGateway(chain.node, max_batch=2))
+    with pytest.raises(ProviderError, match="batch too large.*lower max_batch"):
+        take_snapshot(db, evm_source(server.url, tokens=[chain.tusd], max_batch=3), at(T2))
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
 
 
 def test_a_batch_partly_refused_for_the_rate_is_sent_again(db, serve, chain):
