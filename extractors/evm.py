@@ -167,7 +167,7 @@ class Settings:
 
 def _unique(values: list[str], key: str) -> list[str]:
     found: list[str] = []
-    for i, text in enumerate(values):
+    for text in values:
         address = checksum_address(text, key)
         if address in found:
             raise ValueError(key, f"{text!r} is listed twice")
