@@ -67,16 +67,18 @@ def _full_publish(conn, run_id: int, as_of: datetime, as_of_raw: str) -> float:
     return time.perf_counter() - started
 
 
-def _bytes(conn, tables: list[str]) -> int:
+def _bytes(conn, tables: list[str], *, cache: bool = False) -> int:
+    """Tables and indexes, their partitions, and with ``cache`` the kept staging of the newest snapshot."""
     with conn.cursor() as cur:
         cur.execute(
             """
             SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
-              FROM pg_class c
-             WHERE c.relname = ANY(%s)
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE (n.nspname = 'public' AND c.relname = ANY(%s))
                 OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = ANY(%s::regclass[]))
+                OR (%s AND n.nspname = 'balance_staging' AND c.relname LIKE 'latest\\_%%' AND c.relkind = 'r')
             """,
-            (tables, [t for t in tables if t.startswith("balance_history")]),
+            (tables, [t for t in tables if t.startswith("balance_history")], cache),
         )
         return cur.fetchone()[0]
 
@@ -138,11 +140,15 @@ def run(holdings: int, snapshots: int = 30, churn: float = 0.01, seed: int = 5) 
         stored.append(result.rows_stored)
     conn.autocommit = True
     with conn.cursor() as cur:
-        for table in ("bench_full", "balance_history_store", "balance_snapshots"):
+        cur.execute("SELECT format('balance_staging.%I', tablename) FROM pg_tables"
+                    " WHERE schemaname = 'balance_staging' AND tablename LIKE 'latest\\_%'")
+        kept = [name for (name,) in cur.fetchall()]
+        for table in ("bench_full", "balance_history_store", "balance_snapshots", "balance_latest_cache", *kept):
             cur.execute(f"VACUUM ANALYZE {table}")
     conn.autocommit = False
     full_bytes = _bytes(conn, ["bench_full"])
-    ours_bytes = _bytes(conn, ["balance_history_store", "balance_snapshots"])
+    ours_bytes = _bytes(conn, ["balance_history_store", "balance_snapshots", "balance_latest_cache"], cache=True)
+    kept_bytes = _bytes(conn, ["balance_latest_cache"], cache=True)
     last = times[-1]
     # Warm both, then measure.
     _lookups(conn, "bench_full", random.Random(1), holdings, last)
@@ -172,6 +178,7 @@ def run(holdings: int, snapshots: int = 30, churn: float = 0.01, seed: int = 5) 
         "bytes_full": full_bytes,
         "bytes_changes": ours_bytes,
         "bytes_ratio": round(ours_bytes / full_bytes, 4),
+        "bytes_changes_kept_staging": kept_bytes,  # included in bytes_changes
         "rows_stored_keyframe": stored[0],
         "rows_stored_per_later_snapshot": round(statistics.mean(stored[1:])),
         "publish_full_s_keyframe": round(full_times[0], 3),

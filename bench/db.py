@@ -17,9 +17,9 @@ def bench_database() -> str:
 def reset(url: str) -> None:
     conn = connect(url)
     with conn.cursor() as cur:
-        # balance_history is a view over these two since migration 0010.
-        cur.execute("TRUNCATE balance_history_store, balance_snapshots, aggregate_balances, rejected_records,"
-                    " snapshot_runs, request_budgets RESTART IDENTITY CASCADE")
+        # balance_history is a view over the first two since migration 0010.
+        cur.execute("TRUNCATE balance_history_store, balance_snapshots, balance_latest_cache, aggregate_balances,"
+                    " rejected_records, snapshot_runs, request_budgets RESTART IDENTITY CASCADE")
         cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'balance_staging'")
         for (name,) in cur.fetchall():
             cur.execute(f'DROP TABLE balance_staging."{name}"')

@@ -21,20 +21,22 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from extractors.records import ROW_COLUMNS
-from loaders import leases, partitions, rejections, runs, staging
+from loaders import latest_cache, leases, partitions, rejections, runs, staging
 from loaders.db import transaction
 from loaders.runs import RunStatus
 
 # The row's own columns, as balance_history and staging both have them.
 _STAGED_ROW = sql.SQL(", ").join(sql.Identifier("s", c.name) for c in ROW_COLUMNS)
-# A holding is stored again when any of these differs from the previous
-# snapshot; numeric equality ignores the scale, which the text keeps
-# (12.5 is not 12.50), so the scale is compared too.
-_VALUES_DIFFER = sql.SQL(" OR ").join(
-    [sql.SQL("f.{0} IS DISTINCT FROM p.{0}").format(sql.Identifier(c)) for c in ("provider", "decimals")]
-    + [sql.SQL("f.{0} IS DISTINCT FROM p.{0} OR scale(f.{0}) IS DISTINCT FROM scale(p.{0})")
-       .format(sql.Identifier(c.name)) for c in ROW_COLUMNS if c.kind == "amount"]
+# A holding is stored again when any column but its key differs from the
+# previous snapshot (``f`` the new row, ``p`` the previous); numeric
+# equality ignores the scale, which the text of an amount keeps (12.5 is
+# not 12.50), so the scale of amounts is compared too.
+_ROW_DIFFERS = sql.SQL(" OR ").join(
+    sql.SQL("f.{0} IS DISTINCT FROM p.{0}" + (" OR scale(f.{0}) IS DISTINCT FROM scale(p.{0})"
+                                             if c.kind == "amount" else "")).format(sql.Identifier(c.name))
+    for c in ROW_COLUMNS if c.name not in ("account", "asset")
 )
+_VALUES_DIFFER = sql.SQL("f.provider IS DISTINCT FROM p.provider OR ") + _ROW_DIFFERS
 # A snapshot loaded again must bring the same amounts.
 _AMOUNT_CHANGED = sql.SQL(" OR ").join(
     sql.SQL("h.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c.name))
@@ -110,8 +112,12 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
                 for shard in range(shards):
                     staging.drop(cur, run_id, shard)
                 return PublishResult(run_id, RunStatus.SKIPPED, 0, 0, rejected)
-        # The key-order sort of a whole snapshot then fits in memory.
+        # The key-order sort of a whole snapshot, or the hash of one, then
+        # fits in memory. JIT compiling these one-off statements costs up to
+        # half a second (inlining and optimising for a million rows) and
+        # saves less than that.
         cur.execute("SET LOCAL work_mem = '256MB'")
+        cur.execute("SET LOCAL jit = off")
         tables = [staging.table_name(run_id, shard) for shard in range(shards)]
         _require_tables(cur, run_id, shards)
         rows_staged = _check_staging_intact(cur, run_id, shards)
@@ -121,9 +127,10 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
         cur.execute("SELECT provider, as_of_raw, scheduled_for, run_id, loaded_at FROM balance_snapshots"
                     " WHERE source = %s AND as_of = %s", (run.source, run.as_of))
         held = cur.fetchone()
+        newest = False
         if held is None:
             snapshot = (run.provider, run.as_of_raw, run.scheduled_for, run_id, None)
-            previous, later = _neighbours(cur, run.source, run.as_of)
+            previous, later, newest = _neighbours(cur, run.source, run.as_of)
             if later:
                 # A backfill before a snapshot of the same month: the database
                 # function stores it and that later one again against it.
@@ -134,7 +141,7 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
                 cur.execute("DROP TABLE pg_temp.balance_put")
             else:
                 # The usual case: the newest snapshot of its month.
-                rows_published, rows_stored = _append(cur, run, previous, staged)
+                rows_published, rows_stored = _append(cur, run, previous, staged, rows_staged)
             if rows_published != rows_staged:
                 # Only now is the (costly) check worth it: some holding came twice.
                 _refuse_duplicates(cur, staged)
@@ -150,6 +157,12 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
             """,
             (RunStatus.PUBLISHED, rows_staged, rows_published, rows_stored, rejected, run_id),
         )
+        if newest:
+            # The source's newest snapshot: its staging becomes what the next
+            # publish compares against, if it holds each holding once.
+            latest_cache.forget(cur, run.source)
+            if rows_published == rows_staged:
+                latest_cache.keep(cur, run.source, run.as_of, run_id, shards, run.provider, rows_published)
         for shard in range(shards):
             staging.drop(cur, run_id, shard)
     return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected, rows_stored)
@@ -228,7 +241,8 @@ def _refuse_duplicates(cur, staged: sql.Composable) -> None:
 
 
 def _neighbours(cur, source: str, as_of) -> tuple:
-    """The snapshot of the source before ``as_of`` in its month (or None), and whether one follows."""
+    """The snapshot of the source before ``as_of`` in its month (or None), whether one follows in
+    the month, and whether ``as_of`` is the source's newest."""
     cur.execute(
         """
         SELECT (SELECT max(as_of) FROM balance_snapshots
@@ -237,7 +251,8 @@ def _neighbours(cur, source: str, as_of) -> tuple:
                EXISTS (SELECT FROM balance_snapshots
                         WHERE source = %(source)s AND as_of > %(as_of)s
                           AND as_of < (date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') + interval '1 month')
-                                      AT TIME ZONE 'UTC')
+                                      AT TIME ZONE 'UTC'),
+               NOT EXISTS (SELECT FROM balance_snapshots WHERE source = %(source)s AND as_of > %(as_of)s)
         """,
         {"source": source, "as_of": as_of},
     )
@@ -260,77 +275,63 @@ def _holdings(staged: sql.Composable) -> sql.Composable:
     ).format(_STAGED_ROW, staged)
 
 
-def _changes(holdings: sql.Composable, state: sql.Composable, *, returning: bool) -> sql.Composable:
-    """INSERT of the rows that make ``holdings`` out of the previous ``state``: changed, new, gone."""
+def _changes(holdings: sql.Composable, state: sql.Composable) -> sql.Composable:
+    """Store the rows that make ``holdings`` out of the previous ``state``: changed, new, gone.
+
+    Returns one row: rows stored, holdings new since ``state``, holdings gone.
+    """
     return sql.SQL(
         """
-        INSERT INTO balance_history_store
-            (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
-        SELECT %(source)s, coalesce(f.provider, p.provider), coalesce(f.account, p.account),
-               coalesce(f.asset, p.asset), f.balance, f.decimals, f.available_balance, f.spark_factor,
-               %(new)s, f.account IS NULL
-          FROM ({}) f
-          FULL JOIN ({}) p ON p.account = f.account AND p.asset = f.asset
-         WHERE f.account IS NULL OR p.account IS NULL OR {}
-        {}
+        WITH d AS MATERIALIZED (
+            SELECT coalesce(f.provider, p.provider) AS provider, coalesce(f.account, p.account) AS account,
+                   coalesce(f.asset, p.asset) AS asset, f.balance, f.decimals, f.available_balance,
+                   f.spark_factor, f.account IS NULL AS gone, p.account IS NULL AS new
+              FROM ({}) f
+              FULL JOIN ({}) p ON p.account = f.account AND p.asset = f.asset
+             WHERE f.account IS NULL OR p.account IS NULL OR {}),
+        stored AS (
+            INSERT INTO balance_history_store
+                (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
+            SELECT %(source)s, provider, account, asset, balance, decimals, available_balance, spark_factor,
+                   %(new)s, gone
+              FROM d
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM stored), count(*) FILTER (WHERE new), count(*) FILTER (WHERE gone) FROM d
         """
-    ).format(holdings, state, _VALUES_DIFFER, sql.SQL("RETURNING account, asset, gone" if returning else ""))
+    ).format(holdings, state, _VALUES_DIFFER)
 
 
-def _append(cur, run: runs.Run, previous, staged: sql.Composable) -> tuple[int, int]:
+def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int) -> tuple[int, int]:
     """Store the staged snapshot as the source's newest of its month; (holdings, rows stored).
 
     Against the previous snapshot of the month: the holdings that are new
-    or changed, and a tombstone for each one gone, in one hash join of the
-    staged rows with that snapshot's holdings read in key order. With
-    none before it in the month, the snapshot is the month's keyframe and
-    is stored whole.
+    or changed, and a tombstone for each one gone. With none before it in
+    the month, the snapshot is the month's keyframe and is stored whole.
     """
-    state = sql.SQL(_STATE if previous is not None else _STATE + " AND false")
+    kept = None
+    if previous is not None:
+        kept = latest_cache.previous_holdings(cur, run.source, previous, run.provider)
     params = {"source": run.source, "as_of": previous, "new": run.as_of, "provider": run.provider}
-    # Hashing the previous holdings and probing them with the staged rows
-    # as they lie needs no sort of the snapshot (a merge join would sort a
-    # million rows). A holding staged twice then meets itself: alike and
-    # unchanged it is written by neither row, and the count below tells;
-    # otherwise the key refuses the second row, and the snapshot is taken
-    # again with one row per holding, after the duplicate check.
-    returning = previous is not None
+    # Both ways compare by hashing one side and probing it with the other
+    # as they lie, which needs no sort of the snapshot; a merge join would
+    # sort a million rows a side.
     cur.execute("SET LOCAL enable_mergejoin = off")
     cur.execute("SAVEPOINT balance_append")
     try:
-        cur.execute(_changes(sql.SQL("SELECT %(provider)s::text AS provider, s.* FROM ({}) s").format(staged),
-                             state, returning=returning), params)
+        if kept is not None:
+            holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, params)
+        else:
+            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), sql.SQL(_STATE), params)
     except psycopg2.errors.UniqueViolation:
+        # Some holding came twice and was written twice: unless its rows
+        # differ (refused here), store the snapshot with one row per holding.
         cur.execute("ROLLBACK TO SAVEPOINT balance_append")
         _refuse_duplicates(cur, staged)
-        cur.execute(_changes(_holdings(staged), state, returning=returning), params)
-    stored = cur.rowcount
-    written = cur.fetchall() if returning else []
+        state = (sql.SQL("SELECT %(provider)s::text AS provider, c.* FROM ({}) c").format(kept) if kept is not None
+                 else sql.SQL(_STATE))
+        holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, params)
     cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute("SET LOCAL enable_mergejoin = on")
-    if previous is None:
-        holdings = stored
-    else:
-        gone = sum(1 for *_, g in written if g)
-        # Of the holdings written, those the previous snapshot lacked are new.
-        cur.execute(
-            """
-            SELECT count(*) FROM unnest(%(accounts)s::text[], %(assets)s::text[]) k(account, asset)
-             WHERE NOT EXISTS (
-                   SELECT FROM (SELECT h.gone FROM balance_history_store h
-                                 WHERE h.source = %(source)s AND h.account = k.account COLLATE "C"
-                                   AND h.asset = k.asset COLLATE "C" AND h.as_of <= %(as_of)s
-                                   AND h.as_of >= date_trunc('month', %(as_of)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                                 ORDER BY h.as_of DESC LIMIT 1) last
-                    WHERE NOT last.gone)
-            """,
-            {"accounts": [a for a, _, g in written if not g], "assets": [x for _, x, g in written if not g],
-             "source": run.source, "as_of": previous},
-        )
-        new = cur.fetchone()[0]
-        cur.execute("SELECT holdings FROM balance_snapshots WHERE source = %s AND as_of = %s",
-                    (run.source, previous))
-        holdings = cur.fetchone()[0] - gone + new
     cur.execute(
         """
         INSERT INTO balance_snapshots (source, as_of, month_start, provider, as_of_raw, scheduled_for, run_id,
@@ -341,6 +342,92 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable) -> tuple[int, 
          holdings, stored, previous is None),
     )
     return holdings, stored
+
+
+def _staged_rows(staged: sql.Composable) -> sql.Composable:
+    return sql.SQL("SELECT %(provider)s::text AS provider, s.* FROM ({}) s").format(staged)
+
+
+def _previous_count(cur, source: str, previous) -> int:
+    cur.execute("SELECT holdings FROM balance_snapshots WHERE source = %s AND as_of = %s", (source, previous))
+    return cur.fetchone()[0]
+
+
+def _append_by_join(cur, run: runs.Run, previous, holdings: sql.Composable, state: sql.Composable,
+                    params: dict) -> tuple[int, int]:
+    """The comparison in one full join of the snapshot with the previous ``state``; a keyframe whole.
+
+    A holding staged twice meets itself: alike and unchanged it is written
+    by neither row, and the caller's count tells; otherwise the key refuses
+    the second row.
+    """
+    if previous is None:
+        # The month's keyframe: every holding, nothing to compare with.
+        cur.execute(sql.SQL(
+            """
+            INSERT INTO balance_history_store
+                (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of)
+            SELECT %(source)s, f.provider, f.account, f.asset, f.balance, f.decimals, f.available_balance,
+                   f.spark_factor, %(new)s
+              FROM ({}) f
+             ORDER BY f.account, f.asset
+            """).format(holdings), params)
+        return cur.rowcount, cur.rowcount
+    cur.execute(_changes(holdings, state), params)
+    stored, new, gone = cur.fetchone()
+    return _previous_count(cur, run.source, previous) - gone + new, stored
+
+
+def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: sql.Composable,
+                    rows_staged: int, params: dict) -> tuple[int, int]:
+    """The comparison against the previous snapshot kept as staged (:mod:`loaders.latest_cache`).
+
+    A full join cannot run in parallel (PostgreSQL 15), a left join can,
+    so this takes it in two: the kept holdings left-joined with the staged
+    rows (one hash of the staged rows, probed by both sides' workers)
+    yield the changed holdings and the gone ones. That leaves the new
+    holdings, found by a second pass, which is needed only if some staged
+    rows matched no kept holding: every kept holding still there matched
+    at least one staged row, so if the staged rows are exactly as many as
+    those, none is new and none came twice.
+    """
+    previous_holdings = _previous_count(cur, run.source, previous)
+    # CREATE TABLE AS may use parallel workers, INSERT ... SELECT may not.
+    cur.execute(sql.SQL(
+        """
+        CREATE TEMP TABLE balance_changed ON COMMIT DROP AS
+        SELECT p.account, p.asset, f.balance, f.decimals, f.available_balance, f.spark_factor,
+               f.account IS NULL AS gone
+          FROM ({}) p LEFT JOIN ({}) f ON f.account = p.account AND f.asset = p.asset
+         WHERE f.account IS NULL OR {}
+        """).format(kept, staged, _ROW_DIFFERS))
+    cur.execute("SELECT count(*) FILTER (WHERE gone) FROM pg_temp.balance_changed")
+    gone = cur.fetchone()[0]
+    new_table = sql.SQL("")
+    new = 0
+    second_pass = rows_staged != previous_holdings - gone
+    if second_pass:
+        cur.execute(sql.SQL(
+            """
+            CREATE TEMP TABLE balance_new ON COMMIT DROP AS
+            SELECT f.account, f.asset, f.balance, f.decimals, f.available_balance, f.spark_factor, false AS gone
+              FROM ({}) f
+             WHERE NOT EXISTS (SELECT FROM ({}) p WHERE p.account = f.account AND p.asset = f.asset)
+            """).format(staged, kept))
+        new = cur.rowcount
+        new_table = sql.SQL(" UNION ALL SELECT * FROM pg_temp.balance_new")
+    cur.execute(sql.SQL(
+        """
+        INSERT INTO balance_history_store
+            (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
+        SELECT %(source)s, %(provider)s, account, asset, balance, decimals, available_balance, spark_factor,
+               %(new)s, gone
+          FROM (SELECT * FROM pg_temp.balance_changed{}) c
+        """).format(new_table), params)
+    stored = cur.rowcount
+    cur.execute(sql.SQL("DROP TABLE pg_temp.balance_changed{}").format(
+        sql.SQL(", pg_temp.balance_new") if second_pass else sql.SQL("")))
+    return previous_holdings - gone + new, stored
 
 
 def _put(cur, source: str, as_of, snapshot: tuple) -> tuple[int, int]:

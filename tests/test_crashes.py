@@ -104,9 +104,9 @@ def inserting(db) -> bool:
 
 
 def waiting_for_a_lock(db) -> bool:
-    """The publish finished its INSERT and waits to drop the (held) staging table."""
+    """The publish finished its INSERT and waits to drop (or keep, renamed) the held staging table."""
     return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                     " AND query ~ '^\\s*DROP TABLE' AND pid <> pg_backend_pid()")[0][0] > 0
+                     " AND query ~ '^\\s*(DROP|ALTER) TABLE' AND pid <> pg_backend_pid()")[0][0] > 0
 
 
 def hold_staging(database_url: str, run_id: int):

@@ -93,7 +93,8 @@ def test_full_snapshots_convert_in_place_and_back(database_url):
                          (["balance_history_units", "balances_latest", "balances_daily_close",
                            "balance_changes"],)) == [(4,)]
 
-            # The loaders work on the converted history: a new snapshot, and a backfill.
+            # The loaders (at head) work on the converted history: a new snapshot, and a backfill.
+            assert upgrade(url) == "0011"
             source = "eq_gamma"
             last_at, last_rows = truth[source][-1]
             moved = [BalanceRow(r.account, r.asset, 1, r.decimals) if i == 0 else r for i, r in enumerate(last_rows)]
