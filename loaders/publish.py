@@ -327,8 +327,7 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
         # differ (refused here), store the snapshot with one row per holding.
         cur.execute("ROLLBACK TO SAVEPOINT balance_append")
         _refuse_duplicates(cur, staged)
-        state = (sql.SQL("SELECT %(provider)s::text AS provider, c.* FROM ({}) c").format(kept) if kept is not None
-                 else sql.SQL(_STATE))
+        state = _staged_rows(kept) if kept is not None else sql.SQL(_STATE)
         holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, params)
     cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute("SET LOCAL enable_mergejoin = on")
@@ -345,6 +344,7 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
 
 
 def _staged_rows(staged: sql.Composable) -> sql.Composable:
+    """Staged rows with the run's provider, as the history has them."""
     return sql.SQL("SELECT %(provider)s::text AS provider, s.* FROM ({}) s").format(staged)
 
 
@@ -384,8 +384,8 @@ def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: 
 
     A full join cannot run in parallel (PostgreSQL 15), a left join can,
     so this takes it in two: the kept holdings left-joined with the staged
-    rows (one hash of the staged rows, probed by both sides' workers)
-    yield the changed holdings and the gone ones. That leaves the new
+    rows (hashed once, the hash shared by the workers that probe it) yield
+    the changed holdings and the gone ones. That leaves the new
     holdings, found by a second pass, which is needed only if some staged
     rows matched no kept holding: every kept holding still there matched
     at least one staged row, so if the staged rows are exactly as many as
