@@ -319,3 +319,15 @@ def test_reconciliation_dag_runs_on_the_source_assets(airflow_env, db):
                            " FROM reconciliation_runs") == [(TO - timedelta(days=3), TO, "succeeded", 8,
                                                              dag_run.run_id)]
     assert breaks(db) == EXPECTED
+
+
+def test_the_newest_scheduled_run_is_no_gap_until_the_next_one_is_due(db, checks):
+    """A reconciliation triggered by another source's publish just after 05:00 must not report
+    the 05:00 run, still crawling, as missed; once 06:00 is due, a 05:00 that never came is a gap."""
+    continuity = {"formance_continuity": checks["formance_continuity"]}
+    snapshot(db, "formance_main", h(4), rows=[("world", "HBAR/8", "-1", 8)])
+    snapshot(db, "formance_main", h(5), status="running")
+    reconcile(db, continuity, h(3.5), h(5) + timedelta(seconds=20))
+    assert [k for k in breaks(db) if k[1] == "gap"] == []
+    reconcile(db, continuity, h(3.5), h(6) + timedelta(seconds=20))
+    assert [k[3] for k in breaks(db) if k[1] == "gap"] == [h(5)]
