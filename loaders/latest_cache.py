@@ -22,9 +22,13 @@ from psycopg2 import sql
 from loaders import staging
 
 
-def table_name(run_id: int, shard: int) -> sql.Identifier:
+def _name(run_id: int, shard: int) -> str:
     # Built from integers we generated, never from input.
-    return sql.Identifier(staging.SCHEMA, f"latest_{int(run_id)}_shard_{int(shard)}")
+    return f"latest_{int(run_id)}_shard_{int(shard)}"
+
+
+def table_name(run_id: int, shard: int) -> sql.Identifier:
+    return sql.Identifier(staging.SCHEMA, _name(run_id, shard))
 
 
 def previous_holdings(cur, source: str, as_of: datetime, provider: str) -> sql.Composable | None:
@@ -54,11 +58,12 @@ def previous_holdings(cur, source: str, as_of: datetime, provider: str) -> sql.C
 
 
 def keep(cur, source: str, as_of: datetime, run_id: int, shards: int, provider: str, holdings: int) -> None:
-    """Make the run's staging tables, one row per holding of snapshot ``as_of``, the source's cache."""
+    """Make the run's staging tables, one row per holding of snapshot ``as_of``, the source's cache,
+    in place of any it had."""
     forget(cur, source)
     for shard in range(shards):
         cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-            staging.table_name(run_id, shard), sql.Identifier(table_name(run_id, shard).strings[-1])))
+            staging.table_name(run_id, shard), sql.Identifier(_name(run_id, shard))))
     cur.execute("INSERT INTO balance_latest_cache (source, as_of, run_id, shards, provider, holdings)"
                 " VALUES (%s, %s, %s, %s, %s, %s)", (source, as_of, run_id, shards, provider, holdings))
 

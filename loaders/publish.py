@@ -160,9 +160,10 @@ def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_inter
         if newest:
             # The source's newest snapshot: its staging becomes what the next
             # publish compares against, if it holds each holding once.
-            latest_cache.forget(cur, run.source)
             if rows_published == rows_staged:
                 latest_cache.keep(cur, run.source, run.as_of, run_id, shards, run.provider, rows_published)
+            else:
+                latest_cache.forget(cur, run.source)
         for shard in range(shards):
             staging.drop(cur, run_id, shard)
     return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected, rows_stored)

@@ -44,13 +44,18 @@ def utc(*args: int) -> datetime:
 T1, T2, T3 = utc(2026, 3, 2, 10), utc(2026, 3, 3, 10), utc(2026, 3, 4, 10)
 
 
-def publish_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow]) -> int:
-    """One snapshot through staging and publish, as a crawl would land it."""
+def _staged(conn, source: str, as_of: datetime, rows: list[BalanceRow]) -> int:
     run_id = runs.start_run(conn, source, "hedera", as_of)
     runs.set_snapshot(conn, run_id, as_of, as_of.isoformat())
     writer = staging.StagingWriter(conn, run_id, 0)
     writer.add(rows)
     writer.close()
+    return run_id
+
+
+def publish_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow]) -> int:
+    """One snapshot through staging and publish, as a crawl would land it."""
+    run_id = _staged(conn, source, as_of, rows)
     publish.publish(conn, run_id)
     return run_id
 
@@ -591,12 +596,3 @@ def test_a_snapshot_stores_only_what_changed_and_reads_back_whole(db):
     assert fetch(db, "SELECT count(*), sum(balance) FROM balance_history WHERE as_of = %s", (T2,)) == [
         (99, sum(r.balance for r in second))]
     assert fetch(db, "SELECT account, balance FROM balance_history_store WHERE gone") == [("0.0.0", None)]
-
-
-def _staged(conn, source: str, as_of: datetime, rows: list[BalanceRow]) -> int:
-    run_id = runs.start_run(conn, source, "hedera", as_of)
-    runs.set_snapshot(conn, run_id, as_of, as_of.isoformat())
-    writer = staging.StagingWriter(conn, run_id, 0)
-    writer.add(rows)
-    writer.close()
-    return run_id
