@@ -115,10 +115,10 @@ source = "exchange"
 """)
     bag = dag_bag()
     errors = {Path(f).name: e for f, e in bag.import_errors.items()}
-    assert sorted(errors) == ["balances.py", "reconciliation.py"]
+    assert sorted(errors) == ["balance_snapshots.py", "balance_reconciliation.py"]
     assert ("sources.exchange.provider: the bitfront provider module (extractors/bitfront.py) failed to "
-            "import: RuntimeError: half-deployed") in errors["balances.py"]
-    assert "checks.exchange_gaps.source: source 'exchange' has a mistake" in errors["reconciliation.py"]
+            "import: RuntimeError: half-deployed") in errors["balance_snapshots.py"]
+    assert "checks.exchange_gaps.source: source 'exchange' has a mistake" in errors["balance_reconciliation.py"]
     ours = sorted(d for d in bag.dags if d.startswith(("balances_", "reconcile_")))
     assert ours == ["balances_fine", "reconcile_balances"]
     assert "balances://snapshots/fine" in str(bag.dags["reconcile_balances"].timetable.asset_condition)

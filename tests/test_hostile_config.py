@@ -104,14 +104,14 @@ def test_dag_file_builds_every_valid_source_and_reports_each_broken_one():
     ours = sorted(d for d in bag.dags if d.startswith(("balances_", "reconcile_")))
     assert ours == ["balances_good", "reconcile_balances"]
     errors = {Path(f).name: e for f, e in bag.import_errors.items()}
-    assert sorted(errors) == ["balances.py", "reconciliation.py"]
+    assert sorted(errors) == ["balance_snapshots.py", "balance_reconciliation.py"]
     for i, (_, error) in enumerate(HOSTILE):
-        assert f"sources.bad{i}.{error}" in errors["balances.py"]
-    assert "sources.'bad\\n': names in [sources] are 1 to 63 lowercase ASCII letters" in errors["balances.py"]
-    assert "checks.bad_gaps.source: source 'bad0' has a mistake" in errors["reconciliation.py"]
-    assert "checks.bad_skew.max_skew: '99999999999999d' is not a duration" in errors["reconciliation.py"]
-    assert "alerts.colour: unknown key" in errors["reconciliation.py"]
-    assert "alerts" not in errors["balances.py"]
+        assert f"sources.bad{i}.{error}" in errors["balance_snapshots.py"]
+    assert "sources.'bad\\n': names in [sources] are 1 to 63 lowercase ASCII letters" in errors["balance_snapshots.py"]
+    assert "checks.bad_gaps.source: source 'bad0' has a mistake" in errors["balance_reconciliation.py"]
+    assert "checks.bad_skew.max_skew: '99999999999999d' is not a duration" in errors["balance_reconciliation.py"]
+    assert "alerts.colour: unknown key" in errors["balance_reconciliation.py"]
+    assert "alerts" not in errors["balance_snapshots.py"]
     # The good check still runs, on the good source's Asset.
     assert "balances://snapshots/good" in str(bag.dags["reconcile_balances"].timetable.asset_condition)
 
@@ -119,7 +119,7 @@ def test_dag_file_builds_every_valid_source_and_reports_each_broken_one():
     config = load_config(path)
     assert sorted(config.sources) == ["good"]
     for name, error in config.errors.items():
-        assert error in errors["balances.py"]
+        assert error in errors["balance_snapshots.py"]
     assert len(config.errors) == len(HOSTILE) + 1
 
 

@@ -53,3 +53,18 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {DEVELOPMEN
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("dag_file", sorted(p.name for p in (ROOT / "dags").glob("*.py")))
+def test_no_dag_file_shadows_an_importable_module(dag_file, tmp_path):
+    # Airflow puts the DAGs folder on sys.path, ahead of an editable install:
+    # a DAG file named like a package (reconciliation.py beside reconciliation/)
+    # makes every `import reconciliation.x` fail in the DAG processor.
+    # Probed from outside the repository and the DAGs folder, so only what is
+    # installed (the project included) is found.
+    stem = dag_file.removesuffix(".py")
+    probe = f"import importlib.util; print(importlib.util.find_spec({stem!r}) is None)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True", f"dags/{dag_file} has the name of an importable module {stem!r}"

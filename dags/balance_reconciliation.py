@@ -77,7 +77,7 @@ _config = load_config()
 _checks, _errors = usable_checks(_config)
 if _checks:
     globals()[DAG_ID] = reconciliation_dag(_checks)
-# As in balances.py: the mistakes become this file's import error, the
+# As in balance_snapshots.py: the mistakes become this file's import error, the
 # valid checks keep running.
 if _errors or _config.alerts_error:
     reconcile_config_errors = config_error_dag(
