@@ -41,13 +41,17 @@ def reconciliation_dag(checks: dict[str, Check]):
     def reconcile_balances():
         @task
         def reconcile_window(**context) -> dict:
+            import logging
+
             from pipeline import tasks
+            from pipeline.progress import LineProgress
             from reconciliation import reconcile
 
             window_from, window_to = reconcile.default_window(reconcile.triggering_time(context))
             with tasks.database() as conn:
                 result = reconcile.reconcile(conn, usable_checks(load_config())[0], window_from, window_to,
-                                             dag_run_id=context["dag_run"].run_id)
+                                             dag_run_id=context["dag_run"].run_id,
+                                             progress=LineProgress.to_log(logging.getLogger(DAG_ID)))
             return {"run_id": result.run_id, "open": result.breaks_open, "new": result.breaks_new,
                     "resolved": result.breaks_resolved}
 

@@ -3,25 +3,39 @@
 Starts the private PostgreSQL cluster (unless a database URL is given),
 applies the migrations, starts the sandbox providers on 127.0.0.1, writes a
 sources file pointing at them, runs each source's DAG once with
-``airflow dags test`` and prints what landed.
+``airflow dags test``, backfills two earlier Hedera snapshots, reconciles,
+writes the report and prints what landed. Then it hands over: the database
+URL, the sources file, ``.demo/env`` (everything the ``balances`` command
+needs, in one file to source) and commands to try next.
+
+What the demo starts, it stops: the sandboxes when it ends (``--keep``
+keeps them serving until Ctrl-C, so ``balances snapshot`` works against
+them), and on any failure also the cluster, if this run started it. After
+a good run the cluster keeps running for the commands to try;
+``scripts/demo --stop`` stops it.
 """
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, closing
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from loaders.db import connect, describe
-from loaders.migrate import upgrade
 from devtools import devdb
+from extractors.text import human_duration
+from loaders.db import connect, describe_url
+from loaders.migrate import upgrade
 from sandbox import apps
 from sandbox.server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / ".demo"
+ENV_FILE = DEMO_DIR / "env"
 
 
 def _toml_value(value) -> str:
@@ -37,7 +51,7 @@ def _toml_value(value) -> str:
 
 
 def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:
-    lines = ["# Written by 'balances demo': sandbox providers on 127.0.0.1.", ""]
+    lines = ["# Written by scripts/demo: sandbox providers on 127.0.0.1.", ""]
     for name, keys in sources.items():
         lines.append(f"[sources.{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
@@ -92,40 +106,111 @@ def demo_checks(available: list[str]) -> str:
     return checks
 
 
+def database(cleanup: ExitStack, db_url: str | None) -> str:
+    """The database to use: given, ``$BALANCES_DB_URL``, or the private cluster in ``.pgdata``.
+
+    A cluster this call starts is registered on ``cleanup``: stopped when
+    the run fails (or, for ``--serve``, whenever it ends).
+    """
+    url = db_url or os.environ.get("BALANCES_DB_URL")
+    if url:
+        return url
+    already = devdb.running_port() is not None
+    url = devdb.start()
+    if not already:
+        cleanup.callback(_stop_cluster)
+    return url
+
+
+def _stop_cluster() -> None:
+    if devdb.stop():
+        print("stopped the PostgreSQL cluster in .pgdata it had started", file=sys.stderr)
+
+
+def start_sandboxes(cleanup: ExitStack, make_app, make_source,
+                    names: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """A server per sandbox (``names``, default all), each stopped by ``cleanup``; their sources
+    and Connections (``AIRFLOW_CONN_<ID>``: URI).
+
+    ``make_app(name)`` is the fake to serve, ``make_source(name, url)`` the
+    ``[sources.<name>]`` keys pointing at it.
+    """
+    sources: dict[str, dict] = {}
+    connections: dict[str, str] = {}
+    for name in apps.available() if names is None else names:
+        server = FakeServer(make_app(name)).start()
+        cleanup.callback(server.stop)
+        sources[f"{name}_sandbox"] = make_source(name, server.url)
+        if apps.sandbox(name).DEMO_CONNECTION:
+            conn_id, uri = apps.sandbox(name).DEMO_CONNECTION
+            connections[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
+        print(f"sandbox {name}: {server.url}")
+    return sources, connections
+
+
+def write_env(url: str, config: Path, connections: dict[str, str]) -> Path:
+    """``.demo/env``: what the ``balances`` command needs, to source (``. .demo/env``); mode 0600."""
+    lines = ["# Written by scripts/demo: '. .demo/env', then the balances command reads the demo.",
+             f"export PATH={shlex.quote(str(REPO / '.venv' / 'bin'))}:\"$PATH\"",
+             f"export BALANCES_CONFIG={shlex.quote(str(config))}",
+             f"export BALANCES_DB_URL={shlex.quote(url)}"]
+    lines += [f"export {name}={shlex.quote(uri)}" for name, uri in sorted(connections.items())]
+    fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    ENV_FILE.chmod(0o600)
+    return ENV_FILE
+
+
 def _airflow(args: list[str], env: dict, log: Path) -> int:
     with open(log, "ab") as out:
         return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, stdout=out,
-                              stderr=subprocess.STDOUT).returncode
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 
 
-def run_demo(db_url: str | None = None) -> int:
+def run_demo(db_url: str | None = None, *, keep: bool = False) -> int:
+    started = time.monotonic()
     DEMO_DIR.mkdir(exist_ok=True)
     logs = DEMO_DIR / "logs"
     logs.mkdir(exist_ok=True)
-    url = db_url or os.environ.get("BALANCES_DB_URL") or devdb.start()
-    print(f"database: {describe(url)}")
-    print(f"migrations: at revision {upgrade(url)}")
+    with ExitStack() as on_failure:
+        with ExitStack() as sandboxes:
+            url = database(on_failure, db_url)
+            print(f"database: {describe_url(url)}")
+            print(f"migrations: at revision {upgrade(url)}")
+            started_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
 
-    servers: list[FakeServer] = []
-    started_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
-    sources: dict[str, dict] = {}
-    env = dict(os.environ)
-    for name in apps.available():
-        module = apps.sandbox(name)
-        server = FakeServer(module.demo_app()).start()
-        servers.append(server)
-        keys = module.demo_source(server.url)
-        keys.setdefault("task_retries", 0)
-        # Scheduled from now: the continuity checks then expect no earlier runs.
-        keys.setdefault("start_date", started_at)
-        sources[f"{name}_sandbox"] = keys
-        if module.DEMO_CONNECTION:
-            conn_id, uri = module.DEMO_CONNECTION
-            env[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
-        print(f"sandbox {name}: {server.url}")
-    config = DEMO_DIR / "balances.toml"
-    write_sources(config, sources, demo_checks(apps.available()))
+            def source(name: str, server_url: str) -> dict:
+                keys = apps.sandbox(name).demo_source(server_url)
+                keys.setdefault("task_retries", 0)
+                # Scheduled from now: the continuity checks then expect no earlier runs.
+                keys.setdefault("start_date", started_at)
+                return keys
 
+            sources, connections = start_sandboxes(sandboxes, lambda n: apps.sandbox(n).demo_app(), source)
+            config = DEMO_DIR / "balances.toml"
+            checks = demo_checks(apps.available())
+            write_sources(config, sources, checks)
+            env_file = write_env(url, config, connections)
+            failed = run_dags(url, config, sources, connections, bool(checks), logs)
+            show_landed(url, list(sources))
+            if checks:
+                show_report(url, started_at)
+            if failed:
+                print(f"\nthe demo failed ({', '.join(failed)}): see the logs in {logs}", file=sys.stderr)
+                return 1
+            hand_over(url, config, env_file, keep, time.monotonic() - started)
+            if keep:
+                wait_for_interrupt()
+        on_failure.pop_all()  # a good run leaves the database running for the commands to try
+    return 0
+
+
+def run_dags(url: str, config: Path, sources: dict[str, dict], connections: dict[str, str],
+             reconcile: bool, logs: Path) -> list[str]:
+    """Each source's DAG once (``airflow dags test``), the Hedera backfill, the reconciliation; what failed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
+    env.update(connections)
     env.update({
         "AIRFLOW_HOME": str(DEMO_DIR / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -137,38 +222,27 @@ def run_demo(db_url: str | None = None) -> int:
     airflow_log = logs / "airflow.log"
     print(f"airflow: metadata DB in {DEMO_DIR / 'airflow'} (log: {airflow_log})")
     if _airflow(["db", "migrate"], env, airflow_log) != 0:
-        print("airflow db migrate failed; see the log", file=sys.stderr)
-        return 1
-    for provider in {keys["provider"] for keys in sources.values()}:
+        return ["airflow db migrate"]
+    for provider in sorted({keys["provider"] for keys in sources.values()}):
         _airflow(["pools", "set", f"balances_{provider}", "4", f"{provider} request budget"], env, airflow_log)
-
     failed = []
-    try:
-        for name in sources:
-            started = time.monotonic()
-            log = logs / f"{name}.log"
-            code = _airflow(["dags", "test", f"balances_{name}"], env, log)
-            state = "ok" if code == 0 else f"FAILED (exit {code}, see {log})"
-            print(f"dag balances_{name}: {state} in {time.monotonic() - started:.1f}s")
-            if code != 0:
-                failed.append(name)
-        if "hedera_sandbox" in sources and "hedera_sandbox" not in failed:
-            backfill_hedera(url, sources["hedera_sandbox"])
-        if not failed and "[checks." in config.read_text():
-            started = time.monotonic()
-            log = logs / "reconcile_balances.log"
-            code = _airflow(["dags", "test", "reconcile_balances"], env, log)
-            state = "ok" if code == 0 else f"FAILED (exit {code}, see {log})"
-            print(f"dag reconcile_balances: {state} in {time.monotonic() - started:.1f}s")
-            if code != 0:
-                failed.append("reconcile_balances")
-    finally:
-        for server in servers:
-            server.stop()
-    show_landed(url, list(sources))
-    if "[checks." in config.read_text():
-        show_report(url, started_at)
-    return 1 if failed else 0
+    for name in sources:
+        if _run_dag(f"balances_{name}", env, logs) != 0:
+            failed.append(name)
+    if "hedera_sandbox" in sources and "hedera_sandbox" not in failed:
+        backfill_hedera(url, sources["hedera_sandbox"])
+    if reconcile and not failed and _run_dag("reconcile_balances", env, logs) != 0:
+        failed.append("reconcile_balances")
+    return failed
+
+
+def _run_dag(dag_id: str, env: dict, logs: Path) -> int:
+    started = time.monotonic()
+    log = logs / f"{dag_id}.log"
+    code = _airflow(["dags", "test", dag_id], env, log)
+    state = "ok" if code == 0 else f"FAILED (exit {code}, see {log})"
+    print(f"dag {dag_id}: {state} in {time.monotonic() - started:.1f}s")
+    return code
 
 
 def backfill_hedera(url: str, keys: dict) -> None:
@@ -181,26 +255,20 @@ def backfill_hedera(url: str, keys: dict) -> None:
     from pipeline.snapshot import take_snapshot
 
     source = parse_source("hedera_sandbox", dict(keys))
-    conn = connect(url)
-    try:
+    with closing(connect(url)) as conn:
         for minutes in (30, 15):
             at = datetime.now(timezone.utc) - timedelta(minutes=minutes)
             summary = take_snapshot(conn, source, at)
             print(f"backfill hedera_sandbox at {at:%H:%M}: {summary['status']}, "
                   f"snapshot {summary['as_of_raw']}, {summary['rows_inserted']} new rows")
-    finally:
-        conn.close()
 
 
 def show_report(url: str, since: datetime) -> None:
     from reconciliation.report import write_report
     from reconciliation.reconcile import open_breaks
 
-    conn = connect(url)
-    try:
+    with closing(connect(url)) as conn:
         breaks = open_breaks(conn, window=(since - timedelta(days=3), datetime.now(timezone.utc)), limit=10)
-    finally:
-        conn.close()
     print(f"\nreconciliation: {len(breaks)} open break(s)")
     for b in breaks:
         print(f"  {b['check_time']:%Y-%m-%d %H:%M} {b['check_name']} {b['kind']} ({b['subject_label']}):"
@@ -210,37 +278,80 @@ def show_report(url: str, since: datetime) -> None:
 
 
 def show_landed(url: str, sources: list[str]) -> None:
-    conn = connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                """
-                SELECT DISTINCT ON (source) run_id, source, status, as_of_raw, pages, requests,
-                       rows, rows_inserted, rejected
-                  FROM snapshot_runs WHERE source = ANY(%s) ORDER BY source, run_id DESC
-                """,
-                (sources,),
-            )
-            runs = cur.fetchall()
-            print("\nlatest run per source (snapshot_runs):")
-            print(f"  {'run':>4} {'source':<20} {'status':<11} {'as_of_raw':<32} {'pages':>5} {'reqs':>5} {'rows':>6} {'new':>6} {'rej':>4}")
-            for r in runs:
-                print(f"  {r[0]:>4} {r[1]:<20} {r[2]:<11} {str(r[3]):<32} {r[4]:>5} {r[5]:>5} {r[6]:>6} {r[7]:>6} {r[8]:>4}")
-            query = """SELECT source, account, asset, balance, decimals, as_of
+    """Each source's newest published snapshot, a sample of it, and the history's size."""
+    with closing(connect(url)) as conn, conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT ON (source) run_id, source, status, as_of_raw, pages, requests,
+                   rows, rows_inserted, rejected
+              FROM snapshot_runs WHERE source = ANY(%s) AND status = 'published'
+             ORDER BY source, as_of DESC, run_id DESC
+            """,
+            (sources,),
+        )
+        runs = cur.fetchall()
+        print("\nnewest snapshot per source (snapshot_runs):")
+        print(f"  {'run':>4} {'source':<20} {'status':<11} {'as_of_raw':<32} {'pages':>5} {'requests':>8}"
+              f" {'rows':>6} {'rows_inserted':>13} {'rejected':>8}")
+        for r in runs:
+            print(f"  {r[0]:>4} {r[1]:<20} {r[2]:<11} {str(r[3]):<32} {r[4]:>5} {r[5]:>8} {r[6]:>6} {r[7]:>13}"
+                  f" {r[8]:>8}")
+        query = """SELECT source, account, asset, balance, decimals, as_of
   FROM balance_history
  WHERE source = %s
  ORDER BY as_of DESC, balance DESC
  LIMIT 3"""
-            for source in sources:
-                cur.execute(query, (source,))
-                rows = cur.fetchall()
-                if not rows:
-                    continue
-                print(f"\nsample: {query.replace('%s', repr(source))}")
-                for row in rows:
-                    print("  " + " | ".join(str(v) for v in row))
-            cur.execute("SELECT count(*), count(DISTINCT source) FROM balance_history")
-            total, n_sources = cur.fetchone()
-            print(f"\nbalance_history: {total} rows from {n_sources} source(s)")
-    finally:
-        conn.close()
+        for source in sources:
+            cur.execute(query, (source,))
+            rows = cur.fetchall()
+            if not rows:
+                continue
+            print(f"\nsample: {query.replace('%s', repr(source))}")
+            for row in rows:
+                print("  " + " | ".join(str(v) for v in row))
+        cur.execute("SELECT count(*), count(DISTINCT source) FROM balance_history")
+        total, n_sources = cur.fetchone()
+        print(f"\nbalance_history: {total} rows from {n_sources} source(s)")
+
+
+def hand_over(url: str, config: Path, env_file: Path, keep: bool, took: float) -> None:
+    """What the user has now, and what to type next."""
+    here = Path.cwd()
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+
+    print(f"\ndone in {human_duration(took)}.\n")
+    print(f"database:     {describe_url(url)} (the full URL, password included, is in {shown(env_file)})")
+    print(f"sources file: {shown(config)}")
+    print(f"environment:  {shown(env_file)} (BALANCES_CONFIG, BALANCES_DB_URL, the sandboxes' Connections)")
+    print("\ntry next:")
+    print(f"  . {shown(env_file)}")
+    print("  balances latest hedera_sandbox --account 0.0.1234")
+    print("  balances runs")
+    print("  balances reconcile")
+    if keep:
+        print("  balances snapshot hedera_sandbox      (the sandboxes keep serving until Ctrl-C)")
+    else:
+        print("(scripts/demo --keep keeps the sandboxes serving, so 'balances snapshot hedera_sandbox' works too)")
+    print("\nstop the database: scripts/demo --stop")
+
+
+def wait_for_interrupt() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    print("\nthe sandboxes keep serving; Ctrl-C stops them", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the sandboxes")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_all() -> int:
+    """``scripts/demo --stop``: the demo's cluster, if it runs."""
+    print("stopped the PostgreSQL cluster in .pgdata" if devdb.stop() else "the demo's cluster is not running")
+    return 0

@@ -3,21 +3,44 @@
 Lives under a project-local data directory, listens on 127.0.0.1 only, and
 is started with the PostgreSQL binaries found on the machine. PostgreSQL
 refuses to run as root, so as root the cluster belongs to the ``postgres``
-OS user. ``python -m devtools.devdb start|stop|url`` drives it by hand.
+OS user.
+
+Every login needs a password, checked with SCRAM-SHA-256, on the socket and
+on TCP alike: with ``trust`` any local OS user could log in as superuser,
+read Airflow's Connections from its metadata database, and run shell
+commands as ``postgres`` (``COPY ... TO PROGRAM``). The superuser's password
+is generated when the cluster is made and kept beside the data directory in
+``<data dir>.password``, mode 0600, readable only by whoever made it. A
+cluster made by an earlier version with ``trust`` is converted on its next
+start, its data kept.
+
+``python -m devtools.devdb start|stop|url [DIR]`` drives it by hand (``url``
+prints the database URL with its password: keep it to yourself).
 """
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".pgdata"
 DATABASE = "balances"
+SUPERUSER = "postgres"
+# No trust anywhere: SCRAM on the socket and on loopback TCP, nothing else.
+PG_HBA = """\
+# Written by devtools/devdb.py: every login is checked with a password.
+local   all   all                 scram-sha-256
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+"""
 
 
 class DevDbError(RuntimeError):
@@ -47,8 +70,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _running_port(data_dir: Path) -> int | None:
-    pid_file = data_dir / "postmaster.pid"
+def password_file(data_dir: Path = DEFAULT_DIR) -> Path:
+    data_dir = Path(data_dir).resolve()
+    return data_dir.with_name(data_dir.name + ".password")
+
+
+def password(data_dir: Path = DEFAULT_DIR) -> str:
+    """The superuser's password of the cluster in ``data_dir``."""
+    try:
+        return password_file(data_dir).read_text().strip()
+    except FileNotFoundError:
+        raise DevDbError(f"no password file {password_file(data_dir)}: start the cluster with "
+                         "'python -m devtools.devdb start' first") from None
+
+
+def running_port(data_dir: Path = DEFAULT_DIR) -> int | None:
+    """The port of the cluster running in ``data_dir``, or None when it is not running."""
+    pid_file = Path(data_dir) / "postmaster.pid"
     if not pid_file.exists():
         return None
     lines = pid_file.read_text().splitlines()
@@ -65,36 +103,102 @@ def _running_port(data_dir: Path) -> int | None:
     return port
 
 
-def url_for(port: int, database: str = DATABASE) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/{database}"
+def url_for(port: int, database: str = DATABASE, data_dir: Path = DEFAULT_DIR) -> str:
+    return f"postgresql://{SUPERUSER}:{quote(password(data_dir), safe='')}@127.0.0.1:{port}/{database}"
 
 
-def start(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE, quiet: bool = True) -> str:
-    """Start (initialising if needed) the cluster; return the database URL."""
+def start(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
+    """Start (initialising if needed) the cluster; return the database URL, password included."""
     data_dir = Path(data_dir).resolve()
-    port = _running_port(data_dir)
+    port = running_port(data_dir)
     if port is None:
         bin_dir = binaries()
         if not (data_dir / "PG_VERSION").exists():
-            data_dir.mkdir(parents=True, exist_ok=True)
-            if os.geteuid() == 0:
-                shutil.chown(data_dir, "postgres", "postgres")
-            _run(_as_owner([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "postgres",
-                            "-E", "UTF8", "--no-locale"]), "initdb")
+            _initdb(bin_dir, data_dir)
+        elif not password_file(data_dir).exists():
+            _convert_trust_cluster(data_dir)
         port = _free_port()
-        options = (f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        _run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-o", options, "-l",
-                        str(data_dir / "server.log"), "-w", "-t", "60", "start"]), "pg_ctl start")
-    _create_database(port, database)
-    return url_for(port, database)
+        _pg_ctl_start(bin_dir, data_dir, port)
+    _create_database(port, database, data_dir)
+    return url_for(port, database, data_dir)
 
 
-def stop(data_dir: Path = DEFAULT_DIR) -> None:
+def _write_secret(path: Path, text: str) -> None:
+    """``text`` into ``path``, created 0600 (never readable by others, not even for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def _initdb(bin_dir: Path, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(data_dir, "postgres", "postgres")
+    secret = secrets.token_urlsafe(24)
+    # initdb reads the password from a file its OS user can read: a private
+    # temporary directory given to that user, removed at once.
+    with tempfile.TemporaryDirectory(prefix="devdb-") as tmp:
+        pwfile = Path(tmp) / "pw"
+        _write_secret(pwfile, secret)
+        if os.geteuid() == 0:
+            shutil.chown(tmp, "postgres", "postgres")
+            shutil.chown(pwfile, "postgres", "postgres")
+        _run(_as_owner([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", SUPERUSER, "-E", "UTF8",
+                        "--no-locale", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                        f"--pwfile={pwfile}"]), "initdb")
+    _write_hba(data_dir)
+    _write_secret(password_file(data_dir), secret)
+
+
+def _write_hba(data_dir: Path) -> None:
+    hba = data_dir / "pg_hba.conf"
+    hba.write_text(PG_HBA)
+    if os.geteuid() == 0:
+        shutil.chown(hba, "postgres", "postgres")
+
+
+def _convert_trust_cluster(data_dir: Path) -> None:
+    """A cluster made with ``trust`` (before passwords): give the superuser one, then require it.
+
+    Started once on a private socket only (no TCP), the password set over
+    it, then ``pg_hba.conf`` replaced; the caller starts it for real.
+    """
+    bin_dir = binaries()
+    port = _free_port()
+    _run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-o",
+                    f"-p {port} -k {data_dir} -c listen_addresses=''", "-l", str(data_dir / "server.log"),
+                    "-w", "-t", "60", "start"]), "pg_ctl start (to set a password)")
+    secret = secrets.token_urlsafe(24)
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host=str(data_dir), port=port, user=SUPERUSER, dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SET password_encryption = 'scram-sha-256'")
+            cur.execute(f"ALTER ROLE {SUPERUSER} PASSWORD %s", (secret,))
+        conn.close()
+        _write_hba(data_dir)
+        _write_secret(password_file(data_dir), secret)
+    finally:
+        _run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"]), "pg_ctl stop")
+
+
+def _pg_ctl_start(bin_dir: Path, data_dir: Path, port: int) -> None:
+    options = (f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100 "
+               "-c password_encryption=scram-sha-256")
+    _run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-o", options, "-l",
+                    str(data_dir / "server.log"), "-w", "-t", "60", "start"]), "pg_ctl start")
+
+
+def stop(data_dir: Path = DEFAULT_DIR) -> bool:
+    """Stop the cluster if it runs; whether it did."""
     data_dir = Path(data_dir).resolve()
-    if _running_port(data_dir) is None:
-        return
+    if running_port(data_dir) is None:
+        return False
     _run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"]), "pg_ctl stop")
+    return True
 
 
 def restart(data_dir: Path = DEFAULT_DIR) -> None:
@@ -105,14 +209,15 @@ def restart(data_dir: Path = DEFAULT_DIR) -> None:
                     str(data_dir / "server.log"), "-w", "-t", "60", "restart"]), "pg_ctl restart")
 
 
-def _create_database(port: int, database: str) -> None:
+def _create_database(port: int, database: str, data_dir: Path) -> None:
     import psycopg2
     from psycopg2 import sql
 
     deadline = time.monotonic() + 30
     while True:
         try:
-            conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+            conn = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
+                                    password=password(data_dir))
             break
         except psycopg2.OperationalError:
             if time.monotonic() > deadline:
@@ -146,6 +251,11 @@ if __name__ == "__main__":
     if action == "start":
         print(start(directory))
     elif action == "stop":
-        stop(directory)
+        print("stopped" if stop(directory) else "not running")
+    elif action == "url":
+        port = running_port(directory)
+        if port is None:
+            sys.exit(f"no cluster runs in {directory}")
+        print(url_for(port, DATABASE, directory))
     else:
-        sys.exit("usage: python -m devtools.devdb start|stop [DIR]")
+        sys.exit("usage: python -m devtools.devdb start|stop|url [DIR]")

@@ -29,23 +29,24 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from loaders.db import describe
+from devtools.demo import DEMO_DIR, REPO, database, demo_checks, start_sandboxes, write_env, write_sources
+from loaders.db import describe_url
 from loaders.migrate import upgrade
-from devtools import devdb
-from devtools.demo import DEMO_DIR, REPO, demo_checks, write_sources
-from sandbox import apps
-from sandbox.server import FakeServer
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
+# Airflow's log servers bind every interface (0.0.0.0 and [::]), with no
+# setting to change it. On one machine nobody needs them: the api-server
+# reads task logs from the shared log folder. So they are not started.
+SKIP_SERVE_LOGS = ("scheduler", "triggerer")
 POOL_SLOTS = 4
 ADMIN = "admin"
 BROKER = "redis"
@@ -86,7 +87,8 @@ class Stack:
     api_url: str
     password: str
     sources: dict[str, dict]
-    servers: list[FakeServer] = field(default_factory=list)
+    # Stops the sandbox servers (and whatever else was started with them).
+    sandboxes: ExitStack = field(default_factory=ExitStack)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     celery: CeleryWorkers | None = None
     broker_url: str | None = None
@@ -173,21 +175,17 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
     for key in [k for k in env if k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))]:
         del env[key]
     env.pop("BALANCES_DB_URL", None)
-    own_sources = dict(sources or {})
-    sources = {}
-    servers: list[FakeServer] = []
     started_at = live.start_of_minute()
+    servers = ExitStack()
     try:
-        for name in apps.available() if sandboxes is None else sandboxes:
-            server = FakeServer(live.live_app(name)).start()
-            servers.append(server)
-            keys = live.live_source(name, server.url, schedule=schedule, shards=shards)
+        def source(name: str, url: str) -> dict:
+            keys = live.live_source(name, url, schedule=schedule, shards=shards)
             keys["start_date"] = started_at
-            sources[f"{name}_sandbox"] = keys
-            connection = apps.sandbox(name).DEMO_CONNECTION
-            if connection:
-                env[f"AIRFLOW_CONN_{connection[0].upper()}"] = connection[1]
-        sources.update(own_sources)
+            return keys
+
+        served, connections = start_sandboxes(servers, live.live_app, source, sandboxes)
+        env.update(connections)
+        sources = {**served, **(sources or {})}
         config = workdir / "balances.toml"
         checks = demo_checks([k.split("_")[0] for k in sources])
         write_sources(config, sources, checks + extra_config)
@@ -231,15 +229,14 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
         if celery is not None:
             check_celery(env)
         stack = Stack(db_url=db_url, home=home, config=config, env=env, api_url=api_url,
-                      password=password, sources=sources, servers=servers, celery=celery,
+                      password=password, sources=sources, sandboxes=servers, celery=celery,
                       broker_url=broker_url)
         stack.airflow("db", "migrate", timeout=600)
         for provider in sorted({keys["provider"] for keys in sources.values()}):
             stack.airflow("pools", "set", f"balances_{provider}", str(POOL_SLOTS),
                           f"{provider} request budget")
     except BaseException:
-        for server in servers:
-            server.stop()
+        servers.close()
         raise
     return stack
 
@@ -297,6 +294,8 @@ def start_services(stack: Stack) -> None:
         args = [sys.executable, "-m", "airflow", name]
         if name == "api-server":
             args += ["--host", "127.0.0.1", "--port", str(urlsplit(stack.api_url).port), "--workers", "1"]
+        elif name in SKIP_SERVE_LOGS:
+            args.append("--skip-serve-logs")
         _spawn(stack, name, args)
     if stack.celery is not None:
         for worker in stack.celery.names:
@@ -338,7 +337,7 @@ def start_worker(stack: Stack, name: str) -> None:
     _spawn(stack, celery.process(name),
            [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname",
             f"{name}@{socket.gethostname()}", "--queues", celery.queue, "--concurrency",
-            str(celery.concurrency)], env)
+            str(celery.concurrency), "--skip-serve-logs"], env)
 
 
 def wait_ready(stack: Stack, timeout: float = 180) -> None:
@@ -446,9 +445,7 @@ def stop(stack: Stack, grace: float = 30) -> None:
     stack.strays.clear()
     if BROKER in stack.processes:
         _stop_processes({BROKER: stack.processes[BROKER]}, grace)
-    for server in stack.servers:
-        server.stop()
-    stack.servers.clear()
+    stack.sandboxes.close()
 
 
 def _stop_processes(processes: dict[str, subprocess.Popen], grace: float) -> None:
@@ -587,52 +584,65 @@ def live_stack(db_url: str, workdir: Path, **options) -> Iterator[Stack]:
 
 
 def run_serve(db_url: str | None = None, *, until: float | None = None) -> int:
-    """The README's ``scripts/demo --serve``: runs until Ctrl-C (or ``until`` seconds)."""
+    """The README's ``scripts/demo --serve``: runs until Ctrl-C (or ``until`` seconds).
+
+    Whatever it started (the cluster, if it started it; the sandboxes, the
+    Airflow services, Superset) is stopped when it ends, however it ends:
+    Ctrl-C, SIGTERM, a service that dies, or a part that fails to start.
+    """
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # the URLs show at once, also in a log file
     # Ctrl-C, and also a SIGTERM (a service manager, `kill`) or a SIGINT that a
     # shell's background job would otherwise ignore: all stop what was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    url = db_url or os.environ.get("BALANCES_DB_URL") or devdb.start()
-    print(f"database: {describe(url)}")
+    started = ExitStack()
+    try:
+        return _serve(started, db_url, until)
+    except KeyboardInterrupt:
+        print("\nCtrl-C")
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the clean-up short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping everything started here...", flush=True)
+        started.close()
+        print(f"stopped at {datetime.now(timezone.utc):%H:%M:%S} UTC")
+
+
+def _serve(started: ExitStack, db_url: str | None, until: float | None) -> int:
+    url = database(started, db_url)
+    print(f"database: {describe_url(url)}")
     print(f"migrations: at revision {upgrade(url)}")
     workdir = DEMO_DIR / "live"
     print("starting the sandboxes and Airflow (metadata migration: about a minute the first time)...")
-    superset = None
-    with live_stack(url, workdir) as stack:
-        for name, keys in stack.sources.items():
-            print(f"sandbox {name}: {keys['base_url']} (schedule {keys['schedule']!r}"
-                  f"{', ' + str(keys['shards']) + ' shards' if keys.get('shards') else ''})")
-        print(f"pools: {', '.join(sorted('balances_' + k['provider'] for k in stack.sources.values()))}"
-              f" ({POOL_SLOTS} slots each)")
-        print(f"\nAirflow:  {stack.api_url}  (login {ADMIN} / {stack.password})")
-        try:
-            superset = _start_superset(url, workdir)
-        except RuntimeError as exc:  # Airflow keeps running without the dashboard
-            print(f"Superset: not started: {exc}", file=sys.stderr)
-            superset = None
-        if superset is not None:
-            print(f"Superset: {superset.url}  (login {superset.login} / {superset.password};"
-                  f" dashboard {superset.url}{superset.dashboard_path})")
-        else:
-            print("Superset: not running (scripts/superset installs it; then rerun with --serve)")
-        print(f"sources file: {stack.config}\nlogs: {stack.logs}\n"
-              f"balances database: {describe(url)} (views for BI: see README, 'Live')")
-        print("\nrunning; press Ctrl-C to stop everything started here")
-        try:
-            deadline = None if until is None else time.monotonic() + until
-            while deadline is None or time.monotonic() < deadline:
-                time.sleep(2)
-                if stack.dead():
-                    print(f"airflow {', '.join(stack.dead())} stopped; see {stack.logs}", file=sys.stderr)
-                    return 1
-        except KeyboardInterrupt:
-            print("\nstopping...")
-        finally:
-            if superset is not None:
-                superset.stop()
-    print(f"stopped at {datetime.now(timezone.utc):%H:%M:%S} UTC")
+    stack = started.enter_context(live_stack(url, workdir))
+    for name, keys in stack.sources.items():
+        shards = f", {keys['shards']} shards" if keys.get("shards") else ""
+        print(f"source {name}: {keys['provider']} sandbox (schedule {keys['schedule']!r}{shards})")
+    print(f"pools: {', '.join(sorted({'balances_' + k['provider'] for k in stack.sources.values()}))}"
+          f" ({POOL_SLOTS} slots each)")
+    print(f"\nAirflow:  {stack.api_url}  (login {ADMIN} / {stack.password})")
+    superset = _start_superset(url, workdir)
+    if superset is not None:
+        started.callback(superset.stop)
+        print(f"Superset: {superset.url}  (login {superset.login} / {superset.password};"
+              f" dashboard {superset.url}{superset.dashboard_path})")
+    else:
+        print("Superset: not installed (scripts/superset installs it; then run --serve again)")
+    env_file = write_env(url, stack.config, {k: v for k, v in stack.env.items() if k.startswith("AIRFLOW_CONN_")
+                                             and k != "AIRFLOW_CONN_BALANCES_DB"})
+    print(f"sources file: {stack.config}\nenvironment: {env_file} ('. {env_file}', then the balances "
+          f"command reads the live stack)\nlogs: {stack.logs}")
+    print("\nrunning; press Ctrl-C to stop everything started here")
+    deadline = None if until is None else time.monotonic() + until
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(2)
+        dead = stack.dead() + (["superset"] if superset is not None and superset.process.poll() is not None else [])
+        if dead:
+            print(f"{', '.join(dead)} stopped; see {stack.logs}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -641,6 +651,10 @@ def _interrupt(signum, frame):
 
 
 def _start_superset(db_url: str, workdir: Path):
+    """Superset serving the dashboard, if ``scripts/superset`` installed it; None if not.
+
+    Installed but failing to start is a failure of the whole stack.
+    """
     from devtools.superset import SupersetServer, venv
 
     if not (venv() / "bin" / "superset").exists():

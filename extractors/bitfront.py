@@ -221,6 +221,11 @@ class BitfrontExtractor:
             page.rows.append(row)
         yield page
 
+    def probe(self) -> str:
+        """The one request a snapshot makes, signed (``balances check --connect``); nothing stored."""
+        page = next(self.pages(datetime.now(timezone.utc)))
+        return f"{len(page.rows)} balances at {page.as_of_raw}"
+
     def _parse(self, record: Any, seen: set[str]) -> BalanceRow:
         currency = require(record, "currency")
         if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):

@@ -231,6 +231,11 @@ class CoreLedgerExtractor:
             self._parse(data, batch, page)
             yield page
 
+    def probe(self) -> str:
+        """One request: the first configured asset (``balances check --connect``)."""
+        asset_id = self.settings.unique_asset_ids[0]
+        return f"asset {asset_id}: SparkFactor {self.spark_factor(asset_id)}"
+
     def _parse(self, data: Any, batch: Batch, page: Page) -> None:
         items = data.get("value") if isinstance(data, dict) else data
         if not isinstance(items, list):

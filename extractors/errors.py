@@ -56,10 +56,18 @@ class ProviderError(ExtractError):
 
 
 class TransportError(ExtractError):
-    """The request did not complete: connection refused or reset, timeout."""
+    """The request did not complete: connection refused or reset, timeout.
+
+    Retriable unless the cause cannot pass by itself (a host name that does
+    not exist, a certificate that does not verify): ``retriable=False``.
+    """
 
     retriable = True
     retry_after = None
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class DeadlineExceeded(TransportError):

@@ -449,19 +449,27 @@ class EvmExtractor:
 
     # -- the snapshot: one block -------------------------------------------------------
 
+    def _tip(self) -> int:
+        """The node's latest block number, after checking it serves the configured chain."""
+        chain_call, tip_call = Call("eth_chainId", (), "eth_chainId"), Call("eth_blockNumber", (), "eth_blockNumber")
+        chain, tip = self._batch([chain_call, tip_call])
+        self._check_chain(chain)
+        try:
+            return quantity(self._result(tip, tip_call), "eth_blockNumber")
+        except RecordError as exc:
+            raise MalformedResponseError(str(exc), raw=tip) from None
+
+    def probe(self) -> str:
+        """One batched request: the chain id checked and the latest block (``balances check --connect``)."""
+        return f"chain {self.settings.chain_id}, latest block {self._tip()}"
+
     def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
         """The latest block at or before ``at`` with ``confirmations`` on top: (its time, number:hash).
 
         None when no such block exists (the chain starts after ``at``, or is
         shorter than ``confirmations``).
         """
-        chain_call, tip_call = Call("eth_chainId", (), "eth_chainId"), Call("eth_blockNumber", (), "eth_blockNumber")
-        chain, tip = self._batch([chain_call, tip_call])
-        self._check_chain(chain)
-        try:
-            tip = quantity(self._result(tip, tip_call), "eth_blockNumber")
-        except RecordError as exc:
-            raise MalformedResponseError(str(exc), raw=tip) from None
+        tip = self._tip()
         safe = tip - self.settings.confirmations
         if safe < 0:
             return None
@@ -653,8 +661,9 @@ def build(settings: Settings, credentials: Credentials | None, policy: RetryPoli
     elif key:
         auth = _PathKey(key)
     # The key is named as a secret: in the URL path no header rule would find it.
-    client = HttpClient(settings.rpc_url, auth=auth, headers=headers, policy=policy, error_for=rpc_http_error,
-                        check=rpc_check, throttle=throttle, secrets=[key] if key else [])
+    client = HttpClient(settings.rpc_url, url_key="rpc_url", auth=auth, headers=headers, policy=policy,
+                        error_for=rpc_http_error, check=rpc_check, throttle=throttle,
+                        secrets=[key] if key else [])
     return EvmExtractor(settings, client, max_pages=max_pages)
 
 

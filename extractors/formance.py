@@ -278,6 +278,11 @@ class FormanceExtractor:
 
     # -- the ledger itself ----------------------------------------------------
 
+    def probe(self) -> str:
+        """The ledger's existence, asked in a way that creates nothing (``balances check --connect``)."""
+        self._check_ledger()
+        return f"{self._where()} exists"
+
     def _check_ledger(self) -> None:
         """Fail unless the ledger exists, asking in a way that creates nothing."""
         name = self.settings.ledger

@@ -233,6 +233,11 @@ class HederaExtractor:
             raise SnapshotError(f"asked for a snapshot at or before {at.isoformat()}, got {raw_ts}")
         return as_of, raw_ts
 
+    def probe(self) -> str:
+        """One request: the node's latest balance snapshot (``balances check --connect``)."""
+        snapshot = self.choose_snapshot(datetime.now(timezone.utc))
+        return "no balance snapshot yet" if snapshot is None else f"latest snapshot {snapshot[1]}"
+
     def shard_ranges(self, at: datetime, shards: int,
                      snapshot: tuple[datetime, str] | None = None) -> list[tuple[str | None, str | None]]:
         """Split the snapshot's account ids into ``shards`` ranges [gte, lt).

@@ -447,12 +447,60 @@ def _deadline_error(deadline: Deadline, where: str) -> DeadlineExceeded:
                             f"{deadline.seconds:g}s")
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: requests and urllib3 nest the socket's error in args and reasons."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue  # None, or a reason given as text (ssl.SSLError.reason)
+        seen.add(id(current))
+        yield current
+        todo += [getattr(current, "reason", None), current.__cause__, current.__context__,
+                 *(a for a in current.args if isinstance(a, BaseException))]
+
+
+def connection_failure(exc: BaseException, url: str, url_key: str = "base_url") -> TransportError:
+    """What stopped a request before an answer, named: DNS, refused, TLS, timeout.
+
+    A name that does not resolve or a certificate that does not verify will
+    not pass by itself: not retriable, so the run fails at once instead of
+    retrying for minutes. Only a temporary resolver failure (``EAI_AGAIN``)
+    is retried. The message names the config key the URL came from.
+    """
+    parts = urlsplit(url)
+    where = f"{url_key} {redact_url(f'{parts.scheme}://{parts.netloc}')}"
+    causes = list(_causes(exc))
+    for cause in causes:
+        if isinstance(cause, socket.gaierror) or type(cause).__name__ == "NameResolutionError":
+            temporary = any(isinstance(c, socket.gaierror) and c.errno == socket.EAI_AGAIN for c in causes)
+            return TransportError(f"cannot resolve host {parts.hostname!r} (DNS{', temporary' if temporary else ''}"
+                                  f"): check {where}", retriable=temporary)
+    for cause in causes:
+        if isinstance(cause, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
+            detail = next((str(c) for c in causes if type(c).__module__ == "ssl"), "handshake failed")
+            return TransportError(f"TLS error talking to {where}: {safe_text(detail, 300)}", retriable=False)
+    for cause in causes:
+        if isinstance(cause, ConnectionRefusedError):
+            return TransportError(f"connection refused by {where} (nothing listens on port "
+                                  f"{parts.port or (443 if parts.scheme == 'https' else 80)})")
+    if any(isinstance(c, requests.exceptions.ConnectTimeout) for c in causes):
+        return TransportError(f"timed out connecting to {where} (connect_timeout)")
+    if any(isinstance(c, (requests.Timeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
+        return TransportError(f"timed out waiting for {where} to answer (read_timeout)")
+    if any(isinstance(c, (ConnectionResetError, BrokenPipeError)) for c in causes):
+        return TransportError(f"connection reset by {where}")
+    return TransportError(f"{type(exc).__name__} talking to {where}")
+
+
 def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
-         **kwargs: Any) -> requests.Response:
+         url_key: str = "base_url", **kwargs: Any) -> requests.Response:
     """One request, connect to last byte within ``deadline`` seconds, body within ``max_bytes``.
 
-    Raises :class:`TransportError` (retriable) when the request does not
-    complete, :class:`DeadlineExceeded` when its time is up and
+    Raises :class:`TransportError` when the request does not complete
+    (:func:`connection_failure` says why, naming the config key ``url_key``),
+    :class:`DeadlineExceeded` when its time is up and
     :class:`ResponseTooLarge` when the body passes the cap.
     """
     with Deadline(deadline) as watch:
@@ -461,7 +509,7 @@ def send(session: requests.Session, method: str, url: str, *, deadline: float, m
         except (requests.ConnectionError, requests.Timeout) as exc:
             if watch.expired:
                 raise _deadline_error(watch, redact_url(url)) from None
-            raise TransportError(f"{type(exc).__name__} for {redact_url(url)}") from None
+            raise connection_failure(exc, url, url_key) from None
         except requests.exceptions.ChunkedEncodingError:
             if watch.expired:
                 raise _deadline_error(watch, redact_url(url)) from None
@@ -496,6 +544,8 @@ class HttpClient:
     throttle: Callable[[], None] | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     secrets: Sequence[str] = field(default_factory=tuple, repr=False)
+    # The config key base_url came from, named when the host cannot be reached.
+    url_key: str = "base_url"
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -609,6 +659,7 @@ class HttpClient:
                 self.session, method, url,
                 deadline=policy.request_deadline,
                 max_bytes=policy.max_response_bytes,
+                url_key=self.url_key,
                 params=params,
                 headers=headers,
                 json=json_body,

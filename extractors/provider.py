@@ -45,6 +45,11 @@ class Extractor(Protocol):
 
     def pages(self, at: datetime, account_range: AccountRange | None = None) -> Iterator[Page]: ...
 
+    def probe(self) -> str:
+        """Reach the provider with as few requests as it takes (one, where one answers), creating
+        nothing and storing nothing; a short line on what answered (``balances check --connect``)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Throttle:

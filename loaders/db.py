@@ -65,7 +65,7 @@ def connect(url: str, *, application_name: str = "balance-snapshots",
         # libpq's message can quote the DSN; keep only its first line, which
         # names host and reason, and never the password.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
-        raise DatabaseError(f"cannot connect to the balances database at {describe(url)}: {first}") from None
+        raise DatabaseError(f"cannot connect to the balances database at {describe_url(url)}: {first}") from None
     return conn
 
 
@@ -77,10 +77,14 @@ def reconnect_like(conn, *, application_name: str) -> psycopg2.extensions.connec
                             connect_timeout=10, options=session_options())
 
 
-def describe(url: str) -> str:
-    """``host:port/db`` of a URL, without credentials."""
+def describe_url(url: str) -> str:
+    """The database URL as a user types it, without the password: ``postgresql://user@host:port/db``."""
     parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}/{parts.path.lstrip('/')}"
+    user = f"{parts.username}@" if parts.username else ""
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"postgresql://{user}{host}:{parts.port or 5432}/{parts.path.lstrip('/')}"
 
 
 def sqlalchemy_url(url: str) -> str:

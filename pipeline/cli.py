@@ -1,36 +1,42 @@
-"""The ``balances`` command.
+"""The ``balances`` command: its options, its subcommands, its exit status.
 
-    balances migrate                      apply the migrations
-    balances snapshot SOURCE [--at TIME] [--force]
-                                          take one snapshot outside Airflow
-    balances runs [--source S]            list recent runs
-    balances partitions [--months N]      create monthly partitions ahead
-    balances demo [--serve]               the README's end-to-end demo (--serve: live, until Ctrl-C)
-    balances reconcile [--from --to]      run the [checks] (default: the last 3 days)
-    balances report [--out DIR]           HTML + Markdown report with charts (last 3 days)
+    balances migrate                           apply the database migrations
+    balances check [--connect]                 validate the sources file (and reach each source)
+    balances sources                           the configured sources and their schedules
+    balances snapshot SOURCE [--at T] [--force]    take one snapshot outside Airflow
+    balances latest SOURCE [--account A] [--asset X] [--csv]   the latest exact balances
+    balances runs [SOURCE] [--limit N]         recent snapshot runs
+    balances partitions [--months N]           create monthly partitions ahead
+    balances reconcile [--from T --to T] [--check NAME]   run the [checks]
+    balances report [--out DIR] [--from T --to T]         HTML + Markdown report with charts
 
-``reconcile`` exits 0 when the checks ran, whatever breaks they found
-(breaks are data, kept in reconciliation_breaks), and 1 when it could not run.
-
-Exit status 0 on success, 1 when a run or command fails, 2 for a usage or
-configuration error; failures print one line saying why. A source or check
-with a mistake stops only the commands that use it; the others print one
-warning line per mistake and go on, as the DAG files do.
+The global options (``--config``, ``--db-url``, ``--quiet``, ``--verbose``)
+work before or after the subcommand. Exit status: 0 success, 1 the run or
+command failed (one line on stderr says why), 2 a usage or configuration
+error. ``reconcile`` exits 0 when the checks ran, whatever breaks they found
+(breaks are data). A source or check with a mistake stops only the commands
+that use it; the others print one warning line per mistake and go on, as
+the DAG files do. What each command does is in :mod:`pipeline.commands`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 from extractors.errors import ExtractError
+from extractors.text import one_line
 from loaders.db import DatabaseError
+from pipeline import commands
 from pipeline.config import ConfigError
 
 log = logging.getLogger("balances")
+
+EXIT_CODES = """exit status: 0 done; 1 the run or command failed (one line on stderr says why);
+2 a usage or configuration error (nothing was done)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"balances: config error: {exc}", file=sys.stderr)
         return 2
     except (DatabaseError, ExtractError, RuntimeError, LookupError, ValueError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `balances latest --csv | head`: the reader had enough
+            sys.stdout = open(os.devnull, "w")
+            return 0
         print(f"balances: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -57,16 +66,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from pipeline.config import one_line
-
-    text = one_line(" ".join(str(exc).split()))
-    return text or type(exc).__name__
+    return one_line(" ".join(str(exc).split())) or type(exc).__name__
 
 
-def _warn_config_errors(errors: dict[str, str], skip: str | None = None) -> None:
-    for name, error in errors.items():
-        if name != skip:
-            print(f"balances: warning: config error: {error}", file=sys.stderr)
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    On the subcommands they default to SUPPRESS, so a value given before the
+    subcommand is not overwritten by the subcommand's default.
+    """
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--config", metavar="PATH", default=default(None),
+                        help="the sources file (default: $BALANCES_CONFIG)")
+    parser.add_argument("--db-url", metavar="URL", default=default(None),
+                        help="the balances database, postgresql://user:password@host:port/db (default: "
+                             "$BALANCES_DB_URL, else the Airflow Connection balances_db)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress lines: only results and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log what happens, with tracebacks of unexpected errors")
 
 
 def _count(low: int, high: int):
@@ -78,54 +98,8 @@ def _count(low: int, high: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="balances",
-        description="Load provider balance snapshots into PostgreSQL history, reconcile them, report.",
-    )
-    parser.add_argument("--config", help="sources file (default: $BALANCES_CONFIG)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("migrate", help="apply database migrations")
-    p.set_defaults(func=cmd_migrate)
-
-    p = commands.add_parser("snapshot", help="take one snapshot of SOURCE now (or --at)")
-    p.add_argument("source")
-    p.add_argument("--at", type=_aware_time, help="snapshot time, ISO-8601 (default: now)")
-    p.add_argument("--force", action="store_true",
-                   help="take a fresh snapshot even if a present-only provider's interval is already published")
-    p.set_defaults(func=cmd_snapshot)
-
-    p = commands.add_parser("runs", help="list recent snapshot runs")
-    p.add_argument("--source")
-    p.add_argument("--limit", type=_count(1, 10_000), default=20)
-    p.set_defaults(func=cmd_runs)
-
-    p = commands.add_parser("partitions", help="create balance_history partitions ahead")
-    p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
-    p.set_defaults(func=cmd_partitions)
-
-    p = commands.add_parser("demo", help="run every configured sandbox source through Airflow")
-    p.add_argument("--db-url", help="use this database instead of a private cluster")
-    p.add_argument("--serve", action="store_true",
-                   help="then keep the real Airflow services (and Superset) running over moving sandboxes"
-                        " until Ctrl-C")
-    p.set_defaults(func=cmd_demo)
-
-    p = commands.add_parser("reconcile", help="run the configured checks over a window (default: last 3 days)")
-    _window_arguments(p)
-    p.add_argument("--check", action="append", help="run only this check (repeatable)")
-    p.set_defaults(func=cmd_reconcile)
-
-    p = commands.add_parser("report", help="write the balances and breaks report (HTML, Markdown, PNG)")
-    p.add_argument("--out", default="report", help="output directory (default: ./report)")
-    _window_arguments(p)
-    p.set_defaults(func=cmd_report)
-    return parser
-
-
-def _aware_time(text: str) -> datetime:
+def aware_time(text: str) -> datetime:
+    """An argparse type: an ISO-8601 time, UTC unless it says otherwise."""
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -133,166 +107,68 @@ def _aware_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _connect():
-    from loaders.db import connect
-    from pipeline.connections import database_url
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balances",
+        description="Load provider balance snapshots into PostgreSQL history, reconcile them, report.",
+        epilog=EXIT_CODES,
+    )
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    return connect(database_url())
+    def command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        p = commands_.add_parser(name, help=summary, description=summary, parents=[common], epilog=EXIT_CODES)
+        p.set_defaults(func=func)
+        return p
 
+    command("migrate", "apply the database migrations (safe to repeat)", commands.migrate)
 
-def cmd_migrate(args) -> int:
-    from loaders.migrate import upgrade
-    from pipeline.connections import database_url
+    p = command("check", "validate the sources file; with --connect, also reach the database and each source",
+                commands.check)
+    p.add_argument("--connect", action="store_true",
+                   help="one request per source and one connection to the database; creates nothing")
 
-    revision = upgrade(database_url())
-    print(f"database at revision {revision}")
-    return 0
+    command("sources", "list the configured sources, their schedules and next runs", commands.sources)
 
+    p = command("snapshot", "take one snapshot of SOURCE now (or --at a past time) and publish it",
+                commands.snapshot)
+    p.add_argument("source")
+    p.add_argument("--at", type=aware_time, help="snapshot time, ISO-8601 (default: now)")
+    p.add_argument("--force", action="store_true",
+                   help="take a fresh snapshot even if a present-only provider's interval is already published")
 
-def cmd_snapshot(args) -> int:
-    from loaders.runs import RunStatus
-    from pipeline import connections
-    from pipeline.config import load_config
-    from pipeline.snapshot import take_snapshot
+    p = command("latest", "the exact balances of SOURCE's latest published snapshot", commands.latest)
+    p.add_argument("source")
+    p.add_argument("--account", help="only this account")
+    p.add_argument("--asset", help="only this asset")
+    p.add_argument("--csv", action="store_true", help="CSV on standard output instead of a table")
 
-    config = load_config(args.config)
-    source = config.source(args.source)
-    _warn_config_errors(config.errors, skip=args.source)
-    at = args.at or datetime.now(timezone.utc)
-    creds = connections.credentials(source.conn_id)
-    conn = _connect()
-    try:
-        _require_schema(conn)
-        summary = take_snapshot(conn, source, at, credentials=creds, force=args.force)
-    finally:
-        conn.close()
-    print_summary(summary)
-    # A skipped rerun did what was asked: the interval's snapshot is there.
-    done = (RunStatus.PUBLISHED, RunStatus.NO_SNAPSHOT, RunStatus.SKIPPED)
-    return 0 if summary["status"] in done else 1
+    p = command("runs", "list recent snapshot runs", commands.runs)
+    p.add_argument("source", nargs="?", help="only the runs of this source")
+    p.add_argument("--source", dest="source_option", metavar="SOURCE", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=_count(1, 10_000), default=20, help="how many (default 20)")
 
+    p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
+    p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
 
-def _require_schema(conn, table: str = "snapshot_runs") -> None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-        if not cur.fetchone()[0]:
-            raise DatabaseError("the balances database has no tables yet: run 'balances migrate' first")
+    p = command("reconcile", "run the configured checks over a window (default: the last 3 days)",
+                commands.reconcile)
+    _window_arguments(p)
+    p.add_argument("--check", action="append", help="run only this check (repeatable)")
 
-
-def print_summary(summary: dict) -> None:
-    keys = ("run_id", "source", "status", "as_of_raw", "as_of", "scheduled_for", "pages", "requests",
-            "retries", "rows", "rows_inserted", "rejected", "error")
-    for key in keys:
-        value = summary.get(key)
-        if value is not None:
-            print(f"{key:>14}: {value}")
-    for warning in (summary.get("warnings") or [])[:5]:
-        print(f"{'warning':>14}: {warning}")
-
-
-def cmd_runs(args) -> int:
-    conn = _connect()
-    try:
-        _require_schema(conn)
-        with conn.cursor() as cur:
-            cur.execute(
-                """
-                SELECT run_id, source, status, scheduled_for, as_of, pages, rows, rows_inserted,
-                       rejected, coalesce(error, '')
-                  FROM snapshot_runs
-                 WHERE %(source)s::text IS NULL OR source = %(source)s
-                 ORDER BY run_id DESC LIMIT %(limit)s
-                """,
-                {"source": args.source, "limit": args.limit},
-            )
-            rows = cur.fetchall()
-    finally:
-        conn.close()
-    print(f"{'run':>5} {'source':<18} {'status':<12} {'scheduled_for':<26} {'rows':>9} {'new':>9} {'rej':>4}  error")
-    for r in rows:
-        print(f"{r[0]:>5} {r[1]:<18} {r[2]:<12} {r[3].isoformat():<26} {r[6]:>9} {r[7]:>9} {r[8]:>4}  {r[9][:60]}")
-    return 0
-
-
-def cmd_partitions(args) -> int:
-    from loaders.partitions import ensure_ahead
-
-    conn = _connect()
-    try:
-        names = ensure_ahead(conn, args.months)
-    finally:
-        conn.close()
-    print("partitions present: " + ", ".join(names))
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from devtools.demo import run_demo
-
-    if args.serve:
-        from devtools.serve import run_serve
-
-        return run_serve(db_url=args.db_url)
-    return run_demo(db_url=args.db_url)
+    p = command("report", "write the balances and breaks report (HTML, Markdown, a PNG per source)",
+                commands.report)
+    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+    _window_arguments(p)
+    return parser
 
 
 def _window_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="window_from", type=_aware_time,
+    p.add_argument("--from", dest="window_from", type=aware_time,
                    help="window start, ISO-8601 (default: --to minus 3 days)")
-    p.add_argument("--to", dest="window_to", type=_aware_time, help="window end, ISO-8601 (default: now)")
-
-
-def _window(args) -> tuple[datetime, datetime]:
-    from reconciliation.reconcile import default_window
-
-    window_to = args.window_to or datetime.now(timezone.utc)
-    window_from, window_to = default_window(window_to)
-    return args.window_from or window_from, window_to
-
-
-def cmd_reconcile(args) -> int:
-    from reconciliation.checks import load_checks
-    from pipeline.config import load_config
-    from reconciliation.reconcile import open_breaks, reconcile
-
-    config = load_config(args.config)
-    checks = load_checks(config, args.check)
-    _warn_config_errors({**config.errors, "[alerts]": config.alerts_error} if config.alerts_error
-                        else config.errors)
-    if not checks:
-        raise ConfigError("no [checks.<name>] tables in the config file")
-    window_from, window_to = _window(args)
-    conn = _connect()
-    try:
-        _require_schema(conn, "reconciliation_breaks_detail")
-        result = reconcile(conn, checks, window_from, window_to)
-        breaks = open_breaks(conn, checks=list(checks), window=(window_from, window_to), limit=20)
-    finally:
-        conn.close()
-    print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
-          f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
-          f"{result.breaks_resolved} resolved")
-    for b in breaks:
-        values = " ".join(f"{k}={b[k]}" for k in ("left_value", "right_value", "difference", "tolerance")
-                          if b[k] is not None)
-        print(f"  {b['check_name']} {b['kind']} at {b['check_time'].isoformat()} {values} {b['detail']}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from pipeline.connections import database_url
-    from reconciliation.report import output_directory, write_report
-
-    out = output_directory(Path(args.out))  # before any work: a wrong --out fails at once
-    window_from, window_to = _window(args)
-    conn = _connect()
-    try:
-        _require_schema(conn, "reconciliation_breaks_detail")
-    finally:
-        conn.close()
-    for path in write_report(database_url(), out, window_from, window_to):
-        print(path)
-    return 0
+    p.add_argument("--to", dest="window_to", type=aware_time, help="window end, ISO-8601 (default: now)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from extractors.http import RetryPolicy
 from extractors.redaction import redact_url
+from extractors.text import did_you_mean, one_line
 from extractors import registry
 
 CONFIG_ENV = "BALANCES_CONFIG"
@@ -75,12 +76,6 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
-
-
-def one_line(text: str) -> str:
-    """``text`` with control, format and line-separator characters escaped."""
-    return "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else ascii(c)[1:-1]
-                   for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +130,8 @@ class Config:
             return self.sources[name]
         except KeyError:
             known = ", ".join(sorted(self.sources)) or "none"
-            raise ConfigError(f"no source named {name!r} in {self.path} (configured: {known})") from None
+            raise ConfigError(f"no source named {name!r} in {self.path}{did_you_mean(name, self.sources)}"
+                              f" (configured: {known})") from None
 
 
 # Keys that every source accepts, with the type they must have.
@@ -166,6 +162,8 @@ _RETRY: dict[str, str] = {
     "request_deadline": "request_deadline",
     "max_response_bytes": "max_response_bytes",
 }
+# Every key a source accepts whatever its provider.
+SHARED_KEYS = (*_COMMON, *_RETRY)
 
 
 
@@ -312,7 +310,8 @@ def named_table(section: str, name: str, table: Any, selector: str, known) -> st
     if value is None:
         raise ConfigError(f"{where}.{selector}: missing (one of {', '.join(known)})")
     if not isinstance(value, str) or value not in known:
-        raise ConfigError(f"{where}.{selector}: unknown {selector} {value!r} (known: {', '.join(known)})")
+        hint = did_you_mean(value, known) if isinstance(value, str) else ""
+        raise ConfigError(f"{where}.{selector}: unknown {selector} {value!r}{hint} (known: {', '.join(known)})")
     return value
 
 
@@ -437,7 +436,9 @@ def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - set(fields)
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(f"{where}.{key}: unknown key for this provider (known: {', '.join(sorted(fields))})")
+        known = sorted({*fields, *SHARED_KEYS})
+        raise ConfigError(f"{where}.{key}: unknown key{did_you_mean(key, known)} "
+                          f"(known: {', '.join(known)})")
     kwargs = {}
     for name, f in fields.items():
         if name in values:

@@ -45,7 +45,10 @@ def credentials(conn_id: str | None) -> Credentials | None:
 
 
 def database_url(*, allow_env_url: bool = True) -> str:
-    """The balances database: ``$BALANCES_DB_URL`` (CLI only) or Connection ``balances_db``."""
+    """The balances database: ``$BALANCES_DB_URL`` (CLI only) or Connection ``balances_db``.
+
+    (The CLI's ``--db-url`` comes before both.)
+    """
     if allow_env_url and os.environ.get(DB_URL_ENV):
         return os.environ[DB_URL_ENV]
     conn = get_connection(DB_CONN_ID)

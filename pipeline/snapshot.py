@@ -24,6 +24,7 @@ from loaders.runs import RunStatus
 from loaders.staging import StagingWriter
 from pipeline import connections
 from pipeline.config import SourceConfig
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
         if chooses and snapshot is None:
             message = (f"{source.name}: the provider has no balance snapshot at or before "
                        f"{run.scheduled_for.isoformat()}")
-            _progress(conn, run_id, extractor, 0, [])
+            _record_counts(conn, run_id, extractor, 0, [])
             runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=message)
             log.info("%s", message)
             return []
@@ -195,7 +196,7 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
             ranges = [None]
         else:
             ranges = [list(r) for r in extractor.shard_ranges(run.scheduled_for, source.shards, snapshot=snapshot)]
-        _progress(conn, run_id, extractor, 0, [])
+        _record_counts(conn, run_id, extractor, 0, [])
     except BaseException as exc:
         _record_plan_failure(conn, run_id, exc, secrets, extractor)
         raise
@@ -216,7 +217,7 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
                 rejections.add(cur, run_id, 0, [(connections.scrub(raw, secrets),
                                                  connections.scrub(str(exc), secrets))])
         if extractor is not None:
-            _progress(conn, run_id, extractor, 0, [])
+            _record_counts(conn, run_id, extractor, 0, [])
     except Exception as second:
         log.error("run %d failed (%s); could not record its details: %s", run_id, error[:500],
                   safe_text(second, 500))
@@ -224,21 +225,25 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
 
 
 def crawl(conn, source: SourceConfig, run_id: int, *, shard: int = 0,
-          account_range: tuple[str, str] | None = None, credentials=None) -> CrawlResult:
-    """Read the snapshot from the provider and stage it; publish nothing."""
+          account_range: tuple[str, str] | None = None, credentials=None,
+          progress: Progress | None = None) -> CrawlResult:
+    """Read the snapshot from the provider and stage it; publish nothing.
+
+    ``progress`` hears of every page staged (see :mod:`pipeline.progress`).
+    """
     run = runs.get_run(conn, run_id)
     if run.status == RunStatus.SKIPPED:  # a rerun that has nothing to do (see begin)
         return CrawlResult(run_id, shard, RunStatus.SKIPPED, 0, 0, 0)
     runs.hold(conn, run_id, shard)
     try:
-        return _crawl(conn, source, run, shard, account_range, credentials)
+        return _crawl(conn, source, run, shard, account_range, credentials, progress or Progress())
     finally:
         if not conn.closed:
             runs.release(conn, run_id, shard)
 
 
 def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
-           credentials) -> CrawlResult:
+           credentials, progress: Progress) -> CrawlResult:
     run_id = run.run_id
     runs.resume(conn, run_id)
     secrets = credentials.secrets() if credentials else []
@@ -270,6 +275,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
                 # is void, and the extractor reads the snapshot again.
                 writer.abort()
                 writer = StagingWriter(conn, run_id, shard)
+                progress.restart(shard)
                 warnings.extend(page.warnings)
                 if reads_present:
                     runs.forget_snapshot(conn, run_id)
@@ -286,10 +292,12 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
             writer.add(page.rows, page.rejected, page.kind)
             warnings.extend(page.warnings)
             pages += 1
+            progress.page(shard, len(page.rows), len(page.rejected))
         writer.close()
+        progress.shard_done(shard)
     except NoSnapshotAvailable as exc:
         writer.abort()
-        _progress(conn, run_id, extractor, pages, warnings)
+        _record_counts(conn, run_id, extractor, pages, warnings)
         runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=str(exc))
         log.info("%s: %s", source.name, exc)
         return CrawlResult(run_id, shard, RunStatus.NO_SNAPSHOT, pages, 0, 0)
@@ -298,7 +306,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         raise
     finally:
         close_extractor(extractor)
-    _progress(conn, run_id, extractor, pages, warnings)
+    _record_counts(conn, run_id, extractor, pages, warnings)
     for warning in warnings[:20]:
         log.warning("%s: %s", source.name, warning)
     try:
@@ -324,7 +332,7 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
         # The body we could not read is kept, like any rejected record.
         steps.append(("keep the unreadable body", lambda: writer.add(
             [], [Rejection(raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets))])))
-    steps.append(("count the progress", lambda: _progress(conn, run_id, extractor, pages, warnings)))
+    steps.append(("count the progress", lambda: _record_counts(conn, run_id, extractor, pages, warnings)))
     for what, step in steps:
         try:
             step()
@@ -337,7 +345,7 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
     runs.record_failure(conn, run_id, error)
 
 
-def _progress(conn, run_id, extractor, pages, warnings) -> None:
+def _record_counts(conn, run_id, extractor, pages, warnings) -> None:
     stats = contract.stats(extractor)
     runs.add_progress(conn, run_id, pages=pages, requests=stats.requests, retries=stats.retries,
                       warnings=warnings)
@@ -381,7 +389,7 @@ def verify(conn, source: SourceConfig, run_id: int, *, credentials=None) -> None
     try:
         extractor = build_extractor(source, credentials, conn)
         extractor.verify_snapshot((run.as_of, run.as_of_raw))
-        _progress(conn, run_id, extractor, 0, [])
+        _record_counts(conn, run_id, extractor, 0, [])
     except BaseException as exc:
         if isinstance(exc, SnapshotError):
             try:  # the staged rows describe a snapshot that is gone
@@ -398,11 +406,12 @@ def verify(conn, source: SourceConfig, run_id: int, *, credentials=None) -> None
 
 
 def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
-                  force: bool = False) -> dict:
+                  force: bool = False, progress: Progress | None = None) -> dict:
     """begin + crawl + publish in one process (the CLI's ``snapshot`` command).
 
     ``force`` takes a fresh snapshot even when a present-only provider's
-    interval is already published (see :func:`begin`).
+    interval is already published (see :func:`begin`); ``progress`` hears
+    of every page of every shard.
     """
     # One process does it all: it holds the run throughout, from the moment
     # it exists, so a concurrent begin never reaps it.
@@ -410,9 +419,12 @@ def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
     if runs.get_run(conn, run_id).status == RunStatus.SKIPPED:
         return runs.summary(conn, run_id)
     try:
+        shards = plan_shards(conn, source, run_id, credentials=credentials)
+        if progress is not None:
+            progress.begin(source.name, len(shards))
         statuses = [
-            crawl(conn, source, run_id, credentials=credentials, **shard).status
-            for shard in plan_shards(conn, source, run_id, credentials=credentials)
+            crawl(conn, source, run_id, credentials=credentials, progress=progress, **shard).status
+            for shard in shards
         ]
         # No shard at all: the run was closed as no_snapshot while planning.
         if statuses and RunStatus.NO_SNAPSHOT not in statuses:

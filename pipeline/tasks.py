@@ -8,6 +8,7 @@ in the chain of the exception that reached the task.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Iterator
@@ -22,7 +23,10 @@ from loaders.publish import PublishError
 from loaders.rejections import RejectedRecordsError
 from loaders.runs import RunStatus
 from pipeline import connections, snapshot
+from pipeline.progress import LineProgress
 from pipeline.config import SourceConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -104,9 +108,11 @@ def crawl_snapshot(source_name: str, run_id: int, shard: int = 0,
                    account_range: list | None = None) -> dict:
     source = source_config(source_name)
     creds = connections.credentials(source.conn_id)
+    progress = LineProgress.to_log(log)
+    progress.begin(source.name, source.shards)
     with fatal_errors_fail_fast(), database() as conn:
         result = snapshot.crawl(conn, source, run_id, shard=shard, account_range=account_range,
-                                credentials=creds)
+                                credentials=creds, progress=progress)
     # Plain text in XCom, whatever type the status has here.
     return {"run_id": result.run_id, "shard": result.shard, "status": str(result.status),
             "pages": result.pages, "rows": result.rows, "rejected": result.rejected}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -45,6 +46,7 @@ from loaders import leases
 from loaders.db import transaction
 from loaders.runs import MAX_ERROR_CHARS
 from loaders.statuses import ReconciliationStatus, RunStatus
+from pipeline.progress import Progress
 from reconciliation.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,10 @@ def default_window(end: datetime, lookback: timedelta = DEFAULT_LOOKBACK) -> tup
 
 
 def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: datetime, *,
-              dag_run_id: str | None = None) -> Reconciliation:
+              dag_run_id: str | None = None, progress: Progress | None = None) -> Reconciliation:
     """Run ``checks`` over ``[window_from, window_to]``; one transaction per check.
+
+    ``progress`` hears of each check as it ends (see :mod:`pipeline.progress`).
 
     The run is held by this session while it works (:mod:`loaders.leases`),
     so a reconciliation whose process died is reaped (``abandoned``) by the
@@ -115,9 +119,14 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
         run = Reconciliation(cur.fetchone()[0], window_from, window_to, list(checks))
         leases.take(cur, leases.RECONCILIATION, run.run_id)
     try:
-        for check in checks.values():
+        for number, check in enumerate(checks.values(), 1):
+            started = time.monotonic()
             found = find_breaks(conn, check, window_from, window_to)
             counts = record_breaks(conn, run.run_id, check, found, window_from, window_to)
+            if progress is not None:
+                progress.step(f"check {number}/{len(checks)} {check.name}",
+                              f"{counts['open']} open, {counts['new']} new, {counts['resolved']} resolved "
+                              f"in {time.monotonic() - started:.1f}s")
             run.per_check[check.name] = counts
             run.checks_run += 1
             run.breaks_open += counts["open"]

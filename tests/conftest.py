@@ -119,6 +119,15 @@ def serve():
         server.stop()
 
 
+def with_login(url: str, user: str, password: str) -> str:
+    """``url`` with another login (the test cluster checks passwords)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def make_source(name: str, **keys) -> SourceConfig:
     """A SourceConfig through the same validation as the config file."""
     keys.setdefault("backoff_base", 0.01)

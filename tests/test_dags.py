@@ -115,7 +115,7 @@ source = "exchange"
 """)
     bag = dag_bag()
     errors = {Path(f).name: e for f, e in bag.import_errors.items()}
-    assert sorted(errors) == ["balance_snapshots.py", "balance_reconciliation.py"]
+    assert sorted(errors) == ["balance_reconciliation.py", "balance_snapshots.py"]
     assert ("sources.exchange.provider: the bitfront provider module (extractors/bitfront.py) failed to "
             "import: RuntimeError: half-deployed") in errors["balance_snapshots.py"]
     assert "checks.exchange_gaps.source: source 'exchange' has a mistake" in errors["balance_reconciliation.py"]

@@ -104,7 +104,7 @@ def test_dag_file_builds_every_valid_source_and_reports_each_broken_one():
     ours = sorted(d for d in bag.dags if d.startswith(("balances_", "reconcile_")))
     assert ours == ["balances_good", "reconcile_balances"]
     errors = {Path(f).name: e for f, e in bag.import_errors.items()}
-    assert sorted(errors) == ["balance_snapshots.py", "balance_reconciliation.py"]
+    assert sorted(errors) == ["balance_reconciliation.py", "balance_snapshots.py"]
     for i, (_, error) in enumerate(HOSTILE):
         assert f"sources.bad{i}.{error}" in errors["balance_snapshots.py"]
     assert "sources.'bad\\n': names in [sources] are 1 to 63 lowercase ASCII letters" in errors["balance_snapshots.py"]
