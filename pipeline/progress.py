@@ -105,19 +105,19 @@ class Progress:
 class LineProgress(Progress):
     """Plain lines: every ``every`` pages, and when a shard ends; to ``write``."""
 
-    def __init__(self, write: Callable[[str], None], every: int = EVERY_PAGES) -> None:
+    def __init__(self, write: Callable[[str], None], every: int | None = None) -> None:
         super().__init__()
         self.write = write
-        self.every = max(1, every)
+        self.every = max(1, every or EVERY_PAGES)
 
     @classmethod
-    def to_stream(cls, stream: TextIO, every: int = EVERY_PAGES) -> "LineProgress":
+    def to_stream(cls, stream: TextIO, every: int | None = None) -> "LineProgress":
         def write(line: str) -> None:
             print(line, file=stream, flush=True)
         return cls(write, every)
 
     @classmethod
-    def to_log(cls, logger: logging.Logger, every: int = EVERY_PAGES) -> "LineProgress":
+    def to_log(cls, logger: logging.Logger, every: int | None = None) -> "LineProgress":
         return cls(lambda line: logger.info("%s", line), every)
 
     def show(self, shard: int, count: ShardCount) -> None:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError
 from extractors.records import Rejection
-from extractors.text import safe_text
+from extractors.text import human_duration, safe_text
 from extractors import provider as contract
 from extractors.registry import provider
 from loaders import publish as publishing
@@ -55,8 +55,8 @@ def check_snapshot_age(source: SourceConfig, scheduled_for: datetime, as_of: dat
     if abs(distance) > limit:
         side = "before" if distance > timedelta(0) else "after"
         raise SnapshotTooFar(
-            f"{source.name}: the provider's snapshot {as_of.isoformat()} is {abs(distance)} {side} the "
-            f"time asked ({scheduled_for.isoformat()}), more than max_snapshot_age ({limit}); "
+            f"{source.name}: the provider's snapshot {as_of.isoformat()} is {human_duration(abs(distance))} {side} "
+            f"the time asked ({scheduled_for.isoformat()}), more than max_snapshot_age ({human_duration(limit)}); "
             "refusing to store it"
         )
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 from psycopg2.extras import Json, execute_values
 
-from extractors.text import safe_text
+from extractors.text import human_duration, safe_text
 from loaders import leases
 from loaders.db import transaction
 from loaders.runs import MAX_ERROR_CHARS
@@ -265,7 +265,7 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
         elif t - right_as_of > check.max_skew:
             yield Break("skew", subject, t, **values,
                         detail=f"{check.right.source} snapshot {right_as_of.isoformat()} is {t - right_as_of} "
-                               f"older than {check.left.source} snapshot {t.isoformat()} (max_skew {check.max_skew})")
+                               f"older than {check.left.source} snapshot {t.isoformat()} (max_skew {human_duration(check.max_skew)})")
         elif left is None or right is None:
             side, holding, as_of = ("left", check.left, t) if left is None else ("right", check.right, right_as_of)
             yield Break("missing", subject, t, **values,
@@ -368,7 +368,7 @@ def _stale(cur, check: ContinuityCheck, window_from: datetime, window_to: dateti
             age = Decimal(int((until - as_of).total_seconds()))
             yield Break("stale", {"source": check.source}, stale_at, age, None, age - allowed, allowed,
                         detail=f"no snapshot newer than {as_of.isoformat()} until {until.isoformat()} "
-                               f"({until - as_of}, allowed {check.max_staleness})")
+                               f"({human_duration(until - as_of)}, allowed {human_duration(check.max_staleness)})")
 
 
 def _impossible_balances(cur, check: ContinuityCheck, window_from: datetime,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,175 @@ def test_config_and_database_errors_are_one_clear_line(database_url, tmp_path, c
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("balances: ")
     assert says in result.stderr
     assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr
+
+
+# -- the CLI a user reaches for (check, sources, latest, runs, options anywhere) --
+
+def hedera_file(tmp_path, url: str, extra: str = "") -> Path:
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.cli_hedera]\nprovider = "hedera"\nbase_url = "{url}"\n'
+                      f'schedule = "*/15 * * * *"\nstart_date = 2023-01-01\n{extra}')
+    return config
+
+
+def test_global_options_work_before_and_after_the_subcommand(database_url, db, serve, tmp_path):
+    server = serve(mirror())
+    config = hedera_file(tmp_path, server.url)
+    after = run_cli("snapshot", "cli_hedera", "--at", "2023-11-14T23:00:00Z", "--config", str(config),
+                    "--db-url", database_url, "--quiet")
+    assert after.returncode == 0, after.stderr
+    assert after.stderr == ""  # --quiet: no progress lines
+    before = run_cli("--config", str(config), "--db-url", database_url, "runs", "cli_hedera")
+    mixed = run_cli("--db-url", database_url, "runs", "--config", str(config), "cli_hedera")
+    assert before.returncode == mixed.returncode == 0, before.stderr + mixed.stderr
+    assert before.stdout == mixed.stdout and "published" in before.stdout
+
+
+def test_did_you_mean_for_keys_and_sources_with_every_known_key(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"sources": {"s": {"provider": "hedera", "base_url": "http://x", "schedul": "@daily"}}})
+    message = str(caught.value)
+    assert "sources.s.schedul: unknown key (did you mean 'schedule'?)" in message
+    known = message.split("(known: ")[1]
+    for key in ("schedule", "base_url", "max_attempts", "request_deadline", "account_ids", "shards"):
+        assert key in known  # shared keys and the provider's own
+    config = hedera_file(tmp_path, "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"no source named 'cli_hedra' .*\(did you mean 'cli_hedera'\?\)"):
+        load_config(config).source("cli_hedra")
+    with pytest.raises(ConfigError, match=r"unknown provider 'hedra' \(did you mean 'hedera'\?\)"):
+        parse_config({"sources": {"s": {"provider": "hedra"}}})
+
+
+def test_runs_shows_as_of_and_duration_and_refuses_unknown_sources(database_url, db, serve, tmp_path):
+    server = serve(mirror())
+    config = hedera_file(tmp_path, server.url)
+    assert run_cli("--config", str(config), "--db-url", database_url, "snapshot", "cli_hedera",
+                   "--at", "2023-11-14T23:00:00Z").returncode == 0
+    listed = run_cli("--config", str(config), "--db-url", database_url, "runs")
+    header, row = listed.stdout.splitlines()[:2]
+    assert header.split() == ["run", "source", "status", "scheduled_for", "as_of", "took", "rows",
+                              "rows_inserted", "rejected", "error"]
+    as_of = fetch(db, "SELECT as_of FROM snapshot_runs")[0][0]
+    assert as_of.isoformat() in row and (" ms " in row or " s " in row)
+    unknown = run_cli("--config", str(config), "--db-url", database_url, "runs", "cli_hedra")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert "balances: config error: no source named 'cli_hedra' (did you mean 'cli_hedera'?)" in unknown.stderr
+    # A source no longer configured but with runs in the database is still listed.
+    gone = tmp_path / "empty.toml"
+    gone.write_text("")
+    kept = run_cli("--config", str(gone), "--db-url", database_url, "runs", "cli_hedera")
+    assert kept.returncode == 0 and "cli_hedera" in kept.stdout
+
+
+def test_latest_prints_the_exact_balances_and_csv(database_url, db, serve, tmp_path):
+    import csv
+    import io
+    from decimal import Decimal
+
+    server = serve(mirror())
+    config = hedera_file(tmp_path, server.url)
+    env = {"BALANCES_DB_URL": database_url}
+    assert run_cli("--config", str(config), "snapshot", "cli_hedera", "--at", "2023-11-14T23:00:00Z",
+                   env=env).returncode == 0
+    stored = fetch(db, "SELECT account, asset, balance FROM balances_latest WHERE source = 'cli_hedera'"
+                       " ORDER BY balance DESC LIMIT 1")[0]
+    table = run_cli("--config", str(config), "latest", "cli_hedera", "--account", stored[0], env=env)
+    assert table.returncode == 0, table.stderr
+    assert str(stored[2]) in table.stdout  # exact, however large
+    exported = run_cli("--config", str(config), "latest", "cli_hedera", "--csv", env=env)
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    by_key = {(r["account"], r["asset"]): Decimal(r["balance"]) for r in rows}
+    assert by_key == {(a, x): b for a, x, b in fetch(
+        db, "SELECT account, asset, balance FROM balances_latest WHERE source = 'cli_hedera'")}
+    missing = run_cli("--config", str(config), "latest", "cli_hedera", "--account", "0.0.999999999", env=env)
+    assert missing.returncode == 1 and "no published snapshot holds account '0.0.999999999'" in missing.stderr
+
+
+def test_csv_guards_text_cells_a_spreadsheet_would_run_but_keeps_amounts():
+    import csv
+    import io
+
+    from pipeline.terminal import write_csv
+
+    out = io.StringIO()
+    write_csv(("account", "asset", "balance"), [("=HYPERLINK(\"x\")", "@SUM", -5), ("users:1", "USD/2", 7)],
+              text_columns=("account", "asset"), out=out)
+    assert list(csv.reader(io.StringIO(out.getvalue()))) == [
+        ["account", "asset", "balance"], ["'=HYPERLINK(\"x\")", "'@SUM", "-5"], ["users:1", "USD/2", "7"]]
+
+
+def test_check_validates_every_table_and_connect_reaches_each_source_creating_nothing(
+        database_url, db, serve, tmp_path):
+    server = serve(mirror())
+    config = hedera_file(tmp_path, server.url)
+    env = {"BALANCES_DB_URL": database_url}
+    plain = run_cli("--config", str(config), "check", env=env)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "ok     source cli_hedera (hedera, schedule */15 * * * *)" in plain.stdout
+    assert len(server.requests) == 0  # without --connect nothing is reached
+    reached = run_cli("--config", str(config), "check", "--connect", env=env)
+    assert reached.returncode == 0, reached.stdout + reached.stderr
+    assert "ok     source cli_hedera (hedera): latest snapshot " in reached.stdout
+    assert "ok     database postgresql://postgres@" in reached.stdout and "(up to date)" in reached.stdout
+    assert len(server.requests) == 1  # one request per source
+    assert fetch(db, "SELECT count(*) FROM snapshot_runs") == [(0,)]  # and nothing created
+
+    config.write_text(config.read_text() + '\n[sources.lost]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\n'
+                      'max_attempts = 1\n')
+    down = run_cli("--config", str(config), "check", "--connect", env=env)
+    assert down.returncode == 1
+    assert "FAILED source lost (hedera): TransportError: connection refused by base_url http://127.0.0.1:9" in down.stdout
+    config.write_text(config.read_text() + '\n[sources.typo]\nprovider = "hedera"\nbase_url = "http://x"\nlimt = 5\n')
+    wrong = run_cli("--config", str(config), "check", env=env)
+    assert wrong.returncode == 2 and "error  sources.typo.limt: unknown key (did you mean 'limit'?)" in wrong.stdout
+
+
+def test_sources_lists_each_source_with_its_schedule_and_next_run(tmp_path):
+    config = hedera_file(tmp_path, "http://127.0.0.1:9")
+    listed = run_cli("--config", str(config), "sources")
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["source", "provider", "schedule", "next_run", "shards", "history", "conn_id", "dag_id"]
+    assert row.startswith("cli_hedera") and "*/15 * * * *" in row and "balances_cli_hedera" in row
+    next_run = datetime.fromisoformat(row.split()[7])  # after the five fields of the schedule
+    assert next_run.minute % 15 == 0 and next_run > datetime.now(timezone.utc)
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.04, "40 ms"), (1.5, "1.5 s"), (59.9, "59 s"), (125, "2 min 5 s"), (10_799.9, "2 h 59 min"),
+    (86_400, "1 d"), (1125 * 86_400 + 10_799.876544, "1125 d 2 h"),
+])
+def test_durations_are_written_as_people_write_them(seconds, text):
+    from extractors.text import human_duration
+
+    assert human_duration(seconds) == text
+
+
+def test_network_errors_name_the_cause_and_the_key_and_dns_is_not_retried(serve):
+    import socket
+    import threading
+
+    from extractors.errors import TransportError
+    from extractors.http import HttpClient, RetryPolicy
+    from sandbox.server import Fault
+
+    policy = RetryPolicy(max_attempts=3, backoff_base=0.001, read_timeout=0.3)
+
+    def failure(url: str, key: str = "base_url") -> tuple[TransportError, int]:
+        client = HttpClient(url, policy=policy, url_key=key)
+        with pytest.raises(TransportError) as caught:
+            client.get_json("/api/v1/balances")
+        return caught.value, client.stats.requests
+
+    error, requests = failure("http://nosuch-host.invalid", "rpc_url")
+    assert str(error) == "cannot resolve host 'nosuch-host.invalid' (DNS): check rpc_url http://nosuch-host.invalid"
+    assert not error.retriable and requests == 1
+    error, requests = failure("http://127.0.0.1:9")
+    assert "connection refused by base_url http://127.0.0.1:9" in str(error) and requests == 3
+    plain = serve(mirror())  # https to a plain-HTTP port: the handshake fails
+    error, requests = failure(plain.url.replace("http://", "https://"))
+    assert str(error).startswith(f"TLS error talking to base_url https://127.0.0.1:{plain.port}")
+    assert not error.retriable and requests == 1
+    plain.inject(Fault("delay", times=3, path="/api/v1/balances", seconds=2))
+    error, requests = failure(plain.url)
+    assert "timed out waiting for base_url" in str(error) and "(read_timeout)" in str(error) and requests == 3
