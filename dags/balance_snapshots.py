@@ -25,7 +25,7 @@ from pipeline.config import SourceConfig, config_error_dag, load_config
 
 
 def snapshot_dag(source: SourceConfig):
-    pool = f"balances_{source.provider}"
+    pool = source.pool
     default_args = {
         "owner": "balances",
         "retries": source.task_retries,

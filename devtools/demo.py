@@ -162,6 +162,16 @@ def write_env(url: str, config: Path, connections: dict[str, str]) -> Path:
     return ENV_FILE
 
 
+def write_pools(path: Path, slots: int = 4) -> Path:
+    """The pools file ``balances pools`` prints, for ``airflow pools import``."""
+    import json
+
+    from pipeline.config import pools_document
+
+    path.write_text(json.dumps(pools_document(slots), indent=2))
+    return path
+
+
 def _airflow(args: list[str], env: dict, log: Path) -> int:
     with open(log, "ab") as out:
         return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, stdout=out,
@@ -223,8 +233,8 @@ def run_dags(url: str, config: Path, sources: dict[str, dict], connections: dict
     print(f"airflow: metadata DB in {DEMO_DIR / 'airflow'} (log: {airflow_log})")
     if _airflow(["db", "migrate"], env, airflow_log) != 0:
         return ["airflow db migrate"]
-    for provider in sorted({keys["provider"] for keys in sources.values()}):
-        _airflow(["pools", "set", f"balances_{provider}", "4", f"{provider} request budget"], env, airflow_log)
+    if _airflow(["pools", "import", str(write_pools(DEMO_DIR / "pools.json"))], env, airflow_log) != 0:
+        return ["airflow pools import"]
     failed = []
     for name in sources:
         if _run_dag(f"balances_{name}", env, logs) != 0:

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from devtools.demo import DEMO_DIR, REPO, database, demo_checks, start_sandboxes, write_env, write_sources
+from devtools.demo import (DEMO_DIR, REPO, database, demo_checks, start_sandboxes, write_env, write_pools,
+                           write_sources)
 from loaders.db import describe_url
 from loaders.migrate import upgrade
 
@@ -232,9 +233,7 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
                       password=password, sources=sources, sandboxes=servers, celery=celery,
                       broker_url=broker_url)
         stack.airflow("db", "migrate", timeout=600)
-        for provider in sorted({keys["provider"] for keys in sources.values()}):
-            stack.airflow("pools", "set", f"balances_{provider}", str(POOL_SLOTS),
-                          f"{provider} request budget")
+        stack.airflow("pools", "import", str(write_pools(workdir / "pools.json", POOL_SLOTS)))
     except BaseException:
         servers.close()
         raise

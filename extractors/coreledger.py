@@ -247,7 +247,7 @@ class CoreLedgerExtractor:
         for address, asset_id in wanted.values():
             page.reject({"Address": address, "UniqueAssetId": asset_id},
                         f"missing: no balance returned for address {address} and asset {asset_id} "
-                        "(a missing pair is not read as zero)")
+                        "(a missing pair is not read as zero)", code="missing")
 
     def _row(self, record: Any, wanted: dict[tuple[str, str], tuple[str, str]]) -> BalanceRow:
         # The pair is taken off `wanted` first: a returned pair with a bad

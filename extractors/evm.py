@@ -603,7 +603,8 @@ class EvmExtractor:
                                     f"decimals() of token {token}")
                 self._decimals[token] = value
             except RecordError as exc:
-                self._decimals[token] = Rejection(raw=to_json_text(raw), reason=str(exc))
+                self._decimals[token] = Rejection(raw=to_json_text(raw), reason=str(exc),
+                                                  code="token_call_failed")
 
     def _balances(self, holdings: list[tuple[str, str | None]], number: int, block_hash: str,
                   as_of: datetime, raw_snapshot: str) -> Page:
@@ -635,7 +636,7 @@ class EvmExtractor:
                 page.rows.append(BalanceRow(address, asset, amount, decimals))
             except RecordError as exc:
                 page.reject({"account": address, "asset": asset, "block": number, "call": call.method,
-                             "answer": _brief(answer)}, exc)
+                             "answer": _brief(answer)}, exc, code="token_call_failed" if token else None)
         return page
 
 

@@ -309,7 +309,7 @@ class HederaExtractor:
         for missing in sorted(plan.expected):
             tail.reject({"account": id_text(missing)},
                         f"missing: snapshot {snapshot[1]} holds no account {id_text(missing)} "
-                        "(a missing account is not read as zero)")
+                        "(a missing account is not read as zero)", code="missing")
         for expression in plan.watched:
             if expression.text not in plan.matched:
                 tail.warnings.append(f"account_ids entry {expression.text!r} matches no account "

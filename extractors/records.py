@@ -110,21 +110,36 @@ def _columns(cls: type) -> tuple[Column, ...]:
 ROW_COLUMNS: tuple[Column, ...] = _columns(BalanceRow)
 
 
+# Why a record was rejected, in our own words: dashboards count rejections by
+# code (view rejection_reasons), never by the reason text, which quotes the provider.
+REASON_CODES = frozenset({
+    "malformed_record",     # a record the parser could not read (the default)
+    "amount_out_of_range",  # a number beyond what is stored exactly
+    "missing",              # a holding asked for that the snapshot does not hold
+    "invalid_id",           # an account or asset id that cannot be stored or shown safely
+    "token_call_failed",    # an ERC-20 call that reverted or answered nonsense
+    "malformed_response",   # a whole response body that could not be read
+})
+
+
 @dataclass(slots=True, frozen=True)
 class Rejection:
-    """A record that could not be parsed, kept with its raw text and the reason.
+    """A record that could not be parsed, kept with its raw text, the reason and its code.
 
-    Both are made storable here (no NUL, no lone surrogate), whichever
+    Both texts are made storable here (no NUL, no lone surrogate), whichever
     provider built them: a rejection that cannot be written would lose the
-    run's real error.
+    run's real error. ``code`` is one of :data:`REASON_CODES`.
     """
 
     raw: str
     reason: str
+    code: str = "malformed_record"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "raw", safe_text(self.raw))
         object.__setattr__(self, "reason", safe_text(self.reason, 2000))
+        if self.code not in REASON_CODES:
+            raise ValueError(f"unknown rejection code {self.code!r}")
 
 
 @dataclass(slots=True)
@@ -157,13 +172,21 @@ class Page:
                 continue
             yield record, parsed
 
-    def reject(self, record: Any, reason: object) -> None:
-        """Keep a record that cannot be loaded: its exact JSON text and why."""
-        self.rejected.append(Rejection(raw=to_json_text(record), reason=str(reason)))
+    def reject(self, record: Any, reason: object, code: str | None = None) -> None:
+        """Keep a record that cannot be loaded: its exact JSON text and why.
+
+        The code is ``code``, else the reason's own (a :class:`RecordError`'s).
+        """
+        code = code or getattr(reason, "code", None) or "malformed_record"
+        self.rejected.append(Rejection(raw=to_json_text(record), reason=str(reason), code=code))
 
 
 class RecordError(ValueError):
-    """A single record is malformed; the message is the quarantine reason."""
+    """A single record is malformed; the message is the quarantine reason, ``code`` its kind."""
+
+    def __init__(self, message: str, code: str = "malformed_record") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Oversized:
@@ -260,20 +283,20 @@ def integer_amount(value: Any, field_name: str, *, minimum: int | None = None,
     if isinstance(value, bool):
         raise RecordError(f"{field_name} is a boolean, expected an integer")
     if isinstance(value, Oversized):
-        raise RecordError(f"{field_name} is {value!r}")
+        raise RecordError(f"{field_name} is {value!r}", "amount_out_of_range")
     if isinstance(value, int):
         amount = _bounded_int(value, field_name)
     elif isinstance(value, str) and _INTEGER.fullmatch(value):
         problem = number_size_problem(value)
         if problem is not None:
-            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}")
+            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}", "amount_out_of_range")
         amount = int(value)
     elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         # 1e3 arrives as Decimal('1E+3'): an integer written with an exponent.
         # str() of a Decimal is scientific when long, so measuring it is cheap.
         problem = number_size_problem(str(value))
         if problem is not None:
-            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}")
+            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}", "amount_out_of_range")
         amount = int(value)
     else:
         raise RecordError(f"{field_name} is {_shown(value)}, expected an integer")
@@ -289,18 +312,18 @@ def decimal_amount(value: Any, field_name: str) -> Decimal:
     if isinstance(value, bool):
         raise RecordError(f"{field_name} is a boolean, expected a number")
     if isinstance(value, Oversized):
-        raise RecordError(f"{field_name} is {value!r}")
+        raise RecordError(f"{field_name} is {value!r}", "amount_out_of_range")
     if isinstance(value, int):
         return Decimal(_bounded_int(value, field_name))
     if isinstance(value, Decimal) and value.is_finite():
         problem = number_size_problem(str(value))
         if problem is not None:
-            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}")
+            raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}", "amount_out_of_range")
         return value
     if isinstance(value, str) and _JSON_NUMBER.fullmatch(value):
         problem = number_size_problem(value)
         if problem is not None:
-            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}")
+            raise RecordError(f"{field_name} is {Oversized(value, problem)!r}", "amount_out_of_range")
         return Decimal(value)
     raise RecordError(f"{field_name} is {_shown(value)}, expected a number")
 

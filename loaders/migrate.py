@@ -12,7 +12,18 @@ from sqlalchemy import create_engine, pool
 
 from loaders.db import LOCK_TIMEOUT, connect, sqlalchemy_url
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations() -> Path:
+    """``migrations/`` of the source tree, or ``loaders/migrations`` where the wheel installs it."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "migrations", here.parent / "migrations"):
+        if (folder / "env.py").is_file():
+            return folder
+    raise FileNotFoundError(f"no migrations beside {here}: the package is installed incompletely")
+
+
+MIGRATIONS = _migrations()
 
 
 def alembic_config(url: str) -> Config:

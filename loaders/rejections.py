@@ -11,6 +11,7 @@ from typing import Iterable
 
 from psycopg2.extras import execute_values
 
+from extractors.records import Rejection
 from extractors.text import safe_text
 
 # Stored text is cut to these lengths (characters).
@@ -40,13 +41,13 @@ def clear(cur, run_id: int, shard: int) -> None:
     cur.execute("DELETE FROM rejected_records WHERE run_id = %s AND shard = %s", (run_id, shard))
 
 
-def add(cur, run_id: int, shard: int, rejections: Iterable[tuple[str, str]]) -> None:
-    """Keep rejected records with their raw text and the reason."""
+def add(cur, run_id: int, shard: int, rejections: Iterable[Rejection]) -> None:
+    """Keep rejected records with their raw text, the reason and its code."""
     execute_values(
         cur,
-        "INSERT INTO rejected_records (run_id, shard, raw, reason) VALUES %s",
-        [(run_id, shard, safe_text(raw, MAX_RAW_CHARS), safe_text(reason, MAX_REASON_CHARS))
-         for raw, reason in rejections],
+        "INSERT INTO rejected_records (run_id, shard, raw, reason, reason_code) VALUES %s",
+        [(run_id, shard, safe_text(r.raw, MAX_RAW_CHARS), safe_text(r.reason, MAX_REASON_CHARS), r.code)
+         for r in rejections],
     )
 
 

@@ -197,7 +197,7 @@ class StagingWriter:
                 self.flush()
         if rejected:
             with self.conn.cursor() as cur:
-                rejections.add(cur, self.run_id, self.shard, ((r.raw, r.reason) for r in rejected))
+                rejections.add(cur, self.run_id, self.shard, rejected)
             # Committed at once: rejected records are kept even if the run fails.
             self.conn.commit()
             self.rejected += len(rejected)

@@ -6,6 +6,7 @@
     balances snapshot SOURCE [--at T] [--force]    take one snapshot outside Airflow
     balances latest SOURCE [--account A] [--asset X] [--csv]   the latest exact balances
     balances runs [SOURCE] [--limit N]         recent snapshot runs
+    balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
     balances partitions [--months N]           create monthly partitions ahead
     balances reconcile [--from T --to T] [--check NAME]   run the [checks]
     balances report [--out DIR] [--from T --to T]         HTML + Markdown report with charts
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="only the runs of this source")
     p.add_argument("--source", dest="source_option", metavar="SOURCE", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=_count(1, 10_000), default=20, help="how many (default 20)")
+
+    p = command("pools", "the Airflow pools every provider's tasks run in, as JSON for 'airflow pools import'",
+                commands.pools)
+    p.add_argument("--slots", type=_count(1, 1_000), default=4,
+                   help="tasks of one provider that may run at once (default 4)")
 
     p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
     p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")

@@ -245,15 +245,15 @@ LATEST_COLUMNS = ("account", "asset", "balance", "decimals", "balance_units", "a
 
 
 def latest(args) -> int:
-    """The holdings of the source's latest published snapshot, exact (view ``balances_latest``)."""
+    """The holdings of the source's latest published snapshot, exact (view ``balance_latest``)."""
     config = _optional_config(args)
-    with closing(_connect(args, schema="balances_latest")) as conn:
+    with closing(_connect(args, schema="balance_latest")) as conn:
         known_source(conn, config, args.source)
         with conn.cursor() as cur:
             cur.execute(
                 """
                 SELECT account, asset, balance, decimals, balance_units, available_balance, as_of, run_id
-                  FROM balances_latest
+                  FROM balance_latest
                  WHERE source = %(source)s
                    AND (%(account)s::text IS NULL OR account = %(account)s)
                    AND (%(asset)s::text IS NULL OR asset = %(asset)s)
@@ -299,6 +299,23 @@ def runs(args) -> int:
         conn.rollback()
     print_table(("run", "source", "status", "scheduled_for", "as_of", "took", "rows", "rows_inserted", "rejected",
                  "error"), rows, right=("run", "rows", "rows_inserted", "rejected"), limits={"error": 70})
+    return 0
+
+
+# -- pools ---------------------------------------------------------------------
+
+def pools(args) -> int:
+    """One pool per provider of the registry (``balances_<provider>``), as ``airflow pools import`` reads.
+
+    Every task of a source runs in its provider's pool; a task whose pool is
+    missing waits forever. Derived from the registry, so a new provider
+    brings its pool with it.
+    """
+    import json
+
+    from pipeline.config import pools_document
+
+    print(json.dumps(pools_document(args.slots), indent=2))
     return 0
 
 

@@ -67,6 +67,20 @@ DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 START_DATE_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc))
 
 
+def pool_name(provider: str) -> str:
+    """The Airflow pool every task of a provider's sources runs in: one request budget."""
+    return f"balances_{provider}"
+
+
+def pools_document(slots: int = 4) -> dict[str, dict]:
+    """Every provider's pool, as ``airflow pools import`` reads them (``balances pools``).
+
+    From the registry: a new provider brings its pool with it.
+    """
+    return {pool_name(name): {"slots": slots, "description": f"{name} request budget", "include_deferred": False}
+            for name in registry.names()}
+
+
 class ConfigError(ValueError):
     """The config file is wrong; the message names the source and the field.
 
@@ -104,6 +118,10 @@ class SourceConfig:
     @property
     def dag_id(self) -> str:
         return f"balances_{self.name}"
+
+    @property
+    def pool(self) -> str:
+        return pool_name(self.provider)
 
     @property
     def execution_timeout(self) -> timedelta:

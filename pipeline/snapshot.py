@@ -214,8 +214,9 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
         if raw:
             # The body we could not read is kept, as a crawl keeps it.
             with transaction(conn) as cur:
-                rejections.add(cur, run_id, 0, [(connections.scrub(raw, secrets),
-                                                 connections.scrub(str(exc), secrets))])
+                rejections.add(cur, run_id, 0, [Rejection(raw=connections.scrub(raw, secrets),
+                                                          reason=connections.scrub(str(exc), secrets),
+                                                          code="malformed_response")])
         if extractor is not None:
             _record_counts(conn, run_id, extractor, 0, [])
     except Exception as second:
@@ -331,7 +332,8 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
     if raw:
         # The body we could not read is kept, like any rejected record.
         steps.append(("keep the unreadable body", lambda: writer.add(
-            [], [Rejection(raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets))])))
+            [], [Rejection(raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets),
+                           code="malformed_response")])))
     steps.append(("count the progress", lambda: _record_counts(conn, run_id, extractor, pages, warnings)))
     for what, step in steps:
         try:

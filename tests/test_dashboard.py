@@ -117,7 +117,7 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
     load_demo_data(db, tmp_path)
     (subject,) = fetch(db, """SELECT DISTINCT subject_label FROM reconciliation_breaks_detail
                                WHERE status = 'open' AND kind = 'negative_balance'""")[0]
-    (big,) = fetch(db, "SELECT balance_text FROM balances_latest ORDER BY balance_units DESC LIMIT 1")[0]
+    (big,) = fetch(db, "SELECT balance_text FROM balance_latest ORDER BY balance_units DESC LIMIT 1")[0]
     assert len(big.replace(".", "")) > 17  # beyond what a float carries exactly
     sources = [s for (s,) in fetch(db, "SELECT source FROM source_freshness ORDER BY source")]
 

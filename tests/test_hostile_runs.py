@@ -136,8 +136,9 @@ def test_a_publish_that_waits_too_long_for_a_lock_fails_saying_so_then_a_retry_p
 
 # --- locks a reader cannot take or block ----------------------------------------------------
 
-READER_VIEWS = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
-                "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily")
+READER_VIEWS = ("balance_history_units", "balance_latest", "balance_daily_close", "balance_changes",
+                "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily",
+                "pipeline_runs", "rejection_reasons", "balances_latest", "balances_daily_close")
 
 
 def refused(conn, statement: str) -> Exception:

@@ -29,9 +29,12 @@ from loaders.db import connect
 from loaders.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import fetch
 
-VIEWS = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
-         "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily")
-BALANCE_VIEWS = VIEWS[:5]  # of 0004
+VIEWS = ("balance_history_units", "balance_latest", "balance_daily_close", "balance_changes",
+         "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily",
+         "pipeline_runs", "rejection_reasons", "balances_latest", "balances_daily_close")
+BALANCE_VIEWS = VIEWS[:5]  # of 0004 (two renamed in 0014)
+BALANCE_VIEWS_BEFORE_0014 = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
+                             "source_freshness")
 BASE_TABLES = ("balance_history", "snapshot_runs", "rejected_records", "aggregate_balances",
                "request_budgets", "reconciliation_runs", "reconciliation_breaks", "run_leases",
                "source_locks")
@@ -119,13 +122,13 @@ def test_latest_is_the_newest_published_snapshot_of_each_source(db):
     # A backfill of an older snapshot and a later failed run change nothing.
     publish_snapshot(db, "exchange", T1 - timedelta(days=1), [BalanceRow("c", "BTC", 5)])
     failed_run(db, "exchange", T3)
-    rows = fetch(db, "SELECT source, account, balance, as_of, balance_units FROM balances_latest"
+    rows = fetch(db, "SELECT source, account, balance, as_of, balance_units FROM balance_latest"
                      " ORDER BY source, account")
     # b is not in the newest snapshot: it is not shown with its old balance.
     assert rows == [("exchange", "a", 150, T2, 150), ("ledger", "x", 7, T1, Decimal("0.00000007"))]
     columns = fetch(db, "SELECT table_name, array_agg(column_name::text ORDER BY ordinal_position)"
                         " FROM information_schema.columns WHERE table_name = ANY(%s) GROUP BY 1",
-                    (["balances_latest", "balance_history_units"],))
+                    (["balance_latest", "balance_history_units"],))
     assert columns[0][1] == columns[1][1]
 
 
@@ -139,7 +142,7 @@ def test_daily_close_is_the_last_snapshot_of_each_utc_day(db):
                      [BalanceRow("a", "EUR", 4, decimals=2), BalanceRow("b", "EUR", 5, decimals=2)])
     fetch(db, "SELECT set_config('TimeZone', 'Europe/Paris', false)")  # days stay UTC days
     rows = fetch(db, "SELECT day, account, balance, balance_units, balance_text, as_of"
-                     " FROM balances_daily_close ORDER BY day, account")
+                     " FROM balance_daily_close ORDER BY day, account")
     assert rows == [
         (date(2026, 3, 1), "a", 3, Decimal("0.03"), "3", late_evening),
         (date(2026, 3, 2), "a", 4, Decimal("0.04"), "4", just_after_midnight),
@@ -203,14 +206,15 @@ def test_reader_reads_every_view_without_rights_on_the_tables(db, reader):
         for view in VIEWS:
             cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(view)))
             counts[view] = cur.fetchone()[0]
-        cur.execute("SELECT balance_units FROM balances_latest")
+        cur.execute("SELECT balance_units FROM balance_latest")
         assert cur.fetchall() == [(Decimal("3.0"),)]
         cur.execute("SELECT delta_units FROM balance_changes WHERE previous_as_of IS NOT NULL")
         assert cur.fetchall() == [(Decimal("2.0"),)]
     reader.rollback()
-    assert counts == {"balance_history_units": 2, "balances_latest": 1, "balances_daily_close": 2,
+    assert counts == {"balance_history_units": 2, "balance_latest": 1, "balance_daily_close": 2,
                       "balance_changes": 2, "source_freshness": 1, "reconciliation_breaks_detail": 0,
-                      "reconciliation_breaks_daily": 0}
+                      "reconciliation_breaks_daily": 0, "pipeline_runs": 2, "rejection_reasons": 0,
+                      "balances_latest": 1, "balances_daily_close": 2}
     # Exactly SELECT on the views: nothing on the tables behind them.
     grants = fetch(db, "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
                        " WHERE grantee = 'balances_reader'")
@@ -342,7 +346,7 @@ def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):
             assert fetch(conn, reader_on_public) == [(True,)]
             command.downgrade(alembic_config(url), "0003")
             assert current_revision(url) == "0003"
-            names = [*BALANCE_VIEWS, "snapshot_runs_published"]
+            names = [*BALANCE_VIEWS_BEFORE_0014, "snapshot_runs_published"]
             assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n",
                          (names,)) == [(0,)]
             assert fetch(conn, "SELECT to_regprocedure("
@@ -377,7 +381,7 @@ def test_ids_compare_byte_by_byte_after_an_upgrade_in_place(database_url):
                 pytest.skip("this server has no ICU: the default collation is C already")
             upgrade(url, "0005")
             published_at_old_revision(conn, "s", T1, [BalanceRow(a, "X", 1) for a in accounts])
-            latest = "SELECT account FROM balances_latest ORDER BY account"
+            latest = "SELECT account FROM balances_latest ORDER BY account"  # its name before 0014
             assert [a for (a,) in fetch(conn, latest)] != by_bytes  # the linguistic default
 
             assert upgrade(url, "0006") == "0006"
@@ -387,7 +391,7 @@ def test_ids_compare_byte_by_byte_after_an_upgrade_in_place(database_url):
             assert fetch(conn, "SELECT count(*) FROM balance_history") == [(3,)]
             assert fetch(conn, "SELECT count(*) FROM unnest(%s::text[]) v"
                                " WHERE has_table_privilege('balances_reader', v, 'SELECT')",
-                         (list(BALANCE_VIEWS),)) == [(len(BALANCE_VIEWS),)]
+                         (list(BALANCE_VIEWS_BEFORE_0014),)) == [(len(BALANCE_VIEWS_BEFORE_0014),)]
             published_at_old_revision(conn, "s", T2, [BalanceRow(a, "X", 2) for a in accounts])
             assert fetch(conn, "SELECT count(*) FROM balance_changes WHERE delta = 1") == [(3,)]
 
@@ -505,13 +509,13 @@ def planned(scans: list[dict]) -> set[str]:
 
 
 def test_latest_of_one_source_reads_one_snapshot_by_index(volume):
-    scans = explain(volume, "SELECT account, balance_units FROM balances_latest WHERE source = %s",
+    scans = explain(volume, "SELECT account, balance_units FROM balance_latest WHERE source = %s",
                     ("beta",))
     # Which partition holds the newest snapshot is known only at run time:
     # the others are pruned then, and show as never executed.
     assert read(scans).keys() == {FEB}
     assert read(scans)[FEB] <= INDEX_SCANS
-    [(rows,)] = fetch(volume, "SELECT count(*) FROM balances_latest WHERE source = 'beta'")
+    [(rows,)] = fetch(volume, "SELECT count(*) FROM balance_latest WHERE source = 'beta'")
     assert rows == ACCOUNTS
 
 
@@ -526,7 +530,7 @@ def test_one_account_over_a_time_range_reads_only_that_month(volume):
 
 
 def test_daily_close_of_one_account_across_a_month_boundary(volume):
-    query = ("SELECT day, balance_units FROM balances_daily_close"
+    query = ("SELECT day, balance_units FROM balance_daily_close"
              " WHERE source = %s AND account = %s AND as_of >= %s AND as_of < %s ORDER BY day")
     params = ("gamma", "0.0.5000", utc(2026, 1, 25), utc(2026, 2, 5))
     scans = explain(volume, query, params)
@@ -596,3 +600,50 @@ def test_a_snapshot_stores_only_what_changed_and_reads_back_whole(db):
     assert fetch(db, "SELECT count(*), sum(balance) FROM balance_history WHERE as_of = %s", (T2,)) == [
         (99, sum(r.balance for r in second))]
     assert fetch(db, "SELECT account, balance FROM balance_history_store WHERE gone") == [("0.0.0", None)]
+
+
+def test_the_names_before_0014_answer_as_the_new_ones(db):
+    publish_snapshot(db, "renamed", T1, [BalanceRow("a", "HBAR", 10, decimals=1)])
+    publish_snapshot(db, "renamed", T2, [BalanceRow("a", "HBAR", 30, decimals=1), BalanceRow("b", "X", 1)])
+    for old, new in (("balances_latest", "balance_latest"), ("balances_daily_close", "balance_daily_close")):
+        rows = fetch(db, f"SELECT * FROM {new} ORDER BY account")
+        assert rows and fetch(db, f"SELECT * FROM {old} ORDER BY account") == rows
+
+
+def test_pipeline_health_views_show_runs_and_rejections_but_no_provider_text(db, reader):
+    from extractors.records import Rejection
+    from loaders import rejections
+
+    publish_snapshot(db, "healthy", T1, [BalanceRow("a", "HBAR", 10)])
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO snapshot_runs (source, provider, scheduled_for, status, started_at, finished_at,"
+                    " error, rejected) VALUES ('healthy', 'hedera', %s, 'failed', %s, %s,"
+                    " 'HTTP 500: <img src=https://evil.example/beacon>', 2) RETURNING run_id",
+                    (T2, T2, T2 + timedelta(seconds=90)))
+        failed = cur.fetchone()[0]
+        rejections.add(cur, failed, 0, [Rejection('{"account":"<b>x</b>"}', "account '<b>x</b>' is not an id",
+                                                  "invalid_id"),
+                                        Rejection('{"balance":"1e999999999"}', "balance is too large",
+                                                  "amount_out_of_range")])
+    db.commit()
+    with reader.cursor() as cur:
+        cur.execute("SELECT status, duration_seconds, rows, rejected FROM pipeline_runs"
+                    " WHERE source = 'healthy' ORDER BY run_id")
+        runs = cur.fetchall()
+        cur.execute("SELECT * FROM pipeline_runs")
+        run_columns = {d.name for d in cur.description}
+        cur.execute("SELECT reason_code, day, rejections, runs FROM rejection_reasons WHERE source = 'healthy'"
+                    " ORDER BY reason_code")
+        reasons = cur.fetchall()
+        cur.execute("SELECT * FROM rejection_reasons")
+        reason_columns = {d.name for d in cur.description}
+        cur.execute("SELECT string_agg(t::text, ' ') FROM pipeline_runs t")
+        shown = cur.fetchone()[0]
+        cur.execute("SELECT string_agg(t::text, ' ') FROM rejection_reasons t")
+        shown += cur.fetchone()[0]
+    reader.rollback()
+    assert [r[0] for r in runs] == ["published", "failed"] and runs[1][1] == Decimal(90) and runs[1][3] == 2
+    today = fetch(db, "SELECT (now() AT TIME ZONE 'UTC')::date")[0][0]
+    assert reasons == [("amount_out_of_range", today, 1, 1), ("invalid_id", today, 1, 1)]
+    assert not {"error", "raw", "reason"} & (run_columns | reason_columns)
+    assert "evil" not in shown and "<" not in shown
