@@ -44,7 +44,7 @@ VIEWS: dict[str, tuple[str | None, list[tuple[str, str, bool]]]] = {
         ("source", "TEXT", False), ("provider", "TEXT", False), ("account", "TEXT", False),
         ("asset", "TEXT", False), ("as_of", "TIMESTAMP WITH TIME ZONE", True),
         ("balance_units", "NUMERIC", False), ("balance_text", "TEXT", False)]),
-    "balances_latest": ("as_of", [
+    "balance_latest": ("as_of", [
         ("source", "TEXT", False), ("account", "TEXT", False), ("asset", "TEXT", False),
         ("as_of", "TIMESTAMP WITH TIME ZONE", True), ("balance_units", "NUMERIC", False),
         ("balance_text", "TEXT", False), ("available_text", "TEXT", False), ("decimals", "SMALLINT", False)]),
@@ -52,6 +52,9 @@ VIEWS: dict[str, tuple[str | None, list[tuple[str, str, bool]]]] = {
         ("source", "TEXT", False), ("provider", "TEXT", False),
         ("last_published_as_of", "TIMESTAMP WITH TIME ZONE", True), ("age_seconds", "NUMERIC", False),
         ("last_run_status", "TEXT", False), ("failed_runs_24h", "BIGINT", False)]),
+    "pipeline_runs": ("scheduled_for", [
+        ("source", "TEXT", False), ("status", "TEXT", False), ("scheduled_for", "TIMESTAMP WITH TIME ZONE", True),
+        ("duration_seconds", "NUMERIC", False), ("rows", "BIGINT", False), ("rejected", "INTEGER", False)]),
     "reconciliation_breaks_daily": ("day", [
         ("day", "DATE", True), ("check_name", "TEXT", False), ("open", "BIGINT", False),
         ("resolved", "BIGINT", False), ("total", "BIGINT", False)]),
@@ -89,16 +92,19 @@ def step_chart(title: str, groupby: list[str], filters: list[dict]) -> dict:
 
 def table_chart(columns: list[str], order_by: str, filters: list[dict] | None = None, *,
                 ascending: bool = False) -> dict:
+    # Cells are text, never HTML: ids and details come from providers, and
+    # Superset renders a cell's HTML unless told not to (a link or an image
+    # in an account id would become live in the dashboard).
     return {"viz_type": "table", "query_mode": "raw", "all_columns": columns, "adhoc_filters": filters or [],
             "order_by_cols": [f'["{order_by}", {str(ascending).lower()}]'], "row_limit": 1000, "server_pagination": False,
-            "table_timestamp_format": "%Y-%m-%d %H:%M:%S", "include_search": True}
+            "table_timestamp_format": "%Y-%m-%d %H:%M:%S", "include_search": True, "allow_render_html": False}
 
 
 # (key, title, view, params, width, height)
 CHARTS = [
     ("balance", "Balance of a holding over time (whole units)", "balance_history_units",
      step_chart("", ["source", "account", "asset"], []), 12, 60),
-    ("latest", "Latest balances (exact)", "balances_latest",
+    ("latest", "Latest balances (exact)", "balance_latest",
      table_chart(["source", "account", "asset", "balance_text", "available_text", "as_of"], "balance_units"),
      12, 50),
     ("freshness", "Source freshness", "source_freshness",
@@ -109,6 +115,10 @@ CHARTS = [
       "metrics": [sql_metric("open", "SUM(open)"), sql_metric("resolved", "SUM(resolved)")],
       "groupby": [], "adhoc_filters": [], "row_limit": 10000, "show_legend": True, "stack": "Stack",
       "x_axis_time_format": "%Y-%m-%d"}, 6, 40),
+    ("runs", "Snapshot runs: rows per run and source, by status", "pipeline_runs",
+     {"viz_type": "echarts_timeseries_bar", "x_axis": "scheduled_for", "time_grain_sqla": "PT1M",
+      "metrics": [sql_metric("rows", "SUM(rows)")], "groupby": ["source", "status"], "adhoc_filters": [],
+      "row_limit": 10000, "show_legend": True, "stack": "Stack", "x_axis_time_format": "smart_date"}, 12, 40),
     ("open_breaks", "Open breaks", "reconciliation_breaks_detail",
      table_chart(["check_time", "check_name", "kind", "subject_label", "left_text", "right_text",
                   "difference_text", "detail"], "check_time", [sql_filter("status = 'open'")]), 12, 50),
@@ -118,10 +128,10 @@ CHARTS = [
      {**step_chart("", ["source"], [sql_filter(PAIR_SIDES)]), "resample_rule": "1T", "resample_method": "ffill"},
      12, 50),
 ]
-ROWS = [["balance"], ["latest"], ["freshness", "breaks_daily"], ["open_breaks"], ["pair"]]
+ROWS = [["balance"], ["latest"], ["freshness", "breaks_daily"], ["runs"], ["open_breaks"], ["pair"]]
 # native filter -> (charts it applies to, default value). Account and asset pick the
 # holding the balance chart draws (all of them at once would share one scale).
-FILTERS = {"source": (["balance", "latest", "freshness", "pair"], None),
+FILTERS = {"source": (["balance", "latest", "freshness", "runs", "pair"], None),
            "account": (["balance"], ["0.0.101"]),
            "asset": (["balance"], None)}
 
@@ -185,7 +195,7 @@ def export_files() -> dict[str, dict]:
                     "filterState": {"value": list(default)}, "ownState": {}}
         native_filters.append({
             "id": f"NATIVE_FILTER-{column}", "name": column, "filterType": "filter_select", "type": "NATIVE_FILTER",
-            "targets": [{"column": {"name": column}, "datasetUuid": uid("dataset:balances_latest")}],
+            "targets": [{"column": {"name": column}, "datasetUuid": uid("dataset:balance_latest")}],
             "controlValues": {"multiSelect": True, "enableEmptyFilter": False, "defaultToFirstItem": False,
                               "inverseSelection": False, "searchAllOptions": False},
             "defaultDataMask": mask,

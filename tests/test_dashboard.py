@@ -138,12 +138,12 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
         wait_for(driver, lambda d: subject in text(d), f"the open break {subject!r}")
         wait_for(driver, lambda d: big in text(d), f"the exact balance {big}")
         wait_for(driver, lambda d: all(s in text(d) for s in sources), f"the freshness of {sources}")
-        # The three time charts draw on canvases (ECharts), once their data arrived.
-        wait_for(driver, lambda d: len(d.find_elements("css selector", ".chart-container canvas")) >= 3,
-                 "three rendered time charts")
+        # The four time charts draw on canvases (ECharts), once their data arrived.
+        wait_for(driver, lambda d: len(d.find_elements("css selector", ".chart-container canvas")) >= 4,
+                 "four rendered time charts")
         body = text(driver)
         for title in ("Balance of a holding over time", "Latest balances (exact)", "Source freshness",
-                      "Breaks per day", "Open breaks", "Pair check treasury_hbar"):
+                      "Breaks per day", "Snapshot runs", "Open breaks", "Pair check treasury_hbar"):
             assert title in body
         assert "Unexpected error" not in body and "No results were returned" not in body
         time.sleep(2)  # animations settle before the picture
