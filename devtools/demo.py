@@ -50,13 +50,19 @@ def _toml_value(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:
-    lines = ["# Written by scripts/demo: sandbox providers on 127.0.0.1.", ""]
+def sources_text(sources: dict[str, dict]) -> str:
+    """``[sources.<name>]`` tables in TOML."""
+    lines = []
     for name, keys in sources.items():
         lines.append(f"[sources.{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
         lines.append("")
-    path.write_text("\n".join(lines) + checks)
+    return "\n".join(lines)
+
+
+def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:
+    path.write_text("# Written by scripts/demo: sandbox providers on 127.0.0.1.\n\n" + sources_text(sources)
+                    + checks)
 
 
 # The Formance sandbox books the Hedera treasury (0.0.1234) as treasury:hedera.
