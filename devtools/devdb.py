@@ -114,7 +114,7 @@ def start(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
     if port is None:
         bin_dir = binaries()
         if not (data_dir / "PG_VERSION").exists():
-            _initdb(bin_dir, data_dir)
+            data_dir = _initdb(bin_dir, data_dir)
         elif not password_file(data_dir).exists():
             _convert_trust_cluster(data_dir)
         port = _free_port()
@@ -130,7 +130,36 @@ def _write_secret(path: Path, text: str) -> None:
         f.write(text + "\n")
 
 
-def _initdb(bin_dir: Path, data_dir: Path) -> None:
+def _reachable_by_postgres(path: Path) -> bool:
+    return subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _place_data_dir(data_dir: Path) -> Path:
+    """Where the cluster's files go: ``data_dir``, unless the ``postgres`` user cannot reach it.
+
+    As root in a checkout under ``/root`` (mode 0700), the server, which runs
+    as ``postgres``, could not open its own data directory. Its files then
+    live in ``/var/lib/postgresql/balances-dev/<id>`` (``postgres``'s own
+    home), and ``data_dir`` becomes a link to them: every command here
+    resolves it, so nothing else changes.
+    """
+    if os.geteuid() != 0 or _reachable_by_postgres(data_dir.parent):
+        return data_dir
+    import hashlib
+
+    home = Path("/var/lib/postgresql/balances-dev")
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.chown(home, "postgres", "postgres")
+    home.chmod(0o700)
+    target = home / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    data_dir.symlink_to(target, target_is_directory=True)
+    return target
+
+
+def _initdb(bin_dir: Path, data_dir: Path) -> Path:
+    """A new cluster in ``data_dir`` (or where it links to, see :func:`_place_data_dir`); its real path."""
+    data_dir = _place_data_dir(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(data_dir, "postgres", "postgres")
@@ -148,6 +177,7 @@ def _initdb(bin_dir: Path, data_dir: Path) -> None:
                         f"--pwfile={pwfile}"]), "initdb")
     _write_hba(data_dir)
     _write_secret(password_file(data_dir), secret)
+    return data_dir
 
 
 def _write_hba(data_dir: Path) -> None:
