@@ -307,8 +307,6 @@ def test_durations_are_written_as_people_write_them(seconds, text):
 
 
 def test_network_errors_name_the_cause_and_the_key_and_dns_is_not_retried(serve):
-    import socket
-    import threading
 
     from extractors.errors import TransportError
     from extractors.http import HttpClient, RetryPolicy

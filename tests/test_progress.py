@@ -12,7 +12,6 @@ import pty
 import re
 import select
 import subprocess
-import sys
 from datetime import datetime, timezone
 
 import pytest
