@@ -2,38 +2,6 @@
 ``tests/test_entry_points.py``, which runs the command as typed)."""
 from __future__ import annotations
 
-import os
-
-import psycopg2
-import pytest
-
-from tests.conftest import fetch
-
-pytestmark = pytest.mark.airflow
-
-LIVE_DEADLINE = float(os.environ.get("BALANCES_LIVE_DEADLINE", "420"))
-SHARDS = 3
-
-
-def published_per_source(db, sources: list[str]) -> dict[str, int]:
-    rows = fetch(db, """SELECT source, count(*) FROM snapshot_runs
-                         WHERE status = 'published' AND dag_run_id LIKE 'scheduled\\_\\_%%'
-                         GROUP BY source""")
-    counts = dict(rows)
-    return {s: counts.get(s, 0) for s in sources}
-
-
-def metadata(stack, query: str, params=()) -> list[tuple]:
-    url = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://")
-    conn = psycopg2.connect(url, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def test_moving_sandboxes_agree_on_the_treasury_minute_by_minute():
     """The pair the dashboard shows: both books move together, every third minute."""
     from decimal import Decimal
