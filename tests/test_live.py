@@ -2,6 +2,7 @@
 ``tests/test_entry_points.py``, which runs the command as typed)."""
 from __future__ import annotations
 
+
 def test_moving_sandboxes_agree_on_the_treasury_minute_by_minute():
     """The pair the dashboard shows: both books move together, every third minute."""
     from decimal import Decimal
