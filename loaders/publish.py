@@ -312,6 +312,9 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
     kept = None
     if previous is not None:
         kept = latest_cache.previous_holdings(cur, run.source, previous, run.provider)
+    else:
+        # A keyframe: stored rows of the month that no snapshot lists would show through it.
+        cur.execute("SELECT balance_history_require_clean_month(%s, %s)", (run.source, run.as_of))
     params = {"source": run.source, "as_of": previous, "new": run.as_of, "provider": run.provider}
     # Both ways compare by hashing one side and probing it with the other
     # as they lie, which needs no sort of the snapshot; a merge join would
