@@ -11,12 +11,13 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from loaders.db import connect, describe
 from loaders.migrate import upgrade
 from devtools import devdb
+from pipeline.config import toml_table
 from sandbox import apps
 from sandbox.server import FakeServer
 
@@ -24,24 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / ".demo"
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (date, datetime)):
-        return value.isoformat()  # a TOML date or date-time, not a string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:
     lines = ["# Written by 'balances demo': sandbox providers on 127.0.0.1.", ""]
     for name, keys in sources.items():
-        lines.append(f"[sources.{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-        lines.append("")
+        lines += [*toml_table("sources", name, keys), ""]
     path.write_text("\n".join(lines) + checks)
 
 

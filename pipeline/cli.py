@@ -3,7 +3,7 @@
     balances migrate                      apply the migrations
     balances snapshot SOURCE [--at TIME] [--force]
                                           take one snapshot outside Airflow
-    balances runs [--source S]            list recent runs
+    balances runs [SOURCE] [--show RUN]   list recent runs; --show: the configuration RUN ran with
     balances partitions [--months N]      create monthly partitions ahead
     balances demo [--serve]               the README's end-to-end demo (--serve: live, until Ctrl-C)
     balances reconcile [--from --to]      run the [checks] (default: the last 3 days)
@@ -97,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a fresh snapshot even if a present-only provider's interval is already published")
     p.set_defaults(func=cmd_snapshot)
 
-    p = commands.add_parser("runs", help="list recent snapshot runs")
-    p.add_argument("--source")
+    p = commands.add_parser("runs", help="list recent snapshot runs (--show RUN: the configuration it ran with)")
+    p.add_argument("source", nargs="?", help="only this source's runs")
+    p.add_argument("--source", dest="source_option", metavar="SOURCE", help="the same, as an option")
     p.add_argument("--limit", type=_count(1, 10_000), default=20)
+    p.add_argument("--show", type=_count(1, 999_999_999), metavar="RUN",
+                   help="print the source configuration run RUN was begun with")
     p.set_defaults(func=cmd_runs)
 
     p = commands.add_parser("partitions", help="create balance_history partitions ahead")
@@ -191,6 +194,11 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_runs(args) -> int:
+    if args.source and args.source_option and args.source != args.source_option:
+        raise ConfigError(f"two sources given: {args.source!r} and --source {args.source_option!r}")
+    args.source = args.source or args.source_option
+    if args.show is not None:
+        return show_run(args.show, args.source)
     conn = _connect()
     try:
         _require_schema(conn)
@@ -211,6 +219,28 @@ def cmd_runs(args) -> int:
     print(f"{'run':>5} {'source':<18} {'status':<12} {'scheduled_for':<26} {'rows':>9} {'new':>9} {'rej':>4}  error")
     for r in rows:
         print(f"{r[0]:>5} {r[1]:<18} {r[2]:<12} {r[3].isoformat():<26} {r[6]:>9} {r[7]:>9} {r[8]:>4}  {r[9][:60]}")
+    return 0
+
+
+def show_run(run_id: int, source: str | None) -> int:
+    """A run and the configuration of its source as the run was begun (``snapshot_runs.config``)."""
+    from loaders.runs import get_run
+    from pipeline.config import table_from_record, toml_table
+
+    conn = _connect()
+    try:
+        _require_schema(conn)
+        run = get_run(conn, run_id)
+    finally:
+        conn.close()
+    if source is not None and run.source != source:
+        raise LookupError(f"run {run_id} is a run of {run.source}, not of {source}")
+    print(f"# run {run.run_id} of {run.source}: {run.status}, scheduled for {run.scheduled_for.isoformat()}")
+    if run.config is None:
+        print("# begun before runs kept their configuration (migration 0012): not recorded")
+        return 0
+    print("# the configuration it was begun with, which every task of the run used:")
+    print("\n".join(toml_table("sources", run.source, table_from_record(run.config))))
     return 0
 
 

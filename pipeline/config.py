@@ -21,7 +21,7 @@ import types
 import typing
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,58 @@ class SourceConfig:
     @property
     def execution_timeout(self) -> timedelta:
         return timedelta(seconds=self.task_timeout)
+
+    def table(self) -> dict[str, Any]:
+        """Every key of the source as resolved (defaults filled in), as its ``[sources.<name>]`` table
+        would write it: :func:`parse_source` reads it back to an equal SourceConfig.
+
+        Credentials are never part of it: a source names its Connection (``conn_id``), and a URL
+        carrying a user or password is refused (:func:`check_url`).
+        """
+        values = {"provider": self.provider}
+        values |= {key: getattr(self, key) for key in _COMMON if key != "provider"}
+        if values["schedule"] is None:
+            values["schedule"] = "none"
+        values |= {key: getattr(self.retry, attr) for key, attr in _RETRY.items()}
+        values |= {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings)}
+        # TOML has no null: a key left unset is one whose default is None.
+        return {key: value for key, value in values.items() if value is not None}
+
+    def record(self) -> dict[str, Any]:
+        """:meth:`table` as JSON values (times as ISO-8601 text): what a run keeps of its source."""
+        return {key: value.isoformat() if isinstance(value, datetime) else value
+                for key, value in self.table().items()}
+
+
+def source_from_record(name: str, record: dict[str, Any]) -> SourceConfig:
+    """The SourceConfig a run kept (:meth:`SourceConfig.record`), through the same validation as the file."""
+    return parse_source(name, table_from_record(record))
+
+
+def table_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A kept :meth:`SourceConfig.record` as its TOML table again (times as datetimes)."""
+    table = dict(record)
+    for key, kind in _COMMON.items():
+        if kind is datetime and isinstance(table.get(key), str):
+            table[key] = datetime.fromisoformat(table[key])
+    return table
+
+
+def toml_table(section: str, name: str, keys: dict[str, Any]) -> list[str]:
+    """The lines of a ``[<section>.<name>]`` table holding ``keys``."""
+    return [f"[{section}.{name}]"] + [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()  # a TOML date or date-time, not a string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +535,10 @@ def check_url(url: Any, where: str) -> None:
         raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL with a host")
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         raise ConfigError(f"{where}: {redact_url(url)!r} must not have a query or fragment")
+    if "@" in parts.netloc:
+        # The URL is kept with every run (snapshot_runs.config): no secret may ride in it.
+        raise ConfigError(f"{where}: {redact_url(url)!r} carries a user or password: put credentials in the"
+                          " source's Connection (conn_id)")
 
 
 # A tolerance as written: plain ASCII decimal, optional short exponent.

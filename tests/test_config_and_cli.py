@@ -1,17 +1,22 @@
 """Config validation and the ``balances`` command, as a user meets them."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from extractors.http import parse_retry_after
 from extractors.redaction import redact_url, same_origin
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config, parse_source, source_from_record
 from tests.conftest import REPO, fetch
+from tests.sandboxes import PROVIDERS
 from tests.hedera_data import T3, mirror
 
 
@@ -161,3 +166,61 @@ def test_config_and_database_errors_are_one_clear_line(database_url, tmp_path, c
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("balances: ")
     assert says in result.stderr
     assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr
+
+
+# --- a run keeps the configuration it was begun with ----------------------------------------
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_sources_kept_record_reads_back_as_the_same_source_and_names_no_secret(provider):
+    from sandbox.apps import sandbox
+
+    keys = dict(sandbox(provider).demo_source("https://node.example/api"))
+    source = parse_config({"sources": {"kept": keys}}).source("kept")
+    record = json.loads(json.dumps(source.record()))  # as snapshot_runs.config holds it
+    assert source_from_record("kept", record) == source
+    # Every key resolved, the defaults too; a Connection is named, never opened.
+    assert record["task_timeout"] == source.task_timeout and record["max_attempts"] == source.retry.max_attempts
+    assert record.get("conn_id") == keys.get("conn_id")
+    demo = sandbox(provider).DEMO_CONNECTION
+    if demo is not None:
+        secrets = {value for value in (urlsplit(demo[1]).username, urlsplit(demo[1]).password) if value}
+        assert secrets and not any(secret in json.dumps(record) for secret in secrets)
+
+
+def test_a_url_carrying_a_password_is_refused_as_it_would_be_kept_with_every_run():
+    with pytest.raises(ConfigError, match=r"sources.s.base_url: 'https://\*\*\*@h.example' carries a user or"
+                                          r" password: put credentials in the source's Connection"):
+        parse_config({"sources": {"s": {"provider": "hedera", "base_url": "https://me:s3cret@h.example"}}})
+
+
+def test_runs_lists_a_sources_runs_and_shows_the_configuration_a_run_used(db, database_url, serve, tmp_path,
+                                                                          monkeypatch, capsys):
+    from pipeline.cli import main
+
+    server = serve(mirror())
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.cli_kept]\nprovider = "hedera"\nbase_url = "{server.url}"\nlimit = 25\n'
+                      f'[sources.cli_other]\nprovider = "hedera"\nbase_url = "{server.url}"\n')
+    monkeypatch.setenv("BALANCES_DB_URL", database_url)
+    for source in ("cli_kept", "cli_other"):
+        assert main(["--config", str(config), "snapshot", source, "--at", "2023-11-14T23:00:00Z"]) == 0
+    capsys.readouterr()
+    # The file changes after the run: the run still shows what it ran with.
+    config.write_text(config.read_text().replace("limit = 25", "limit = 50"))
+    for args in (["runs", "cli_kept"], ["runs", "--source", "cli_kept"]):
+        assert main(args) == 0
+        listed = capsys.readouterr().out
+        assert " cli_kept " in listed and "cli_other" not in listed
+    assert main(["runs", "cli_kept", "--show", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("# run 1 of cli_kept: published, scheduled for 2023-11-14T23:00:00+00:00\n")
+    table = tomllib.loads(shown)["sources"]["cli_kept"]
+    assert parse_source("cli_kept", table) == parse_config(
+        {"sources": {"cli_kept": {"provider": "hedera", "base_url": server.url, "limit": 25}}}).source("cli_kept")
+    assert table["limit"] == 25 and table["start_date"] == datetime(2024, 1, 1, tzinfo=timezone.utc)
+    # A run of another source, two sources at once: refused with one line.
+    assert main(["runs", "cli_kept", "--show", "2"]) == 1
+    assert capsys.readouterr().err == "balances: run 2 is a run of cli_other, not of cli_kept\n"
+    assert main(["runs", "cli_kept", "--source", "cli_other"]) == 2
+    assert "two sources given" in capsys.readouterr().err

@@ -237,3 +237,41 @@ def test_each_providers_dag_lands_its_sandbox_snapshot(airflow_env, db, serve, p
     [(status, rows, inserted)] = fetch(db, "SELECT status, rows, rows_inserted FROM snapshot_runs")
     assert status == "published" and rows == inserted > 0
     assert fetch(db, "SELECT count(*) FROM balance_history WHERE source = %s", (name,)) == [(rows,)]
+
+
+def test_a_sources_file_changed_during_a_run_changes_the_next_run_only(airflow_env, db, serve):
+    """A deploy between two tasks of a run: every task after begin_run keeps the run's configuration."""
+    mirror_app = mirror(accounts=57)
+    served = []
+
+    def app(request):
+        if not served:  # the run's first request (plan_shards), after begin_run read the file
+            path.write_text(hedera_config(server.url, extra="shards = 1").replace("limit = 10", "limit = 5"))
+        served.append(request)
+        return mirror_app(request)
+
+    server = serve(app)
+    path = write_config(hedera_config(server.url, extra="shards = 3"))
+    dag = load_dag("balances_hedera_dagtest")
+    dag_run = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))
+    assert dag_run.state == "success"
+    assert "shards = 1" in path.read_text()  # the file did change mid-run
+    crawls = [ti for ti in dag_run.get_task_instances() if ti.task_id == "crawl_snapshot"]
+    assert sorted(ti.map_index for ti in crawls) == [0, 1, 2]
+    # Published whole, as planned: three shards, pages of 10 (the file now says 1 shard, pages of 5).
+    assert fetch(db, "SELECT status, shards, rows, config->>'shards', config->>'limit' FROM snapshot_runs") == [
+        ("published", 3, 58 + 11, "3", "10")]
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(58 + 11,)]
+    pages = {r.params("limit")[0] for r in served if r.path.endswith("/balances") and r.params("account.id")}
+    assert pages == {"10"}
+
+    # The next run is the file's.
+    served.clear()
+    served.append("the file is edited already")
+    later = dag.test(logical_date=datetime.fromtimestamp(1700002900, tz=timezone.utc))
+    assert later.state == "success"
+    assert len([ti for ti in later.get_task_instances() if ti.task_id == "crawl_snapshot"]) == 1
+    assert fetch(db, "SELECT status, shards, rows, config->>'limit' FROM snapshot_runs ORDER BY run_id DESC"
+                     " LIMIT 1") == [("published", 1, 58 + 11, "5")]
+    assert {r.params("limit")[0] for r in served[1:] if r.path.endswith("/balances")
+            and r.params("account.id")} == {"5"}
