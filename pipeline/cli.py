@@ -129,11 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aware_time(text: str) -> datetime:
+    """An ISO-8601 time (UTC without an offset), within 1970 to 9999 once in UTC; exit 2 otherwise."""
+    from pipeline.config import utc_time
+
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        return utc_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _connect():

@@ -64,6 +64,10 @@ MAX_DEFAULT_TASK_TIMEOUT = timedelta(hours=6)
 DEFAULT_SCHEDULE = "@hourly"
 DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 START_DATE_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc))
+# Any time a run or the config names, once in UTC: from the epoch to the
+# end of year 9999 (Python reads no later time back from PostgreSQL: a
+# stored run in year 10000 broke every 'balances runs').
+TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime.max.replace(tzinfo=timezone.utc))
 
 
 class ConfigError(ValueError):
@@ -75,6 +79,21 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+def utc_time(value: datetime) -> datetime:
+    """``value`` in UTC (a time without offset is taken as UTC); ValueError unless it lies in
+    :data:`TIME_RANGE` once normalised (``9999-12-31T23:59:59-01:00`` is in year 10000)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    low, high = TIME_RANGE
+    try:
+        utc = value.astimezone(timezone.utc)
+    except OverflowError:
+        utc = None
+    if utc is None or not low <= utc <= high:
+        raise ValueError(f"{value.isoformat()} is outside {low:%Y-%m-%d} to {high:%Y-%m-%d} in UTC")
+    return utc
 
 
 def one_line(text: str) -> str:
@@ -589,10 +608,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             except InvalidOperation:
                 pass
     elif kind is datetime:
-        if isinstance(value, datetime):
-            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        if hasattr(value, "year"):  # a TOML date
-            return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+        if hasattr(value, "year"):  # a TOML date-time, or a date
+            if not isinstance(value, datetime):
+                value = datetime(value.year, value.month, value.day)
+            try:
+                return utc_time(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
     elif kind is dict:
         if isinstance(value, dict):
             return value

@@ -23,7 +23,7 @@ from loaders.rejections import RejectedRecordsError
 from loaders.runs import RunStatus
 from loaders.staging import StagingWriter
 from pipeline import connections
-from pipeline.config import SourceConfig, load_config, source_from_record
+from pipeline.config import SourceConfig, load_config, source_from_record, utc_time
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
     """
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
+    scheduled_for = utc_time(scheduled_for)  # a run of year 10000 could not be read back
     present_only = not provider(source.provider).answers_for_past(source.settings)
     for run_id in runs.reap_abandoned(conn, source.name):
         log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",

@@ -224,3 +224,37 @@ def test_runs_lists_a_sources_runs_and_shows_the_configuration_a_run_used(db, da
     assert capsys.readouterr().err == "balances: run 2 is a run of cli_other, not of cli_kept\n"
     assert main(["runs", "cli_kept", "--source", "cli_other"]) == 2
     assert "two sources given" in capsys.readouterr().err
+
+
+# --- times outside 1970..9999 UTC --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00",
+                                "1969-12-31T23:59:59Z", "1970-01-01T00:30:00+01:00"])
+def test_a_time_outside_1970_to_9999_utc_is_refused_before_any_work(db, database_url, tmp_path, at):
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.s]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nmax_attempts = 1\n')
+    result = run_cli("--config", str(config), "snapshot", "s", "--at", at, env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"argument --at: {at.replace('Z', '+00:00')} is outside "
+                                                   "1970-01-01 to 9999-12-31 in UTC")
+    assert fetch(db, "SELECT count(*) FROM snapshot_runs") == [(0,)]
+    result = run_cli("reconcile", "--from", at, env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 2 and "argument --from" in result.stderr
+    # Its edges, once in UTC, are times.
+    from pipeline.cli import _aware_time
+
+    assert _aware_time("1969-12-31T23:00:00-01:00") == datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert _aware_time("9999-12-31T23:59:59Z").year == 9999
+
+
+@pytest.mark.parametrize("start_date", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "0001-01-01",
+                                        "1969-12-31T23:59:59Z"])
+def test_a_time_in_the_config_outside_1970_to_9999_utc_is_a_config_error(tmp_path, start_date):
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.s]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nstart_date = {start_date}\n')
+    result = run_cli("--config", str(config), "snapshot", "s")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("balances: config error: sources.s.start_date: ")
+    assert result.stderr.rstrip().endswith("is outside 1970-01-01 to 9999-12-31 in UTC")
+    assert result.stderr.count("\n") == 1
