@@ -23,13 +23,14 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, closing
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from devtools import devdb
 from extractors.text import human_duration
 from loaders.db import connect, describe_url
 from loaders.migrate import upgrade
+from pipeline.config import toml_table
 from sandbox import apps
 from sandbox.server import FakeServer
 
@@ -38,25 +39,11 @@ DEMO_DIR = REPO / ".demo"
 ENV_FILE = DEMO_DIR / "env"
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (date, datetime)):
-        return value.isoformat()  # a TOML date or date-time, not a string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def sources_text(sources: dict[str, dict]) -> str:
     """``[sources.<name>]`` tables in TOML."""
     lines = []
     for name, keys in sources.items():
-        lines.append(f"[sources.{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-        lines.append("")
+        lines += [*toml_table("sources", name, keys), ""]
     return "\n".join(lines)
 
 

@@ -2,10 +2,14 @@
 
 What differs from the other providers: a snapshot is one block, not a
 time. For a run's time T the snapshot is the latest block whose timestamp
-is at or before T and that has ``confirmations`` blocks on top of it (a
-reorganisation that deep is not expected), found by a bounded search over
-block headers. ``as_of`` is that block's timestamp, ``as_of_raw`` its
-number and hash (``19000000:0x...``). Every balance is read at that block
+is at or before T, that has ``confirmations`` blocks on top of it (a
+reorganisation that deep is not expected) and that is the last block of
+its second, found by a bounded search over block headers. ``as_of`` is
+that block's timestamp, ``as_of_raw`` its number and hash
+(``19000000:0x...``): chains with several blocks a second (Arbitrum, many
+L2s) give several blocks one timestamp, and only the last of them is ever
+a snapshot, so a snapshot time names one block. Block times must not go
+backwards along the headers read. Every balance is read at that block
 number, each JSON-RPC batch re-reads the block's header and the hash must not
 change, and the hash is checked once more just before publish
 (``verifies_snapshot``): a chain that reorganised past the block fails the
@@ -33,6 +37,9 @@ What real nodes do that shapes this module:
   reverted"); a call to an address without code answers ``0x``. A token
   doing either, or answering anything but one 32-byte word, is a rejected
   record with the reason, never a zero balance.
+* JSON-RPC ids start at 1: Ganache 7 answers a failing call of id 0 with id
+  null. An error without an id is taken as the answer of the one call
+  left unanswered, when exactly one is; otherwise the request fails.
 * Hosted endpoints take an API key in the URL path (Infura ``/v3/<key>``,
   Alchemy ``/v2/<key>``) or in a header: either way it is added to each
   request as it is sent, never part of any URL we log or store.
@@ -226,10 +233,23 @@ class Header:
     number: int
     hash: str
     timestamp: int
+    parent_hash: str
 
     @property
     def time(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+
+
+def _check_times(known: dict[int, Header]) -> None:
+    """Block times never go backwards along the chain: of the blocks read, none is earlier than one below it."""
+    numbers = sorted(known)
+    for below, above in zip(numbers, numbers[1:]):
+        earlier, later = known[below], known[above]
+        if later.timestamp < earlier.timestamp:
+            raise SnapshotError(
+                f"block times go backwards: block {later.number} ({later.time.isoformat()}) is earlier than "
+                f"block {earlier.number} ({earlier.time.isoformat()}) below it; no snapshot is chosen on such "
+                "a chain")
 
 
 @dataclass(slots=True)
@@ -309,13 +329,11 @@ def rpc_http_error(response: requests.Response) -> ProviderError:
 
 
 def rpc_check(data: Any, response: requests.Response) -> None:
-    """A 200 that says "slow down" (for the whole batch or any call in it) is retried."""
-    if isinstance(data, dict) and data.get("error") is not None and data.get("id") is None:
-        error = rpc_error(data["error"])
-        raise ProviderError(f"JSON-RPC error from {redact_url(response.url)}: {error}",
-                            code=None if error.code is None else str(error.code),
-                            retriable=error.rate_limited,
-                            retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    """A 200 that says "slow down" (for the whole batch or any call in it) is retried.
+
+    Any other error, with an id or without, is the answer of a call: the
+    extractor matches it (``EvmExtractor._send``).
+    """
     for error in _errors(data):
         if error.rate_limited:
             raise ProviderError(f"rate limited by {redact_url(response.url)}: {error}",
@@ -360,19 +378,23 @@ class EvmExtractor:
         return answers
 
     def _send(self, calls: Sequence[Call]) -> list[Any]:
+        # Ids start at 1: Ganache 7 answers a failing call of id 0 with id null
+        # (see _unclaimed), and some clients and servers treat 0 as no id.
         body = [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": list(c.params)}
-                for i, c in enumerate(calls)]
+                for i, c in enumerate(calls, start=1)]
         data = self.client.post_json(self.client.base_url, body[0] if len(body) == 1 else body)
-        items = [data] if len(body) == 1 and isinstance(data, dict) else data
+        items = [data] if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise MalformedResponseError(f"a batch of {len(body)} calls was answered with "
                                          f"{type(data).__name__}, not a list", raw=data)
         answers: dict[int, Any] = {}
+        unclaimed: list[RpcError] = []  # errors answered with id null
         for item in items:
             ident = item.get("id") if isinstance(item, dict) else None
-            if isinstance(ident, bool) or not isinstance(ident, int) or not 0 <= ident < len(body):
-                if isinstance(item, dict) and item.get("error") is not None and ident is None:
-                    raise ProviderError(f"JSON-RPC error for the whole batch: {rpc_error(item['error'])}")
+            if ident is None and isinstance(item, dict) and item.get("error") is not None:
+                unclaimed.append(rpc_error(item["error"]))
+                continue
+            if isinstance(ident, bool) or not isinstance(ident, int) or not 1 <= ident <= len(body):
                 raise MalformedResponseError(f"an answer has id {_shown(ident)}, not one of the {len(body)} "
                                              "calls sent", raw=item)
             if ident in answers:
@@ -384,15 +406,34 @@ class EvmExtractor:
             else:
                 raise MalformedResponseError(f"the answer to call {ident} has neither result nor error",
                                              raw=item)
-        if len(body) > 1 and len(items) == 1 and isinstance(answers.get(0), RpcError):
+        if len(body) > 1 and len(items) == 1 and isinstance(answers.get(1), RpcError):
             # geth refuses an oversized batch with one error carrying the first call's id.
-            raise ProviderError(f"the endpoint refused a batch of {len(body)} calls: {answers[0]} "
+            raise ProviderError(f"the endpoint refused a batch of {len(body)} calls: {answers[1]} "
                                 "(lower max_batch)")
-        if len(answers) != len(body):
-            missing = sorted(set(range(len(body))) - set(answers))
+        missing = [i for i in range(1, len(body) + 1) if i not in answers]
+        if unclaimed:
+            answers[self._unclaimed(unclaimed, missing, len(body))] = unclaimed[0]
+            missing = missing[1:]
+        if missing:
             raise MalformedResponseError(f"{len(missing)} of {len(body)} calls got no answer "
-                                         f"({calls[missing[0]].what} first)", raw=data)
-        return [answers[i] for i in range(len(body))]
+                                         f"({calls[missing[0] - 1].what} first)", raw=data)
+        return [answers[i] for i in range(1, len(body) + 1)]
+
+    @staticmethod
+    def _unclaimed(errors: list[RpcError], missing: list[int], calls: int) -> int:
+        """The call an error answered with id null belongs to: the only one left unanswered.
+
+        JSON-RPC 2.0 answers with id null when the server could not read the
+        call's id, and Ganache 7 does it for a failing call whose id is 0 (a
+        single request: ``payload.id ? payload.id : null``). One such error
+        and one unanswered call leave no doubt; anything else does.
+        """
+        if len(errors) == 1 and len(missing) == 1:
+            return missing[0]
+        if len(errors) == 1 and len(missing) == calls:
+            raise ProviderError(f"JSON-RPC error for the whole batch: {errors[0]}")
+        raise ProviderError(f"{len(errors)} error(s) without an id came with {len(missing)} of {calls} calls "
+                            f"unanswered: which call failed is unknown (first: {errors[0]})")
 
     def _fatal(self, answer: RpcError, call: Call, block: int | None = None) -> ExtractError:
         """The run-ending error for a call that failed where no record can take the blame."""
@@ -419,9 +460,10 @@ class EvmExtractor:
                 raise RecordError(f"is {type(block).__name__}, expected an object")
             found = quantity(block.get("number"), "number")
             timestamp = quantity(block.get("timestamp"), "timestamp")
-            block_hash = block.get("hash")
-            if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
-                raise RecordError(f"hash is {_shown(block_hash)}, expected 0x and 64 hex digits")
+            block_hash, parent_hash = block.get("hash"), block.get("parentHash")
+            for key, value in (("hash", block_hash), ("parentHash", parent_hash)):
+                if not isinstance(value, str) or not _HASH.fullmatch(value):
+                    raise RecordError(f"{key} is {_shown(value)}, expected 0x and 64 hex digits")
         except RecordError as exc:
             raise MalformedResponseError(f"block {number}: {exc}", raw=block) from None
         if found != number:
@@ -429,7 +471,7 @@ class EvmExtractor:
         if timestamp > 2**40:
             raise MalformedResponseError(f"block {number} has timestamp {timestamp}, beyond any date",
                                          raw=block)
-        return Header(number, block_hash.lower(), timestamp)
+        return Header(number, block_hash.lower(), timestamp, parent_hash.lower())
 
     def _headers(self, numbers: Sequence[int], extra: Sequence[Call] = ()) -> tuple[list[Header | None], list[Any]]:
         calls = [self._header_call(n) for n in numbers]
@@ -464,49 +506,77 @@ class EvmExtractor:
         return f"chain {self.settings.chain_id}, latest block {self._tip()}"
 
     def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
-        """The latest block at or before ``at`` with ``confirmations`` on top: (its time, number:hash).
+        """The snapshot for ``at``: (its block's time, number:hash), or None if no block qualifies.
 
-        None when no such block exists (the chain starts after ``at``, or is
-        shorter than ``confirmations``).
+        The latest block at or before ``at`` that has ``confirmations``
+        blocks on top and is the last block of its second. Block times are
+        whole seconds, and chains with sub-second blocks (Arbitrum, many
+        L2s) give several blocks one timestamp: taking the last of them
+        makes ``as_of`` name one block, so two runs never store two blocks
+        as one snapshot time. The last of a second is known once a later
+        block with a later time exists; until then (the next block has the
+        same time, or there is no next block yet: ``confirmations = 0``) the
+        snapshot is the last block of an earlier second. Block times must
+        not go backwards along the blocks read (a chain or node that says
+        otherwise fails the run, naming both blocks).
         """
         tip = self._tip()
         safe = tip - self.settings.confirmations
         if safe < 0:
             return None
         target = int(at.timestamp() // 1)  # block times are whole seconds
-        if safe == 0:
-            (top,), _ = self._headers([0])
-            genesis = top
-        else:
-            (top, genesis), _ = self._headers([safe, 0])
-        if top is None or genesis is None:
-            raise MalformedResponseError(f"the node reports block {tip} as its latest, but not block "
-                                         f"{safe if top is None else 0}")
-        if top.timestamp <= target:
-            return top.time, snapshot_raw(top.number, top.hash)
-        if genesis.timestamp > target:
+        # The safe block, its parent and the block after it (on the node when
+        # confirmations > 0: it says whether the safe block ends its second).
+        known = self._read({0, max(safe - 1, 0), safe, min(safe + 1, tip)}, tip)
+        _check_times(known)
+        top, genesis = known[safe], known[0]
+        settled = known[safe + 1].timestamp > top.timestamp if safe < tip else False
+        goal = min(target, top.timestamp if settled else top.timestamp - 1)
+        if top.timestamp <= goal:
+            return self._chosen(top, known, tip)
+        if genesis.timestamp > goal:
             return None
-        low, high = genesis, top  # low.timestamp <= target < high.timestamp
+        low, high = genesis, top  # low.timestamp <= goal < high.timestamp
         fanout = max(1, min(SEARCH_FANOUT, self.settings.max_batch))
         for _ in range(MAX_SEARCH_ROUNDS):
             gap = high.number - low.number
             if gap <= 1:
-                return low.time, snapshot_raw(low.number, low.hash)
+                # The block after it is later: it is the last block of its second.
+                return self._chosen(low, known, tip)
             probes = sorted({low.number + gap * i // (fanout + 1) for i in range(1, fanout + 1)} - {low.number})
-            headers, _ = self._headers(probes)
-            for header in headers:
-                if header is None:
-                    raise MalformedResponseError(f"block {probes[headers.index(header)]} is missing below the "
-                                                 f"node's latest block {tip}")
-                if not low.timestamp <= header.timestamp <= high.timestamp:
-                    raise MalformedResponseError(
-                        f"block timestamps are out of order: block {header.number} has {header.timestamp}, "
-                        f"outside {low.timestamp}..{high.timestamp} of blocks {low.number} and {high.number}")
-                if header.timestamp > target:
+            read = self._read(probes, tip)
+            known.update(read)
+            _check_times(known)
+            for number in probes:
+                header = read[number]
+                if header.timestamp > goal:
                     high = header  # the probes above it are later still
                     break
                 low = header
         raise MalformedResponseError(f"no block found for {at.isoformat()} after {MAX_SEARCH_ROUNDS} rounds")
+
+    def _read(self, numbers, tip: int) -> dict[int, Header]:
+        """Headers by number; every one must exist, at or below the node's latest block ``tip``."""
+        numbers = sorted(set(numbers))
+        headers, _ = self._headers(numbers)
+        for number, header in zip(numbers, headers):
+            if header is None:
+                raise MalformedResponseError(f"the node reports block {tip} as its latest, but not block {number}")
+        return dict(zip(numbers, headers))
+
+    def _chosen(self, block: Header, known: dict[int, Header], tip: int) -> tuple[datetime, str]:
+        """``block`` as the snapshot, once it is seen to sit on the chain in time order: after its
+        parent, before its child."""
+        if block.number > 0 and block.number - 1 not in known:
+            known.update(self._read([block.number - 1], tip))
+            _check_times(known)
+        for parent, child in ((block.number - 1, block.number), (block.number, block.number + 1)):
+            if parent in known and child in known:
+                if known[child].parent_hash != known[parent].hash:
+                    raise SnapshotError(
+                        f"block {child}'s parent is {known[child].parent_hash}, not block {parent} "
+                        f"({known[parent].hash}) as read: the chain changed while the snapshot was chosen")
+        return block.time, snapshot_raw(block.number, block.hash)
 
     def verify_snapshot(self, snapshot: tuple[datetime, str]) -> None:
         """Fail unless the snapshot's block is still on the chain: its number still has its hash."""

@@ -32,9 +32,9 @@ and "it is mine now" are one step.
 
 Every lock the pipeline takes is here: leases on runs (namespaced by the
 kind of run, :data:`SNAPSHOT` or :data:`RECONCILIATION`) and the turn that
-publishes of one source take (:func:`take_publish_turn`, a row of
-``source_locks``). Partitions are guarded inside the database function
-that creates them (migration 0008).
+writers of one source's history take (:func:`take_publish_turn`, a row of
+``source_locks`` behind the history tables' locks). Partitions are guarded
+inside the database function that creates them (migration 0008).
 """
 from __future__ import annotations
 
@@ -175,17 +175,18 @@ def forget(cur, kind: str, run_id: int) -> None:
 
 
 def take_publish_turn(cur, source: str) -> None:
-    """Publishes of one source take turns, so "is this snapshot new?" stays true until commit.
+    """Writers of one source's history take turns, so what a publish compares against stays true until commit.
 
     Two runs of one snapshot (a manual run beside the schedule) then publish
-    one after the other. The lock is a row of ``source_locks``, which no
-    reader may lock, held until the caller's transaction ends. Waiting for
-    the other publish is expected: for this one statement the wait may last
-    as long as a statement may run.
+    one after the other, and a write through the ``balance_history`` view
+    or a TRUNCATE of the history waits for a publish in flight (or it for
+    them). The turn is the database function ``balance_history_take_turn``
+    (migration 0012): ROW EXCLUSIVE on the history tables, then the
+    source's row of ``source_locks``, which no reader may lock, both held
+    until the caller's transaction ends. Take it before reading anything
+    of the history. Waiting for another writer is expected: that wait may
+    last as long as a statement may run. The table locks wait only the
+    session's ``lock_timeout``: no writer holds them against another, only
+    maintenance does (a ``LOCK TABLE``, a ``TRUNCATE``).
     """
-    cur.execute("SELECT current_setting('lock_timeout')")
-    lock_timeout = cur.fetchone()[0]
-    cur.execute("SELECT set_config('lock_timeout', current_setting('statement_timeout'), true)")
-    cur.execute("INSERT INTO source_locks (source) VALUES (%s) ON CONFLICT DO NOTHING", (source,))
-    cur.execute("SELECT FROM source_locks WHERE source = %s FOR UPDATE", (source,))
-    cur.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+    cur.execute("SELECT balance_history_take_turn(%s, current_setting('statement_timeout'))", (source,))

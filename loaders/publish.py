@@ -58,9 +58,12 @@ class PublishResult:
     rows_stored: int = 0  # rows written to storage: changes, tombstones, or a whole keyframe
 
 
-def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
-            once_per_interval: bool = False) -> PublishResult:
+def publish(conn, run_id: int, *, max_rejected: int = 0, once_per_interval: bool = False) -> PublishResult:
     """Publish the run's staged snapshot; a failure is recorded on the run, then raised.
+
+    The snapshot is every shard the run was begun with (``snapshot_runs.shards``),
+    whatever the sources file says now: a shard missing is a refusal, never a
+    smaller snapshot.
 
     With ``once_per_interval`` (a provider that reports only the present), a
     run whose interval another run has already published is marked
@@ -76,7 +79,7 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
     if run.status == RunStatus.PUBLISHED:
         raise PublishError(f"run {run_id} is already published")
     try:
-        return _publish(conn, run, shards, max_rejected, once_per_interval)
+        return _publish(conn, run, max_rejected, once_per_interval)
     except BaseException as exc:
         # Refusals are stored as they read; anything else names its type.
         refused = isinstance(exc, (PublishError, rejections.RejectedRecordsError))
@@ -84,8 +87,8 @@ def publish(conn, run_id: int, *, shards: int = 1, max_rejected: int = 0,
         raise
 
 
-def _publish(conn, run: runs.Run, shards: int, max_rejected: int, once_per_interval: bool) -> PublishResult:
-    run_id = run.run_id
+def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) -> PublishResult:
+    run_id, shards = run.run_id, run.shards
     if run.status == RunStatus.FAILED:
         runs.resume(conn, run_id)
     if run.as_of is None:
@@ -312,6 +315,9 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
     kept = None
     if previous is not None:
         kept = latest_cache.previous_holdings(cur, run.source, previous, run.provider)
+    else:
+        # A keyframe: stored rows of the month that no snapshot lists would show through it.
+        cur.execute("SELECT balance_history_require_clean_month(%s, %s)", (run.source, run.as_of))
     params = {"source": run.source, "as_of": previous, "new": run.as_of, "provider": run.provider}
     # Both ways compare by hashing one side and probing it with the other
     # as they lie, which needs no sort of the snapshot; a merge join would

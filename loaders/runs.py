@@ -44,22 +44,28 @@ class Run:
     scheduled_for: datetime
     as_of: datetime | None
     as_of_raw: str | None
+    shards: int = 1
+    # The source's configuration as the run was begun (migration 0012); None
+    # for runs begun before it was kept.
+    config: dict | None = None
 
 
 def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
-              dag_run_id: str | None = None, shards: int = 1, hold: bool = False) -> int:
+              dag_run_id: str | None = None, shards: int = 1, hold: bool = False,
+              config: dict | None = None) -> int:
     """A new ``running`` run; with ``hold``, held by this session from its first moment.
 
     Held in the same transaction, a concurrent reaper never sees it unheld.
+    ``config`` is the source's configuration (JSON), kept for every step of the run.
     """
     with transaction(conn) as cur:
         cur.execute(
             """
-            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, shards, status)
-            VALUES (%s, %s, %s, %s, %s, %s)
+            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, shards, status, config)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
             RETURNING run_id
             """,
-            (source, provider, scheduled_for, dag_run_id, shards, RunStatus.RUNNING),
+            (source, provider, scheduled_for, dag_run_id, shards, RunStatus.RUNNING, _json(config)),
         )
         run_id = cur.fetchone()[0]
         if hold:
@@ -68,19 +74,24 @@ def start_run(conn, source: str, provider: str, scheduled_for: datetime, *,
 
 
 def record_skipped(conn, source: str, provider: str, scheduled_for: datetime, reason: str, *,
-                   dag_run_id: str | None = None) -> int:
+                   dag_run_id: str | None = None, config: dict | None = None) -> int:
     """A run that did nothing, and why (kept in ``error``, as for ``no_snapshot``)."""
     with transaction(conn) as cur:
         cur.execute(
             """
-            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, status, error, finished_at)
-            VALUES (%s, %s, %s, %s, %s, %s, now())
+            INSERT INTO snapshot_runs (source, provider, scheduled_for, dag_run_id, status, error, finished_at,
+                                       config)
+            VALUES (%s, %s, %s, %s, %s, %s, now(), %s)
             RETURNING run_id
             """,
             (source, provider, scheduled_for, dag_run_id, RunStatus.SKIPPED,
-             safe_text(reason, MAX_ERROR_CHARS)),
+             safe_text(reason, MAX_ERROR_CHARS), _json(config)),
         )
         return cur.fetchone()[0]
+
+
+def _json(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def published_run(cur, source: str, scheduled_for: datetime, *, other_than: int | None = None) -> int | None:
@@ -94,7 +105,7 @@ def published_run(cur, source: str, scheduled_for: datetime, *, other_than: int 
 def get_run(conn, run_id: int, *, for_update: bool = False) -> Run:
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT run_id, source, provider, status, scheduled_for, as_of, as_of_raw"
+            "SELECT run_id, source, provider, status, scheduled_for, as_of, as_of_raw, shards, config"
             " FROM snapshot_runs WHERE run_id = %s" + (" FOR UPDATE" if for_update else ""),
             (run_id,),
         )

@@ -5,7 +5,7 @@
     balances sources                           the configured sources and their schedules
     balances snapshot SOURCE [--at T] [--force]    take one snapshot outside Airflow
     balances latest SOURCE [--account A] [--asset X] [--csv]   the latest exact balances
-    balances runs [SOURCE] [--limit N]         recent snapshot runs
+    balances runs [SOURCE] [--limit N] [--show RUN]   recent snapshot runs; one run's configuration
     balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
     balances partitions [--months N]           create monthly partitions ahead
     balances reconcile [--from T --to T] [--check NAME]   run the [checks]
@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 
 from extractors.errors import ExtractError
 from extractors.text import one_line
@@ -100,12 +100,17 @@ def _count(low: int, high: int):
 
 
 def aware_time(text: str) -> datetime:
-    """An argparse type: an ISO-8601 time, UTC unless it says otherwise."""
+    """An argparse type: an ISO-8601 time (UTC without an offset), within 1970 to 9999 once in UTC."""
+    from pipeline.config import utc_time
+
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        return utc_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="only the runs of this source")
     p.add_argument("--source", dest="source_option", metavar="SOURCE", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=_count(1, 10_000), default=20, help="how many (default 20)")
+    p.add_argument("--show", type=_count(1, 999_999_999), metavar="RUN",
+                   help="print run RUN with the source configuration it was begun with")
 
     p = command("pools", "the Airflow pools every provider's tasks run in, as JSON for 'airflow pools import'",
                 commands.pools)

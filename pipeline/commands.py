@@ -279,7 +279,11 @@ def latest(args) -> int:
 # -- runs ----------------------------------------------------------------------
 
 def runs(args) -> int:
+    if args.source and args.source_option and args.source != args.source_option:
+        raise ConfigError(f"two sources given: {args.source!r} and --source {args.source_option!r}")
     source = args.source or args.source_option
+    if args.show is not None:
+        return show_run(args, args.show, source)
     config = _optional_config(args)
     with closing(_connect(args)) as conn:
         if source is not None:
@@ -299,6 +303,24 @@ def runs(args) -> int:
         conn.rollback()
     print_table(("run", "source", "status", "scheduled_for", "as_of", "took", "rows", "rows_inserted", "rejected",
                  "error"), rows, right=("run", "rows", "rows_inserted", "rejected"), limits={"error": 70})
+    return 0
+
+
+def show_run(args, run_id: int, source: str | None) -> int:
+    """A run and the configuration of its source as the run was begun (``snapshot_runs.config``)."""
+    from loaders.runs import get_run
+    from pipeline.config import table_from_record, toml_table
+
+    with closing(_connect(args)) as conn:
+        run = get_run(conn, run_id)
+    if source is not None and run.source != source:
+        raise LookupError(f"run {run_id} is a run of {run.source}, not of {source}")
+    print(f"# run {run.run_id} of {run.source}: {run.status}, scheduled for {run.scheduled_for.isoformat()}")
+    if run.config is None:
+        print("# begun before runs kept their configuration (migration 0012): not recorded")
+        return 0
+    print("# the configuration it was begun with, which every task of the run used:")
+    print("\n".join(toml_table("sources", run.source, table_from_record(run.config))))
     return 0
 
 

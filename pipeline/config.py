@@ -21,7 +21,7 @@ import types
 import typing
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,10 @@ MAX_DEFAULT_TASK_TIMEOUT = timedelta(hours=6)
 DEFAULT_SCHEDULE = "@hourly"
 DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 START_DATE_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc))
+# Any time a run or the config names, once in UTC: from the epoch to the
+# end of year 9999 (Python reads no later time back from PostgreSQL: a
+# stored run in year 10000 broke every 'balances runs').
+TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime.max.replace(tzinfo=timezone.utc))
 
 
 def pool_name(provider: str) -> str:
@@ -90,6 +94,21 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+def utc_time(value: datetime) -> datetime:
+    """``value`` in UTC (a time without offset is taken as UTC); ValueError unless it lies in
+    :data:`TIME_RANGE` once normalised (``9999-12-31T23:59:59-01:00`` is in year 10000)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    low, high = TIME_RANGE
+    try:
+        utc = value.astimezone(timezone.utc)
+    except OverflowError:
+        utc = None
+    if utc is None or not low <= utc <= high:
+        raise ValueError(f"{value.isoformat()} is outside {low:%Y-%m-%d} to {high:%Y-%m-%d} in UTC")
+    return utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +145,58 @@ class SourceConfig:
     @property
     def execution_timeout(self) -> timedelta:
         return timedelta(seconds=self.task_timeout)
+
+    def table(self) -> dict[str, Any]:
+        """Every key of the source as resolved (defaults filled in), as its ``[sources.<name>]`` table
+        would write it: :func:`parse_source` reads it back to an equal SourceConfig.
+
+        Credentials are never part of it: a source names its Connection (``conn_id``), and a URL
+        carrying a user or password is refused (:func:`check_url`).
+        """
+        values = {"provider": self.provider}
+        values |= {key: getattr(self, key) for key in _COMMON if key != "provider"}
+        if values["schedule"] is None:
+            values["schedule"] = "none"
+        values |= {key: getattr(self.retry, attr) for key, attr in _RETRY.items()}
+        values |= {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings)}
+        # TOML has no null: a key left unset is one whose default is None.
+        return {key: value for key, value in values.items() if value is not None}
+
+    def record(self) -> dict[str, Any]:
+        """:meth:`table` as JSON values (times as ISO-8601 text): what a run keeps of its source."""
+        return {key: value.isoformat() if isinstance(value, datetime) else value
+                for key, value in self.table().items()}
+
+
+def source_from_record(name: str, record: dict[str, Any]) -> SourceConfig:
+    """The SourceConfig a run kept (:meth:`SourceConfig.record`), through the same validation as the file."""
+    return parse_source(name, table_from_record(record))
+
+
+def table_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A kept :meth:`SourceConfig.record` as its TOML table again (times as datetimes)."""
+    table = dict(record)
+    for key, kind in _COMMON.items():
+        if kind is datetime and isinstance(table.get(key), str):
+            table[key] = datetime.fromisoformat(table[key])
+    return table
+
+
+def toml_table(section: str, name: str, keys: dict[str, Any]) -> list[str]:
+    """The lines of a ``[<section>.<name>]`` table holding ``keys``."""
+    return [f"[{section}.{name}]"] + [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()  # a TOML date or date-time, not a string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +573,10 @@ def check_url(url: Any, where: str) -> None:
         raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL with a host")
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         raise ConfigError(f"{where}: {redact_url(url)!r} must not have a query or fragment")
+    if "@" in parts.netloc:
+        # The URL is kept with every run (snapshot_runs.config): no secret may ride in it.
+        raise ConfigError(f"{where}: {redact_url(url)!r} carries a user or password: put credentials in the"
+                          " source's Connection (conn_id)")
 
 
 # A tolerance as written: plain ASCII decimal, optional short exponent.
@@ -552,10 +627,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             except InvalidOperation:
                 pass
     elif kind is datetime:
-        if isinstance(value, datetime):
-            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        if hasattr(value, "year"):  # a TOML date
-            return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+        if hasattr(value, "year"):  # a TOML date-time, or a date
+            if not isinstance(value, datetime):
+                value = datetime(value.year, value.month, value.day)
+            try:
+                return utc_time(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
     elif kind is dict:
         if isinstance(value, dict):
             return value

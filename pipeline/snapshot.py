@@ -23,7 +23,7 @@ from loaders.rejections import RejectedRecordsError
 from loaders.runs import RunStatus
 from loaders.staging import StagingWriter
 from pipeline import connections
-from pipeline.config import SourceConfig
+from pipeline.config import SourceConfig, load_config, source_from_record, utc_time
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
     """
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
+    scheduled_for = utc_time(scheduled_for)  # a run of year 10000 could not be read back
     present_only = not provider(source.provider).answers_for_past(source.settings)
     for run_id in runs.reap_abandoned(conn, source.name):
         log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",
@@ -128,7 +129,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
                       f"('balances snapshot {source.name} --force' takes a fresh one)")
             log.info("%s", reason)
             return runs.record_skipped(conn, source.name, source.provider, scheduled_for, reason,
-                                       dag_run_id=dag_run_id)
+                                       dag_run_id=dag_run_id, config=source.record())
     if present_only:
         now = now or datetime.now(timezone.utc)
         if scheduled_for < now - LIVE_GRACE:
@@ -138,7 +139,25 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
                 "rerun of a past interval)"
             )
     return runs.start_run(conn, source.name, source.provider, scheduled_for,
-                          dag_run_id=dag_run_id, shards=source.shards, hold=hold)
+                          dag_run_id=dag_run_id, shards=source.shards, hold=hold, config=source.record())
+
+
+def run_source(conn, run_id: int, name: str) -> SourceConfig:
+    """The configuration run ``run_id`` of source ``name`` was begun with.
+
+    Every step after :func:`begin` takes its source from here, never from the
+    sources file again: a file changed during a run (a deploy between two
+    tasks) changes the next run only. A run begun before the configuration
+    was kept (migration 0012) falls back to the file, saying so.
+    """
+    run = runs.get_run(conn, run_id)
+    if run.source != name:
+        raise LookupError(f"run {run_id} is a run of {run.source}, not of {name}")
+    if run.config is None:
+        log.warning("%s: run %d was begun before runs kept their configuration; using the sources file",
+                    name, run_id)
+        return load_config().source(name)
+    return source_from_record(name, run.config)
 
 
 def chooses_snapshot(source: SourceConfig) -> bool:
@@ -365,7 +384,7 @@ def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False,
     if provider(source.provider).verifies_snapshot:
         verify(conn, source, run_id, credentials=credentials)
     present_only = not provider(source.provider).answers_for_past(source.settings)
-    return publishing.publish(conn, run_id, shards=source.shards, max_rejected=source.max_rejected,
+    return publishing.publish(conn, run_id, max_rejected=source.max_rejected,
                               once_per_interval=present_only and not force)
 
 
@@ -421,6 +440,7 @@ def take_snapshot(conn, source: SourceConfig, at: datetime, *, credentials=None,
     if runs.get_run(conn, run_id).status == RunStatus.SKIPPED:
         return runs.summary(conn, run_id)
     try:
+        source = run_source(conn, run_id, source.name)  # as every task does: what the run was begun with
         shards = plan_shards(conn, source, run_id, credentials=credentials)
         if progress is not None:
             progress.begin(source.name, len(shards))

@@ -97,31 +97,33 @@ def begin_run(source_name: str, context) -> int:
     return run_id
 
 
+# The tasks after begin_run take their source from the run (snapshot.run_source),
+# not from the sources file: a file deployed mid-run changes the next run only.
+
+
 def plan_shards(source_name: str, run_id: int) -> list[dict]:
-    source = source_config(source_name)
     with fatal_errors_fail_fast(), database() as conn:
+        source = snapshot.run_source(conn, run_id, source_name)
         return snapshot.plan_shards(conn, source, run_id,
                                     credentials=connections.credentials(source.conn_id))
 
 
 def crawl_snapshot(source_name: str, run_id: int, shard: int = 0,
                    account_range: list | None = None) -> dict:
-    source = source_config(source_name)
-    creds = connections.credentials(source.conn_id)
-    progress = LineProgress.to_log(log)
-    progress.begin(source.name, source.shards)
     with fatal_errors_fail_fast(), database() as conn:
+        source = snapshot.run_source(conn, run_id, source_name)
+        progress = LineProgress.to_log(log)
+        progress.begin(source.name, source.shards)
         result = snapshot.crawl(conn, source, run_id, shard=shard, account_range=account_range,
-                                credentials=creds, progress=progress)
+                                credentials=connections.credentials(source.conn_id), progress=progress)
     # Plain text in XCom, whatever type the status has here.
     return {"run_id": result.run_id, "shard": result.shard, "status": str(result.status),
             "pages": result.pages, "rows": result.rows, "rejected": result.rejected}
 
 
 def publish_snapshot(source_name: str, run_id: int) -> dict:
-    source = source_config(source_name)
     with fatal_errors_fail_fast(), database() as conn:
-        result = snapshot.publish(conn, source, run_id)
+        result = snapshot.publish(conn, snapshot.run_source(conn, run_id, source_name), run_id)
     if result.status == RunStatus.NO_SNAPSHOT:
         # Skipped, not succeeded: no Asset event for a snapshot that is not there.
         raise AirflowSkipException(f"run {run_id}: the provider had no snapshot to publish")

@@ -21,7 +21,15 @@ adds what a hosted endpoint (Infura, Alchemy) does around a node:
   geth does (go-ethereum ``rpc/handler.go``, ``respondWithBatchTooLarge``):
   a one-element array, error -32600 "batch too large", with the id of the
   batch's first call;
-* only POST (anything else: 405).
+* only POST (anything else: 405);
+* ``error_ids``: how an error answer carries its call's id. ``"kept"`` (geth,
+  anvil, Hardhat: the call's id); ``"ganache"``, as Ganache 7 answers a
+  single request that fails: a falsy id (``0``) becomes ``null``
+  (ganache v7.9.2 ``packages/ethereum/ethereum/src/connector.ts:Connector.formatError``,
+  ``makeError(payload && payload.id ? payload.id : null, error)``; a
+  batch keeps its ids, ``Connector.format``); ``"null"``, every error
+  answered with id ``null``, as JSON-RPC 2.0 (section 5) answers a call
+  whose id the server could not read.
 
 FakeServer's faults (statuses, resets, delays, cut bodies) apply on top.
 The demo data set (:func:`demo_app`) is a chain seeded by real transactions,
@@ -119,10 +127,11 @@ class Anvil:
     """One anvil node on 127.0.0.1, seeded through its RPC; :meth:`stop` kills it.
 
     ``timestamp`` is the genesis block's time; ``prune_history`` makes it keep
-    only recent states, as a full (not archive) node does.
+    only recent states, as a full (not archive) node does: the latest one
+    (``True``), or that many more (an int).
     """
 
-    def __init__(self, *, chain_id: int = 31337, timestamp: int | None = None, prune_history: bool = False,
+    def __init__(self, *, chain_id: int = 31337, timestamp: int | None = None, prune_history: bool | int = False,
                  auto_impersonate: bool = True) -> None:
         binary = anvil_binary()
         if binary is None:
@@ -139,8 +148,10 @@ class Anvil:
                     "--silent", "--accounts", "3"]
             if timestamp is not None:
                 args += ["--timestamp", str(timestamp)]
-            if prune_history:
+            if prune_history is True:
                 args += ["--prune-history"]
+            elif prune_history:
+                args += [f"--prune-history={int(prune_history)}"]
             if auto_impersonate:
                 args += ["--auto-impersonate"]
             errors = tempfile.TemporaryFile()  # read only if it fails to start: never a full pipe
@@ -272,8 +283,10 @@ class EvmGateway:
 
     def __init__(self, node: Anvil, *, api_key: str | None = None, key_in: str = "header",
                  key_header: str = "x-api-key", path: str = "/", limits: tuple[tuple[float, int], ...] = (),
-                 limit_style: str = "http", max_batch: int = 1000, reorder: bool = True) -> None:
+                 limit_style: str = "http", max_batch: int = 1000, reorder: bool = True,
+                 error_ids: str = "kept") -> None:
         self.node = node
+        self.error_ids = error_ids
         self.api_key = api_key
         self.key_in = key_in
         self.key_header = key_header
@@ -329,10 +342,21 @@ class EvmGateway:
             answers = answered + [{"jsonrpc": "2.0", "id": c.get("id"), "error": LIMIT_EXCEEDED}
                                   for c in calls[len(calls) - refused:]]
             return self._answer(answers)
-        answer = self._forward(body)
+        answer = self._with_error_ids(body, self._forward(body))
         if isinstance(answer, list) and self.reorder:
             answer = answer[::-1]
         return self._answer(answer)
+
+    def _with_error_ids(self, body: Any, answer: Any) -> Any:
+        """The node's answer with the ids of its errors as ``error_ids`` says (module docstring)."""
+        def nulled(item: Any) -> Any:
+            return {**item, "id": None} if isinstance(item, dict) and item.get("error") is not None else item
+
+        if self.error_ids == "ganache" and isinstance(body, dict) and not body.get("id"):
+            return nulled(answer)
+        if self.error_ids == "null":
+            return [nulled(a) for a in answer] if isinstance(answer, list) else nulled(answer)
+        return answer
 
     def _forward(self, body: Any) -> Any:
         session = getattr(self._local, "session", None)

@@ -1,18 +1,22 @@
 """Config validation and the ``balances`` command, as a user meets them."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from extractors.http import parse_retry_after
 from extractors.redaction import redact_url, same_origin
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config, parse_source, source_from_record
 from tests.conftest import REPO, fetch, with_login
+from tests.sandboxes import PROVIDERS
 from tests.hedera_data import T3, mirror
 
 
@@ -332,3 +336,95 @@ def test_network_errors_name_the_cause_and_the_key_and_dns_is_not_retried(serve)
     plain.inject(Fault("delay", times=3, path="/api/v1/balances", seconds=2))
     error, requests = failure(plain.url)
     assert "timed out waiting for base_url" in str(error) and "(read_timeout)" in str(error) and requests == 3
+
+
+# --- a run keeps the configuration it was begun with ----------------------------------------
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_sources_kept_record_reads_back_as_the_same_source_and_names_no_secret(provider):
+    from sandbox.apps import sandbox
+
+    keys = dict(sandbox(provider).demo_source("https://node.example/api"))
+    source = parse_config({"sources": {"kept": keys}}).source("kept")
+    record = json.loads(json.dumps(source.record()))  # as snapshot_runs.config holds it
+    assert source_from_record("kept", record) == source
+    # Every key resolved, the defaults too; a Connection is named, never opened.
+    assert record["task_timeout"] == source.task_timeout and record["max_attempts"] == source.retry.max_attempts
+    assert record.get("conn_id") == keys.get("conn_id")
+    demo = sandbox(provider).DEMO_CONNECTION
+    if demo is not None:
+        secrets = {value for value in (urlsplit(demo[1]).username, urlsplit(demo[1]).password) if value}
+        assert secrets and not any(secret in json.dumps(record) for secret in secrets)
+
+
+def test_a_url_carrying_a_password_is_refused_as_it_would_be_kept_with_every_run():
+    with pytest.raises(ConfigError, match=r"sources.s.base_url: 'https://\*\*\*@h.example' carries a user or"
+                                          r" password: put credentials in the source's Connection"):
+        parse_config({"sources": {"s": {"provider": "hedera", "base_url": "https://me:s3cret@h.example"}}})
+
+
+def test_runs_lists_a_sources_runs_and_shows_the_configuration_a_run_used(db, database_url, serve, tmp_path,
+                                                                          monkeypatch, capsys):
+    from pipeline.cli import main
+
+    server = serve(mirror())
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.cli_kept]\nprovider = "hedera"\nbase_url = "{server.url}"\nlimit = 25\n'
+                      f'[sources.cli_other]\nprovider = "hedera"\nbase_url = "{server.url}"\n')
+    monkeypatch.setenv("BALANCES_DB_URL", database_url)
+    for source in ("cli_kept", "cli_other"):
+        assert main(["--config", str(config), "snapshot", source, "--at", "2023-11-14T23:00:00Z"]) == 0
+    capsys.readouterr()
+    # The file changes after the run: the run still shows what it ran with.
+    config.write_text(config.read_text().replace("limit = 25", "limit = 50"))
+    for args in (["runs", "cli_kept"], ["runs", "--source", "cli_kept"]):
+        assert main(args) == 0
+        listed = capsys.readouterr().out
+        assert " cli_kept " in listed and "cli_other" not in listed
+    assert main(["runs", "cli_kept", "--show", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("# run 1 of cli_kept: published, scheduled for 2023-11-14T23:00:00+00:00\n")
+    table = tomllib.loads(shown)["sources"]["cli_kept"]
+    assert parse_source("cli_kept", table) == parse_config(
+        {"sources": {"cli_kept": {"provider": "hedera", "base_url": server.url, "limit": 25}}}).source("cli_kept")
+    assert table["limit"] == 25 and table["start_date"] == datetime(2024, 1, 1, tzinfo=timezone.utc)
+    # A run of another source, two sources at once: refused with one line.
+    assert main(["runs", "cli_kept", "--show", "2"]) == 1
+    assert capsys.readouterr().err == "balances: run 2 is a run of cli_other, not of cli_kept\n"
+    assert main(["runs", "cli_kept", "--source", "cli_other"]) == 2
+    assert "two sources given" in capsys.readouterr().err
+
+
+# --- times outside 1970..9999 UTC --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00",
+                                "1969-12-31T23:59:59Z", "1970-01-01T00:30:00+01:00"])
+def test_a_time_outside_1970_to_9999_utc_is_refused_before_any_work(db, database_url, tmp_path, at):
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.s]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nmax_attempts = 1\n')
+    result = run_cli("--config", str(config), "snapshot", "s", "--at", at, env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"argument --at: {at.replace('Z', '+00:00')} is outside "
+                                                   "1970-01-01 to 9999-12-31 in UTC")
+    assert fetch(db, "SELECT count(*) FROM snapshot_runs") == [(0,)]
+    result = run_cli("reconcile", "--from", at, env={"BALANCES_DB_URL": database_url})
+    assert result.returncode == 2 and "argument --from" in result.stderr
+    # Its edges, once in UTC, are times.
+    from pipeline.cli import aware_time
+
+    assert aware_time("1969-12-31T23:00:00-01:00") == datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert aware_time("9999-12-31T23:59:59Z").year == 9999
+
+
+@pytest.mark.parametrize("start_date", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "0001-01-01",
+                                        "1969-12-31T23:59:59Z"])
+def test_a_time_in_the_config_outside_1970_to_9999_utc_is_a_config_error(tmp_path, start_date):
+    config = tmp_path / "sources.toml"
+    config.write_text(f'[sources.s]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nstart_date = {start_date}\n')
+    result = run_cli("--config", str(config), "snapshot", "s")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("balances: config error: sources.s.start_date: ")
+    assert result.stderr.rstrip().endswith("is outside 1970-01-01 to 9999-12-31 in UTC")
+    assert result.stderr.count("\n") == 1

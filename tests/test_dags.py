@@ -9,6 +9,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from airflow.listeners import hookimpl
 
 import extractors
 from extractors import registry
@@ -237,3 +238,57 @@ def test_each_providers_dag_lands_its_sandbox_snapshot(airflow_env, db, serve, p
     [(status, rows, inserted)] = fetch(db, "SELECT status, rows, rows_inserted FROM snapshot_runs")
     assert status == "published" and rows == inserted > 0
     assert fetch(db, "SELECT count(*) FROM balance_history WHERE source = %s", (name,)) == [(rows,)]
+
+
+class EditAfter:
+    """An Airflow listener: writes ``text`` to the sources file once task ``task_id`` has succeeded,
+    as a deploy landing between two tasks of a run would."""
+
+    def __init__(self, task_id: str, path: Path, text: str) -> None:
+        self.task_id, self.path, self.text, self.done = task_id, path, text, False
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state, task_instance):
+        if task_instance.task_id == self.task_id and not self.done:
+            self.path.write_text(self.text)
+            self.done = True
+
+
+def test_a_sources_file_changed_during_a_run_changes_the_next_run_only(airflow_env, db, serve):
+    """A deploy between plan_shards and the crawls: every task after begin_run keeps the run's configuration."""
+    from airflow.sdk.listener import get_listener_manager
+
+    server = serve(mirror(accounts=57))
+    path = write_config(hedera_config(server.url, extra="shards = 3"))
+    deploy = EditAfter("plan_shards", path, hedera_config(server.url, extra="shards = 1").replace("limit = 10",
+                                                                                                  "limit = 5"))
+    dag = load_dag("balances_hedera_dagtest")
+    get_listener_manager().add_listener(deploy)
+    try:
+        dag_run = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))
+    finally:
+        get_listener_manager().pm.unregister(deploy)
+    assert dag_run.state == "success"
+    assert deploy.done and "shards = 1" in path.read_text()  # the file did change mid-run
+    crawls = [ti for ti in dag_run.get_task_instances() if ti.task_id == "crawl_snapshot"]
+    assert sorted(ti.map_index for ti in crawls) == [0, 1, 2]
+    # Published whole, as planned: three shards, pages of 10 (the file now says 1 shard, pages of 5).
+    assert fetch(db, "SELECT status, shards, rows, config->>'shards', config->>'limit' FROM snapshot_runs") == [
+        ("published", 3, 58 + 11, "3", "10")]
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(58 + 11,)]
+    assert page_sizes(server) == {"10"}
+
+    # The next run is the file's.
+    server.clear()
+    later = dag.test(logical_date=datetime.fromtimestamp(1700002900, tz=timezone.utc))
+    assert later.state == "success"
+    assert len([ti for ti in later.get_task_instances() if ti.task_id == "crawl_snapshot"]) == 1
+    assert fetch(db, "SELECT status, shards, rows, config->>'limit' FROM snapshot_runs ORDER BY run_id DESC"
+                     " LIMIT 1") == [("published", 1, 58 + 11, "5")]
+    assert page_sizes(server) == {"5"}
+
+
+def page_sizes(server) -> set[str]:
+    """The page sizes the crawls asked the mirror node for."""
+    return {r.params("limit")[0] for r in list(server.requests)
+            if r.path.endswith("/balances") and r.params("account.id")}

@@ -244,7 +244,8 @@ def test_confirmations_keep_the_snapshot_below_the_tip(db, serve, chain):
     late = at(T3 + 600 * 12 + 60)  # after the tip's time
     assert take_snapshot(db, evm_source(server.url), late)["as_of_raw"] == chain.raw(tip - 12)
     assert take_snapshot(db, evm_source(server.url, confirmations=3), late)["as_of_raw"] == chain.raw(tip - 3)
-    assert take_snapshot(db, evm_source(server.url, confirmations=0), late)["as_of_raw"] == chain.raw(tip)
+    # With none, the tip itself is not yet known to be the last block of its second: the one before it.
+    assert take_snapshot(db, evm_source(server.url, confirmations=0), late)["as_of_raw"] == chain.raw(tip - 1)
     # More confirmations than the chain has blocks: no block qualifies yet.
     assert take_snapshot(db, evm_source(server.url, confirmations=tip + 1), late)["status"] == "no_snapshot"
 
@@ -415,6 +416,110 @@ def test_each_endpoint_has_its_own_request_budget(db, serve, chain):
     assert {f"evm http://127.0.0.1:{first.port}", f"evm http://127.0.0.1:{second.port}"} <= budgets
 
 
+@pytest.mark.parametrize("error_ids, max_batch, outcome", [
+    ("ganache", 1, "published"),  # Ganache 7: a failing single call of id 0 is answered with id null
+    ("null", 1, "published"),  # every error without its id: one call per request, no doubt
+    ("null", 2, "published"),  # one call beside the header in each batch: no doubt either
+    ("null", 3, "which call failed is unknown"),  # two reverting calls in one batch: refused
+])
+def test_an_error_answered_without_its_id_is_the_calls_when_nothing_else_can_be(db, serve, chain, error_ids,
+                                                                                 max_batch, outcome):
+    gateway = EvmGateway(chain.node, error_ids=error_ids)
+    server = serve(gateway)
+    source = evm_source(server.url, addresses=[ALICE, BOB], tokens=[chain.tusd, chain.reverting],
+                        max_batch=max_batch, max_rejected=10, max_attempts=1)
+    if outcome != "published":
+        with pytest.raises(ProviderError, match=f"2 error.s. without an id came with 2 of 3 calls unanswered: {outcome}"):
+            take_snapshot(db, source, at(T3))
+        assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
+        return
+    summary = take_snapshot(db, source, at(T3))
+    assert summary["status"] == "published", summary["error"]
+    reasons = [r for (r,) in fetch(db, "SELECT reason FROM rejected_records")]
+    assert len(reasons) == 2 and all(f"token {chain.reverting} failed at block 7" in r for r in reasons)
+    assert landed(db, chain) == {k: v for k, v in AFTER_T3.items() if k[0] in (ALICE, BOB)}
+    assert min(c["id"] for c in gateway.calls) == 1  # ids start at 1: 0 is no id to some servers
+
+
+# --- blocks several a second, block times out of order --------------------------------------------
+
+S = G + 3600  # the second several blocks share
+
+
+def several_a_second(node: Anvil, *seconds: int) -> list[int]:
+    """One block per entry, at that second, each paying ALICE one more wei; their numbers."""
+    numbers = []
+    for second in seconds:
+        node.send(DEPLOYER, ALICE, value=1)
+        numbers.append(int(node.mine(second)["number"], 16))
+    return numbers
+
+
+def test_several_blocks_a_second_the_snapshot_of_a_second_is_its_last_block(db, serve, node):
+    node.set_automine(False)
+    blocks = several_a_second(node, S - 60, S, S, S, S + 1, S + 1, S + 2)
+    assert blocks == [1, 2, 3, 4, 5, 6, 7]
+    server = serve(EvmGateway(node))
+    source = evm_source(server.url, addresses=[ALICE], confirmations=0)
+    raw = {n: f"{n}:{node.block(n)['hash']}" for n in blocks}
+    for when, block, second in ((S, 4, S), (S + 1, 6, S + 1), (S - 1, 1, S - 60)):
+        summary = take_snapshot(db, source, at(when))
+        assert (summary["status"], summary["as_of"], summary["as_of_raw"]) == ("published", at(second), raw[block])
+    # Any time within the second, again and in any order: the same block, nothing added.
+    for when in (at(S) + timedelta(milliseconds=999), at(S)):
+        again = take_snapshot(db, source, when)
+        assert (again["as_of_raw"], again["rows_inserted"]) == (raw[4], 0)
+    held = dict(fetch(db, "SELECT as_of, balance FROM balance_history ORDER BY as_of"))
+    assert held == {at(S - 60): 1, at(S): 4, at(S + 1): 6}
+
+
+def test_a_second_still_filling_is_no_snapshot_until_its_last_block_is_known(db, serve, node):
+    """The issue's case: the safe block's second went on above it; a later run of the interval was refused."""
+    node.set_automine(False)
+    several_a_second(node, S - 10, S, S)  # blocks 1, 2, 3: with one confirmation block 2 is safe
+    server = serve(EvmGateway(node))
+    source = evm_source(server.url, addresses=[ALICE], confirmations=1)
+    first = take_snapshot(db, source, at(S))
+    assert first["status"] == "published", first["error"]
+    assert (first["as_of"], first["as_of_raw"]) == (at(S - 10), f"1:{node.block(1)['hash']}")
+    several_a_second(node, S, S + 1)  # block 4 ends the second S, block 5 confirms it
+    second = take_snapshot(db, source, at(S))  # the same interval, later
+    assert second["status"] == "published", second["error"]
+    assert (second["as_of"], second["as_of_raw"]) == (at(S), f"4:{node.block(4)['hash']}")
+    assert take_snapshot(db, source, at(S) + timedelta(milliseconds=500))["rows_inserted"] == 0
+    assert dict(fetch(db, "SELECT as_of, balance FROM balance_history")) == {at(S - 10): 1, at(S): 4}
+
+
+def test_a_tip_older_than_its_parent_fails_the_run_naming_both_blocks(db, serve, node):
+    node.set_automine(False)
+    several_a_second(node, S - 120, S - 60, S)
+    node.rpc("evm_setTime", S - 3000)  # the node's clock set back: the next block is older than its parent
+    node.mine()
+    tip = node.block(4)
+    assert int(tip["timestamp"], 16) < S
+    server = serve(EvmGateway(node))
+    with pytest.raises(SnapshotError, match=r"block times go backwards: block 4 \(.*\) is earlier than block 3 "
+                                            r"\(2023-11-14T23:13:20\+00:00\) below it"):
+        take_snapshot(db, evm_source(server.url, addresses=[ALICE], confirmations=0), at(S + 60))
+    [(status, _, _, error)] = runs(db)
+    assert status == "failed" and "is earlier than block 3" in error
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
+
+
+def test_block_times_out_of_order_deep_in_the_chain_fail_the_search_naming_both_blocks(db, serve, node):
+    node.set_automine(False)
+    several_a_second(node, S - 120, S - 60, S)
+    node.rpc("evm_setTime", S - 3000)
+    node.mine()  # block 4, older than block 3
+    back = int(node.block(4)["timestamp"], 16)
+    several_a_second(node, *[back + 10 * i for i in range(1, 9)])  # blocks 5..12, in order again
+    server = serve(EvmGateway(node))
+    with pytest.raises(SnapshotError, match="block times go backwards: block 4 .* is earlier than block 3"):
+        take_snapshot(db, evm_source(server.url, addresses=[ALICE], confirmations=2), at(back + 25))
+    assert runs(db)[0][0] == "failed"
+    assert fetch(db, "SELECT count(*) FROM balance_history") == [(0,)]
+
+
 # --- the chain changes under the run ----------------------------------------------------------
 
 
@@ -471,7 +576,7 @@ def test_a_reorganisation_during_the_crawl_fails_it(db, serve, node):
 
 def test_a_node_without_old_state_is_not_an_archive_node(db, serve):
     require_anvil()
-    pruned = Anvil(chain_id=CHAIN_ID, timestamp=G, prune_history=True)
+    pruned = Anvil(chain_id=CHAIN_ID, timestamp=G, prune_history=3)  # the last 4 states, as geth keeps 128
     try:
         build_small_chain(pruned)
         server = serve(EvmGateway(pruned))

@@ -6,9 +6,12 @@ changing, a balance changing only its scale, an empty snapshot, snapshots
 across three months) is published through the real path (staging, then
 publish) in a shuffled order: backfills land between, before and after
 snapshots already held; and again in time order, where every publish
-compares against the kept staging of the snapshot before (0011). Identical reruns add nothing, a rerun that brings
-one more holding adds it, and a rerun with another balance fails and
-changes nothing.
+compares against the kept staging of the snapshot before (0011); and
+concurrently: two sessions publishing in the shuffled order while a third
+writes through the ``balance_history`` view (0012: each waits for the
+source's turn). Identical reruns add nothing, a rerun that brings one more
+holding adds it, and a rerun with another balance fails and changes
+nothing.
 
 Beside it, every successful publish is mirrored into a plain full table
 ``balance_history`` in the schema ``eq_expected``, with the views of
@@ -135,14 +138,20 @@ def history(rng: random.Random) -> dict[str, list[tuple[datetime, list[BalanceRo
 # --- loading both ---------------------------------------------------------------------------
 
 
-def publish_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow], *,
-                     scheduled_for: datetime | None = None) -> publish.PublishResult:
+def stage_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow], *,
+                   scheduled_for: datetime | None = None) -> int:
+    """A run with ``rows`` staged as snapshot ``as_of``, ready to publish; its id."""
     run_id = runs.start_run(conn, source, "hedera", scheduled_for or as_of)
     runs.set_snapshot(conn, run_id, as_of, f"{as_of.timestamp():.9f}")
     writer = staging.StagingWriter(conn, run_id, 0)
     writer.add(rows)
     writer.close()
-    return publish.publish(conn, run_id)
+    return run_id
+
+
+def publish_snapshot(conn, source: str, as_of: datetime, rows: list[BalanceRow], *,
+                     scheduled_for: datetime | None = None) -> publish.PublishResult:
+    return publish.publish(conn, stage_snapshot(conn, source, as_of, rows, scheduled_for=scheduled_for))
 
 
 def mirror(conn, run_id: int, rows: list[BalanceRow]) -> None:
@@ -161,16 +170,19 @@ def mirror(conn, run_id: int, rows: list[BalanceRow]) -> None:
     conn.commit()
 
 
-def load(db, rng: random.Random, shuffled: bool = True) -> dict:
+def load(db, rng: random.Random, mode: str = "shuffled", database_url: str | None = None) -> dict:
     truth = history(rng)
     order = [(source, i) for source, snaps in truth.items() for i in range(len(snaps))]
-    if shuffled:
+    if mode != "in time order":
         rng.shuffle(order)
     # In time order every snapshot after a source's first is compared with
     # the kept staging of the one before (0011); shuffled, most are not.
     # A rerun of a snapshot already held, now and then, with the same rows.
     for _ in range(5):
         order.insert(rng.randrange(len(order) // 2, len(order)), rng.choice(order[: len(order) // 2]))
+    if mode == "concurrently":
+        load_concurrently(db, database_url, rng, truth, order)
+        return truth
     for source, i in order:
         as_of, rows = truth[source][i]
         result = publish_snapshot(db, source, as_of, rows)
@@ -178,7 +190,92 @@ def load(db, rng: random.Random, shuffled: bool = True) -> dict:
     return truth
 
 
-@pytest.fixture(params=["shuffled", "in time order"])
+# Writes through the view, made while the publishes run: on snapshots no
+# rerun brings again (a rerun would rightly refuse their other balances),
+# and not on eq_alpha, which the rerun test below loads again.
+VIEW_WRITES = 12
+
+
+def load_concurrently(db, database_url: str, rng: random.Random, truth: dict, order: list) -> None:
+    """Two sessions publish the snapshots in ``order`` (backfills among them) while a third writes
+    through the ``balance_history`` view, holding each write open a moment; the same writes are then
+    made on the full table, in the order they committed."""
+    import threading
+    import time
+
+    queue, lock = list(order), threading.Lock()
+    published: list[tuple[int, list[BalanceRow]]] = []
+    failures: list[BaseException] = []
+    rerun = {item for item in order if order.count(item) > 1}
+    writable = [(s, truth[s][i][0]) for s, n in SOURCES.items() for i in range(n)
+                if s != "eq_alpha" and (s, i) not in rerun]
+    writer_rng = random.Random(rng.random())
+
+    def publisher() -> None:
+        conn = connect(database_url)
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    source, i = queue.pop(0)
+                as_of, rows = truth[source][i]
+                result = publish_snapshot(conn, source, as_of, rows)
+                with lock:
+                    published.append((result.run_id, rows))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    writes: list[tuple] = []
+
+    def view_writer() -> None:
+        conn = connect(database_url)
+        try:
+            while len(writes) < VIEW_WRITES and any(t.is_alive() for t in publishers):
+                held = fetch(conn, "SELECT source, as_of FROM balance_snapshots WHERE holdings > 0")
+                targets = sorted(set(held) & set(writable))
+                if not targets:
+                    time.sleep(0.01)
+                    continue
+                source, as_of = writer_rng.choice(targets)
+                [(account, asset)] = fetch(conn, "SELECT account, asset FROM balance_history WHERE source = %s"
+                                                 " AND as_of = %s ORDER BY account, asset LIMIT 1 OFFSET %s",
+                                           (source, as_of, writer_rng.randrange(5)))
+                balance = _amount(writer_rng)
+                with conn.cursor() as cur:
+                    cur.execute("UPDATE balance_history SET balance = %s WHERE source = %s AND as_of = %s"
+                                " AND account = %s AND asset = %s", (balance, source, as_of, account, asset))
+                time.sleep(writer_rng.uniform(0.005, 0.05))  # open while the publishes go on
+                conn.commit()
+                writes.append((balance, source, as_of, account, asset))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    publishers = [threading.Thread(target=publisher) for _ in range(2)]
+    writer = threading.Thread(target=view_writer)
+    for thread in (*publishers, writer):
+        thread.start()
+    for thread in (*publishers, writer):
+        thread.join()
+    if failures:
+        raise failures[0]
+    assert len(writes) >= VIEW_WRITES // 2, "the view writes did not overlap the publishes"
+    # The first run to publish a snapshot is the one its rows name, as the full table's key kept it.
+    first = {run for (run,) in fetch(db, "SELECT run_id FROM balance_snapshots")}
+    for run_id, rows in sorted(published, key=lambda p: p[0] not in first):
+        mirror(db, run_id, rows)
+    with db.cursor() as cur:
+        for write in writes:
+            cur.execute(f"UPDATE {SCHEMA}.balance_history SET balance = %s WHERE source = %s AND as_of = %s"
+                        " AND account = %s AND asset = %s", write)
+    db.commit()
+
+
+@pytest.fixture(params=["shuffled", "in time order", "concurrently"])
 def loaded(request, db, database_url):
     with db.cursor() as cur:
         cur.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
@@ -190,7 +287,7 @@ def loaded(request, db, database_url):
         cur.execute("RESET search_path")
     db.commit()
     rng = random.Random(SEED)
-    truth = load(db, rng, shuffled=request.param == "shuffled")
+    truth = load(db, rng, request.param, database_url)
     expected = connect(database_url)
     with expected.cursor() as cur:
         cur.execute(f"SET search_path = {SCHEMA}, public")

@@ -178,7 +178,8 @@ def test_a_reader_login_cannot_stall_a_snapshot_publish_partition_or_reconcile(d
     attempts += ["SELECT * FROM run_leases", "SELECT * FROM source_locks FOR UPDATE",
                  "INSERT INTO run_leases VALUES ('snapshot', 1, -1, pg_backend_pid(), now(), 10)",
                  "INSERT INTO source_locks VALUES ('hostile')",
-                 "SELECT balance_history_ensure_partition('2044-04-01')"]
+                 "SELECT balance_history_ensure_partition('2044-04-01')",
+                 "SELECT balance_history_take_turn('hostile')"]  # the writers' turn (0012)
     for statement in attempts:
         error = refused(reader, statement)
         assert isinstance(error, psycopg2.errors.InsufficientPrivilege), (statement, error)

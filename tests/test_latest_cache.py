@@ -151,13 +151,13 @@ def test_truncating_the_history_invalidates_every_kept_snapshot(db):
 
 def test_a_sharded_snapshot_is_kept_whole(db):
     def publish_sharded(as_of: datetime, snapshot: list[BalanceRow]):
-        run_id = runs.start_run(db, SOURCE, "hedera", as_of)
+        run_id = runs.start_run(db, SOURCE, "hedera", as_of, shards=3)
         runs.set_snapshot(db, run_id, as_of, f"{as_of.timestamp():.9f}")
         for shard in range(3):
             writer = staging.StagingWriter(db, run_id, shard)
             writer.add(snapshot[shard::3])
             writer.close()
-        return publish.publish(db, run_id, shards=3)
+        return publish.publish(db, run_id)
 
     first = publish_sharded(T1, rows(9))
     assert cache_entry(db) == (T1, first.run_id, 3, 9, True)

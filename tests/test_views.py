@@ -32,8 +32,9 @@ from tests.conftest import fetch
 VIEWS = ("balance_history_units", "balance_latest", "balance_daily_close", "balance_changes",
          "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily",
          "pipeline_runs", "rejection_reasons", "balances_latest", "balances_daily_close")
-BALANCE_VIEWS = VIEWS[:5]  # of 0004 (two renamed in 0014)
-BALANCE_VIEWS_BEFORE_0014 = ("balance_history_units", "balances_latest", "balances_daily_close", "balance_changes",
+BALANCE_VIEWS = VIEWS[:5]  # of 0004 (two renamed in 0013)
+BALANCE_VIEWS_BEFORE_0013 = ("balance_history_units", "balances_latest", "balances_daily_close",
+                             "balance_changes",
                              "source_freshness")
 BASE_TABLES = ("balance_history", "snapshot_runs", "rejected_records", "aggregate_balances",
                "request_budgets", "reconciliation_runs", "reconciliation_breaks", "run_leases",
@@ -346,7 +347,7 @@ def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):
             assert fetch(conn, reader_on_public) == [(True,)]
             command.downgrade(alembic_config(url), "0003")
             assert current_revision(url) == "0003"
-            names = [*BALANCE_VIEWS_BEFORE_0014, "snapshot_runs_published"]
+            names = [*BALANCE_VIEWS_BEFORE_0013, "snapshot_runs_published"]
             assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n",
                          (names,)) == [(0,)]
             assert fetch(conn, "SELECT to_regprocedure("
@@ -381,7 +382,7 @@ def test_ids_compare_byte_by_byte_after_an_upgrade_in_place(database_url):
                 pytest.skip("this server has no ICU: the default collation is C already")
             upgrade(url, "0005")
             published_at_old_revision(conn, "s", T1, [BalanceRow(a, "X", 1) for a in accounts])
-            latest = "SELECT account FROM balances_latest ORDER BY account"  # its name before 0014
+            latest = "SELECT account FROM balances_latest ORDER BY account"  # its name before 0013
             assert [a for (a,) in fetch(conn, latest)] != by_bytes  # the linguistic default
 
             assert upgrade(url, "0006") == "0006"
@@ -391,7 +392,7 @@ def test_ids_compare_byte_by_byte_after_an_upgrade_in_place(database_url):
             assert fetch(conn, "SELECT count(*) FROM balance_history") == [(3,)]
             assert fetch(conn, "SELECT count(*) FROM unnest(%s::text[]) v"
                                " WHERE has_table_privilege('balances_reader', v, 'SELECT')",
-                         (list(BALANCE_VIEWS_BEFORE_0014),)) == [(len(BALANCE_VIEWS_BEFORE_0014),)]
+                         (list(BALANCE_VIEWS_BEFORE_0013),)) == [(len(BALANCE_VIEWS_BEFORE_0013),)]
             published_at_old_revision(conn, "s", T2, [BalanceRow(a, "X", 2) for a in accounts])
             assert fetch(conn, "SELECT count(*) FROM balance_changes WHERE delta = 1") == [(3,)]
 
@@ -602,7 +603,7 @@ def test_a_snapshot_stores_only_what_changed_and_reads_back_whole(db):
     assert fetch(db, "SELECT account, balance FROM balance_history_store WHERE gone") == [("0.0.0", None)]
 
 
-def test_the_names_before_0014_answer_as_the_new_ones(db):
+def test_the_names_before_0013_answer_as_the_new_ones(db):
     publish_snapshot(db, "renamed", T1, [BalanceRow("a", "HBAR", 10, decimals=1)])
     publish_snapshot(db, "renamed", T2, [BalanceRow("a", "HBAR", 30, decimals=1), BalanceRow("b", "X", 1)])
     for old, new in (("balances_latest", "balance_latest"), ("balances_daily_close", "balance_daily_close")):

@@ -14,14 +14,14 @@
   ``balances_latest`` and ``balances_daily_close`` stay as views over them,
   so existing dashboards keep working.
 
-Revision ID: 0014
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-03
 """
 from alembic import op
 
-revision = "0014"
-down_revision = "0011"
+revision = "0013"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
