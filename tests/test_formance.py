@@ -977,3 +977,25 @@ def test_25_8_the_sandbox_follows_each_release(serve):
         body = requests.get(f"{server.url}{BALANCES}", headers={"Authorization": f"Bearer {_token(server)}"}).json()
         orders[legacy] = [a for r in body["cursor"]["data"] for a in r]
     assert orders[False] == sorted(orders[False]) and orders[True] == sorted(orders[False], reverse=True)
+
+
+def test_25_7_crawl_memory_does_not_grow_with_the_ledger(serve):
+    """Ten times the accounts, the same peak: nothing is kept per address (figures: bench b7)."""
+    import tracemalloc
+
+    from bench.b7_formance_memory import LEDGER, GeneratedLedger
+
+    peaks = {}
+    for accounts in (5_000, 50_000):
+        server = serve(GeneratedLedger(accounts))
+        source = formance_source(server, api="v1-standalone", ledger=LEDGER, page_size=1000)
+        extractor = build_extractor(source)
+        tracemalloc.start()
+        try:
+            rows = sum(len(page.rows) for page in extractor.pages(now()) if page.kind != "aggregate")
+            peaks[accounts] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert rows == accounts
+    # Digests of every address (the code before issue 25) took about 4 MB more here.
+    assert peaks[50_000] - peaks[5_000] < 1_000_000, peaks
