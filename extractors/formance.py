@@ -675,6 +675,11 @@ class FormanceExtractor:
                                            or "must be 'ON'" in message):
             # ErrMissingFeature / ErrInvalidQuery of internal/storage/ledger (v2.x).
             text = f"{text} (the ledger was created without a feature this read needs)"
+        elif response.status_code == 500 and code == "INTERNAL" and not self.v2:
+            # internal/api/common/errors.go:HandleCommonErrors (v1.x answers its 500s without a body).
+            text = (f"{text} (the v1 layer of a v2.x server answers 500 for any error it does not "
+                    "classify, a missing ledger feature among them: the server's log says which; "
+                    'api = "v2" reports them as they are)')
         return http_error(response, f"{code}: {text}" if code else text, str(code) if code else None,
                           retriable=code in RETRIABLE_CODES)
 
