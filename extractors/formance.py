@@ -125,8 +125,9 @@ RETRIABLE_CODES = {"INTERNAL", "TIMEOUT"}
 # The scale is stored as the row's decimals and turned into whole units in
 # NUMERIC, whose largest scale is 16383; the server allows up to 999999.
 MAX_DECIMALS = 16383
-# A v1 crawl reads live data; this many crawls that each saw the ledger move fail the run.
+# A v1 crawl reads live data; by default this many crawls that each saw the ledger move fail the run.
 V1_ATTEMPTS = 3
+MAX_CRAWLS = 100
 # v2 point-in-time volumes and the insertion-date aggregate both read the moves history.
 V2_FEATURES = {"MOVES_HISTORY": "ON"}
 # v2.2 only (v2.3.0 dropped it): a filter with an empty segment reads this index.
@@ -191,6 +192,8 @@ class Settings:
     scopes: list[str] | None = None
     # A v2 read waits until the server's clock is this many seconds past pit.
     pit_margin: float = 60.0
+    # v1: crawls that may each see the ledger's log move before the run fails.
+    max_crawls: int = V1_ATTEMPTS
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -210,6 +213,8 @@ class Settings:
             if not _SCOPE.fullmatch(scope):
                 raise ValueError("scopes", f"{scope!r} is not an OAuth2 scope (printable ASCII, no spaces "
                                            "or quotes; list each scope on its own)")
+        if not 1 <= self.max_crawls <= MAX_CRAWLS:
+            raise ValueError("max_crawls", f"must be between 1 and {MAX_CRAWLS}, got {self.max_crawls}")
         if not 0 <= self.pit_margin <= MAX_PIT_MARGIN:
             raise ValueError("pit_margin", f"must be between 0 and {MAX_PIT_MARGIN:g} seconds, "
                                            f"got {self.pit_margin:g}")
@@ -514,7 +519,8 @@ class FormanceExtractor:
     # -- v1: the present, checked against the ledger's log --------------------------
 
     def _v1_snapshot(self) -> Iterator[Page]:
-        for attempt in range(1, V1_ATTEMPTS + 1):
+        crawls = self.settings.max_crawls
+        for attempt in range(1, crawls + 1):
             # Each pass reads the present anew: its snapshot time is when its
             # own first page arrived (the run forgets a voided pass's time).
             before = self._log_token()
@@ -536,14 +542,14 @@ class FormanceExtractor:
             if crawl.moved is None:
                 yield self._finish(crawl, totals, when, v1_snapshot_raw(when, before))
                 return
-            if attempt == V1_ATTEMPTS:
+            if attempt == crawls:
                 raise SnapshotMoved(
-                    f"{self._where()} moved during each of {V1_ATTEMPTS} crawls (last: {crawl.moved}); "
+                    f"{self._where()} moved during each of {crawls} crawls (last: {crawl.moved}); "
                     "the v1 API reads live data page by page, so no consistent snapshot could be read. "
                     "Use api = \"v2\" (or \"v2-standalone\"), which reads a point in time, if the server "
                     "offers it, or schedule the source when the ledger is quiet")
             yield Page(as_of=when, as_of_raw=format_pit(when), kind="restart", warnings=[
-                f"{self._where()} moved during crawl {attempt} of at most {V1_ATTEMPTS} "
+                f"{self._where()} moved during crawl {attempt} of at most {crawls} "
                 f"({crawl.moved}); reading it again"])
 
     def _log_token(self) -> int:

@@ -714,6 +714,15 @@ def test_6_a_ledger_that_never_holds_still_fails_the_run(db, serve):
     with pytest.raises(SnapshotMoved, match='moved during each of 3 crawls .*Use api = "v2"'):
         take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert history(db) == [] and runs(db)[0][0] == "failed"
+    # As many crawls as the source allows.
+    def crawls():
+        return [r for r in ledger_requests(server, "/main/balances") if r.params("pageSize")]
+
+    assert len(crawls()) == 3
+    app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:0000", "USD/2", 1))
+    with pytest.raises(SnapshotMoved, match="moved during each of 1 crawls"):
+        take_snapshot(db, formance_source(server, page_size=2, max_crawls=1), now(), credentials=CREDS)
+    assert len(crawls()) == 4
     assert fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'") == [(0,)]
 
 
