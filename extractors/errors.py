@@ -109,6 +109,14 @@ class SnapshotMoved(SnapshotError):
     """The provider's data changed while a live (non point-in-time) crawl read it."""
 
 
+class SnapshotInFuture(SnapshotError):
+    """The snapshot time asked is later than the present: ours, or the provider's own clock.
+
+    A point-in-time read of the future is not a snapshot: it would see what
+    is written while it reads.
+    """
+
+
 class LedgerUnavailable(ExtractError):
     """The configured ledger does not exist, or lacks a feature a read needs."""
 

@@ -2,40 +2,82 @@
 
 What differs from the other providers: a ``cursor`` paginator whose
 follow-ups carry only the cursor; four path layouts (v1 and v2, each through
-the stack gateway or on a standalone ledger); OAuth2 client credentials;
-assets that carry their scale (``USD/2``); arbitrary-precision, possibly
-negative amounts; and history only in v2 (``pit``), so a v1 snapshot is the
-time of the fetch. Each run also reads ``/aggregate/balances`` into a
-``kind="aggregate"`` page, for reconciliation against the per-account sum.
+the stack gateway or on a standalone ledger); OAuth2 client credentials with
+scopes; assets that carry their scale (``USD/2``); arbitrary-precision,
+possibly negative amounts; and history only in v2 (``pit``), so a v1
+snapshot is the time of the fetch. Each run also reads
+``/aggregate/balances`` into a ``kind="aggregate"`` page, for reconciliation
+against the per-account sum.
 
 What the real server does that shapes this module (``formancehq/ledger``):
 
+* The layout is found with requests that create nothing, before any
+  ledger-scoped route: ``GET /_info`` at the server's root, public on a
+  standalone ledger (v1.10.16 ``pkg/api/routes/routes.go:Engine``; v2.x
+  ``internal/api/v1/routes.go:NewRouter``) and nothing of the ledger's on a
+  stack gateway (``ee/gateway/Caddyfile``), then, for a gateway,
+  ``GET /api/ledger/_info``. A standalone v2.x server takes any other
+  unknown first segment for a ledger and creates it before answering 404
+  (``internal/api/router.go:NewRouter`` mounts ``/*``;
+  ``internal/api/v1/middleware_auto_create_ledger.go:autoCreateMiddleware``):
+  ``/api/ledger/...`` sent to one would create a ledger ``api``.
 * v1 routes create an unknown ledger and answer 200 with empty data (v1.x
-  ``pkg/ledger/resolver.go`` ``GetLedgerStore(ctx, name, true)``; v2.x
-  ``internal/api/v1/middleware_auto_create_ledger.go``), so the ledger's
-  existence is checked first with calls that create nothing: the ledger list
-  of ``GET /_info`` for v1, ``GET /v2/{ledger}`` (404 when absent) for v2.
+  ``pkg/ledger/resolver.go`` ``GetLedgerStore(ctx, name, true)``), so the
+  ledger's existence is checked with calls that create nothing: the ledger
+  list of ``/_info`` on v1.x, ``GET /v2/{ledger}`` (404 when absent,
+  ``internal/api/v2/controllers_ledgers_read.go:readLedger``) on v2.x, whose
+  ``features`` also say whether the reads can work: ``MOVES_HISTORY=ON`` for
+  point-in-time reads, on v2.2 ``INDEX_ADDRESS_SEGMENTS=ON`` for a filter
+  with an empty segment (``internal/storage/ledger/store.go:validateAddressFilter``),
+  which the v1 layer otherwise answers with a bare 500
+  (``internal/api/common/errors.go:HandleCommonErrors``).
 * v1 ``address`` is a regex per segment on v1.x
   (``pkg/storage/sqlstorage/balances.go`` v1.10.16) but a v2 match on the
   v2.x compatibility layer (``query.Match``, ``internal/api/v1/controllers_accounts.go``),
   so only literal and empty segments are accepted: they mean the same on both.
 * v2.2.x's compatibility layer drops the filter on cursor follow-ups (fixed
   in v2.3.0, b708297d5), so every returned address is checked against it.
-* v1 pages are offsets over live data: a v1 crawl is checked for movement
-  (an address listed twice, the aggregate changing, the accounts not adding
-  up to it) and read again, a bounded number of times.
-* v2 ``volumes`` at ``pit`` are by insertion date, the aggregate by effective
-  date unless ``useInsertionDate=true``
-  (``internal/storage/ledger/resource_aggregated_balances.go`` v2.2.59).
+* v1 pages are offsets over live data. Every balance-moving write adds a
+  transaction (a revert adds one too), and the ledger's statistics count
+  them (v1.10.16 ``pkg/ledger/stats.go:Stats``, v2.x
+  ``internal/api/v1/controllers_stats.go:getStats``): the count read before
+  and after a crawl is its consistency token. Unlike the newest transaction
+  id it does not depend on commit order (v2.x takes ids from a sequence,
+  ``internal/storage/ledger/transactions.go``, and serialises only its log
+  inserts, ``logs.go:InsertLog``). A crawl whose count moved is read again,
+  a bounded number of times; the count is recorded in the snapshot's raw
+  time (``... transactions=N``): which ledger state the snapshot is.
+* v2 reads balances from ``volumes`` with ``endTime=pit`` and
+  ``insertionDate=true`` (``internal/storage/ledger/resource_volumes.go``):
+  every move inserted by ``pit``, whatever its account's first use. The
+  ``accounts`` listing filters on ``first_usage``, a transaction's
+  timestamp (``resource_accounts.go``), so an account opened by a
+  future-dated transaction would be missing while its amount is counted
+  elsewhere. The aggregate is read at the same ``pit`` with
+  ``useInsertionDate=true`` (``resource_aggregated_balances.go``) and the
+  rows must add up to it.
+* A ``pit`` is read only once the server's own clock (its ``Date`` header)
+  is ``pit_margin`` past it: a later one would see moves inserted during the
+  crawl. A ``pit`` after the server's clock is refused.
+* Scopes: a v2.x ledger and the stack gateway accept a read with
+  ``ledger:read`` (or ``ledger:write``) and answer 401 without it (go-libs
+  ``auth/auth.go:jwtAuth.Authenticate``); v1.x checks a scope per route
+  (``accounts:read`` for balances, ``stats`` for statistics) and answers 403,
+  as it does for a token it does not accept (v1.10.16
+  ``libs/auth/middleware.go``). The token endpoint grants only the scopes
+  asked for (``formancehq/auth`` ``pkg/oidc/storage.go:ClientCredentialsTokenRequest``),
+  so the request names them: ``scopes``, by default ``["ledger:read"]``.
 """
 from __future__ import annotations
 
-import hashlib
+import email.utils
+import logging
 import re
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -46,9 +88,10 @@ from extractors.errors import (
     MalformedResponseError,
     ProviderError,
     SnapshotError,
+    SnapshotInFuture,
     SnapshotMoved,
 )
-from extractors.http import HttpClient, RetryPolicy, error_text, http_error
+from extractors.http import HttpClient, RetryPolicy, error_text, http_error, send
 from extractors.paginators import CursorPaginator
 from extractors.provider import Provider, Throttle
 from extractors.records import (
@@ -57,6 +100,8 @@ from extractors.records import (
     RecordError,
     integer_amount,
 )
+
+log = logging.getLogger(__name__)
 
 # api -> (prefix of the ledger service, path of one ledger under it).
 APIS = {
@@ -69,16 +114,27 @@ V2_APIS = ("v2", "v2-standalone")
 # v1 (both servers) caps at 1000; v2 clamps anything above 100 without a word.
 MAX_PAGE_SIZE = {"v1": 1000, "v1-standalone": 1000, "v2": 100, "v2-standalone": 100}
 DEFAULT_TOKEN_URL = "/api/auth/oauth/token"
+# What a v2.x ledger and the stack gateway check for a read (service "ledger").
+DEFAULT_SCOPES = ["ledger:read"]
+READ_SCOPES = ("ledger:read", "ledger:write")
+# v1.x checks one scope per route (pkg/api/routes/routes.go).
+V1X_ROUTE_SCOPES = {"balances": "accounts:read", "aggregate/balances": "accounts:read", "stats": "stats"}
 BIGINT_AS_STRING = {"Formance-Bigint-As-String": "true"}
 # Formance's own codes for failures that may pass: the ledger timed out or broke inside.
 RETRIABLE_CODES = {"INTERNAL", "TIMEOUT"}
 # The scale is stored as the row's decimals and turned into whole units in
 # NUMERIC, whose largest scale is 16383; the server allows up to 999999.
 MAX_DECIMALS = 16383
-# A v1 crawl reads live data; this many crawls that each saw the ledger move fail the run.
+# A v1 crawl reads live data; by default this many crawls that each saw the ledger move fail the run.
 V1_ATTEMPTS = 3
+MAX_CRAWLS = 100
 # v2 point-in-time volumes and the insertion-date aggregate both read the moves history.
 V2_FEATURES = {"MOVES_HISTORY": "ON"}
+# v2.2 only (v2.3.0 dropped it): a filter with an empty segment reads this index.
+SEGMENTS_INDEX = "INDEX_ADDRESS_SEGMENTS"
+# A Date header has whole seconds: the server's clock may be this far past it.
+DATE_RESOLUTION = timedelta(seconds=1)
+MAX_PIT_MARGIN = 3600.0
 
 _LEDGER = re.compile(r"[0-9A-Za-z_-]{1,63}")
 # The server's asset pattern: ``[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(\/\d{1,6})?``
@@ -88,6 +144,8 @@ _ASSET = re.compile(r"[A-Z][A-Z0-9]{0,16}(?:_[A-Z]{1,16})?(?:/([0-9]{1,6}))?")
 # An address segment as v2.x defines it (pkg/accounts/accounts.go); v1.x
 # allows a subset (no '-'), so a literal segment means the same on both.
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+# A scope as RFC 6749 §3.3 allows it (printable ASCII but space, " and \).
+_SCOPE = re.compile(r"[!#-\[\]-~]+")
 
 
 def address_filter_problem(pattern: str, api: str) -> str | None:
@@ -130,6 +188,12 @@ class Settings:
     # A ledger (or filter) holding no account is usually a misspelling:
     # the run fails unless the source says an empty snapshot is expected.
     allow_empty: bool = False
+    # The OAuth2 scopes asked for; None: the Connection's extra ``scope``, else DEFAULT_SCOPES.
+    scopes: list[str] | None = None
+    # A v2 read waits until the server's clock is this many seconds past pit.
+    pit_margin: float = 60.0
+    # v1: crawls that may each see the ledger's log move before the run fails.
+    max_crawls: int = V1_ATTEMPTS
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -145,6 +209,15 @@ class Settings:
             problem = address_filter_problem(self.address, self.api)
             if problem:
                 raise ValueError("address", problem)
+        for scope in self.scopes or []:
+            if not _SCOPE.fullmatch(scope):
+                raise ValueError("scopes", f"{scope!r} is not an OAuth2 scope (printable ASCII, no spaces "
+                                           "or quotes; list each scope on its own)")
+        if not 1 <= self.max_crawls <= MAX_CRAWLS:
+            raise ValueError("max_crawls", f"must be between 1 and {MAX_CRAWLS}, got {self.max_crawls}")
+        if not 0 <= self.pit_margin <= MAX_PIT_MARGIN:
+            raise ValueError("pit_margin", f"must be between 0 and {MAX_PIT_MARGIN:g} seconds, "
+                                           f"got {self.pit_margin:g}")
 
 
 def has_history(settings: Settings) -> bool:
@@ -171,41 +244,62 @@ def format_pit(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def formance_error(response: requests.Response) -> ProviderError:
-    """``errorCode``/``errorMessage`` (or the deprecated snake_case pair) as the error."""
-    code = message = None
-    try:
-        body = response.json()
-        code = body.get("errorCode") or body.get("error_code")
-        message = body.get("errorMessage") or body.get("error_message")
-    except (ValueError, AttributeError):
-        pass  # v1 answers some 5xx, and a missing scope, with an empty body
-    text = message or error_text(response)
-    if response.status_code == 401:
-        if "Authorization" not in response.request.headers:
-            text = f"{text} (no access token sent: does the source need a conn_id?)"
-        else:
-            renewed = " after renewing the access token" if response.history else ""
-            text = f"{text} (the ledger refused the access token{renewed})"
-    elif response.status_code == 403:
-        text = (f"{text} (the access token lacks a scope this route needs: "
-                "set 'scope' in the Connection's extra)")
-    elif isinstance(message, str) and ("missing feature" in message or "to use volumes" in message):
-        # ErrMissingFeature / ErrInvalidQuery of internal/storage/ledger (v2.x).
-        text = f"{text} (the ledger was created without a feature this read needs)"
-    return http_error(response, f"{code}: {text}" if code else text, str(code) if code else None,
-                      retriable=code in RETRIABLE_CODES)
+def v1_snapshot_raw(as_of: datetime, transactions: int) -> str:
+    """A v1 snapshot's raw time: when it was read, and the ledger state it is."""
+    return f"{format_pit(as_of)} transactions={transactions}"
+
+
+def _route_scope(url: str) -> str | None:
+    path = urlsplit(url).path
+    return next((scope for route, scope in V1X_ROUTE_SCOPES.items() if path.endswith("/" + route)), None)
+
+
+@dataclass(slots=True, frozen=True)
+class LedgerServer:
+    """What ``/_info`` says of the server: v1.x or v2.x, its version, its ledgers."""
+
+    v1x: bool
+    version: str
+    ledgers: tuple[str, ...]
+
+    @classmethod
+    def from_info(cls, info: Any) -> "LedgerServer | None":
+        data = info.get("data") if isinstance(info, dict) else None
+        server = data.get("server") if isinstance(data, dict) else None
+        ledgers = _dig(data, "config", "storage", "ledgers")
+        if server not in ("ledger", "numary-ledger") or not isinstance(ledgers, list):
+            return None
+        version = data.get("version")
+        version = version if isinstance(version, str) else ""
+        v1x = server == "numary-ledger" or version.startswith("v1.")
+        return cls(v1x, version, tuple(n for n in ledgers if isinstance(n, str)))
+
+    @property
+    def name(self) -> str:
+        return f"ledger {self.version or ('v1.x' if self.v1x else 'v2.x')}"
 
 
 @dataclass(slots=True)
 class _Crawl:
-    """What one pass over the pages saw, to judge whether it is one snapshot."""
+    """What one pass over the pages saw, to judge whether it is one snapshot.
 
-    seen: set[bytes]
-    sums: dict[str, int]
+    Memory stays flat whatever the ledger's size: only the sums per asset
+    and the addresses of the page before are kept (offsets that shift by
+    less than a page list an address again there; the log's token catches
+    any other movement, and publish refuses a holding listed twice with two
+    balances).
+    """
+
+    sums: dict[str, int] = field(default_factory=dict)
+    accounts: int = 0
     rows: int = 0
     rejected: int = 0
     moved: str | None = None
+    previous_page: set[str] = field(default_factory=set)
+    this_page: set[str] = field(default_factory=set)
+
+    def next_page(self) -> None:
+        self.previous_page, self.this_page = self.this_page, set()
 
 
 class FormanceExtractor:
@@ -213,13 +307,19 @@ class FormanceExtractor:
 
     provider = "formance"
 
-    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
+    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int,
+                 auth: ClientCredentialsAuth | None = None) -> None:
         self.settings = settings
         self.client = client
         self.max_pages = max_pages
+        self.auth = auth
         prefix, ledger_path = APIS[settings.api]
         self.prefix = prefix
         self.base_path = prefix + ledger_path.format(ledger=quote(settings.ledger, safe=""))
+        self.server: LedgerServer | None = None
+        self._server_date: tuple[datetime, float] | None = None  # (Date header, monotonic when read)
+        client.error_for = self._error
+        client.session.hooks["response"].append(self._remember_date)
 
     @property
     def v2(self) -> bool:
@@ -235,139 +335,272 @@ class FormanceExtractor:
         """
         if account_range is not None:
             raise ValueError("formance sources are not sharded")
-        self._check_ledger()
+        self.server = self._find_server()
+        self._check_ledger(self.server)
         if self.v2:
-            crawl = _Crawl(set(), {})
-            yield from self._balance_pages(at, at, crawl)
-            if crawl.moved:
-                raise SnapshotError(f"{self._where()}: {crawl.moved}, in a point-in-time read")
-            totals = self._totals(at)
-            yield self._finish(crawl, totals, at)
+            self._wait_for_server_clock(at)
+            yield from self._v2_snapshot(at)
             return
-        for attempt in range(1, V1_ATTEMPTS + 1):
-            # Each pass reads the present anew: its snapshot time is when its
-            # own first page arrived (the run forgets a voided pass's time).
-            as_of: datetime | None = None
-            crawl = _Crawl(set(), {})
-            before = self._totals(None)
-            for page in self._balance_pages(None, as_of, crawl):
-                as_of = page.as_of
-                yield page
-                if crawl.moved:
-                    break
-            after = self._totals(None) if not crawl.moved else before
-            if not crawl.moved:
-                crawl.moved = _movement(before, after, crawl)
-            if crawl.moved is None:
-                yield self._finish(crawl, after, as_of or datetime.now(timezone.utc))
-                return
-            if attempt == V1_ATTEMPTS:
-                raise SnapshotMoved(
-                    f"{self._where()} moved during each of {V1_ATTEMPTS} crawls (last: {crawl.moved}); "
-                    "the v1 API reads live data page by page, so no consistent snapshot could be read. "
-                    "Use api = \"v2\" (or \"v2-standalone\"), which reads a point in time, if the server "
-                    "offers it, or schedule the source when the ledger is quiet")
-            when = as_of or datetime.now(timezone.utc)
-            yield Page(as_of=when, as_of_raw=format_pit(when), kind="restart", warnings=[
-                f"{self._where()} moved during crawl {attempt} of at most {V1_ATTEMPTS} "
-                f"({crawl.moved}); reading it again"])
+        yield from self._v1_snapshot()
 
     def _where(self) -> str:
         scope = f" (address {self.settings.address!r})" if self.settings.address else ""
         return f"ledger {self.settings.ledger!r}{scope}"
 
-    # -- the ledger itself ----------------------------------------------------
+    # -- the server and the ledger ----------------------------------------------
 
     def probe(self) -> str:
-        """The ledger's existence, asked in a way that creates nothing (``balances check --connect``)."""
-        self._check_ledger()
-        return f"{self._where()} exists"
+        """The server and the ledger, found with requests that create nothing (``balances check --connect``)."""
+        server = self._find_server()
+        self._check_ledger(server)
+        return f"{self._where()} exists on {server.name}"
 
-    def _check_ledger(self) -> None:
-        """Fail unless the ledger exists, asking in a way that creates nothing."""
-        name = self.settings.ledger
-        if self.v2:
+    def _find_server(self) -> LedgerServer:
+        """The server behind ``base_url``, found with requests that create nothing."""
+        root = self._root_info()
+        api, base = self.settings.api, self.client.base_url
+        if self.prefix:
+            if root is not None:
+                raise LedgerUnavailable(
+                    f"{base} is a standalone ledger ({root.name} answers /_info), not a stack gateway: "
+                    f'api = "{api}-standalone". Nothing was sent under {self.prefix}, which a v2.x '
+                    f"server takes for a ledger named {self.prefix.split('/')[1]!r} and creates")
             try:
-                data = self.client.get_json(self.base_path)
+                found = LedgerServer.from_info(self.client.get_json(f"{self.prefix}/_info"))
             except ProviderError as exc:
-                if exc.status != 404 or f"{self.base_path}:" not in str(exc):
+                if exc.status != 404 or f"{self.prefix}/_info:" not in str(exc):
                     raise  # another error, or the token endpoint's
-                if exc.code in ("NOT_FOUND", "LEDGER_NOT_FOUND"):
-                    raise LedgerUnavailable(f"ledger {name!r} does not exist: {exc}") from None
-                hint = ('a stack gateway serves /api/ledger/v2/{ledger}: api = "v2"'
-                        if self.settings.api == "v2-standalone" else
-                        'a standalone ledger serves /v2/{ledger}: api = "v2-standalone"')
-                raise LedgerUnavailable(f"no v2 API at {self.base_path}: {exc} ({hint}; "
-                                        "a v1.x server has only the v1 API)") from None
-            ledger = data.get("data") if isinstance(data, dict) else None
-            if not isinstance(ledger, dict):
-                raise MalformedResponseError("ledger has no data object", raw=data)
-            features = ledger.get("features")
-            if isinstance(features, dict):
-                for feature, value in V2_FEATURES.items():
-                    if features.get(feature) != value:
-                        raise LedgerUnavailable(
-                            f"ledger {name!r} has feature {feature}={features.get(feature)!r}; point-in-time "
-                            f"volumes and the insertion-date aggregate need {feature}={value} (features are "
-                            "set when a ledger is created)")
+                found = None
+            if found is None:
+                raise LedgerUnavailable(f"no Formance ledger at {base}{self.prefix}/_info: is {base} a stack "
+                                        f'gateway? A standalone ledger serves /_info at its root (api = "{api}'
+                                        '-standalone")')
+            root = found
+        elif root is None:
+            gateway = api.removesuffix("-standalone")
+            raise LedgerUnavailable(f"no Formance ledger at {base}/_info: a stack gateway serves the ledger "
+                                    f'under /api/ledger: api = "{gateway}"')
+        if self.v2 and root.v1x:
+            raise LedgerUnavailable(f"{root.name} has only the v1 API (a v1.x server): "
+                                    f'api = "{api.replace("v2", "v1")}"')
+        return root
+
+    def _root_info(self) -> LedgerServer | None:
+        """``GET /_info`` at the server's root: a standalone ledger's, or None.
+
+        Public on every ledger, so sent without a token (a gateway's root is
+        its console); no retry, since anything but a ledger's answer means
+        "not a standalone ledger".
+        """
+        client = self.client
+        if client.throttle is not None:
+            client.throttle()
+        client.stats.requests += 1
+        policy = client.policy
+        response = send(client.session, "GET", client.url_for("/_info"), deadline=policy.request_deadline,
+                        max_bytes=policy.max_response_bytes, allow_redirects=False,
+                        timeout=(policy.connect_timeout, policy.read_timeout))
+        if response.status_code != 200:
+            return None
+        try:
+            return LedgerServer.from_info(response.json())
+        except ValueError:
+            return None
+
+    def _check_ledger(self, server: LedgerServer) -> None:
+        """Fail unless the ledger exists and has what the reads need, asking in ways that create nothing."""
+        name = self.settings.ledger
+        known = ", ".join(repr(n) for n in server.ledgers[:10]) or "none"
+        more = f" and {len(server.ledgers) - 10} more" if len(server.ledgers) > 10 else ""
+        absent = (f"ledger {name!r} does not exist (the server has {known}{more}); its v1 routes "
+                  "would create it and answer with an empty snapshot, so nothing was read")
+        if server.v1x:
+            if name not in server.ledgers:
+                raise LedgerUnavailable(absent)
+            return
+        # v2.x: the v2 route says whether it exists (and with which features), creating nothing.
+        path = self.prefix + APIS["v2"][1].format(ledger=quote(name, safe=""))
+        try:
+            data = self.client.get_json(path)
+        except ProviderError as exc:
+            if exc.status == 404 and f"{path}:" in str(exc):
+                raise LedgerUnavailable(f"{absent}: {exc}") from None
+            raise
+        ledger = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(ledger, dict):
+            raise MalformedResponseError("ledger has no data object", raw=data)
+        features = ledger.get("features")
+        if not isinstance(features, dict):
+            return
+        needed = dict(V2_FEATURES) if self.v2 else {}
+        if self.settings.address and "" in self.settings.address.split(":") and SEGMENTS_INDEX in features:
+            needed[SEGMENTS_INDEX] = "ON"
+        for feature, value in needed.items():
+            if features.get(feature) != value:
+                reads = ("point-in-time volumes and the insertion-date aggregate" if feature in V2_FEATURES
+                         else f"an address filter with an empty segment ({self.settings.address!r})")
+                raise LedgerUnavailable(
+                    f"ledger {name!r} has feature {feature}={features.get(feature)!r}; {reads} need "
+                    f"{feature}={value} (features are set when a ledger is created; the server would "
+                    f"answer {'400' if self.v2 else '500 Internal error'})")
+
+    # -- the server's clock -------------------------------------------------------
+
+    def _remember_date(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        date = response.headers.get("Date")
+        if not date:
             return
         try:
-            info = self.client.get_json(f"{self.prefix}/_info")
-        except ProviderError as exc:
-            if exc.status != 404 or f"{self.prefix}/_info:" not in str(exc):
-                raise  # another error, or the token endpoint's
-            hint = ('a stack gateway serves /api/ledger/{ledger}: api = "v1"'
-                    if self.settings.api == "v1-standalone" else
-                    'a standalone ledger serves /{ledger}: api = "v1-standalone"')
-            raise LedgerUnavailable(f"no v1 API at {self.prefix}/_info: {exc} ({hint})") from None
-        storage = _dig(info, "data", "config", "storage")
-        ledgers = storage.get("ledgers") if isinstance(storage, dict) else None
-        if not isinstance(ledgers, list):
-            raise MalformedResponseError("_info has no data.config.storage.ledgers list",
-                                         raw=info)
-        if name not in ledgers:
-            known = ", ".join(repr(n) for n in ledgers[:10] if isinstance(n, str)) or "none"
-            more = f" and {len(ledgers) - 10} more" if len(ledgers) > 10 else ""
-            raise LedgerUnavailable(
-                f"ledger {name!r} does not exist (the server has {known}{more}); its v1 routes "
-                "would create it and answer with an empty snapshot, so nothing was read")
+            when = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            return
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        self._server_date = (when, time.monotonic())
 
-    # -- balances -------------------------------------------------------------
+    def server_now(self) -> datetime | None:
+        """The server's clock as its last ``Date`` header told it, or None if it sent none."""
+        if self._server_date is None:
+            return None
+        when, seen = self._server_date
+        return when + timedelta(seconds=time.monotonic() - seen)
 
-    def _balance_pages(self, pit: datetime | None, as_of: datetime | None,
-                       crawl: _Crawl) -> Iterator[Page]:
-        paginator = CursorPaginator(cursor_path=("cursor", "next"),
-                                    has_more_path=("cursor", "hasMore"), cursor_param="cursor",
-                                    max_pages=self.max_pages)
-        if self.v2:
-            params = [("pageSize", self.settings.page_size), ("expand", "volumes"),
-                      ("pit", format_pit(pit))]
-            bodies = self.client.paginate(f"{self.base_path}/accounts", params, paginator,
-                                          json_body=self._v2_filter())
+    def _wait_for_server_clock(self, pit: datetime) -> None:
+        """Refuse a ``pit`` after the server's clock; wait until it is ``pit_margin`` past one before it."""
+        now, whose = self.server_now(), "the server's clock (its Date header)"
+        if now is None:
+            now, whose = datetime.now(timezone.utc), "this machine's clock (the server sent no Date header)"
+        if pit > now + DATE_RESOLUTION:
+            raise SnapshotInFuture(
+                f"{self._where()}: pit {format_pit(pit)} is {pit - now} after {whose}, "
+                f"{format_pit(now)}; a read of the future would see moves inserted while it runs. "
+                "Nothing was read")
+        wait = (pit + timedelta(seconds=self.settings.pit_margin) - now).total_seconds()
+        if wait > 0:
+            log.info("%s: waiting %.1fs for the server's clock to pass pit %s by pit_margin",
+                     self._where(), wait, format_pit(pit))
+            time.sleep(wait)
+
+    # -- v2: one point in time ------------------------------------------------------
+
+    def _v2_snapshot(self, at: datetime) -> Iterator[Page]:
+        crawl = _Crawl()
+        paginator = self._paginator()
+        params = [("pageSize", self.settings.page_size), ("endTime", format_pit(at)),
+                  ("insertionDate", "true")]
+        bodies = self.client.paginate(f"{self.base_path}/volumes", params, paginator,
+                                      json_body=self._v2_filter())
+        for data in bodies:
+            page = Page(as_of=at, as_of_raw=format_pit(at))
+            for _, (address, row) in page.parse_each(_cursor_data(data), self._parse_volume):
+                self._account(address, crawl)
+                page.rows.append(row)
+                crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
+            self._count(page, crawl)
+            yield page
+            if crawl.moved:
+                raise SnapshotError(f"{self._where()}: {crawl.moved}, in a point-in-time read")
+        totals = self._totals(at)
+        unbalanced = _unbalanced(totals, crawl)
+        if unbalanced:
+            raise SnapshotError(f"{self._where()}: {unbalanced} at pit {format_pit(at)}, both by insertion "
+                                "date: the volumes listed are not the whole ledger. Nothing stored")
+        yield self._finish(crawl, totals, at, format_pit(at))
+
+    def _parse_volume(self, record: Any) -> tuple[str, BalanceRow]:
+        """``{"account", "asset", "input", "output", "balance"}``: one holding."""
+        if not isinstance(record, dict):
+            raise RecordError(f"volume is {type(record).__name__}, expected an object")
+        address = _address(record.get("account"))
+        asset = record.get("asset")
+        if not isinstance(asset, str):
+            raise RecordError(f"asset of {address} is {asset!r}, expected a string")
+        if "balance" in record:
+            balance = integer_amount(record["balance"], f"balance of {asset}")
         else:
-            params = [("pageSize", self.settings.page_size)]
-            if self.settings.address:
-                params.append(("address", self.settings.address))
-            bodies = self.client.paginate(f"{self.base_path}/balances", params, paginator)
+            balance = (integer_amount(record.get("input"), f"input of {asset}")
+                       - integer_amount(record.get("output"), f"output of {asset}"))
+        return address, BalanceRow(address, asset, balance, asset_decimals(asset))
+
+    # -- v1: the present, checked against the ledger's log --------------------------
+
+    def _v1_snapshot(self) -> Iterator[Page]:
+        crawls = self.settings.max_crawls
+        for attempt in range(1, crawls + 1):
+            # Each pass reads the present anew: its snapshot time is when its
+            # own first page arrived (the run forgets a voided pass's time).
+            before = self._log_token()
+            as_of: datetime | None = None
+            crawl = _Crawl()
+            for page in self._v1_pages(crawl, before):
+                as_of = page.as_of
+                yield page
+                if crawl.moved:
+                    break
+            if not crawl.moved:
+                totals = self._totals(None)
+                after = self._log_token()
+                if after != before:
+                    crawl.moved = f"its log went from {before} to {after} transactions during the crawl"
+                else:
+                    crawl.moved = _unbalanced(totals, crawl)
+            when = as_of or datetime.now(timezone.utc)
+            if crawl.moved is None:
+                yield self._finish(crawl, totals, when, v1_snapshot_raw(when, before))
+                return
+            if attempt == crawls:
+                raise SnapshotMoved(
+                    f"{self._where()} moved during each of {crawls} crawls (last: {crawl.moved}); "
+                    "the v1 API reads live data page by page, so no consistent snapshot could be read. "
+                    "Use api = \"v2\" (or \"v2-standalone\"), which reads a point in time, if the server "
+                    "offers it, or schedule the source when the ledger is quiet")
+            yield Page(as_of=when, as_of_raw=format_pit(when), kind="restart", warnings=[
+                f"{self._where()} moved during crawl {attempt} of at most {crawls} "
+                f"({crawl.moved}); reading it again"])
+
+    def _log_token(self) -> int:
+        """The number of transactions in the ledger: every balance-moving write adds one."""
+        data = self.client.get_json(f"{self.base_path}/stats")
+        count = _dig(data, "data", "transactions")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise MalformedResponseError("stats has no data.transactions count", raw=data)
+        return count
+
+    def _v1_pages(self, crawl: _Crawl, token: int) -> Iterator[Page]:
+        params = [("pageSize", self.settings.page_size)]
+        if self.settings.address:
+            params.append(("address", self.settings.address))
+        bodies = self.client.paginate(f"{self.base_path}/balances", params, self._paginator())
+        as_of: datetime | None = None
         for data in bodies:
             if as_of is None:
                 as_of = datetime.now(timezone.utc)
-            page = Page(as_of=as_of, as_of_raw=format_pit(as_of))
-            parse = self._parse_v2 if self.v2 else _parse_v1
-            for _, accounts in page.parse_each(_cursor_data(data), parse):
+            page = Page(as_of=as_of, as_of_raw=v1_snapshot_raw(as_of, token))
+            for _, accounts in page.parse_each(_cursor_data(data), _parse_v1):
                 for address, rows in accounts:
                     self._account(address, crawl)
                     page.rows.extend(rows)
                     for row in rows:
                         crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
-            crawl.rows += len(page.rows)
-            crawl.rejected += len(page.rejected)
+            self._count(page, crawl)
             yield page
             if crawl.moved:
                 return
 
+    # -- shared ---------------------------------------------------------------------
+
+    def _paginator(self) -> CursorPaginator:
+        return CursorPaginator(cursor_path=("cursor", "next"), has_more_path=("cursor", "hasMore"),
+                               cursor_param="cursor", max_pages=self.max_pages)
+
+    @staticmethod
+    def _count(page: Page, crawl: _Crawl) -> None:
+        crawl.rows += len(page.rows)
+        crawl.rejected += len(page.rejected)
+        crawl.next_page()
+
     def _account(self, address: str, crawl: _Crawl) -> None:
-        """Check a listed address: inside the filter, and not listed before."""
+        """Check a listed address: inside the filter, and not on the page before or this one."""
         pattern = self.settings.address
         if pattern and not address_matches(pattern, address):
             # Never stored: the server ignored the filter, and the snapshot
@@ -382,17 +615,16 @@ class FormanceExtractor:
                 hint = ""
             raise SnapshotError(f"{self._where()}: the server listed {address!r}, outside the "
                                 f"address filter{hint}; nothing stored")
-        digest = hashlib.blake2b(address.encode(), digest_size=16).digest()
-        if digest in crawl.seen:
+        if address in crawl.previous_page:
             # Offsets shifted under the crawl: accounts were added meanwhile.
             crawl.moved = f"{address!r} was listed twice"
-        crawl.seen.add(digest)
+        if not self.v2 or address not in crawl.this_page:  # v2 lists an account once per asset
+            crawl.accounts += 1
+        crawl.this_page.add(address)
 
     def _v2_filter(self) -> dict | None:
         # v2 filters in the body; the accepted syntax means the same there.
         return {"$match": {"address": self.settings.address}} if self.settings.address else None
-
-    # -- aggregate ------------------------------------------------------------
 
     def _totals(self, pit: datetime | None) -> dict:
         path = f"{self.base_path}/aggregate/balances"
@@ -408,11 +640,11 @@ class FormanceExtractor:
             raise MalformedResponseError("aggregate has no data object", raw=data)
         return totals
 
-    def _finish(self, crawl: _Crawl, totals: dict, as_of: datetime) -> Page:
+    def _finish(self, crawl: _Crawl, totals: dict, as_of: datetime, as_of_raw: str) -> Page:
         """The aggregate page, once the crawl is known to hold something."""
-        page = Page(as_of=as_of, as_of_raw=format_pit(as_of), kind="aggregate")
+        page = Page(as_of=as_of, as_of_raw=as_of_raw, kind="aggregate")
         if crawl.rows == 0 and crawl.rejected == 0:
-            message = (f"{self._where()} holds no account with a balance ({len(crawl.seen)} listed); "
+            message = (f"{self._where()} holds no account with a balance ({crawl.accounts} listed); "
                        "a misspelt ledger or filter looks exactly like this")
             if not self.settings.allow_empty:
                 raise SnapshotError(f"{message}. Nothing published; set allow_empty = true if this "
@@ -426,43 +658,62 @@ class FormanceExtractor:
                 page.reject({asset: amount}, exc)
         return page
 
-    def _parse_v2(self, record: Any) -> list[tuple[str, list[BalanceRow]]]:
-        if not isinstance(record, dict):
-            raise RecordError(f"account is {type(record).__name__}, expected an object")
-        address = _address(record.get("address"))
-        volumes = record.get("volumes")
-        if volumes is None:
-            return [(address, [])]  # no movement at that point in time
-        if not isinstance(volumes, dict):
-            raise RecordError(f"volumes of {address} is {type(volumes).__name__}, expected an object")
-        rows = []
-        for asset, volume in volumes.items():
-            if not isinstance(volume, dict):
-                raise RecordError(f"volume of {asset} is {type(volume).__name__}, expected an object")
-            if "balance" in volume:
-                balance = integer_amount(volume["balance"], f"balance of {asset}")
-            else:
-                balance = (integer_amount(volume.get("input"), f"input of {asset}")
-                           - integer_amount(volume.get("output"), f"output of {asset}"))
-            rows.append(BalanceRow(address, asset, balance, asset_decimals(asset)))
-        return [(address, rows)]
+    # -- errors -----------------------------------------------------------------------
 
-
-def _movement(before: dict, after: dict, crawl: _Crawl) -> str | None:
-    """Why a v1 crawl is not one snapshot, or None.
-
-    With nothing moving, the aggregate read before the pages equals the one
-    read after, and the accounts listed add up to it.
-    """
-    if _nonzero(before) != _nonzero(after):
-        return "its aggregate balances changed between the start and the end of the crawl"
-    if crawl.rejected == 0:
+    def _error(self, response: requests.Response) -> ProviderError:
+        """``errorCode``/``errorMessage`` (or the deprecated snake_case pair), explained."""
+        code = message = None
         try:
-            totals = {a: integer_amount(v, f"aggregate {a}") for a, v in _nonzero(after).items()}
-        except RecordError:
-            return None  # the aggregate page will reject it
-        if _nonzero(crawl.sums) != totals:
-            return "the accounts listed do not add up to its aggregate balances"
+            body = response.json()
+            code = body.get("errorCode") or body.get("error_code")
+            message = body.get("errorMessage") or body.get("error_message")
+        except (ValueError, AttributeError):
+            pass  # auth refusals, and some v1 5xx, have an empty body
+        text = message or error_text(response)
+        if response.status_code in (401, 403) and "Authorization" not in response.request.headers:
+            text = f"{text} (no access token sent: does the source need a conn_id?)"
+        elif response.status_code == 401:
+            renewed = " after renewing it" if response.history else ""
+            text = (f"{text} (the server refused the access token{renewed}. A v2.x ledger and the stack "
+                    f"gateway answer 401 also for a token without scope {READ_SCOPES[0]!r} "
+                    f"(or {READ_SCOPES[1]!r}); {self._scopes_said()})")
+        elif response.status_code == 403:
+            route = _route_scope(response.url)
+            needs = f"scope {route!r} for this route" if route else "the route's scope"
+            text = (f"{text} (a v1.x ledger answers 403 for a token it does not accept, or one without "
+                    f"{needs}: accounts:read for balances, stats for its statistics; "
+                    f"{self._scopes_said()})")
+        elif isinstance(message, str) and ("missing feature" in message or "to use volumes" in message
+                                           or "must be 'ON'" in message):
+            # ErrMissingFeature / ErrInvalidQuery of internal/storage/ledger (v2.x).
+            text = f"{text} (the ledger was created without a feature this read needs)"
+        elif response.status_code == 500 and code == "INTERNAL" and not self.v2:
+            # internal/api/common/errors.go:HandleCommonErrors (v1.x answers its 500s without a body).
+            text = (f"{text} (the v1 layer of a v2.x server answers 500 for any error it does not "
+                    "classify, a missing ledger feature among them: the server's log says which; "
+                    'api = "v2" reports them as they are)')
+        return http_error(response, f"{code}: {text}" if code else text, str(code) if code else None,
+                          retriable=code in RETRIABLE_CODES)
+
+    def _scopes_said(self) -> str:
+        if self.auth is None:
+            return "no scope was asked for"
+        asked = " ".join(self.auth.scopes) or "none"
+        granted = ("not said" if self.auth.granted is None else " ".join(self.auth.granted) or "none")
+        return (f"asked for: {asked}; granted: {granted}. The token endpoint grants only the scopes asked "
+                "for that the client has: give the client the scope, or set scopes on the source")
+
+
+def _unbalanced(totals: dict, crawl: _Crawl) -> str | None:
+    """Why the rows read do not add up to the aggregate read with them, or None."""
+    if crawl.rejected:
+        return None  # a rejected record is missing from the sums, and fails the run anyway
+    try:
+        expected = {a: integer_amount(v, f"aggregate {a}") for a, v in _nonzero(totals).items()}
+    except RecordError:
+        return None  # the aggregate page will reject it
+    if _nonzero(crawl.sums) != expected:
+        return "the accounts listed do not add up to its aggregate balances"
     return None
 
 
@@ -511,14 +762,15 @@ def build(settings: Settings, credentials: Credentials | None, policy: RetryPoli
     auth = None
     if credentials is not None:
         auth = ClientCredentialsAuth.from_credentials(
-            settings.base_url, credentials, default_token_url=DEFAULT_TOKEN_URL,
-            timeout=(policy.connect_timeout, policy.read_timeout))
+            settings.base_url, credentials, default_token_url=DEFAULT_TOKEN_URL, scopes=settings.scopes,
+            default_scopes=DEFAULT_SCOPES, timeout=(policy.connect_timeout, policy.read_timeout),
+            # v1.x refuses a token it does not accept with 403 (libs/auth/middleware.go).
+            renew_on=(401, 403))
     headers = BIGINT_AS_STRING if settings.api in V2_APIS else {}
-    client = HttpClient(settings.base_url, auth=auth, headers=headers, policy=policy,
-                        error_for=formance_error, throttle=throttle)
+    client = HttpClient(settings.base_url, auth=auth, headers=headers, policy=policy, throttle=throttle)
     if auth is not None:
         auth.stats = client.stats
-    return FormanceExtractor(settings, client, max_pages=max_pages)
+    return FormanceExtractor(settings, client, max_pages=max_pages, auth=auth)
 
 
 PROVIDER = Provider(

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError
+from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError, SnapshotInFuture
 from extractors.records import Rejection
 from extractors.text import human_duration, safe_text
 from extractors import provider as contract
@@ -116,6 +116,12 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
         raise ValueError("scheduled_for must be timezone-aware")
     scheduled_for = utc_time(scheduled_for)  # a run of year 10000 could not be read back
     present_only = not provider(source.provider).answers_for_past(source.settings)
+    if not present_only:
+        # A provider with history would read the future as it is being written.
+        current = now or datetime.now(timezone.utc)
+        if scheduled_for > current:
+            raise SnapshotInFuture(f"{source.name}: the snapshot time {scheduled_for.isoformat()} is "
+                                   f"{scheduled_for - current} in the future; nothing fetched")
     for run_id in runs.reap_abandoned(conn, source.name):
         log.warning("%s: run %d was abandoned by a process that stopped; its staging is dropped",
                     source.name, run_id)

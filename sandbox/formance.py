@@ -1,42 +1,78 @@
-"""A fake Formance stack: the OAuth2 token endpoint and a ledger's balances.
+"""A fake Formance stack: the gateway, the OAuth2 token endpoint and a ledger's balances.
 
 Answers as the real server's code does (``formancehq/ledger``, tags
-v1.10.16, v2.2.59, v2.3.0, v2.3.22, v2.4.12), the OpenAPI specs and the seed
-document say. ``server`` picks the behaviours where releases differ:
+v1.10.16, v2.2.59, v2.3.0, v2.3.22, v2.4.12; the stack's gateway,
+``formancehq/stack`` ``ee/gateway``; the auth server, ``formancehq/auth``),
+the OpenAPI specs and the seed document say. ``server`` picks the behaviours
+where releases differ: ``"v1.x"`` (v1.10.16, gin), ``"v2.2"`` (v2.2.59),
+``"v2.3"`` (v2.3.0 to v2.3.21 and v2.4.0 to v2.4.11) and ``"v2.4.12"``
+(v2.3.22 and v2.4.12 on); every v2.x is chi and serves the v1 routes
+through its compatibility layer (``internal/api/v1``).
 
-``"v1.x"`` (v1.10.16), ``"v2.2"`` (v2.2.59), ``"v2.3"`` (v2.3.0 to v2.3.21
-and v2.4.0 to v2.4.11) and ``"v2.4.12"`` (v2.3.22 and v2.4.12 on). The v2.x
-servers answer the v1 routes through their compatibility layer
-(``internal/api/v1``); a v1.x server has no v2 routes (404, gin's text body).
+Layouts (``mounts``): ``"/api/ledger"`` is the stack gateway
+(``ee/gateway/Caddyfile``: ``handle_path_route_with_auth "/api/ledger"``
+strips the prefix; ``/api/*`` otherwise answers 502 "Bad Gateway", any other
+path goes to the console, here a 404), ``""`` a standalone ledger.
 
-* ``POST /api/auth/oauth/token`` (client credentials, form-encoded) issues
-  Bearer tokens that expire after ``token_lifetime`` seconds; a missing,
-  unknown, expired or revoked token gets 401 from every ledger endpoint.
-  With ``required_scope``, a token without it gets 403 and an empty body
-  (v1.x ``pkg/api/routes/routes.go`` ``wrapWithScopes``: ``AbortWithStatus``).
-* Under each of ``mounts`` (``/api/ledger`` is the stack gateway, ``""`` a
-  standalone ledger): v1 ``/_info`` (the ledger list; v1.x
-  ``pkg/api/controllers/config_controller.go``, v2.x
-  ``internal/api/v1/controllers_config.go``, outside the auth group there),
-  ``/{ledger}/balances`` and ``/{ledger}/aggregate/balances``; v2
-  ``/v2/{ledger}`` (the ledger and its ``features``, 404 NOT_FOUND when
-  absent: ``internal/api/v2/controllers_ledgers_read.go``),
-  ``/v2/{ledger}/accounts?expand=volumes&pit=`` and
-  ``/v2/{ledger}/aggregate/balances?pit=&useInsertionDate=`` with the filter
-  in the body; other v2 routes of an absent ledger: 404 LEDGER_NOT_FOUND
-  (``internal/api/common/middleware_resolver.go``).
-* v1 routes create a ledger they do not know and answer 200 with empty data
-  (v1.x ``pkg/ledger/resolver.go`` ``GetLedgerStore(ctx, name, true)``; v2.x
-  ``internal/api/v1/middleware_auto_create_ledger.go``); ``created`` lists them.
+* ``POST /api/auth/oauth/token`` (client credentials, form-encoded) grants
+  only the requested scopes the client may have (``formancehq/auth``
+  ``pkg/oidc/storage.go:ClientCredentialsTokenRequest``; ``client_scopes``,
+  None: any), names them in ``scope``, and issues Bearer tokens that expire
+  after ``token_lifetime`` seconds.
+* Authentication where each server does it, with ``check_scopes`` the scope
+  checks too. The gateway authenticates every request under
+  ``/api/ledger`` and checks ``ledger:read``/``ledger:write``: 401 either
+  way (``ee/gateway/pkg/plugins/auth.go:JWTAuth.Authenticate``). A v1.x
+  ledger authenticates per ledger route only, so its ``/_info`` is public:
+  no token 401, an invalid one 403, a missing route scope 403, all with an
+  empty body (v1.10.16 ``libs/auth/middleware.go:Middleware``,
+  ``pkg/api/routes/routes.go:wrapWithScopes``; scopes ``accounts:read``
+  for balances, ``stats`` for statistics). A v2.x ledger answers 401 for a
+  missing or invalid token and for a missing ``ledger:read``/``ledger:write``
+  (go-libs ``auth/auth.go:jwtAuth.Authenticate``, v5
+  ``pkg/authn/jwt/scopes.go:checkScopes``); its v1 ``/_info`` is public
+  (``internal/api/v1/routes.go:NewRouter``), its v2 ``/_info`` is not.
+* v1 routes: ``/_info`` (the server, its version and every ledger:
+  v1.10.16 ``pkg/api/controllers/config_controller.go:GetInfo``, v2.x
+  ``internal/api/v1/controllers_config.go:GetInfo``), ``/{ledger}/balances``,
+  ``/{ledger}/aggregate/balances`` and ``/{ledger}/stats`` (the number of
+  transactions and accounts: v1.10.16 ``pkg/ledger/stats.go:Stats``, v2.x
+  ``internal/api/v1/controllers_stats.go:getStats``). They create a ledger
+  they do not know and answer 200 with empty data; ``created`` lists every
+  ledger created. On v1.x only a route that matches does (gin runs a
+  group's middleware for its own routes: v1.10.16
+  ``pkg/api/routes/routes.go:Engine``). On v2.x the chi mount
+  ``/{ledger}/*`` authenticates and creates *before* routing, so any path
+  under an unknown first segment creates it, and only then answers 404:
+  ``GET /api/ledger/_info`` sent to a standalone v2.x server creates ledger
+  ``api`` (``internal/api/router.go:NewRouter`` mounts ``/v2*`` and ``/*``;
+  ``internal/api/v1/routes.go:NewRouter``;
+  ``internal/api/v1/middleware_auto_create_ledger.go:autoCreateMiddleware``).
+* v2 routes (v2.x only; a v1.x server answers gin's 404): ``/v2/{ledger}``
+  (the ledger and its ``features``, 404 NOT_FOUND when absent:
+  ``internal/api/v2/controllers_ledgers_read.go:readLedger``),
+  ``/v2/{ledger}/accounts?expand=volumes&pit=``,
+  ``/v2/{ledger}/volumes?endTime=&insertionDate=``
+  (``internal/api/v2/controllers_volumes.go:readVolumes``) and
+  ``/v2/{ledger}/aggregate/balances?pit=&useInsertionDate=``, the filter in
+  the body; other v2 routes of an absent ledger: 404 LEDGER_NOT_FOUND
+  (``internal/api/common/middleware_resolver.go:LedgerMiddleware``).
 * Cursor pages ``{"cursor": {"pageSize", "hasMore", "next"?, "previous"?,
   "data"}}``: ``next``/``previous`` are omitted, not null, when absent; the
-  cursor is unpadded URL-safe base64 holding the whole query, and a request
-  with ``cursor`` and any other parameter gets 400 VALIDATION. Page size:
-  default 15, v1 max 1000, v2 cut to 100 without a word. Pages are offsets
-  over live data, so a change between pages shifts them (``after_pages``).
-  Order: v1.x ``account desc`` (``pkg/storage/sqlstorage/balances.go``),
-  v2.x ascending by address (``internal/storage/ledger/store.go``
-  ``defaultOrder: bunpaginate.OrderAsc``), also on the v1 routes.
+  cursor is unpadded URL-safe base64 holding the whole query. v1.x refuses
+  a cursor sent with ``after``, ``address``, ``pageSize`` or ``page_size``
+  (400 VALIDATION; v1.10.16 ``pkg/api/controllers/balance_controller.go:GetBalances``);
+  v2.x reads the cursor and ignores the rest, except that a v2 ``pageSize``
+  replaces the cursor's (go-libs ``bun/bunpaginate``
+  ``Extract``; ``internal/api/v2/common.go:getOffsetPaginatedQuery``).
+  Page size: default 15, v1 max 1000, v2 cut to 100 without a word. Pages
+  are offsets over live data, so a change between pages shifts them
+  (``after_pages``). Order: v1.x ``account desc``
+  (``pkg/storage/sqlstorage/balances.go``), v2.x ascending by address
+  (``internal/storage/ledger/store.go`` ``defaultOrder: bunpaginate.OrderAsc``),
+  also on the v1 routes, except v2.2's legacy store (``legacy_store``:
+  a ledger whose upgrade is not finished), which lists accounts in
+  descending order (``internal/storage/ledger/legacy/adapters.go:DefaultStoreAdapter.Accounts``).
 * v1 ``address`` on v1.x (``pkg/storage/sqlstorage/balances.go``): a comma
   makes a list of exact addresses (``/balances`` only); otherwise each
   ``:``-segment is a regex anchored at both ends, an empty segment, ``*`` or
@@ -49,28 +85,41 @@ servers answer the v1 routes through their compatibility layer
   an address without an empty segment is exact, else segments are literal
   and empty ones wildcards (``internal/storage/ledger/utils.go``). v2.2: the
   segment count must match; v2.3: a trailing empty segment matches any depth
-  and a trailing ``...`` exactly one level; v2.4.12: ``...`` any depth, a
-  trailing ``:`` one level (e2d714224). v2.2's v1 routes drop the filter on
-  cursor follow-ups (fixed in v2.3.0 by b708297d5:
-  ``internal/api/v1/controllers_balances_list.go``).
+  and a trailing ``...`` exactly one level (56a00901c); v2.4.12: ``...`` any
+  depth, a trailing ``:`` one level (f43a7078e in v2.4.12, fa96e6551 in
+  v2.3.22, both backports of e2d714224 on main). v2.2's v1 routes drop the
+  filter on cursor follow-ups (fixed in v2.3.0 by b708297d5:
+  ``internal/api/v1/controllers_balances_list.go``). On v2.2 a filter with
+  an empty segment needs ``INDEX_ADDRESS_SEGMENTS=ON``
+  (``internal/storage/ledger/store.go:validateAddressFilter``): v2 answers
+  400 VALIDATION, the v1 layer 500 "Internal error"
+  (``internal/api/common/errors.go:HandleCommonErrors``).
 * Movements carry an effective date (``at``) and an insertion date
   (``inserted``, default ``at``). v2 ``accounts`` at ``pit`` lists accounts
-  first used by then and their ``volumes`` by insertion date; v2
-  ``aggregate/balances`` at ``pit`` goes by effective date, needing
-  ``MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES=SYNC``, or by insertion date
-  with ``useInsertionDate=true``, needing ``MOVES_HISTORY=ON``; otherwise
-  400 VALIDATION ``missing feature "..."``
+  whose first usage (the effective date of their first transaction) is by
+  then, with their ``volumes`` by insertion date; ``volumes`` with
+  ``endTime`` sums moves by effective date, or by insertion date with
+  ``insertionDate=true``, one row per account and asset, ascending
+  (``internal/storage/ledger/resource_volumes.go:buildDataset``); both need
+  ``MOVES_HISTORY=ON``. v2 ``aggregate/balances`` at ``pit`` goes by
+  effective date, needing ``MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES=SYNC``,
+  or by insertion date with ``useInsertionDate=true``, needing
+  ``MOVES_HISTORY=ON``; otherwise 400 VALIDATION ``missing feature "..."``
   (``internal/storage/ledger/resource_aggregated_balances.go``,
   ``resource_accounts.go`` v2.2.59).
-* Amounts are bare JSON integers of any size (negative for ``world``); v2
-  writes them as strings when sent ``Formance-Bigint-As-String: true``.
-  An account with no movements is ``{"addr": {}}`` (v2.x).
+* Amounts are bare JSON integers of any size (negative for ``world``);
+  v2.3.0 and later write them as strings when sent
+  ``Formance-Bigint-As-String: true`` (``internal/api/v2/views.go``; v2.2
+  ignores the header). An account with no movements is ``{"addr": {}}`` (v2.x).
+* Every answer carries a ``Date`` header (Go's ``net/http`` sets it), from
+  the fake's clock: the local one plus ``clock_skew`` seconds.
 * Errors are ``{"errorCode", "errorMessage"}``.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import json
 import re
 import secrets
@@ -84,30 +133,52 @@ from urllib.parse import parse_qsl
 from sandbox.server import Request, Response, json_response
 
 TOKEN_PATH = "/api/auth/oauth/token"
+GATEWAY = "/api/ledger"
 SERVERS = ("v1.x", "v2.2", "v2.3", "v2.4.12")
 DEFAULT_PAGE_SIZE = 15
 MAX_PAGE_SIZE = {"v1": 1000, "v2": 100}
 PAGE_SIZE_PARAMS = ("pageSize", "page_size")
 CURSOR_PARAMS = ("cursor", "pagination_token")
-INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}  # RFC 6750, no body
+# v1.10.16 GetBalances refuses a cursor sent with any of these, and only these.
+V1X_NOT_WITH_CURSOR = ("after", "address", "pageSize", "page_size")
 MOVES_HISTORY = "MOVES_HISTORY"
 EFFECTIVE_VOLUMES = "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES"
-# A new ledger's features (internal/storage/bucket/default_bucket.go, v2.2.59).
-DEFAULT_FEATURES = {"ACCOUNT_METADATA_HISTORY": "SYNC", "HASH_LOGS": "SYNC", MOVES_HISTORY: "ON",
-                    EFFECTIVE_VOLUMES: "SYNC", "TRANSACTION_METADATA_HISTORY": "SYNC",
-                    "INDEX_ADDRESS_SEGMENTS": "ON", "INDEX_TRANSACTION_ACCOUNTS": "ON"}
-_CURSOR_KEYS = {"offset", "pageSize", "address", "after", "pit", "volumes"}
+INDEX_ADDRESS_SEGMENTS = "INDEX_ADDRESS_SEGMENTS"
+# A new ledger's features (pkg/features/features.go:DefaultFeatures). v2.2
+# also has the two index features; v2.3.0 dropped them.
+DEFAULT_FEATURES = {MOVES_HISTORY: "ON", EFFECTIVE_VOLUMES: "SYNC", "HASH_LOGS": "SYNC",
+                    "ACCOUNT_METADATA_HISTORY": "SYNC", "TRANSACTION_METADATA_HISTORY": "SYNC"}
+V2_2_FEATURES = {**DEFAULT_FEATURES, INDEX_ADDRESS_SEGMENTS: "ON", "INDEX_TRANSACTION_ACCOUNTS": "ON"}
+# The scopes a v2.x ledger (and the gateway) check for a read: service "ledger".
+READ_SCOPES = ("ledger:read", "ledger:write")
+# v1.x's scope per route (pkg/api/routes/routes.go: ScopeAccountsRead, ScopesStatsRead).
+V1X_SCOPES = {"balances": ("accounts:read",), "aggregate": ("accounts:read",), "stats": ("stats",)}
+_CURSOR_KEYS = {"offset", "pageSize", "address", "after", "pit", "volumes", "insertion"}
 _LEDGER_NAME = re.compile(r"[0-9a-zA-Z_-]{1,63}")  # internal/ledger.go ledgerNameFormat
 _WORD = re.compile(r"[a-zA-Z_0-9]+")  # v1.x accountNameRegex (pkg/storage/sqlstorage/accounts.go)
-GIN_404 = Response(status=404, body=b"404 page not found", content_type="text/plain")
 
-_ROUTES = (
-    ("v2", "ledger", re.compile(r"/v2/([^/]+)")),
-    ("v2", "accounts", re.compile(r"/v2/([^/]+)/accounts")),
-    ("v2", "aggregate", re.compile(r"/v2/([^/]+)/aggregate/balances")),
-    ("v1", "info", re.compile(r"/(_info)")),
-    ("v1", "balances", re.compile(r"/([^/]+)/balances")),
-    ("v1", "aggregate", re.compile(r"/([^/]+)/aggregate/balances")),
+
+def gin_404() -> Response:
+    return Response(status=404, body=b"404 page not found", content_type="text/plain")
+
+
+def chi_404() -> Response:  # net/http's NotFound, as chi answers
+    return Response(status=404, body=b"404 page not found\n", content_type="text/plain")
+
+
+INTERNAL_ERROR = "Internal error. Consult logs/traces to have more details."
+
+# Routes inside one ledger: (api, endpoint, pattern of the rest of the path).
+_V1_ROUTES = (
+    ("balances", re.compile(r"/balances")),
+    ("aggregate", re.compile(r"/aggregate/balances")),
+    ("stats", re.compile(r"/stats")),
+)
+_V2_ROUTES = (
+    ("ledger", re.compile(r"/?")),
+    ("accounts", re.compile(r"/accounts/?")),
+    ("volumes", re.compile(r"/volumes/?")),
+    ("aggregate", re.compile(r"/aggregate/balances")),
 )
 
 
@@ -115,12 +186,17 @@ class _Panic(Exception):
     """The real server crashes here: 500 with an empty body."""
 
 
+class _Internal(Exception):
+    """The v1 layer's answer to an error it does not classify: 500 "Internal error"."""
+
+
 @dataclass(slots=True, frozen=True)
 class Move:
     """One side of a posting: ``amount`` in (positive) or out (negative) of ``account``.
 
     ``at`` is the effective date, ``inserted`` when the ledger recorded it
-    (later than ``at`` for a backdated transaction).
+    (later than ``at`` for a backdated transaction, earlier for one dated
+    in the future).
     """
 
     at: datetime
@@ -136,11 +212,16 @@ class Move:
 
 @dataclass
 class Ledger:
-    """Movements with their effective and insertion times, so any point in time can be read."""
+    """Movements with their effective and insertion times, so any point in time can be read.
+
+    ``transactions`` counts the transactions booked: every one adds one, as
+    the ledger's own statistics count them.
+    """
 
     moves: list[Move] = field(default_factory=list)
     opened: dict[str, datetime] = field(default_factory=dict)
     features: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
+    transactions: int = 0
 
     def open(self, account: str, at: datetime) -> "Ledger":
         """An account that exists without movements (listed as ``{}``); ``at`` is its first usage."""
@@ -148,16 +229,23 @@ class Ledger:
             self.opened[account] = at
         return self
 
-    def move(self, at: datetime, account: str, asset: str, amount: int, *,
-             inserted: datetime | None = None) -> "Ledger":
+    def _post(self, at: datetime, account: str, asset: str, amount: int, inserted: datetime | None) -> None:
         self.open(account, at)
         self.moves.append(Move(at, account, asset, amount, inserted))
+
+    def move(self, at: datetime, account: str, asset: str, amount: int, *,
+             inserted: datetime | None = None) -> "Ledger":
+        """A transaction of one posting side (a book opened from a balance)."""
+        self._post(at, account, asset, amount, inserted)
+        self.transactions += 1
         return self
 
     def transfer(self, at: datetime, source: str, destination: str, asset: str, amount: int, *,
                  inserted: datetime | None = None) -> "Ledger":
-        return (self.move(at, source, asset, -amount, inserted=inserted)
-                .move(at, destination, asset, amount, inserted=inserted))
+        self._post(at, source, asset, -amount, inserted)
+        self._post(at, destination, asset, amount, inserted)
+        self.transactions += 1
+        return self
 
     @classmethod
     def of(cls, at: datetime, balances: dict[str, dict[str, int]]) -> "Ledger":
@@ -169,15 +257,19 @@ class Ledger:
                 ledger.move(at, account, asset, amount)
         return ledger
 
-    def volumes(self, pit: datetime | None = None, *, by_insertion: bool = True
-                ) -> dict[str, dict[str, list[int]]]:
-        """``account -> asset -> [input, output]``: accounts first used by ``pit``, moves dated by then.
+    def volumes(self, pit: datetime | None = None, *, by_insertion: bool = True,
+                listed_by_first_use: bool = True) -> dict[str, dict[str, list[int]]]:
+        """``account -> asset -> [input, output]``: moves dated by ``pit``.
 
         Moves are dated by insertion (``post_commit_volumes``) or by
-        effective date (``post_commit_effective_volumes``).
+        effective date (``post_commit_effective_volumes``). With
+        ``listed_by_first_use`` every account first used by ``pit`` is there,
+        moved or not (the accounts table); without, only accounts with a
+        move counted (the moves table).
         """
-        book: dict[str, dict[str, list[int]]] = {
-            a: {} for a, opened in self.opened.items() if pit is None or opened <= pit}
+        book: dict[str, dict[str, list[int]]] = {}
+        if listed_by_first_use:
+            book = {a: {} for a, opened in self.opened.items() if pit is None or opened <= pit}
         for move in self.moves:
             when = move.inserted_at if by_insertion else move.at
             if pit is not None and when > pit:
@@ -191,28 +283,44 @@ class FormanceStack:
     """The fake's application. ``clients`` (id -> secret) None means no auth."""
 
     def __init__(self, ledgers: dict[str, Ledger], *, clients: dict[str, str] | None = None,
-                 token_lifetime: int = 3600, mounts: Iterable[str] = ("/api/ledger", ""),
-                 server: str = "v2.4.12", required_scope: str | None = None) -> None:
+                 token_lifetime: float = 3600, mounts: Iterable[str] = (GATEWAY,),
+                 server: str = "v2.4.12", check_scopes: bool = False,
+                 client_scopes: Iterable[str] | None = None, clock_skew: float = 0.0,
+                 legacy_store: bool = False) -> None:
         if server not in SERVERS:
             raise ValueError(f"server must be one of {SERVERS}")
+        if legacy_store and server != "v2.2":
+            raise ValueError("only v2.2 has a legacy store")
         self.ledgers = ledgers
         self.clients = clients
         self.token_lifetime = token_lifetime
         self.mounts = tuple(mounts)
         self.server = server
-        self.required_scope = required_scope
+        self.check_scopes = check_scopes
+        self.client_scopes = None if client_scopes is None else set(client_scopes)
+        self.clock_skew = clock_skew
+        self.legacy_store = legacy_store
+        if server == "v2.2":
+            for ledger in ledgers.values():
+                for feature, value in V2_2_FEATURES.items():
+                    ledger.features.setdefault(feature, value)
         self.issued: list[str] = []  # every token handed out, for tests to look for
-        self.scopes: list[str | None] = []
-        self.refused = 0  # ledger requests answered 401
+        self.scopes: list[str | None] = []  # the scope each token request asked for
+        self.refused = 0  # ledger requests refused for their token (401 or 403)
         self.created: list[str] = []  # ledgers the v1 routes created
-        self.pages_served = 0  # balance/account pages answered
+        self.pages_served = 0  # balance/account/volume pages answered
+        self.served_at: list[tuple[str, float]] = []  # (path, the fake's clock) of each ledger read
         self._changes: list[tuple[int, str, Callable[[Ledger], Any]]] = []
-        self._tokens: dict[str, tuple[float, str]] = {}  # token -> (expiry (monotonic), scope)
+        self._tokens: dict[str, tuple[float, set[str]]] = {}  # token -> (expiry (monotonic), scopes)
         self._lock = threading.Lock()
 
     @property
     def tokens_issued(self) -> int:
         return len(self.issued)
+
+    def clock(self) -> float:
+        """The fake server's clock (seconds since the epoch)."""
+        return time.time() + self.clock_skew
 
     def revoke_tokens(self) -> None:
         """Forget every token issued, as a restarted auth server would."""
@@ -224,31 +332,30 @@ class FormanceStack:
         with self._lock:
             self._changes.append((self.pages_served + pages, ledger, change))
 
+    def new_ledger(self) -> Ledger:
+        features = V2_2_FEATURES if self.server == "v2.2" else DEFAULT_FEATURES
+        return Ledger(features=dict(features))
+
     def __call__(self, request: Request) -> Response:
-        if request.path == TOKEN_PATH:
-            return self.token(request)
+        response = self.token(request) if request.path == TOKEN_PATH else self._route(request)
+        response.headers["Date"] = email.utils.formatdate(self.clock(), usegmt=True)
+        return response
+
+    def _route(self, request: Request) -> Response:
+        path = request.path
         for mount in self.mounts:
-            if mount and not request.path.startswith(mount + "/"):
-                continue
-            rest = request.path[len(mount):]
-            for api, endpoint, pattern in _ROUTES:
-                match = pattern.fullmatch(rest)
-                if not match:
-                    continue
-                if api == "v2" and self.server == "v1.x":
-                    return GIN_404
-                if request.method != "GET":
-                    return error(405, "VALIDATION", "method not allowed")
-                public = endpoint == "info" and self.server != "v1.x"
-                if not public and not self._authorised(request):
-                    with self._lock:
-                        self.refused += 1
-                    return Response(status=401, headers=INVALID_TOKEN)
-                # Scopes guard the ledger's own routes, not the server's /_info.
-                if endpoint != "info" and self.required_scope and not self._has_scope(request):
-                    return Response(status=403, body=b"")
-                return self._serve(api, endpoint, match[1], request)
-        return GIN_404
+            if mount == "":
+                return self._ledger_server(path, request)
+            if path == mount or path.startswith(mount + "/"):
+                # The gateway: every request authenticated, the scope checked (401 either way).
+                if self.clients is not None:
+                    found = self._valid_token(request)
+                    if found is None or (self.check_scopes and not found & set(READ_SCOPES)):
+                        return self._refuse(401)
+                return self._ledger_server(path[len(mount):] or "/", request, gateway=True)
+        if GATEWAY in self.mounts and path.startswith("/api/"):
+            return Response(status=502, body=b"Bad Gateway", content_type="text/plain")
+        return Response(status=404, body=b"", content_type="text/plain")  # the console has nothing
 
     # -- OAuth2 -----------------------------------------------------------
 
@@ -261,45 +368,117 @@ class FormanceStack:
         client_id, secret = form.get("client_id"), form.get("client_secret")
         if self.clients is None or client_id not in self.clients or self.clients[client_id] != secret:
             return oauth_error(401, "invalid_client", "client authentication failed")
+        asked = form.get("scope")
+        # Only what was asked and the client may have is granted; the rest is dropped silently.
+        granted = [s for s in (asked or "").split() if self.client_scopes is None or s in self.client_scopes]
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = (time.monotonic() + self.token_lifetime, form.get("scope") or "")
+            self._tokens[token] = (time.monotonic() + self.token_lifetime, set(granted))
             self.issued.append(token)
-            self.scopes.append(form.get("scope"))
-        return json_response({"access_token": token, "token_type": "Bearer",
-                              "expires_in": self.token_lifetime})
+            self.scopes.append(asked)
+        answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
+                                  "expires_in": self.token_lifetime}
+        if granted:
+            answer["scope"] = " ".join(granted)
+        return json_response(answer)
 
-    def _token(self, request: Request) -> tuple[float, str] | None:
+    def _valid_token(self, request: Request) -> set[str] | None:
+        """The scopes of the request's token, or None when it has no valid one."""
         scheme, _, token = (request.header("authorization") or "").partition(" ")
         if scheme.lower() != "bearer":
             return None
         with self._lock:
-            return self._tokens.get(token)
+            found = self._tokens.get(token)
+        if found is None or time.monotonic() >= found[0]:
+            return None
+        return found[1]
 
-    def _authorised(self, request: Request) -> bool:
+    def _refuse(self, status: int) -> Response:
+        with self._lock:
+            self.refused += 1
+        if status == 401:
+            return Response(status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return Response(status=status, body=b"")
+
+    def _ledger_auth(self, request: Request, scopes: tuple[str, ...]) -> Response | None:
+        """The ledger's own check of a request's token: None when it passes."""
         if self.clients is None:
-            return True
-        found = self._token(request)
-        return found is not None and time.monotonic() < found[0]
-
-    def _has_scope(self, request: Request) -> bool:
-        found = self._token(request)
-        return found is not None and self.required_scope in found[1].split()
+            return None
+        if self.server == "v1.x":
+            if not request.header("authorization"):
+                return self._refuse(401)
+            found = self._valid_token(request)
+            if found is None:
+                return self._refuse(403)  # libs/auth/middleware.go: m.Check failed
+            if self.check_scopes and not found & set(scopes):
+                return self._refuse(403)  # wrapWithScopes: AbortWithStatus(403)
+            return None
+        found = self._valid_token(request)
+        if found is None or (self.check_scopes and not found & set(READ_SCOPES)):
+            return self._refuse(401)
+        return None
 
     # -- ledger -----------------------------------------------------------
 
-    def _serve(self, api: str, endpoint: str, name: str, request: Request) -> Response:
-        if endpoint == "info":
-            return json_response({"data": {
-                "server": "numary-ledger" if self.server == "v1.x" else "ledger", "version": self.server,
-                "config": {"storage": {"driver": "postgres", "ledgers": sorted(self.ledgers)}}}})
+    def _ledger_server(self, path: str, request: Request, *, gateway: bool = False) -> Response:
+        if request.method != "GET":
+            return error(405, "VALIDATION", "method not allowed")
+        if path == "/_info":
+            return self._info()
+        if self.server == "v1.x":
+            return self._gin(path, request)
+        if path == "/v2" or path.startswith("/v2"):
+            return self._chi_v2(path[len("/v2"):], request)
+        return self._chi_v1(path, request)
+
+    def _info(self) -> Response:
+        return json_response({"data": {
+            "server": "numary-ledger" if self.server == "v1.x" else "ledger",
+            "version": {"v1.x": "v1.10.16", "v2.2": "v2.2.59", "v2.3": "v2.3.0"}.get(self.server, "v2.4.12"),
+            "config": {"storage": {"driver": "postgres", "ledgers": sorted(self.ledgers)}}}})
+
+    def _gin(self, path: str, request: Request) -> Response:
+        """v1.x: only a matching route runs the per-ledger middleware (auth, then the resolver)."""
+        name, rest = _split_ledger(path)
+        endpoint = _match(_V1_ROUTES, rest) if name else None
+        if endpoint is None:
+            return gin_404()
+        refused = self._ledger_auth(request, V1X_SCOPES[endpoint])
+        if refused is not None:
+            return refused
+        ledger = self._create_if_absent(name)
+        if isinstance(ledger, Response):
+            return ledger
+        return self._answer("v1", endpoint, ledger, request)
+
+    def _chi_v1(self, path: str, request: Request) -> Response:
+        """v2.x's v1 router: ``/{ledger}/*`` authenticates and creates its ledger before routing."""
+        name, rest = _split_ledger(path)
+        if not name:
+            return chi_404()
+        refused = self._ledger_auth(request, ())
+        if refused is not None:
+            return refused
+        ledger = self._create_if_absent(name)
+        if isinstance(ledger, Response):
+            return ledger
+        endpoint = _match(_V1_ROUTES, rest)
+        if endpoint is None:
+            return chi_404()
+        return self._answer("v1", endpoint, ledger, request)
+
+    def _chi_v2(self, path: str, request: Request) -> Response:
+        refused = self._ledger_auth(request, ())
+        if refused is not None:
+            return refused
+        if path in ("/_info", "/_info/"):
+            return json_response({"data": {"server": "ledger", "version": self._info_version()}})
+        name, rest = _split_ledger(path)
+        endpoint = _match(_V2_ROUTES, rest) if name else None
+        if endpoint is None:
+            return chi_404()
         with self._lock:
             ledger = self.ledgers.get(name)
-            if ledger is None and api == "v1":
-                if not _LEDGER_NAME.fullmatch(name):
-                    return error(400, "VALIDATION", f"invalid ledger name {name!r}")
-                ledger = self.ledgers[name] = Ledger()
-                self.created.append(name)
         if ledger is None:
             if endpoint == "ledger":
                 return error(404, "NOT_FOUND", "ledger not found")
@@ -308,6 +487,24 @@ class FormanceStack:
             return json_response({"data": {"bucket": "_default", "metadata": {}, "features": ledger.features,
                                            "id": sorted(self.ledgers).index(name) + 1, "name": name,
                                            "addedAt": "2024-01-01T00:00:00Z"}})
+        return self._answer("v2", endpoint, ledger, request)
+
+    def _info_version(self) -> str:
+        return json.loads(self._info().body)["data"]["version"]
+
+    def _create_if_absent(self, name: str) -> Ledger | Response:
+        with self._lock:
+            ledger = self.ledgers.get(name)
+            if ledger is None:
+                if not _LEDGER_NAME.fullmatch(name):
+                    return error(400, "VALIDATION", f"invalid ledger name {name!r}")
+                ledger = self.ledgers[name] = self.new_ledger()
+                self.created.append(name)
+        return ledger
+
+    def _answer(self, api: str, endpoint: str, ledger: Ledger, request: Request) -> Response:
+        with self._lock:
+            self.served_at.append((request.path, self.clock()))
         try:
             if api == "v1":
                 response = self._serve_v1(endpoint, ledger, request)
@@ -315,9 +512,11 @@ class FormanceStack:
                 response = self._serve_v2(endpoint, ledger, request)
         except _Panic:
             return Response(status=500, body=b"")
+        except _Internal:
+            return error(500, "INTERNAL", INTERNAL_ERROR)
         except ValueError as exc:
             return error(400, "VALIDATION", str(exc))
-        if endpoint != "aggregate":
+        if endpoint in ("balances", "accounts", "volumes"):
             self._page_served()
         return response
 
@@ -334,14 +533,27 @@ class FormanceStack:
             return v1x_address_matches(pattern, address, aggregate=aggregate)
         return v2_address_matches(pattern, address, self.server)
 
+    def _check_filter(self, ledger: Ledger, pattern: str | None, api: str) -> None:
+        """v2.2: a filter with an empty segment needs the segments index."""
+        if (self.server == "v2.2" and pattern and "" in pattern.split(":")
+                and ledger.features.get(INDEX_ADDRESS_SEGMENTS) != "ON"):
+            if api == "v1":
+                raise _Internal  # HandleCommonErrors: not a validation error to the v1 layer
+            raise ValueError(f"feature {INDEX_ADDRESS_SEGMENTS} must be 'ON' to use segments address")
+
     def _serve_v1(self, endpoint: str, ledger: Ledger, request: Request) -> Response:
+        if endpoint == "stats":
+            return json_response({"data": {"transactions": ledger.transactions,
+                                           "accounts": len(ledger.opened)}})
         if endpoint == "aggregate":
             address = _last(request, "address")
+            self._check_filter(ledger, address, "v1")
             book = ledger.volumes()
             if address:
                 book = {a: v for a, v in book.items() if self._matches(address, a, aggregate=True)}
             return _totals(book, as_strings=False)
         query = self._page_query("v1", request, None)
+        self._check_filter(ledger, query["address"], "v1")
         book = ledger.volumes()
         if self.server == "v1.x":
             book = {a: v for a, v in book.items() if v}  # the volumes table: accounts that moved
@@ -351,7 +563,9 @@ class FormanceStack:
 
     def _serve_v2(self, endpoint: str, ledger: Ledger, request: Request) -> Response:
         filters = _body_filter(request)
-        as_strings = (request.header("formance-bigint-as-string") or "").lower() == "true"
+        self._check_filter(ledger, filters, "v2")
+        as_strings = (self.server != "v2.2"
+                      and (request.header("formance-bigint-as-string") or "").lower() == "true")
         if endpoint == "aggregate":
             pit = _pit(_last(request, "pit"))
             by_insertion = any(_flag(request, name) for name in ("useInsertionDate", "use_insertion_date"))
@@ -365,46 +579,67 @@ class FormanceStack:
                 book = {a: v for a, v in book.items() if self._matches(filters, a)}
             return _totals(book, as_strings)
         query = self._page_query("v2", request, filters)
-        if query["volumes"] and ledger.features.get(MOVES_HISTORY) != "ON":
-            raise ValueError(f"feature {MOVES_HISTORY} must be 'ON' to use volumes")
         at = datetime.fromisoformat(query["pit"]) if query["pit"] else None
-        book = ledger.volumes(at)
-        # Listed: accounts first used by pit (accounts.first_usage <= pit).
-        book = {a: v for a, v in book.items() if at is None or ledger.opened.get(a, at) <= at}
+        if endpoint == "volumes":
+            if at is not None and ledger.features.get(MOVES_HISTORY) != "ON":
+                raise ValueError(f'missing feature "{MOVES_HISTORY}"')
+            book = ledger.volumes(at, by_insertion=query["insertion"], listed_by_first_use=False)
+        else:
+            if query["volumes"] and ledger.features.get(MOVES_HISTORY) != "ON":
+                raise ValueError(f"feature {MOVES_HISTORY} must be 'ON' to use volumes")
+            book = ledger.volumes(at)
+            # Listed: accounts first used by pit (accounts.first_usage <= pit), a
+            # transaction's effective date, although the volumes count insertions.
+            book = {a: v for a, v in book.items() if at is None or ledger.opened.get(a, at) <= at}
         if query["address"]:
             book = {a: v for a, v in book.items() if self._matches(query["address"], a)}
+        if endpoint == "volumes":
+            return self._volume_page(book, query, as_strings)
         return self._page("v2", book, query, as_strings)
 
     def _page_query(self, api: str, request: Request, filters: str | None) -> dict:
         cursor = next((v for k, v in request.query if k in CURSOR_PARAMS), None)
+        size_text = next((v for k, v in reversed(request.query) if k in PAGE_SIZE_PARAMS), None)
         if cursor is not None:
-            if any(k not in CURSOR_PARAMS for k, _ in request.query):
+            if self.server == "v1.x" and any(k in V1X_NOT_WITH_CURSOR for k, _ in request.query):
                 raise ValueError("no other query params can be set with 'cursor'")
             state = decode_cursor(cursor)
             if api == "v1" and self.server == "v2.2":
                 # The filter is rebuilt from the request, which carries only the cursor.
                 state["address"] = None
+            if api == "v2" and size_text is not None:
+                state["pageSize"] = _page_size(size_text, api)
             return state
-        size_text = next((v for k, v in reversed(request.query) if k in PAGE_SIZE_PARAMS), None)
-        try:
-            size = DEFAULT_PAGE_SIZE if size_text is None else int(size_text)
-            if size < 1:
-                raise ValueError
-        except ValueError:
-            raise ValueError("invalid 'pageSize' query param") from None
         return {
             "offset": 0,
-            "pageSize": min(size, MAX_PAGE_SIZE[api]),
+            "pageSize": _page_size(size_text, api),
             "address": _last(request, "address") if api == "v1" else filters,
             "after": _last(request, "after") if api == "v1" else None,
-            "pit": _pit(_last(request, "pit")) if api == "v2" else None,
+            "pit": _pit(_last(request, "pit") or _last(request, "endTime")) if api == "v2" else None,
             "volumes": "volumes" in ",".join(request.params("expand")).split(","),
+            "insertion": _flag(request, "insertionDate"),
         }
 
-    def _page(self, api: str, book: dict, query: dict, as_strings: bool) -> Response:
-        addresses = sorted(book, reverse=self.server == "v1.x")
+    def _ordered(self, book: dict, query: dict) -> list[str]:
+        descending = self.server == "v1.x" or self.legacy_store
+        addresses = sorted(book, reverse=descending)
         if query.get("after"):
             addresses = [a for a in addresses if a < query["after"]]
+        return addresses
+
+    def _cursor(self, query: dict, total: int, data: list) -> dict[str, Any]:
+        offset, size = query["offset"], query["pageSize"]
+        has_more = offset + size < total
+        cursor: dict[str, Any] = {"pageSize": size, "hasMore": has_more}
+        if offset > 0:
+            cursor["previous"] = encode_cursor({**query, "offset": max(0, offset - size)})
+        if has_more:
+            cursor["next"] = encode_cursor({**query, "offset": offset + size})
+        cursor["data"] = data
+        return cursor
+
+    def _page(self, api: str, book: dict, query: dict, as_strings: bool) -> Response:
+        addresses = self._ordered(book, query)
         offset, size = query["offset"], query["pageSize"]
         chosen = addresses[offset:offset + size]
         if api == "v1":
@@ -419,17 +654,38 @@ class FormanceStack:
                                 "balance": _amount(inp - out, as_strings)}
                         for asset, (inp, out) in book[a].items()}
                 data.append(account)
-        has_more = offset + size < len(addresses)
-        cursor: dict[str, Any] = {"pageSize": size, "hasMore": has_more}
-        if offset > 0:
-            cursor["previous"] = encode_cursor({**query, "offset": max(0, offset - size)})
-        if has_more:
-            cursor["next"] = encode_cursor({**query, "offset": offset + size})
-        cursor["data"] = data
-        body: dict[str, Any] = {"cursor": cursor}
+        body: dict[str, Any] = {"cursor": self._cursor(query, len(addresses), data)}
         if api == "v2":
             body = {"resource": "accounts", **body}
         return json_response(body)
+
+    def _volume_page(self, book: dict, query: dict, as_strings: bool) -> Response:
+        rows = [(a, asset, inp, out) for a in sorted(book) for asset, (inp, out) in sorted(book[a].items())]
+        offset, size = query["offset"], query["pageSize"]
+        data = [{"account": a, "asset": asset, "input": _amount(inp, as_strings),
+                 "output": _amount(out, as_strings), "balance": _amount(inp - out, as_strings)}
+                for a, asset, inp, out in rows[offset:offset + size]]
+        return json_response({"cursor": self._cursor(query, len(rows), data)})
+
+
+def _split_ledger(path: str) -> tuple[str, str]:
+    """``/{ledger}/rest`` -> (ledger, ``/rest``)."""
+    name, _, rest = path.lstrip("/").partition("/")
+    return name, "/" + rest if rest else ""
+
+
+def _match(routes, rest: str) -> str | None:
+    return next((endpoint for endpoint, pattern in routes if pattern.fullmatch(rest)), None)
+
+
+def _page_size(text: str | None, api: str) -> int:
+    try:
+        size = DEFAULT_PAGE_SIZE if text is None else int(text)
+        if size < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError("invalid 'pageSize' query param") from None
+    return min(size, MAX_PAGE_SIZE[api])
 
 
 def error(status: int, code: str, message: str) -> Response:

@@ -13,14 +13,14 @@ import requests
 
 from extractors.credentials import Credentials
 from extractors.errors import (HistoryUnavailable, LedgerUnavailable, MalformedResponseError, ProviderError,
-                               SnapshotError, SnapshotMoved)
-from extractors.formance import address_matches, asset_decimals, format_pit
+                               SnapshotError, SnapshotInFuture, SnapshotMoved)
+from extractors.formance import address_matches, asset_decimals, format_pit, v1_snapshot_raw
 from extractors.records import RecordError
 from extractors.registry import provider
 from pipeline.config import ConfigError
 from pipeline.snapshot import RejectedRecordsError, build_extractor, take_snapshot
-from sandbox.formance import (MOVES_HISTORY, TOKEN_PATH, FormanceStack, Ledger, v1x_address_matches,
-                              v2_address_matches)
+from sandbox.formance import (GATEWAY, INDEX_ADDRESS_SEGMENTS, MOVES_HISTORY, TOKEN_PATH, FormanceStack, Ledger,
+                              v1x_address_matches, v2_address_matches)
 from sandbox.server import Fault, Response, json_response
 from tests.conftest import fetch, make_source
 
@@ -97,7 +97,8 @@ class Rewrite:
 
 
 def test_v1_snapshot_lands_exactly_with_decimals_from_the_asset(db, serve):
-    server = serve(stack())
+    app = stack()
+    server = serve(app)
     started = now()
     summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert summary["status"] == "published"
@@ -115,9 +116,12 @@ def test_v1_snapshot_lands_exactly_with_decimals_from_the_asset(db, serve):
     ]
     # users:004 is {} in the API: listed, but it holds nothing.
     assert not any(r[0] == "users:004" for r in rows)
-    # v1 has no history: the snapshot is the time of the fetch, one for the whole run.
+    # v1 has no history: the snapshot is the time of the fetch, one for the whole run, and
+    # the ledger state it read: the number of transactions in its log.
     assert started <= as_of <= now()
-    assert {(r[4], r[5]) for r in rows} == {(as_of, format_pit(as_of))}
+    assert app.ledgers["main"].transactions == 8
+    assert {(r[4], r[5]) for r in rows} == {(as_of, f"{format_pit(as_of)} transactions=8")}
+    assert summary["as_of_raw"] == v1_snapshot_raw(as_of, 8)
     assert summary["as_of"] == as_of and summary["pages"] == 3 + 1
 
 
@@ -138,15 +142,24 @@ def test_v1_stops_on_has_more_and_follow_ups_send_only_the_cursor(db, serve):
 
 
 def test_cursor_with_other_params_is_refused_by_the_fake_as_by_the_api(serve):
-    server = serve(stack())
+    # v1.x refuses a cursor beside after, address, pageSize or page_size, and only those.
+    server = serve(stack(server="v1.x"))
     extractor = build_extractor(formance_source(server), CREDS)
     cursor = extractor.client.get_json(BALANCES, {"pageSize": 2})["cursor"]["next"]
     assert extractor.client.get_json(BALANCES, {"cursor": cursor})["cursor"]["data"]
-    with pytest.raises(ProviderError) as caught:
-        extractor.client.get_json(BALANCES, [("cursor", cursor), ("pageSize", 2)])
-    assert caught.value.code == "VALIDATION" and caught.value.status == 400
-    assert not caught.value.retriable
-    assert "no other query params can be set with 'cursor'" in str(caught.value)
+    for name in ("after", "address", "pageSize", "page_size"):
+        with pytest.raises(ProviderError) as caught:
+            extractor.client.get_json(BALANCES, [("cursor", cursor), (name, 2)])
+        assert caught.value.code == "VALIDATION" and caught.value.status == 400
+        assert not caught.value.retriable
+        assert "no other query params can be set with 'cursor'" in str(caught.value)
+    assert extractor.client.get_json(BALANCES, [("cursor", cursor), ("expand", "x")])["cursor"]["data"]
+    # v2.x reads the cursor and ignores the rest.
+    newer = serve(stack(server="v2.4.12"))
+    extractor = build_extractor(formance_source(newer), CREDS)
+    cursor = extractor.client.get_json(BALANCES, {"pageSize": 2})["cursor"]["next"]
+    page = extractor.client.get_json(BALANCES, [("cursor", cursor), ("pageSize", 5), ("address", "x:")])
+    assert [a for r in page["cursor"]["data"] for a in r] == ["users:002", "users:003"]
 
 
 def test_has_more_without_next_is_malformed(db, serve):
@@ -184,14 +197,16 @@ def test_v1_refuses_a_past_snapshot_time(db, serve):
 
 
 def test_v1_standalone_uses_the_ledgers_own_paths(db, serve):
-    server = serve(stack(mounts=("",)))
-    with pytest.raises(LedgerUnavailable, match='no v1 API at /api/ledger/_info.*api = "v1-standalone"'):
+    app = stack(mounts=("",))
+    server = serve(app)
+    with pytest.raises(LedgerUnavailable, match='is a standalone ledger .*api = "v1-standalone"'):
         take_snapshot(db, formance_source(server), now(), credentials=CREDS)
     server.clear()
     summary = take_snapshot(db, formance_source(server, api="v1-standalone"), now(), credentials=CREDS)
     assert summary["status"] == "published" and len(history(db)) == 8
     assert {r.path for r in server.requests if r.path != TOKEN_PATH} == {
-        "/_info", "/main/balances", "/main/aggregate/balances"}
+        "/_info", "/v2/main", "/main/stats", "/main/balances", "/main/aggregate/balances"}
+    assert app.created == []
 
 
 def test_5xx_with_empty_body_and_internal_errors_are_retried(db, serve):
@@ -238,8 +253,11 @@ def test_settings_are_checked():
         make_source("f", provider="formance", base_url="http://f", ledger="main", api="v2", page_size=500)
     with pytest.raises(ConfigError, match="ledger"):
         make_source("f", provider="formance", base_url="http://f", ledger="a/b")
+    with pytest.raises(ConfigError, match="pit_margin: must be between 0 and 3600 seconds, got 7200"):
+        make_source("f", provider="formance", base_url="http://f", ledger="main", pit_margin=7200)
     source = make_source("f", provider="formance", base_url="http://f", ledger="main", conn_id="x")
     assert (source.settings.api, source.settings.page_size, source.conn_id) == ("v1", 100, "x")
+    assert (source.settings.scopes, source.settings.pit_margin) == (None, 60.0)
 
 
 # -- OAuth2 -------------------------------------------------------------------
@@ -250,15 +268,17 @@ def test_token_is_fetched_once_and_sent_on_every_request(db, serve):
     server = serve(app)
     summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert app.tokens_issued == 1
-    # The token fetch counts among the run's requests: 1 + _info + 3 pages + the aggregate
-    # before and after them.
-    assert summary["requests"] == server.request_count == 7
-    token_request = server.requests[0]
+    # The token fetch counts among the run's requests: the root's /_info (public: sent
+    # without a token), 1 token, the gateway's /_info, the ledger, the log's count before
+    # and after the 3 pages and the aggregate.
+    assert summary["requests"] == server.request_count == 10
+    root, token_request, *calls = server.requests
+    assert root.path == "/_info" and root.header("authorization") is None
     assert token_request.method == "POST" and token_request.path == TOKEN_PATH
     form = dict(parse_qsl(token_request.body.decode()))
-    assert form == {"grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET}
-    calls = [r for r in server.requests if r.path != TOKEN_PATH]
-    assert len(calls) == 6
+    assert form == {"grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET,
+                    "scope": "ledger:read"}
+    assert len(calls) == 8
     assert {r.header("authorization") for r in calls} == {f"Bearer {app.issued[0]}"}
 
 
@@ -275,16 +295,18 @@ def test_without_a_connection_no_auth_is_sent(db, serve):
 
 
 def test_token_is_renewed_shortly_before_it_expires(serve):
-    app = stack(token_lifetime=1)
+    app = stack(token_lifetime=4)
     server = serve(app)
     pages = build_extractor(formance_source(server, page_size=2), CREDS).pages(now())
     next(pages)
-    time.sleep(0.8)  # past the token's 1 s lifetime minus its renewal margin
+    # Past the token's 4 s lifetime minus its renewal margin (a quarter of it), counted
+    # from the whole second its expiry is written in.
+    time.sleep(3.1)
     rest = list(pages)
     assert len(rest) == 3
     assert app.tokens_issued == 2 and app.refused == 0
-    # The fake does expire tokens: once its second is over, the first one is refused.
-    time.sleep(0.3)
+    # The fake does expire tokens: once its 4 s are over, the first one is refused.
+    time.sleep(1.0)
     expired = requests.get(f"{server.url}{BALANCES}",
                            headers={"Authorization": f"Bearer {app.issued[0]}"})
     assert expired.status_code == 401 and app.refused == 1
@@ -297,7 +319,7 @@ def test_401_renews_the_token_once_and_resends(db, serve):
     summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert summary["status"] == "published" and summary["retries"] == 0
     assert app.tokens_issued == 2 and len(history(db)) == 8
-    assert summary["requests"] == server.request_count == 9
+    assert summary["requests"] == server.request_count == 12
     # The resent request carried the new token.
     resent = ledger_requests(server, "/main/balances")[2]
     assert resent.header("authorization") == f"Bearer {app.issued[1]}"
@@ -320,7 +342,8 @@ def test_second_401_is_fatal(db, serve):
     with pytest.raises(ProviderError) as caught:
         take_snapshot(db, formance_source(server), now(), credentials=CREDS)
     assert caught.value.status == 401 and not caught.value.retriable
-    assert "after renewing the access token" in str(caught.value)
+    assert "refused the access token after renewing it" in str(caught.value)
+    assert "without scope 'ledger:read'" in str(caught.value) and "asked for: ledger:read" in str(caught.value)
     assert app.tokens_issued == 2 and len(ledger_requests(server, "/main/balances")) == 2
     assert fetch(db, "SELECT status FROM snapshot_runs") == [("failed",)]
 
@@ -366,7 +389,7 @@ def test_secret_and_tokens_never_reach_errors_logs_or_tables(db, serve, caplog):
 
 def test_v2_backfill_reads_the_ledger_at_the_scheduled_time(db, serve):
     server = serve(stack(moving_book()))
-    source = formance_source(server, api="v2", page_size=2)
+    source = formance_source(server, api="v2", page_size=1)
     summary = take_snapshot(db, source, BETWEEN, credentials=CREDS)
     assert summary["status"] == "published"
     assert summary["as_of"] == BETWEEN == summary["scheduled_for"]
@@ -374,8 +397,10 @@ def test_v2_backfill_reads_the_ledger_at_the_scheduled_time(db, serve):
     assert [r[:4] for r in history(db)] == [("users:001", "USD/2", Decimal(BIG), 2),
                                             ("world", "USD/2", Decimal(-BIG), 2)]
     assert aggregates(db) == [("USD/2", Decimal(0), 2, BETWEEN)]
-    first, *follow_ups = ledger_requests(server, "/accounts")
-    assert sorted(first.query) == [("expand", "volumes"), ("pageSize", "2"), ("pit", format_pit(BETWEEN))]
+    first, *follow_ups = ledger_requests(server, "/volumes")
+    # Volumes by insertion date up to pit: every move inserted by then, on every account.
+    assert sorted(first.query) == [("endTime", format_pit(BETWEEN)), ("insertionDate", "true"),
+                                   ("pageSize", "1")]
     assert follow_ups and all([k for k, _ in r.query] == ["cursor"] for r in follow_ups)
     # On the volumes' time axis: insertion dates.
     assert ledger_requests(server, "/aggregate/balances")[0].query == [
@@ -390,17 +415,18 @@ def test_v2_backfill_reads_the_ledger_at_the_scheduled_time(db, serve):
 
 def test_v2_amounts_are_exact_as_strings_and_as_numbers(serve):
     seen = []
-    app = Rewrite(stack(moving_book()), "/api/ledger/v2/main/accounts", lambda body: seen.append(body) or body)
+    app = Rewrite(stack(moving_book()), "/api/ledger/v2/main/volumes", lambda body: seen.append(body) or body)
     server = serve(app)
     extractor = build_extractor(formance_source(server, api="v2"), CREDS)
     as_strings = [r for p in extractor.pages(AFTER) for r in p.rows]
     extractor.client.session.headers.pop("Formance-Bigint-As-String")
     as_numbers = [r for p in extractor.pages(AFTER) for r in p.rows]
     def world(body):
-        return next(a for a in body["cursor"]["data"] if a["address"] == "world")["volumes"]["USD/2"]
+        return next(v for v in body["cursor"]["data"] if v["account"] == "world")
 
-    assert world(seen[0]) == {"input": "0", "output": str(BIG), "balance": str(-BIG)}
-    assert world(seen[1]) == {"input": 0, "output": BIG, "balance": -BIG}
+    assert world(seen[0]) == {"account": "world", "asset": "USD/2", "input": "0", "output": str(BIG),
+                              "balance": str(-BIG)}
+    assert world(seen[1]) == {"account": "world", "asset": "USD/2", "input": 0, "output": BIG, "balance": -BIG}
     assert as_strings == as_numbers
     # v2 lists accounts in ascending address order.
     assert [(r.account, r.balance) for r in as_numbers if r.account] == [
@@ -413,7 +439,7 @@ def test_v2_address_filter_goes_in_the_body(db, serve):
     take_snapshot(db, formance_source(server, api="v2", address="users:"), AFTER, credentials=CREDS)
     assert {r[0] for r in history(db)} == {"users:001", "users:002"}
     assert aggregates(db) == [("USD/2", Decimal(BIG), 2, AFTER)]
-    reads = ledger_requests(server, "/accounts") + ledger_requests(server, "/aggregate/balances")
+    reads = ledger_requests(server, "/volumes") + ledger_requests(server, "/aggregate/balances")
     assert len(reads) == 2
     for request in reads:
         assert json.loads(request.body) == {"$match": {"address": "users:"}}
@@ -458,7 +484,7 @@ def test_1_unknown_ledger_is_an_error_and_nothing_is_created(db, serve, server_v
     with pytest.raises(LedgerUnavailable, match="ledger 'nope' does not exist .*'main'"):
         take_snapshot(db, formance_source(server, ledger="nope"), now(), credentials=CREDS)
     assert app.created == ["typo"] and "nope" not in app.ledgers
-    assert [r.path for r in ledger_requests(server, "_info")] == ["/api/ledger/_info"]
+    assert [r.path for r in ledger_requests(server, "_info")] == ["/_info", "/api/ledger/_info"]
     assert not ledger_requests(server, "/nope/balances") and history(db) == []
     assert runs(db)[0][0] == "failed" and "does not exist" in runs(db)[0][1]
 
@@ -466,9 +492,11 @@ def test_1_unknown_ledger_is_an_error_and_nothing_is_created(db, serve, server_v
 def test_1_unknown_ledger_on_v2_is_an_error(db, serve):
     app = stack()
     server = serve(app)
-    with pytest.raises(LedgerUnavailable, match="ledger 'nope' does not exist: HTTP 404 .*NOT_FOUND"):
+    with pytest.raises(LedgerUnavailable, match=r"ledger 'nope' does not exist \(the server has 'main'\).*"
+                                                 "HTTP 404 .*NOT_FOUND"):
         take_snapshot(db, formance_source(server, ledger="nope", api="v2"), AFTER, credentials=CREDS)
-    assert [r.path for r in server.requests if r.path != TOKEN_PATH] == ["/api/ledger/v2/nope"]
+    assert [r.path for r in server.requests if r.path != TOKEN_PATH] == [
+        "/_info", "/api/ledger/_info", "/api/ledger/v2/nope"]
     assert "nope" not in app.ledgers
 
 
@@ -546,24 +574,64 @@ def test_3_v2_2_compatibility_layer_losing_the_filter_fails_the_run(db, serve):
 
 
 def test_4_v2_through_the_gateway_and_standalone(db, serve):
-    gateway = serve(stack(moving_book(), mounts=("/api/ledger",)))
+    gateway = serve(stack(moving_book(), mounts=(GATEWAY,)))
     take_snapshot(db, formance_source(gateway, api="v2"), AFTER, credentials=CREDS)
     assert {r.path for r in gateway.requests if r.path != TOKEN_PATH} == {
-        "/api/ledger/v2/main", "/api/ledger/v2/main/accounts", "/api/ledger/v2/main/aggregate/balances"}
-    with pytest.raises(LedgerUnavailable, match='no v2 API at /v2/main: .*api = "v2"'):
+        "/_info", "/api/ledger/_info", "/api/ledger/v2/main", "/api/ledger/v2/main/volumes",
+        "/api/ledger/v2/main/aggregate/balances"}
+    with pytest.raises(LedgerUnavailable, match='no Formance ledger at http.*/_info: a stack gateway .*api = "v2"'):
         take_snapshot(db, formance_source(gateway, api="v2-standalone"), AFTER, credentials=CREDS)
     standalone = serve(stack(moving_book(), mounts=("",)))
-    with pytest.raises(LedgerUnavailable, match='no v2 API at /api/ledger/v2/main: .*api = "v2-standalone"'):
+    with pytest.raises(LedgerUnavailable, match='is a standalone ledger .*api = "v2-standalone"'):
         take_snapshot(db, formance_source(standalone, api="v2"), AFTER, credentials=CREDS)
     summary = take_snapshot(db, formance_source(standalone, api="v2-standalone", ledger="main"),
                             AFTER - timedelta(minutes=1), credentials=CREDS)
     assert summary["status"] == "published"
     assert {r.path for r in standalone.requests if r.path.startswith("/v2/")} == {
-        "/v2/main", "/v2/main/accounts", "/v2/main/aggregate/balances"}
+        "/v2/main", "/v2/main/volumes", "/v2/main/aggregate/balances"}
     # A v1.x server has no v2 API at all.
     old = serve(stack(moving_book(), server="v1.x", mounts=("",)))
-    with pytest.raises(LedgerUnavailable, match="a v1.x server has only the v1 API"):
+    with pytest.raises(LedgerUnavailable, match=r"ledger v1.10.16 has only the v1 API .*api = "
+                                                 '"v1-standalone"'):
         take_snapshot(db, formance_source(old, api="v2-standalone"), AFTER, credentials=CREDS)
+
+
+LAYOUTS = [("v2.4.12", GATEWAY), ("v2.4.12", ""), ("v2.2", ""), ("v1.x", GATEWAY), ("v1.x", "")]
+
+
+@pytest.mark.parametrize("version,mount", LAYOUTS)
+def test_4_no_setting_of_api_creates_anything(db, serve, version, mount):
+    """Every api against every layout: the right one reads, the others are refused; none creates."""
+    app = stack(server=version, mounts=(mount,))
+    server = serve(app)
+    right = ("v1" if version == "v1.x" else "v2") + ("-standalone" if mount == "" else "")
+    for api in ("v1", "v1-standalone", "v2", "v2-standalone"):
+        source = formance_source(server, api=api)
+        at = AFTER if api in ("v2", "v2-standalone") else now()
+        if api == right or (api.startswith("v1") and api.endswith("-standalone") == (mount == "")):
+            assert take_snapshot(db, source, at, credentials=CREDS)["status"] == "published"
+        else:
+            with pytest.raises(LedgerUnavailable, match=r'api = "v[12](-standalone)?"'):
+                take_snapshot(db, source, at, credentials=CREDS)
+    assert app.created == [] and sorted(app.ledgers) == ["main"]
+
+
+def test_4_the_sandbox_creates_ledgers_as_chi_does(serve):
+    """What the layout check protects against: a standalone v2.x server's /{ledger}/* mount."""
+    app = stack(mounts=("",))
+    server = serve(app)
+    headers = {"Authorization": f"Bearer {_token(server)}"}
+    info = requests.get(f"{server.url}/_info")  # public, top-level: creates nothing
+    assert info.status_code == 200 and app.created == []
+    trap = requests.get(f"{server.url}/api/ledger/_info", headers=headers)
+    assert trap.status_code == 404 and app.created == ["api"]
+    requests.get(f"{server.url}/api/ledger/v2/main", headers=headers)
+    assert app.created == ["api"]  # one ledger 'api', created once
+    # gin (v1.x) runs the ledger's middleware for its own routes only.
+    old = stack(server="v1.x", mounts=("",))
+    old_server = serve(old)
+    assert requests.get(f"{old_server.url}/api/ledger/_info", headers=headers).status_code == 404
+    assert old.created == []
 
 
 def test_5_backdated_transaction_keeps_one_time_axis(db, serve):
@@ -619,8 +687,10 @@ def test_6_an_account_added_between_pages_makes_the_crawl_start_again(db, serve)
     assert any("listed twice" in w and "reading it again" in w for w in warnings)
     rows = {(r[0], r[1]): r[2] for r in history(db)}
     assert rows[("users:000", "USD/2")] == 5 and rows[("world", "USD/2")] == -(BIG + 345 + 5)
-    # Before the first pass (cut short by the repeat), then before and after the second.
-    assert len(ledger_requests(server, "/main/aggregate/balances")) == 3
+    # One aggregate, read by the second pass (the first was cut short by the repeat), inside
+    # the log's count read before and after each pass.
+    assert len(ledger_requests(server, "/main/aggregate/balances")) == 1
+    assert len(ledger_requests(server, "/main/stats")) == 3
 
 
 def test_6_movement_inside_the_filter_or_between_read_accounts_is_caught(db, serve):
@@ -628,12 +698,12 @@ def test_6_movement_inside_the_filter_or_between_read_accounts_is_caught(db, ser
     server = serve(app)
     app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:003", "COIN", 1))
     take_snapshot(db, formance_source(server, page_size=2, address="users:"), now(), credentials=CREDS)
-    assert any("aggregate balances changed" in w for w in runs(db)[-1][2])
+    assert any("its log went from 8 to 9 transactions" in w for w in runs(db)[-1][2])
     assert {(r[0], r[1]): r[2] for r in history(db)}[("users:003", "COIN")] == 8
-    # Unfiltered, a transfer between two accounts keeps the aggregate: the listed sum shows it.
+    # Unfiltered, a transfer between two accounts keeps the aggregate (always 0): the log shows it.
     app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:001", "COIN", 2))
     take_snapshot(db, formance_source(server, page_size=2), now() + timedelta(seconds=1), credentials=CREDS)
-    assert any("do not add up" in w for w in runs(db)[-1][2])
+    assert any("its log went from 9 to 10 transactions" in w for w in runs(db)[-1][2])
 
 
 def test_6_a_ledger_that_never_holds_still_fails_the_run(db, serve):
@@ -644,6 +714,15 @@ def test_6_a_ledger_that_never_holds_still_fails_the_run(db, serve):
     with pytest.raises(SnapshotMoved, match='moved during each of 3 crawls .*Use api = "v2"'):
         take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
     assert history(db) == [] and runs(db)[0][0] == "failed"
+    # As many crawls as the source allows.
+    def crawls():
+        return [r for r in ledger_requests(server, "/main/balances") if r.params("pageSize")]
+
+    assert len(crawls()) == 3
+    app.after_pages(1, lambda ledger: ledger.transfer(now(), "world", "users:0000", "USD/2", 1))
+    with pytest.raises(SnapshotMoved, match="moved during each of 1 crawls"):
+        take_snapshot(db, formance_source(server, page_size=2, max_crawls=1), now(), credentials=CREDS)
+    assert len(crawls()) == 4
     assert fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'") == [(0,)]
 
 
@@ -685,17 +764,6 @@ def test_9_asset_notation_as_the_server_defines_it(db, serve):
     assert units == [(Decimal(7).scaleb(-300),)]
 
 
-def test_10_missing_scope_is_403_with_an_empty_body(db, serve):
-    app = stack(server="v1.x", required_scope="accounts:read")
-    server = serve(app)
-    with pytest.raises(ProviderError, match="HTTP 403 .*lacks a scope") as caught:
-        take_snapshot(db, formance_source(server), now(), credentials=CREDS)
-    assert caught.value.status == 403 and not caught.value.retriable
-    scoped = Credentials(CLIENT, SECRET, {"scope": "accounts:read"})
-    summary = take_snapshot(db, formance_source(server), now(), credentials=scoped)
-    assert summary["status"] == "published" and app.scopes[-1] == "accounts:read"
-
-
 def test_10_sort_orders_differ_and_the_crawl_does_not_care(db, serve):
     orders = {}
     for version in ("v1.x", "v2.4.12"):
@@ -717,3 +785,236 @@ def _token(server) -> str:
     answer = requests.post(f"{server.url}{TOKEN_PATH}", data={
         "grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET})
     return answer.json()["access_token"]
+
+
+# -- issue 25: one instant of the ledger, proved by the ledger's own log ----------------
+
+
+def test_25_1_offsetting_moves_between_pages_make_the_crawl_start_again(db, serve):
+    """Two moves that keep every sum: page 1 read before them, page 2 after."""
+    ledger = Ledger.of(T0, {"world": {"USD/2": -5_000}, "merchants:acme": {"USD/2": 1_000},
+                            "users:001": {"USD/2": 3_000}, "users:999": {"USD/2": 1_000}})
+    app = stack(ledger)
+    server = serve(app)
+
+    def move(book):
+        book.transfer(now(), "users:001", "users:999", "USD/2", 1_000)
+        book.transfer(now(), "world", "merchants:acme", "USD/2", 1_000)
+
+    # Ascending: page 1 is merchants:acme and users:001, page 2 users:999 and world.
+    app.after_pages(1, move)
+    summary = take_snapshot(db, formance_source(server, page_size=2), now(), credentials=CREDS)
+    assert summary["status"] == "published"
+    assert {r[0]: r[2] for r in history(db)} == {"merchants:acme": 2_000, "users:001": 2_000,
+                                                  "users:999": 2_000, "world": -6_000}
+    [(_, _, warnings)] = runs(db)
+    assert any("its log went from 4 to 6 transactions" in w and "reading it again" in w for w in warnings)
+    # The snapshot says which ledger state it is: the log's count, read before and after it.
+    assert summary["as_of_raw"].endswith(" transactions=6")
+    assert {r[5] for r in history(db)} == {summary["as_of_raw"]}
+    # No check that cannot fail: one aggregate per pass, none before the pages.
+    assert len(ledger_requests(server, "/main/aggregate/balances")) == 2
+
+
+def test_25_2_an_account_opened_by_a_future_dated_transaction_is_in_the_snapshot(db, serve):
+    # Inserted before pit, dated after it: its account's first use lies after pit.
+    ledger = moving_book().transfer(AFTER + timedelta(days=30), "world", "users:new", "USD/2", 70,
+                                    inserted=T1)
+    server = serve(stack(ledger))
+    take_snapshot(db, formance_source(server, api="v2"), AFTER, credentials=CREDS)
+    assert {r[0]: r[2] for r in history(db)} == {"users:001": BIG - 100, "users:002": 100,
+                                                  "users:new": 70, "world": -BIG - 70}
+    assert aggregates(db) == [("USD/2", Decimal(0), 2, AFTER)]
+
+
+def test_25_2_an_account_missing_from_the_listing_fails_the_run(db, serve):
+    def drop_users_002(body):
+        body["cursor"]["data"] = [v for v in body["cursor"]["data"] if v["account"] != "users:002"]
+        return body
+
+    server = serve(Rewrite(stack(moving_book()), "/api/ledger/v2/main/volumes", drop_users_002))
+    with pytest.raises(SnapshotError, match="do not add up to its aggregate balances at pit .*Nothing stored"):
+        take_snapshot(db, formance_source(server, api="v2"), AFTER, credentials=CREDS)
+    assert history(db) == [] and aggregates(db) == [] and runs(db)[0][0] == "failed"
+
+
+def test_25_3_a_pit_after_the_servers_clock_is_refused(db, serve):
+    app = stack(moving_book(), clock_skew=-3600)  # the server's clock an hour behind ours
+    server = serve(app)
+    with pytest.raises(SnapshotInFuture, match=r"pit .* is 0:5\d:\d\d.* after the server's clock"):
+        take_snapshot(db, formance_source(server, api="v2"), now() - timedelta(minutes=2), credentials=CREDS)
+    assert ledger_requests(server, "/volumes") == [] and history(db) == []
+    assert runs(db)[0][0] == "failed"
+
+
+def test_25_3_a_recent_pit_is_read_once_the_servers_clock_is_past_it_by_the_margin(db, serve):
+    app = stack(moving_book())
+    server = serve(app)
+    pit = now() - timedelta(seconds=0.5)
+    summary = take_snapshot(db, formance_source(server, api="v2", pit_margin=2), pit, credentials=CREDS)
+    assert summary["status"] == "published"
+    reads = [(path, at) for path, at in app.served_at if path.endswith(("/volumes", "/aggregate/balances"))]
+    assert reads and all(at >= pit.timestamp() + 2 for _, at in reads)
+
+
+def _sources_with_history() -> list:
+    """Each provider's sandbox source, Formance's on v2: those that answer for a past time."""
+    from pipeline.config import parse_source
+    from tests.sandboxes import PROVIDERS, source_keys
+
+    found = []
+    for name in PROVIDERS:
+        keys = source_keys(name, "http://127.0.0.1:9", **({"api": "v2"} if name == "formance" else {}))
+        source = parse_source("future_test", keys)
+        if provider(name).answers_for_past(source.settings):
+            found.append(pytest.param(source, id=name))
+    return found
+
+
+@pytest.mark.parametrize("source", _sources_with_history())
+def test_25_3_a_snapshot_time_in_the_future_is_refused_for_every_provider_with_history(db, source):
+    from pipeline.snapshot import begin
+
+    with pytest.raises(SnapshotInFuture, match=r"^future_test: the snapshot time .* is 0:59:5\d.* in the future"):
+        begin(db, source, now() + timedelta(hours=1))
+    assert fetch(db, "SELECT count(*) FROM snapshot_runs") == [(0,)]
+
+
+def test_25_5_the_token_asks_for_the_read_scope_the_server_checks(db, serve):
+    app = stack(check_scopes=True, client_scopes={"ledger:read"})
+    server = serve(app)
+    summary = take_snapshot(db, formance_source(server), now(), credentials=CREDS)
+    assert summary["status"] == "published" and app.scopes == ["ledger:read"]
+    # A client the stack never gave the scope: its token carries none, and 401 names it.
+    bare = stack(check_scopes=True, client_scopes={"wallets:read"})
+    server = serve(bare)
+    with pytest.raises(ProviderError, match=r"HTTP 401 .*without scope 'ledger:read'.*asked for: ledger:read; "
+                                            "granted: not said") as caught:
+        take_snapshot(db, formance_source(server), now(), credentials=CREDS)
+    assert caught.value.status == 401
+
+
+def test_25_5_v1x_refusals_name_its_route_scopes(db, serve):
+    app = stack(server="v1.x", mounts=("",), check_scopes=True)
+    server = serve(app)
+    with pytest.raises(ProviderError, match=r"HTTP 403 .*/main/stats.*without scope 'stats' for this route.*"
+                                            "asked for: ledger:read; granted: ledger:read") as caught:
+        take_snapshot(db, formance_source(server, api="v1-standalone"), now(), credentials=CREDS)
+    assert caught.value.status == 403 and not caught.value.retriable
+    scoped = formance_source(server, api="v1-standalone", scopes=["accounts:read", "stats"])
+    assert take_snapshot(db, scoped, now(), credentials=CREDS)["status"] == "published"
+    assert app.scopes[-1] == "accounts:read stats"
+    # The Connection's extra still names scopes for a source that sets none.
+    extra = Credentials(CLIENT, SECRET, {"scope": "accounts:read stats"})
+    assert take_snapshot(db, formance_source(server, api="v1-standalone"), now(),
+                         credentials=extra)["status"] == "published"
+    with pytest.raises(ConfigError, match=r"sources.f.scopes: 'a b' is not an OAuth2 scope"):
+        make_source("f", provider="formance", base_url="http://f", ledger="main", scopes=["a b"])
+
+
+def test_25_5_v1x_refuses_a_token_it_no_longer_accepts_with_403_and_it_is_renewed(serve):
+    app = stack(server="v1.x", mounts=("",))
+    server = serve(app)
+    pages = build_extractor(formance_source(server, api="v1-standalone", page_size=2), CREDS).pages(now())
+    next(pages)
+    app.revoke_tokens()
+    assert len(list(pages)) == 3
+    assert app.refused == 1 and app.tokens_issued == 2
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_25_6_a_missing_index_is_named_before_any_read(db, serve, api):
+    ledger = book()
+    ledger.features[INDEX_ADDRESS_SEGMENTS] = "OFF"
+    app = stack(ledger, server="v2.2")
+    server = serve(app)
+    with pytest.raises(LedgerUnavailable, match=r"feature INDEX_ADDRESS_SEGMENTS='OFF'; an address filter with "
+                                                r"an empty segment \('users:'\) need INDEX_ADDRESS_SEGMENTS=ON"):
+        take_snapshot(db, formance_source(server, api=api, address="users:"), AFTER if api == "v2" else now(),
+                      credentials=CREDS)
+    assert app.pages_served == 0 and ledger_requests(server, "/aggregate/balances") == []
+    # What the server answers when asked anyway: the v1 layer a bare 500, v2 a 400.
+    extractor = build_extractor(formance_source(server, api=api), CREDS)
+    with pytest.raises(ProviderError) as caught:
+        if api == "v1":
+            extractor.client.policy.max_attempts = 1
+            extractor.client.get_json(BALANCES, {"address": "users:"})
+        else:
+            extractor.client.get_json("/api/ledger/v2/main/volumes", json_body={"$match": {"address": "users:"}})
+    assert caught.value.status == (500 if api == "v1" else 400)
+    assert ("created without a feature" if api == "v2" else "500 for any error it does not classify") \
+        in str(caught.value)
+    # A literal filter needs no index.
+    assert take_snapshot(db, formance_source(server, api="v1", address="users:001"), now(),
+                         credentials=CREDS)["status"] == "published"
+
+
+def test_25_8_the_sandbox_answers_auth_as_each_server_does(serve):
+    for version, mount, invalid, no_token, info_public in [
+            ("v1.x", "", 403, 401, True), ("v2.4.12", "", 401, 401, True),
+            ("v1.x", GATEWAY, 401, 401, False), ("v2.2", GATEWAY, 401, 401, False)]:
+        server = serve(stack(server=version, mounts=(mount,)))
+        url = f"{server.url}{mount}"
+        bad = {"Authorization": "Bearer not-a-token"}
+        assert requests.get(f"{url}/main/balances", headers=bad).status_code == invalid, version
+        assert requests.get(f"{url}/main/balances").status_code == no_token
+        assert (requests.get(f"{url}/_info").status_code == 200) == info_public, (version, mount)
+    # v2's own /_info is not public; scopes missing: 401 from v2.x, 403 from v1.x's routes.
+    server = serve(stack(mounts=("",), check_scopes=True))
+    assert requests.get(f"{server.url}/v2/_info").status_code == 401
+    answer = requests.post(f"{server.url}{TOKEN_PATH}", data={
+        "grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET, "scope": "other"})
+    headers = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+    assert requests.get(f"{server.url}/v2/main", headers=headers).status_code == 401
+    old = serve(stack(server="v1.x", mounts=("",), check_scopes=True))
+    answer = requests.post(f"{old.url}{TOKEN_PATH}", data={
+        "grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET, "scope": "stats"})
+    headers = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+    assert requests.get(f"{old.url}/main/stats", headers=headers).status_code == 200
+    refused = requests.get(f"{old.url}/main/balances", headers=headers)
+    assert refused.status_code == 403 and refused.content == b""
+
+
+def test_25_8_the_sandbox_follows_each_release(serve):
+    features = {}
+    for version in ("v2.2", "v2.3", "v2.4.12"):
+        server = serve(stack(moving_book(), server=version))
+        headers = {"Authorization": f"Bearer {_token(server)}", "Formance-Bigint-As-String": "true"}
+        features[version] = requests.get(f"{server.url}/api/ledger/v2/main", headers=headers).json()["data"]["features"]
+        body = requests.get(f"{server.url}/api/ledger/v2/main/volumes", headers=headers).json()
+        world = next(v for v in body["cursor"]["data"] if v["account"] == "world")
+        # The bigint header is honoured from v2.3.0 on.
+        assert world["balance"] == (-BIG if version == "v2.2" else str(-BIG)), version
+        assert "Date" in requests.get(f"{server.url}/_info").headers
+    # pkg/features/features.go: v2.3.0 dropped the two index features.
+    assert INDEX_ADDRESS_SEGMENTS in features["v2.2"] and INDEX_ADDRESS_SEGMENTS not in features["v2.4.12"]
+    assert features["v2.3"] == features["v2.4.12"] and features["v2.4.12"][MOVES_HISTORY] == "ON"
+    # v2.2's legacy store (an upgrade not finished) lists accounts in descending order.
+    orders = {}
+    for legacy in (False, True):
+        server = serve(stack(server="v2.2", legacy_store=legacy))
+        body = requests.get(f"{server.url}{BALANCES}", headers={"Authorization": f"Bearer {_token(server)}"}).json()
+        orders[legacy] = [a for r in body["cursor"]["data"] for a in r]
+    assert orders[False] == sorted(orders[False]) and orders[True] == sorted(orders[False], reverse=True)
+
+
+def test_25_7_crawl_memory_does_not_grow_with_the_ledger(serve):
+    """Ten times the accounts, the same peak: nothing is kept per address (figures: bench b7)."""
+    import tracemalloc
+
+    from bench.b7_formance_memory import LEDGER, GeneratedLedger
+
+    peaks = {}
+    for accounts in (5_000, 50_000):
+        server = serve(GeneratedLedger(accounts))
+        source = formance_source(server, api="v1-standalone", ledger=LEDGER, page_size=1000)
+        extractor = build_extractor(source)
+        tracemalloc.start()
+        try:
+            rows = sum(len(page.rows) for page in extractor.pages(now()) if page.kind != "aggregate")
+            peaks[accounts] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert rows == accounts
+    # Digests of every address (the code before issue 25) took about 4 MB more here.
+    assert peaks[50_000] - peaks[5_000] < 1_000_000, peaks

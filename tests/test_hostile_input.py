@@ -288,7 +288,10 @@ def test_a_nul_in_a_provider_error_is_recorded_and_not_retried(db, serve, provid
     assert run["status"] == "failed"
     assert "400" in run["error"] or "4002" in run["error"], run["error"]
     assert "\x00" not in run["error"]
-    assert live.server.request_count == 1, "a 400 was retried"
+    # Each request once (Formance first asks the server's root whether it is a standalone
+    # ledger: any answer but a ledger's /_info means no, and the run goes on to the next).
+    paths = [(r.method, r.path) for r in live.server.requests]
+    assert len(paths) == len(set(paths)) and len(paths) <= 2, f"a 400 was retried: {paths}"
     assert stored(db) == 0
 
 
