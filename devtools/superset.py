@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,19 +33,13 @@ class SupersetError(RuntimeError):
 
 
 def reader_url(db_url: str, login: str = READER) -> str:
-    """Create (or reset the password of) ``login`` in ``balances_reader``; its URL."""
-    import psycopg2
-    from psycopg2 import sql
+    """(Re)create ``login`` as ``balances reader create`` does (limits included); its URL."""
+    from loaders.db import connect
+    from loaders.readers import create_reader
 
-    password = secrets.token_urlsafe(16)
-    conn = psycopg2.connect(db_url, connect_timeout=10)
-    conn.autocommit = True
+    conn = connect(db_url)
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (login,))
-            verb = "ALTER" if cur.fetchone() else "CREATE"
-            cur.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(login)), (password,))
-            cur.execute(sql.SQL("GRANT balances_reader TO {}").format(sql.Identifier(login)))
+        password = create_reader(conn, login, replace=True)
     finally:
         conn.close()
     parts = urlsplit(db_url)
@@ -70,12 +64,16 @@ class SupersetServer:
     login: str
     password: str
     process: subprocess.Popen
+    # The environment its commands run in (its config, metadata and home): what
+    # `superset ...` needs to act on this Superset, as an operator's shell has it.
+    env: dict[str, str] = field(default_factory=dict)
     dashboard_path: str = "/superset/dashboard/balances/"
 
     @classmethod
     def start(cls, venv: Path, workdir: Path, db_url: str, *, port: int | None = None,
-              timeout: float = 300) -> "SupersetServer":
-        """Prepare ``workdir``, import the dashboard reading ``db_url``'s views, serve; ready when it returns."""
+              timeout: float = 300, dashboard: bool = True) -> "SupersetServer":
+        """Prepare ``workdir``, import the dashboard reading ``db_url``'s views (unless not ``dashboard``),
+        serve; ready when it returns."""
         import requests
 
         from devtools.serve import free_port
@@ -109,14 +107,15 @@ class SupersetServer:
                 "already exist" in log.read_text(errors="replace")[-2000:]:
             run("fab", "reset-password", "--username", "admin", "--password", password)
         run("init")
-        zipped = build.bundle(reader_url(db_url), workdir / "balances_dashboard.zip")
-        run("import-dashboards", "-p", str(zipped), "-u", "admin")
+        if dashboard:
+            zipped = build.bundle(reader_url(db_url), workdir / "balances_dashboard.zip")
+            run("import-dashboards", "-p", str(zipped), "-u", "admin")
         port = port or free_port()
         with open(log, "ab") as out:
             process = subprocess.Popen([superset, "run", "-h", "127.0.0.1", "-p", str(port), "--with-threads"],
                                        env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
-        server = cls(url=f"http://127.0.0.1:{port}", login="admin", password=password, process=process)
+        server = cls(url=f"http://127.0.0.1:{port}", login="admin", password=password, process=process, env=env)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -94,6 +94,7 @@ from extractors.errors import (
 from extractors.http import HttpClient, RetryPolicy, error_text, http_error, send
 from extractors.paginators import CursorPaginator
 from extractors.provider import Provider, Throttle
+from extractors.text import safe_text
 from extractors.records import (
     BalanceRow,
     Page,
@@ -349,6 +350,11 @@ class FormanceExtractor:
 
     # -- the server and the ledger ----------------------------------------------
 
+    @property
+    def address_pattern(self) -> re.Pattern:
+        """The addresses the server found behind ``base_url`` can hold."""
+        return V1_ADDRESS if self.server is not None and self.server.v1x else V2_ADDRESS
+
     def probe(self) -> str:
         """The server and the ledger, found with requests that create nothing (``balances check --connect``)."""
         server = self._find_server()
@@ -511,7 +517,7 @@ class FormanceExtractor:
         """``{"account", "asset", "input", "output", "balance"}``: one holding."""
         if not isinstance(record, dict):
             raise RecordError(f"volume is {type(record).__name__}, expected an object")
-        address = _address(record.get("account"))
+        address = _address(record.get("account"), self.address_pattern)
         asset = record.get("asset")
         if not isinstance(asset, str):
             raise RecordError(f"asset of {address} is {asset!r}, expected a string")
@@ -576,7 +582,8 @@ class FormanceExtractor:
             if as_of is None:
                 as_of = datetime.now(timezone.utc)
             page = Page(as_of=as_of, as_of_raw=v1_snapshot_raw(as_of, token))
-            for _, accounts in page.parse_each(_cursor_data(data), _parse_v1):
+            pattern = self.address_pattern
+            for _, accounts in page.parse_each(_cursor_data(data), lambda record: _parse_v1(record, pattern)):
                 for address, rows in accounts:
                     self._account(address, crawl)
                     page.rows.extend(rows)
@@ -735,19 +742,35 @@ def _cursor_data(data: Any) -> list:
     return records
 
 
-def _address(value: Any) -> str:
+# The addresses a server accepts in a posting, so the only ones it can hold
+# and report: v1.x pkg/core/posting.go ValidateAddress `^\w+(:\w+)*$` (Go's
+# \w is ASCII), v2.x pkg/accounts/accounts.go Pattern
+# `^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$` (v2.2.59, v2.3.22, v2.4.12 alike).
+V1_ADDRESS = re.compile(r"[A-Za-z0-9_]+(?::[A-Za-z0-9_]+)*")
+V2_ADDRESS = re.compile(r"[A-Za-z0-9_-]+(?::[A-Za-z0-9_-]+)*")
+
+
+def _address(value: Any, pattern: re.Pattern = V2_ADDRESS) -> str:
+    """An account address as the server writes them; anything else is a rejected record (``invalid_id``).
+
+    An address no posting could have made (markup, a NUL, 3,000 characters)
+    did not come from the ledger's own rules: it is not stored.
+    """
     if not isinstance(value, str) or not value:
-        raise RecordError(f"account address {value!r} is not a non-empty string")
+        raise RecordError(f"account address {value!r} is not a non-empty string", "invalid_id")
+    if not pattern.fullmatch(value):
+        raise RecordError(f"account address {safe_text(ascii(value), 200)} does not match the server's address "
+                          f"pattern {pattern.pattern}", "invalid_id")
     return value
 
 
-def _parse_v1(record: Any) -> list[tuple[str, list[BalanceRow]]]:
+def _parse_v1(record: Any, pattern: re.Pattern = V2_ADDRESS) -> list[tuple[str, list[BalanceRow]]]:
     """``{"users:001": {"USD/2": 500}}``; ``{"users:002": {}}`` has no holdings."""
     if not isinstance(record, dict):
         raise RecordError(f"record is {type(record).__name__}, expected an object")
     accounts = []
     for address, assets in record.items():
-        _address(address)
+        _address(address, pattern)
         if not isinstance(assets, dict):
             raise RecordError(f"balances of {address} is {type(assets).__name__}, expected an object")
         accounts.append((address, [

@@ -53,7 +53,7 @@ from extractors.errors import (
 from extractors.paginators import Paginator
 from extractors.records import json_decimal, json_int
 from extractors.redaction import mask, redact_url, request_secrets, same_origin
-from extractors.text import safe_text
+from extractors.text import one_line, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +645,7 @@ class HttpClient:
                 self.stats.retries += 1
                 self.stats.waited += wait
                 log.warning(
-                    "retry %d/%d in %.2fs: %s", attempt, policy.max_attempts - 1, wait, exc
+                    "retry %d/%d in %.2fs: %s", attempt, policy.max_attempts - 1, wait, one_line(str(exc))
                 )
                 time.sleep(wait)
 

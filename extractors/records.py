@@ -45,6 +45,31 @@ _INTEGER_LIMIT = 10 ** MAX_INTEGER_DIGITS
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _INTEGER = re.compile(r"-?[0-9]+")
 
+# An id (account, asset) is stored under a btree index whose entries must fit
+# a third of a page (2704 bytes; a 3,000-character address failed only at
+# publish), is shown in terminals, reports and dashboards, and is compared
+# byte by byte. 512 bytes of UTF-8 holds every id a provider documents (an
+# EVM address is 42, a Hedera id at most 32) with room to spare.
+MAX_ID_BYTES = 512
+# No C0/C1 control (NUL, newline, ANSI escape), no lone surrogate, no
+# Unicode line or paragraph separator, no bidirectional override: none
+# belongs in an id, and each one changes what a reader of it sees.
+_UNSAFE_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def id_problem(value: Any, what: str) -> str | None:
+    """Why ``value`` cannot be stored as an account or asset id, or None when it can."""
+    if not isinstance(value, str) or not value:
+        return f"{what} is {_shown(value)}, not a non-empty string"
+    bad = _UNSAFE_ID.search(value)
+    if bad:
+        return (f"{what} {ascii(value[:80])} holds {ascii(bad.group())} at {bad.start()}: "
+                "a control, separator or unpaired character")
+    size = len(value.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        return f"{what} is {size} bytes of UTF-8, more than {MAX_ID_BYTES}: {ascii(value[:40])}..."
+    return None
+
 
 def _column(sql_type: str, default: Any = MISSING) -> Any:
     """A :class:`BalanceRow` field that is a column of ``balance_history``, of ``sql_type`` there."""
@@ -171,6 +196,22 @@ class Page:
                 self.reject(record, exc)
                 continue
             yield record, parsed
+
+    def reject_bad_ids(self) -> None:
+        """Move every row whose account or asset cannot be stored safely to the rejected records.
+
+        Called once per page by the run, whatever the provider: an id with a
+        NUL, a control character or too many bytes is a rejected record
+        (``invalid_id``, counted against ``max_rejected``), never a failed run.
+        """
+        bad = [(row, problem) for row in self.rows
+               if (problem := id_problem(row.account, "account") or id_problem(row.asset, "asset"))]
+        if bad:
+            rejected = {id(row) for row, _ in bad}
+            self.rows = [row for row in self.rows if id(row) not in rejected]
+            for row, problem in bad:
+                self.reject({"account": row.account, "asset": row.asset, "balance": row.balance}, problem,
+                            code="invalid_id")
 
     def reject(self, record: Any, reason: object, code: str | None = None) -> None:
         """Keep a record that cannot be loaded: its exact JSON text and why.

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import psycopg2
 
-from extractors.text import safe_text
+from extractors.text import one_line, safe_text
 from loaders import leases, staging
 from loaders.db import transaction
 from loaders.statuses import RunStatus
@@ -204,9 +204,9 @@ def record_failure(conn, run_id: int, error: str, status: RunStatus = RunStatus.
             continue
         except Exception as exc:
             log.error("run %d failed (%s) and the failure could not be recorded: %s",
-                      run_id, message[:500], safe_text(exc, 500))
+                      run_id, one_line(message[:500]), one_line(safe_text(exc, 500)))
             return False
-    log.error("run %d failed (%s) and the failure could not be recorded", run_id, message[:500])
+    log.error("run %d failed (%s) and the failure could not be recorded", run_id, one_line(message[:500]))
     return False
 
 

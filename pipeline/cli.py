@@ -7,6 +7,7 @@
     balances latest SOURCE [--account A] [--asset X] [--csv]   the latest exact balances
     balances runs [SOURCE] [--limit N] [--show RUN]   recent snapshot runs; one run's configuration
     balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
+    balances reader create|drop NAME           a dashboard login in balances_reader, with limits
     balances partitions [--months N]           create monthly partitions ahead
     balances reconcile [--from T --to T] [--check NAME]   run the [checks]
     balances report [--out DIR] [--from T --to T]         HTML + Markdown report with charts
@@ -99,6 +100,13 @@ def _count(low: int, high: int):
     return parse
 
 
+def _size(text: str) -> str:
+    """An argparse type: a PostgreSQL size such as ``500MB`` or ``1GB``."""
+    if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB|TB)", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB or 1GB")
+    return text
+
+
 def aware_time(text: str) -> datetime:
     """An argparse type: an ISO-8601 time (UTC without an offset), within 1970 to 9999 once in UTC."""
     from pipeline.config import utc_time
@@ -162,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
                 commands.pools)
     p.add_argument("--slots", type=_count(1, 1_000), default=4,
                    help="tasks of one provider that may run at once (default 4)")
+
+    p = command("reader", "create or drop a dashboard login (a member of balances_reader, with limits)",
+                commands.reader)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", parents=[common], help="a new login; prints its generated password",
+                                description="Create a login in balances_reader with a connection limit, "
+                                            "statement_timeout, temp_file_limit and idle_in_transaction_session_"
+                                            "timeout; print its generated password.")
+    create.add_argument("name")
+    create.add_argument("--connections", type=_count(1, 10_000), default=10,
+                        help="sessions it may open at once (default 10)")
+    create.add_argument("--statement-timeout", type=_count(1, 86_400), default=60, metavar="SECONDS",
+                        help="longest query (default 60)")
+    create.add_argument("--temp-file-limit", default="1GB", type=_size,
+                        help="temporary files one session may write, e.g. 500MB (default 1GB)")
+    create.add_argument("--idle-timeout", type=_count(1, 86_400), default=60, metavar="SECONDS",
+                        help="longest idle open transaction (default 60)")
+    create.add_argument("--reserve", type=_count(0, 10_000), default=20,
+                        help="connections that must stay free for the pipeline (default 20)")
+    create.add_argument("--replace", action="store_true", help="drop an existing reader login of that name first")
+    drop = actions.add_parser("drop", parents=[common], help="drop a reader login")
+    drop.add_argument("name")
 
     p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
     p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")

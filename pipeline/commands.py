@@ -324,6 +324,29 @@ def show_run(args, run_id: int, source: str | None) -> int:
     return 0
 
 
+# -- reader ----------------------------------------------------------------------
+
+def reader(args) -> int:
+    from urllib.parse import urlsplit
+
+    from loaders.readers import ReaderLimits, create_reader, drop_reader
+
+    with closing(_connect(args, schema="balance_history_units")) as conn:
+        if args.action == "drop":
+            drop_reader(conn, args.name)
+            print(f"dropped the reader login {args.name}")
+            return 0
+        limits = ReaderLimits(connections=args.connections, statement_timeout=args.statement_timeout,
+                              temp_file_limit=args.temp_file_limit, idle_in_transaction_timeout=args.idle_timeout)
+        password = create_reader(conn, args.name, limits, reserve=args.reserve, replace=args.replace)
+    parts = urlsplit(database_url(args))
+    print(f"created the reader login {args.name} (member of balances_reader): connection limit "
+          f"{limits.connections}, " + ", ".join(f"{k} {v}" for k, v in limits.settings().items()))
+    print(f"password: {password}")
+    print(f"url: postgresql://{args.name}:{password}@{parts.hostname}:{parts.port or 5432}{parts.path}")
+    return 0
+
+
 # -- pools ---------------------------------------------------------------------
 
 def pools(args) -> int:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError, SnapshotInFuture
 from extractors.records import Rejection
-from extractors.text import human_duration, safe_text
+from extractors.text import human_duration, one_line, safe_text
 from extractors import provider as contract
 from extractors.registry import provider
 from loaders import publish as publishing
@@ -245,7 +245,7 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
         if extractor is not None:
             _record_counts(conn, run_id, extractor, 0, [])
     except Exception as second:
-        log.error("run %d failed (%s); could not record its details: %s", run_id, error[:500],
+        log.error("run %d failed (%s); could not record its details: %s", run_id, one_line(error[:500]),
                   safe_text(second, 500))
     runs.record_failure(conn, run_id, error)
 
@@ -315,6 +315,8 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
                     raise SnapshotError(
                         f"shard {shard} read snapshot {page.as_of_raw}, another shard read {recorded}"
                     )
+            if page.kind == "balances":  # (an aggregate page's rows belong to no account)
+                page.reject_bad_ids()
             writer.add(page.rows, page.rejected, page.kind)
             warnings.extend(page.warnings)
             pages += 1
@@ -325,7 +327,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         writer.abort()
         _record_counts(conn, run_id, extractor, pages, warnings)
         runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=str(exc))
-        log.info("%s: %s", source.name, exc)
+        log.info("%s: %s", source.name, one_line(str(exc)))
         return CrawlResult(run_id, shard, RunStatus.NO_SNAPSHOT, pages, 0, 0)
     except BaseException as exc:
         _record_crawl_failure(conn, run_id, exc, secrets, writer, extractor, pages, warnings)
@@ -334,7 +336,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         close_extractor(extractor)
     _record_counts(conn, run_id, extractor, pages, warnings)
     for warning in warnings[:20]:
-        log.warning("%s: %s", source.name, warning)
+        log.warning("%s: %s", source.name, one_line(warning))
     try:
         rejections.check_threshold(run_id, source.name, writer.rejected, source.max_rejected)
     except RejectedRecordsError as exc:
@@ -364,7 +366,8 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
         try:
             step()
         except Exception as second:
-            log.error("run %d failed (%s); could not %s: %s", run_id, error[:500], what, safe_text(second, 500))
+            log.error("run %d failed (%s); could not %s: %s", run_id, one_line(error[:500]), what,
+                      one_line(safe_text(second, 500)))
             try:
                 conn.rollback()
             except Exception:

@@ -20,9 +20,11 @@ credential: every secret of the configured Connections is masked from them.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from extractors.text import one_line
 from pipeline.config import ConfigError
 
 MAX_LISTED = 50  # breaks spelled out in one message; the rest are counted
@@ -58,16 +60,33 @@ def parse_alerts(table: Any) -> AlertsConfig | None:
     to = table.get("to")
     if isinstance(to, str):
         to = [to]
-    if not isinstance(to, list) or not to or not all(isinstance(a, str) and "@" in a for a in to):
+    if not isinstance(to, list) or not to:
         raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
+    to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
     sender = table.get("from_email")
-    if sender is not None and (not isinstance(sender, str) or "@" not in sender):
-        raise ConfigError(f"alerts.from_email: expected an e-mail address, got {sender!r}")
+    if sender is not None:
+        sender = email_address(sender, "alerts.from_email")
     prefix = table.get("subject_prefix", "[balances]")
-    if not isinstance(prefix, str):
-        raise ConfigError(f"alerts.subject_prefix: expected a string, got {prefix!r}")
+    if not isinstance(prefix, str) or not _HEADER_TEXT.fullmatch(prefix):
+        raise ConfigError(f"alerts.subject_prefix: expected at most 100 printable characters, got {prefix!r}")
     return AlertsConfig(smtp_conn_id=conn_id.strip(), to=tuple(a.strip() for a in to),
                         from_email=sender, subject_prefix=prefix)
+
+
+# An address as it may stand in a mail header: local@domain, printable ASCII,
+# no space, no CR/LF (a header line break in 'to' made every alert fail, and
+# could add headers), none of the characters that separate addresses.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HEADER_TEXT = re.compile(r"[^\x00-\x1f\x7f]{0,100}")
+
+
+def email_address(value: Any, where: str) -> str:
+    """A mail address checked as it is read, so an alert never fails on it (ConfigError naming ``where``)."""
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value.strip()) or len(value.strip()) > 254:
+        raise ConfigError(f"{where}: {value!r} is not an e-mail address (local@domain, ASCII, no spaces or "
+                          "line breaks)")
+    return value.strip()
 
 
 def check_connection(alerts: AlertsConfig) -> None:
@@ -119,7 +138,7 @@ def compose(alerts: AlertsConfig, breaks: list[dict], secrets: list[str]) -> tup
                           if b[k + "_text"] is not None)
         cells = (b["check_time"].isoformat(), b["check_name"], b["kind"], b["subject_label"], values,
                  b["detail"] or "")
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        rows.append("<tr>" + "".join(f"<td>{html.escape(one_line(str(c)))}</td>" for c in cells) + "</tr>")
     more = len(breaks) - MAX_LISTED
     body = ("<p>Open breaks found by the reconciliation that no alert reported before.</p>"
             "<table border=\"1\" cellpadding=\"4\"><tr><th>check time (UTC)</th><th>check</th><th>kind</th>"

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from sqlalchemy import create_engine, pool, text  # noqa: E402
 
+from extractors.text import one_line  # noqa: E402
 from loaders.db import connect, sqlalchemy_url  # noqa: E402
 from reconciliation.reconcile import open_breaks, whole_units  # noqa: E402
 
@@ -142,13 +143,20 @@ def read_series(url: str, window_from: datetime, window_to: datetime) -> pd.Data
 
 
 def draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime], path: Path) -> Path:
+    # Labels are provider text: never parsed as mathtext ("$\\notacommand$" would stop the
+    # report), and shown with control characters escaped.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_chart(source, rows, window, path)
+
+
+def _draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime], path: Path) -> Path:
     assets = list(dict.fromkeys(rows["asset"]))
     fig, axes = plt.subplots(len(assets), 1, figsize=(9, 3 * len(assets)), squeeze=False, sharex=True)
     for ax, asset in zip(axes[:, 0], assets):
         for account, points in rows[rows["asset"] == asset].groupby("account", sort=False):
             ax.plot(pd.to_datetime(points["as_of"], utc=True), points["balance"].astype(float),
-                    marker="o", markersize=3, label=account)
-        ax.set_title(f"{source}: {asset}", fontsize=10)
+                    marker="o", markersize=3, label=one_line(account))
+        ax.set_title(one_line(f"{source}: {asset}"), fontsize=10)
         ax.set_ylabel("whole units")
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
@@ -168,7 +176,9 @@ def draw_chart(source: str, rows: pd.DataFrame, window: tuple[datetime, datetime
 
 
 def render_html(title: str, total: int, sections: list[tuple[str, Path | None, list[dict]]]) -> str:
-    e = html.escape
+    def e(text: str) -> str:  # provider text as inert HTML: markup escaped, control characters shown escaped
+        return html.escape(one_line(text))
+
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}td.n{text-align:right}</style>",
@@ -189,16 +199,28 @@ def render_html(title: str, total: int, sections: list[tuple[str, Path | None, l
     return "\n".join(parts)
 
 
+# Every ASCII punctuation character CommonMark gives a meaning to (emphasis,
+# links, images, headings, tables, raw HTML, entities): each is written
+# escaped, so text from a provider shows as itself and never as markup.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:$\"'=])")
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as inert Markdown: control characters and newlines shown escaped, punctuation escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", one_line(_text(value)))
+
+
 def render_markdown(title: str, total: int, sections: list[tuple[str, Path | None, list[dict]]]) -> str:
-    lines = [f"# {title}", "", f"{total} open break(s).", ""]
+    m = markdown_text
+    lines = [f"# {m(title)}", "", f"{total} open break(s).", ""]
     for source, chart, breaks in sections:
-        lines += [f"## {source}", "", f"![balances of {source}]({chart.name})" if chart
+        lines += [f"## {m(source)}", "", f"![balances of {m(source)}]({chart.name})" if chart
                   else "No snapshots in the window.", "", f"### Open breaks ({len(breaks)})", ""]
         if breaks:
-            lines.append("| " + " | ".join(_BREAK_COLUMNS) + " |")
+            lines.append("| " + " | ".join(m(c) for c in _BREAK_COLUMNS) + " |")
             lines.append("|" + "---|" * len(_BREAK_COLUMNS))
             for b in breaks[:MAX_BREAK_ROWS]:
-                lines.append("| " + " | ".join(_text(b[c]).replace("|", "\\|") for c in _BREAK_COLUMNS) + " |")
+                lines.append("| " + " | ".join(m(b[c]) for c in _BREAK_COLUMNS) + " |")
             lines += [_more(breaks), ""]
     return "\n".join(lines) + "\n"
 

@@ -83,14 +83,11 @@ def db(database_url):
 
 @pytest.fixture
 def reader(db):
-    """A login user in ``balances_reader``, as an operator would create one for Grafana."""
+    """A login in ``balances_reader`` made as an operator makes one for Grafana (``balances reader create``)."""
+    from loaders.readers import create_reader, drop_reader
+
     name = f"views_test_grafana_{os.getpid()}"
-    password = secrets.token_hex(16)
-    with db.cursor() as cur:
-        cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s IN ROLE balances_reader")
-                    .format(sql.Identifier(name)), (password,))
-    db.commit()
+    password = create_reader(db, name, replace=True)
     info = db.info
     conn = psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=name,
                             password=password, connect_timeout=10)
@@ -99,9 +96,7 @@ def reader(db):
     finally:
         conn.close()
         db.rollback()
-        with db.cursor() as cur:
-            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-        db.commit()
+        drop_reader(db, name)
 
 
 @pytest.fixture

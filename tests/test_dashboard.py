@@ -12,7 +12,9 @@ the test's temporary directory).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,11 @@ from reconciliation.reconcile import reconcile
 from pipeline.snapshot import take_snapshot
 from sandbox import apps, live
 from sandbox.server import FakeServer
-from tests.conftest import REPO, fetch
+from extractors.records import BalanceRow
+from tests.conftest import REPO, fetch, with_login
+from tests.entry_points import documented_blocks, run_block
+from tests.test_hostile_ids import HOSTILE, SOURCE as HOSTILE_SOURCE
+from tests.test_views import publish_snapshot
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 RENDER_TIMEOUT = 120
@@ -72,6 +78,10 @@ def load_demo_data(db, tmp_path: Path) -> None:
             for at in times:
                 summary = take_snapshot(db, source, at, credentials=connections.credentials(source.conn_id))
                 assert summary["status"] == "published", summary
+        # History written before ids were checked, holding markup (tests/test_hostile_ids.py): the
+        # dashboard must show it as text, never as a live link or image.
+        publish_snapshot(db, HOSTILE_SOURCE, now - timedelta(minutes=2),
+                         [BalanceRow(HOSTILE, "BIG", 10**15, decimals=0)])
         config = tmp_path / "balances.toml"
         write_sources(config, sources, DEMO_CHECKS)
         checks = load_checks(parse_config(tomllib.loads(config.read_text()), config))
@@ -146,6 +156,10 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
                       "Breaks per day", "Snapshot runs", "Open breaks", "Pair check treasury_hbar"):
             assert title in body
         assert "Unexpected error" not in body and "No results were returned" not in body
+        # The hostile id is on the page as its text, and not one link or image came from it.
+        wait_for(driver, lambda d: "Session expired: log in</a>" in text(d), "the hostile id, as text")
+        planted = driver.find_elements("css selector", "a[href*='phish.example'], img[src*='beacon.example']")
+        assert planted == []
         time.sleep(2)  # animations settle before the picture
         shot = Path(os.environ.get("BALANCES_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
         shot.parent.mkdir(parents=True, exist_ok=True)
@@ -175,3 +189,35 @@ def test_import_against_a_database_without_the_views_is_one_line(db, database_ur
     assert result.stderr == (f"dashboards: the database '{empty}' has no view balance_history_units:"
                              " run 'balances migrate' on it first\n")
     assert not out.exists()
+
+
+def test_import_into_an_existing_superset_as_typed(db, database_url, superset_venv, tmp_path):
+    """README's "Into an existing Superset" block, with a running Superset as the existing one."""
+    from devtools.superset import SupersetServer
+
+    lines = documented_blocks(REPO / "README.md")["superset-import"].splitlines()
+    superset = SupersetServer.start(superset_venv, tmp_path / "superset", database_url, dashboard=False)
+    try:
+        env = {k: v for k, v in superset.env.items() if not k.startswith("BALANCES_")}
+        env["BALANCES_DB_URL"] = database_url  # the operator's own login makes the reader login
+        env["PATH"] = f"{superset_venv / 'bin'}:{env['PATH']}"
+        made = run_block(lines[0], REPO, env)
+        assert made.returncode == 0, made.stderr
+        password = re.search(r"^password: (\S+)$", made.stdout, re.M).group(1)
+        where = with_login(database_url, "x", "y").split("@", 1)[1]  # host:port/database
+        done = run_block("\n".join(lines[1:]), REPO, env,
+                         substitutions={"PASSWORD": password, "HOST:5432/balances": where}, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert (REPO / "balances.zip").stat().st_mode & 0o777 == 0o600  # it holds the login's password
+        # The dashboard's database now reads as the new login.
+        metadata = sqlite3.connect(env["SUPERSET_METADATA_URL"].removeprefix("sqlite:///"))
+        uris = [u for (u,) in metadata.execute("SELECT sqlalchemy_uri FROM dbs")]
+        slugs = [d for (d,) in metadata.execute("SELECT slug FROM dashboards")]
+        metadata.close()
+        assert slugs == ["balances"] and any("superset_reader" in u for u in uris), (slugs, uris)
+    finally:
+        superset.stop()
+        (REPO / "balances.zip").unlink(missing_ok=True)
+        from loaders.readers import drop_reader
+
+        drop_reader(db, "superset_reader")
