@@ -159,7 +159,13 @@ def test_a_failed_send_claims_nothing_and_the_next_run_sends(db, smtp, monkeypat
 
 @pytest.mark.parametrize("table, message", [
     ('[alerts]\nto = ["a@example.com"]', "alerts.smtp_conn_id: missing"),
-    ('[alerts]\nsmtp_conn_id = "s"\nto = "nobody"', "alerts.to: expected one or more e-mail addresses"),
+    ('[alerts]\nsmtp_conn_id = "s"\nto = "nobody"', "alerts.to[0]: 'nobody' is not an e-mail address"),
+    ('[alerts]\nsmtp_conn_id = "s"\nto = ["ops@example.com\\r\\nBcc: x@evil.example"]',
+     "alerts.to[0]: 'ops@example.com\\r\\nBcc: x@evil.example' is not an e-mail address"),
+    ('[alerts]\nsmtp_conn_id = "s"\nto = ["ops@example.com"]\nfrom_email = "b@example.com\\nX: y"',
+     "alerts.from_email: 'b@example.com\\nX: y' is not an e-mail address"),
+    ('[alerts]\nsmtp_conn_id = "s"\nto = ["ops@example.com"]\nsubject_prefix = "[b]\\r\\nBcc: x@evil.example"',
+     "alerts.subject_prefix: expected at most 100 printable characters"),
     ('[alerts]\nsmtp_conn_id = "s"\nto = []', "alerts.to: expected one or more e-mail addresses"),
     ('[alerts]\nsmtp_conn_id = "s"\nto = ["a@example.com"]\nwebhook = "x"', "alerts.webhook: unknown key"),
     ('alerts = 3', "alerts: must be a table"),
