@@ -3,7 +3,7 @@
 The flow itself is Authlib's (``OAuth2Session``): the token request with
 the client's id, secret and scopes in the form (``client_secret_post``),
 the token answer and its OAuth errors, the token's expiry. What is added
-here is what every request of a run gets (:func:`extractors.http.send`: a
+here is what every request of a run gets (:func:`extractors.transport.send`: a
 deadline and a size cap, no redirects, no proxies from the environment),
 the counting of token requests among the run's, and the renewal on a 401:
 a 401 from the API means the server no longer accepts the token (revoked, a
@@ -22,14 +22,8 @@ from authlib.integrations.requests_client import OAuth2Session
 
 from extractors.credentials import require_credentials
 from extractors.errors import ExtractError, MalformedResponseError, ProviderError
-from extractors.http import (
-    DEFAULT_REQUEST_DEADLINE,
-    RequestStats,
-    error_text,
-    http_error,
-    new_session,
-    send,
-)
+from extractors.http import RequestStats, error_text, http_error
+from extractors.transport import DEFAULT_REQUEST_DEADLINE, new_session, send
 from extractors.redaction import redact_url
 from extractors.text import safe_text
 

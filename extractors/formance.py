@@ -91,7 +91,8 @@ from extractors.errors import (
     SnapshotInFuture,
     SnapshotMoved,
 )
-from extractors.http import HttpClient, RetryPolicy, error_text, http_error, send
+from extractors.http import HttpClient, RetryPolicy, error_text, http_error
+from extractors.transport import send
 from extractors.paginators import CursorPaginator
 from extractors.provider import Provider, Throttle
 from extractors.text import safe_text

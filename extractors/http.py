@@ -1,34 +1,20 @@
-"""The HTTP client every extractor shares: one session, timeouts, retries.
+"""The HTTP client every extractor shares: one session, retries, errors, masking.
 
 Retries happen here and nowhere else. A provider supplies two small hooks:
 ``error_for`` turns an error response into a :class:`ProviderError` carrying
 the provider's own message, and ``check`` inspects a 200 body for providers
 that report failures inside successful responses.
 
-What one request may cost is bounded here too, whatever the provider does:
-its body is streamed and refused once it passes ``max_response_bytes``, as
-received or as decompressed (a 1 MB gzip body can expand to a gigabyte),
-and the whole request, connect to last byte, must finish within
-``request_deadline`` (a per-read timeout alone lets a body trickled one byte
-per second run for days). Numbers are measured before they are converted
-(:mod:`extractors.records`), and an object with a key twice makes the page
-malformed: JSON leaves open which value counts, and two readers of one page
-could disagree.
+What one request may cost (its deadline, its body's size) is bounded by
+:mod:`extractors.transport`, and how its JSON is read (numbers exact and
+bounded, keys once) by :mod:`extractors.jsonbody`; this module decides what
+to do with the answer: retry, fail, or hand it to the provider.
 """
 from __future__ import annotations
 
 import email.utils
-import heapq
-import itertools
-import json
 import logging
-import math
-import os
 import random
-import re
-import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -36,24 +22,19 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from extractors.errors import (
-    DeadlineExceeded,
     ExtractError,
     MalformedResponseError,
     PaginationError,
     ProviderError,
-    ResponseTooLarge,
     TransportError,
 )
+from extractors.jsonbody import DuplicateKeyError, parse_json
 from extractors.paginators import Paginator
-from extractors.records import json_decimal, json_int
 from extractors.redaction import mask, redact_url, request_secrets, same_origin
 from extractors.text import one_line, safe_text
+from extractors.transport import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REQUEST_DEADLINE, new_session, send
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +42,6 @@ USER_AGENT = "balance-snapshots/0.1 (+https://example.invalid/balance-snapshots)
 
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
 
-
-# A whole request, connect to last byte; 64 MiB at ~0.5 MB/s still fits.
-DEFAULT_REQUEST_DEADLINE = 120.0
-# A body as received and as decompressed: 64 MiB is ~400,000 Hedera
-# accounts, hundreds of times the largest page any provider documents.
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -127,48 +102,6 @@ class _MaskingFilter(logging.Filter):
         if any(secret in text for secret in self.secrets):
             record.msg, record.args = mask(text, self.secrets), ()
         return True
-
-
-class DuplicateKeyError(ValueError):
-    """An object in a JSON document has the same key twice."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise DuplicateKeyError(f"key {safe_text(twice, 80)!r} appears twice in one object")
-    return document
-
-
-# Python refuses to convert integers of more than this many digits (its
-# int_max_str_digits, default 4300 since 3.11): below it, int() is fast.
-_INT_DIGITS_GUARD = 4300
-
-
-def parse_json(body: bytes | bytearray | str) -> Any:
-    """Parse JSON keeping every number exact: ints as int, decimals as Decimal.
-
-    A decimal beyond :data:`extractors.records.MAX_INTEGER_DIGITS` (or its
-    fraction limit) becomes an :class:`extractors.records.Oversized`, never
-    converted; a repeated key raises :class:`DuplicateKeyError`.
-
-    Integers take json's own C conversion (a Python hook per integer would
-    make a Hedera page parse about four times slower): Python itself refuses one
-    of more than 4300 digits, and then the page is read again with the hook,
-    so only that number's record is rejected. Amount readers refuse the
-    integers between the bound and 4300 digits.
-    """
-    limit = sys.get_int_max_str_digits()
-    guarded = 0 < limit <= _INT_DIGITS_GUARD
-    try:
-        return json.loads(body, parse_float=json_decimal, parse_int=None if guarded else json_int,
-                          object_pairs_hook=_unique_keys)
-    except ValueError as exc:
-        if not guarded or "integer string conversion" not in str(exc):
-            raise
-    return json.loads(body, parse_float=json_decimal, parse_int=json_int, object_pairs_hook=_unique_keys)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -234,291 +167,6 @@ def http_error(response: requests.Response, message: str, code: str | None = Non
         retriable=retriable or http_retriable(status),
         retry_after=retry_after if retry_after is not None else parse_retry_after(response.headers.get("Retry-After")),
     )
-
-
-# --- bounded requests: a deadline for the whole request, a cap on the body ---
-
-_READ_CHUNK = 64 * 1024
-_CURRENT = threading.local()  # the Deadline of the request this thread is making
-
-
-class Deadline:
-    """Cuts the connection of one request when its time is up.
-
-    The watchdog shuts the socket down at the deadline, which wakes a read
-    blocked in connect, headers or body alike; a per-read timeout cannot,
-    since a trickling server keeps every single read short.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.expired = False
-        self.done = False
-        self._conn: HTTPConnection | None = None
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "Deadline":
-        self._outer = getattr(_CURRENT, "deadline", None)
-        _CURRENT.deadline = self
-        _WATCHDOG.watch(time.monotonic() + self.seconds, self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done = True  # the watchdog drops it without touching the connection
-        _CURRENT.deadline = self._outer
-
-    def attach(self, conn: HTTPConnection) -> None:
-        with self._lock:
-            self._conn = conn
-            if self.expired:
-                raise TimeoutError("request deadline passed")
-
-    def expire(self) -> None:
-        with self._lock:
-            if self.done:
-                return
-            self.expired = True
-            conn = self._conn
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _Watchdog:
-    """One thread that expires every request deadline of the process.
-
-    A timer thread per request would cost a thread start per request (about
-    a millisecond on a busy machine, as much as parsing the page). Requests
-    end in the order they start, so finished deadlines are dropped from the
-    front of the heap as new ones arrive and it stays a few entries long.
-    The thread is woken only for a deadline sooner than the one it sleeps
-    towards: waking it for every request would hand it the GIL once per
-    page, which cost as much as the request itself.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Deadline]] = []
-        self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._waking_at = math.inf  # when the thread wakes by itself
-
-    def watch(self, when: float, deadline: Deadline) -> None:
-        with self._cond:
-            while self._heap and self._heap[0][2].done:
-                heapq.heappop(self._heap)
-            heapq.heappush(self._heap, (when, next(self._order), deadline))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="request-deadlines", daemon=True)
-                self._thread.start()
-            elif when < self._waking_at:
-                self._cond.notify()  # sooner than what the thread sleeps towards
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][2].done:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._waking_at = math.inf
-                    self._cond.wait()
-                    continue
-                when, _, deadline = self._heap[0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    self._waking_at = when
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            deadline.expire()
-
-
-_WATCHDOG = _Watchdog()
-
-
-def _new_watchdog_after_fork() -> None:
-    # A forked child (Airflow's task runner) has no watchdog thread, and
-    # the parent's lock may have been held at the fork.
-    global _WATCHDOG
-    _WATCHDOG = _Watchdog()
-
-
-os.register_at_fork(after_in_child=_new_watchdog_after_fork)
-
-
-def _attach(conn: HTTPConnection) -> None:
-    deadline = getattr(_CURRENT, "deadline", None)
-    if deadline is not None:
-        deadline.attach(conn)
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self)
-        super().request(*args, **kwargs)
-
-
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self)
-        super().request(*args, **kwargs)
-
-
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-class _WatchedAdapter(HTTPAdapter):
-    """An adapter whose connections report to the current :class:`Deadline`."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool,
-                                                   "https": _WatchedHTTPSPool}
-
-
-def new_session() -> requests.Session:
-    """A session whose requests :func:`send` can bound, ignoring the environment."""
-    session = requests.Session()
-    # Proxies or netrc credentials from the environment must not leak in.
-    session.trust_env = False
-    adapter = _WatchedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-_DIGITS = re.compile(r"[0-9]{1,19}")
-
-
-def read_body(response: requests.Response, max_bytes: int, deadline: Deadline | None = None) -> bytes:
-    """The whole body of a streamed response, refused as soon as it passes ``max_bytes``.
-
-    Counted twice, as received and as decompressed; urllib3 decompresses at
-    most one chunk ahead, so a gzip bomb is stopped after ``max_bytes`` plus
-    one chunk, not after it has expanded. The body is then kept on the
-    response (``.content``, ``.json()`` work as usual).
-    """
-    declared = (response.headers.get("Content-Length") or "").strip()
-    if _DIGITS.fullmatch(declared) and int(declared) > max_bytes:
-        response.close()
-        raise ResponseTooLarge(f"response from {redact_url(response.url)} announces {int(declared)} bytes, more than "
-                               f"max_response_bytes = {max_bytes}")
-    body = bytearray()
-    raw = response.raw
-    try:
-        for chunk in raw.stream(_READ_CHUNK, decode_content=True):
-            body += chunk
-            if len(body) > max_bytes or raw.tell() > max_bytes:
-                encoded = (response.headers.get("Content-Encoding") or "identity").strip() != "identity"
-                how = "once decompressed" if encoded and raw.tell() <= max_bytes else "as received"
-                raise ResponseTooLarge(f"response from {redact_url(response.url)} is larger than max_response_bytes = "
-                                       f"{max_bytes} ({how}); refused without reading the rest")
-            if deadline is not None and deadline.expired:
-                raise TimeoutError
-    except ResponseTooLarge:
-        response.close()
-        raise
-    except urllib3.exceptions.DecodeError:
-        response.close()
-        raise MalformedResponseError(f"response from {redact_url(response.url)} does not decompress as its "
-                                     f"Content-Encoding says") from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        response.close()
-        if deadline is not None and deadline.expired:
-            raise _deadline_error(deadline, redact_url(response.url)) from None
-        if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            raise TransportError(f"ReadTimeout for {redact_url(response.url)}") from None
-        raise TransportError(f"connection dropped mid-body for {redact_url(response.url)}") from None
-    response._content = bytes(body)
-    response._content_consumed = True
-    return response._content
-
-
-def _deadline_error(deadline: Deadline, where: str) -> DeadlineExceeded:
-    return DeadlineExceeded(f"request to {where} did not complete within request_deadline = "
-                            f"{deadline.seconds:g}s")
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what it wraps: requests and urllib3 nest the socket's error in args and reasons."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop()
-        if not isinstance(current, BaseException) or id(current) in seen:
-            continue  # None, or a reason given as text (ssl.SSLError.reason)
-        seen.add(id(current))
-        yield current
-        todo += [getattr(current, "reason", None), current.__cause__, current.__context__,
-                 *(a for a in current.args if isinstance(a, BaseException))]
-
-
-def connection_failure(exc: BaseException, url: str, url_key: str = "base_url") -> TransportError:
-    """What stopped a request before an answer, named: DNS, refused, TLS, timeout.
-
-    A name that does not resolve or a certificate that does not verify will
-    not pass by itself: not retriable, so the run fails at once instead of
-    retrying for minutes. Only a temporary resolver failure (``EAI_AGAIN``)
-    is retried. The message names the config key the URL came from.
-    """
-    parts = urlsplit(url)
-    where = f"{url_key} {redact_url(f'{parts.scheme}://{parts.netloc}')}"
-    causes = list(_causes(exc))
-    for cause in causes:
-        if isinstance(cause, socket.gaierror) or type(cause).__name__ == "NameResolutionError":
-            temporary = any(isinstance(c, socket.gaierror) and c.errno == socket.EAI_AGAIN for c in causes)
-            return TransportError(f"cannot resolve host {parts.hostname!r} (DNS{', temporary' if temporary else ''}"
-                                  f"): check {where}", retriable=temporary)
-    for cause in causes:
-        if isinstance(cause, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
-            detail = next((str(c) for c in causes if type(c).__module__ == "ssl"), "handshake failed")
-            return TransportError(f"TLS error talking to {where}: {safe_text(detail, 300)}", retriable=False)
-    for cause in causes:
-        if isinstance(cause, ConnectionRefusedError):
-            return TransportError(f"connection refused by {where} (nothing listens on port "
-                                  f"{parts.port or (443 if parts.scheme == 'https' else 80)})")
-    if any(isinstance(c, requests.exceptions.ConnectTimeout) for c in causes):
-        return TransportError(f"timed out connecting to {where} (connect_timeout)")
-    if any(isinstance(c, (requests.Timeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
-        return TransportError(f"timed out waiting for {where} to answer (read_timeout)")
-    if any(isinstance(c, (ConnectionResetError, BrokenPipeError)) for c in causes):
-        return TransportError(f"connection reset by {where}")
-    return TransportError(f"{type(exc).__name__} talking to {where}")
-
-
-def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
-         url_key: str = "base_url", **kwargs: Any) -> requests.Response:
-    """One request, connect to last byte within ``deadline`` seconds, body within ``max_bytes``.
-
-    Raises :class:`TransportError` when the request does not complete
-    (:func:`connection_failure` says why, naming the config key ``url_key``),
-    :class:`DeadlineExceeded` when its time is up and
-    :class:`ResponseTooLarge` when the body passes the cap.
-    """
-    with Deadline(deadline) as watch:
-        try:
-            response = session.request(method, url, stream=True, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            if watch.expired:
-                raise _deadline_error(watch, redact_url(url)) from None
-            raise connection_failure(exc, url, url_key) from None
-        except requests.exceptions.ChunkedEncodingError:
-            if watch.expired:
-                raise _deadline_error(watch, redact_url(url)) from None
-            raise TransportError(f"connection dropped mid-body for {redact_url(url)}") from None
-        except requests.RequestException as exc:
-            # What retrying cannot fix: a URL or header requests refuses to send.
-            raise ExtractError(f"cannot send the request to {redact_url(url)}: {type(exc).__name__}") from None
-        read_body(response, max_bytes, watch)
-    return response
 
 
 @dataclass

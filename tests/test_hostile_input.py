@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from extractors.errors import DeadlineExceeded, ExtractError, MalformedResponseError, ResponseTooLarge
-from extractors.http import DuplicateKeyError, HttpClient, RetryPolicy, error_text, parse_json
+from extractors.http import HttpClient, RetryPolicy, error_text
+from extractors.jsonbody import DuplicateKeyError, parse_json
 from extractors.records import (
     MAX_FRACTION_DIGITS,
     MAX_INTEGER_DIGITS,
