@@ -64,7 +64,8 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -117,7 +118,7 @@ def start(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
             data_dir = _initdb(bin_dir, data_dir)
         elif not password_file(data_dir).exists():
             _convert_trust_cluster(data_dir)
-        port = _free_port()
+        port = free_port()
         _pg_ctl_start(bin_dir, data_dir, port)
     _create_database(port, database, data_dir)
     return url_for(port, database, data_dir)
@@ -194,7 +195,7 @@ def _convert_trust_cluster(data_dir: Path) -> None:
     it, then ``pg_hba.conf`` replaced; the caller starts it for real.
     """
     bin_dir = binaries()
-    port = _free_port()
+    port = free_port()
     _run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-o",
                     f"-p {port} -k {data_dir} -c listen_addresses=''", "-l", str(data_dir / "server.log"),
                     "-w", "-t", "60", "start"]), "pg_ctl start (to set a password)")

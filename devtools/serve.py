@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from devtools.devdb import free_port
 from devtools.demo import (DEMO_DIR, REPO, database, demo_checks, start_sandboxes, write_env, write_pools,
                            write_sources)
 from loaders.db import describe_url
@@ -117,12 +118,6 @@ class Stack:
 
     def dead(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metadata_url(db_url: str) -> str:

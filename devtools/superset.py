@@ -76,7 +76,7 @@ class SupersetServer:
         serve; ready when it returns."""
         import requests
 
-        from devtools.serve import free_port
+        from devtools.devdb import free_port
 
         build = dashboards_build()
         workdir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -34,7 +33,6 @@ os.environ.pop("BALANCES_DB_URL", None)
 
 import psycopg2  # noqa: E402
 import pytest  # noqa: E402
-from psycopg2 import sql  # noqa: E402
 
 from loaders.db import connect  # noqa: E402
 from loaders.migrate import upgrade  # noqa: E402

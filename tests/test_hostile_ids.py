@@ -166,7 +166,7 @@ def test_report_chart_draws_the_id_as_a_plain_label(db, database_url, tmp_path):
     assert chart.startswith(b"\x89PNG") and len(chart) > 5_000
 
 
-def test_alert_mail_shows_the_id_as_text(db, tmp_path, smtp):
+def test_alert_mail_shows_the_id_as_text(db, tmp_path, smtp):  # noqa: F811 (the fixture)
     from pipeline.config import parse_config
     from reconciliation.alerts import notify_new_breaks
 
