@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.returncode != 0:
             lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
             raise DashboardError(f"superset import-dashboards failed: {lines[-1] if lines else 'no output'}")
-        print(f"dashboard 'Balances' imported (slug: balances)")
+        print("dashboard 'Balances' imported (slug: balances)")
         return 0
     except DashboardError as exc:
         print(f"dashboards: {exc}", file=sys.stderr)
