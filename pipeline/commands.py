@@ -106,7 +106,11 @@ def check(args) -> int:
         mistakes += 1
         print(f"  error  {cell(config.alerts_error)}")
     elif config.alerts is not None:
-        print(f"  ok     alerts to {len(config.alerts.to)} recipient(s) through {', '.join(config.alerts.channels)}")
+        alerts = config.alerts
+        print(f"  ok     alerts through {', '.join(alerts.channels)}"
+              + (f" (mail to {len(alerts.to)} recipient(s))" if alerts.to else "")
+              + f", reminders {'every ' + human_duration(alerts.remind_every) if alerts.remind_every else 'never'}"
+              + (f", flap_window {human_duration(alerts.flap_window)}" if alerts.flap_window else ""))
     if args.connect:
         reached, detail = _probe_database(args)
         unreachable += not reached

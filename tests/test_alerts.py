@@ -231,6 +231,32 @@ def test_alerts_settings_and_their_defaults():
         (["smtp:m", "slack:s"], timedelta(0), timedelta(minutes=90))
 
 
+def test_check_names_the_channels_and_the_settings(tmp_path):
+    path = tmp_path / "balances.toml"
+    path.write_text(LEDGER + ALERTS.format(conn_id="smtp_alerts") + 'slack_conn_id = "slack_alerts"\n'
+                    'remind_every = "0"\nflap_window = "10m"\n')
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(path), "check"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "  ok     alerts through smtp:smtp_alerts, slack:slack_alerts (mail to 2 recipient(s)), reminders never," \
+           " flap_window 10 min\n" in done.stdout
+
+
+def test_an_incident_the_per_break_alerts_reported_before_0014_is_not_mailed_again(db, smtp):
+    seed(db)
+    config = config_of(CONFIG + ALERTS.format(conn_id="smtp_alerts"))
+    reconcile(db, load_checks(config), FROM, TO)
+    # What the per-break alerts recorded: the negative balance was mailed an hour ago.
+    fetch(db, """INSERT INTO break_notifications (break_id, notified_at, channels)
+                 SELECT break_id, now() - interval '1 hour', '{smtp:smtp_alerts}' FROM reconciliation_breaks
+                  WHERE kind = 'negative_balance' RETURNING break_id""")
+    assert notify_incidents(db, config).opened == 3
+    assert smtp.subjects() == ["[balances] 3 incidents opened"] and "negative_balance" not in body(smtp.messages[0])
+    assert fetch(db, """SELECT b.kind, n.outcome FROM incident_notifications n
+                          JOIN break_incidents b USING (incident_id) WHERE n.outcome = 'reported per break'""") == \
+        [("negative_balance", "reported per break")]
+
+
 # -- one problem over many snapshots --------------------------------------------------
 
 def ledger(db, config, steps, broken, *, ack_at: int | None = None) -> None:
@@ -506,15 +532,21 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 def test_the_readme_alerts_block_as_typed(db, database_url, tmp_path):
     """Port 587 with STARTTLS and a login, as a mail provider offers it; the server's certificate is
-    one the user's machine trusts (here through SSL_CERT_FILE)."""
+    one the user's machine trusts (here through SSL_CERT_FILE). The last hour of a source whose
+    users:005 is overdrawn at every snapshot: one incident, one mail."""
     cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     capture, controller = start_smtp(tls_context=context)
     try:
-        seed(db)
+        quarter = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+        quarter -= timedelta(minutes=quarter.minute % 15)
+        start = quarter - timedelta(minutes=45)
+        for n in range(4):
+            snapshot(db, "ledger", start + timedelta(minutes=15 * n), rows=[("users:005", "USD/2", "-1500", 2)])
         config = tmp_path / "balances.toml"
-        config.write_text(CONFIG + ALERTS.format(conn_id="smtp_alerts"))
+        config.write_text(LEDGER.replace("start_date = 2025-03-01", f"start_date = {start.isoformat()}")
+                          + ALERTS.format(conn_id="smtp_alerts"))
         home = tmp_path / "home"
         home.mkdir()
         env = user_env(home, BALANCES_CONFIG=str(config), BALANCES_DB_URL=database_url, SSL_CERT_FILE=str(cert))
@@ -524,8 +556,10 @@ def test_the_readme_alerts_block_as_typed(db, database_url, tmp_path):
     finally:
         controller.stop()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "alerts: 4 opened, 0 reminder(s), 0 resolved, sent through smtp:smtp_alerts" in done.stdout
-    assert capture.subjects() == ["[balances] 4 incidents opened"]
+    assert done.stdout.endswith("incidents: 1 unresolved ('balances incidents' lists them)\n"
+                                "alerts: 1 opened, 0 reminder(s), 0 resolved, sent through smtp:smtp_alerts\n")
+    assert capture.subjects() == ["[balances] 1 incident opened"]
+    assert "ledger users:005 USD/2" in body(capture.messages[0])
     assert capture.password not in capture.raw[0]
 
 
