@@ -188,35 +188,43 @@ def mark_in_doubt(conn) -> list[tuple]:
 
 def claim_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[dict]:
     """Claim, for this session, every alert due on ``channel``; the claimed alerts with their incidents."""
-    from loaders.leases import HOLDER
-
     if channel.startswith("smtp:"):
-        # An incident whose breaks the per-break alerts (before migration 0014)
-        # already reported was announced then.
-        cur.execute(
-            """
-            INSERT INTO incident_notifications (incident_id, channel, event, seq, claimed_at, sent_at, outcome)
-            SELECT b.incident_id, %s, 'opened', 0, min(n.notified_at), min(n.notified_at), 'reported per break'
-              FROM reconciliation_breaks b JOIN break_notifications n USING (break_id)
-             WHERE b.incident_id IS NOT NULL
-               AND NOT EXISTS (SELECT FROM incident_notifications x
-                                WHERE x.incident_id = b.incident_id AND x.channel = %s)
-             GROUP BY b.incident_id
-            ON CONFLICT DO NOTHING
-            """,
-            (channel, channel),
-        )
-    # The last alert of each incident on this channel says what is due next.
-    # Incidents being written (a reconciliation) or chosen (another run) are
-    # skipped: the next run sees them.
+        count_per_break_reports(cur, channel)
+    return claim(cur, channel, now, choose_due(cur, alerts, channel, now))
+
+
+def count_per_break_reports(cur, channel: str) -> None:
+    """An incident whose breaks the per-break alerts (before migration 0014) reported was announced then."""
+    cur.execute(
+        """
+        INSERT INTO incident_notifications (incident_id, channel, event, seq, claimed_at, sent_at, outcome)
+        SELECT b.incident_id, %s, 'opened', 0, min(n.notified_at), min(n.notified_at), 'reported per break'
+          FROM reconciliation_breaks b JOIN break_notifications n USING (break_id)
+         WHERE b.incident_id IS NOT NULL
+           AND NOT EXISTS (SELECT FROM incident_notifications x
+                            WHERE x.incident_id = b.incident_id AND x.channel = %s)
+         GROUP BY b.incident_id
+        ON CONFLICT DO NOTHING
+        """,
+        (channel, channel),
+    )
+
+
+def choose_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[tuple[int, str, int | None]]:
+    """The alerts due on ``channel``: (incident, event, the incident's last alert on it or None).
+
+    The last alert of each incident on the channel says what is due next.
+    Incidents being written (a reconciliation) or chosen (another run) are
+    skipped: the next run sees them.
+    """
     cur.execute(
         """
         WITH last AS (
-            SELECT DISTINCT ON (incident_id) incident_id, event, claimed_at
+            SELECT DISTINCT ON (incident_id) incident_id, notification_id, event, claimed_at
               FROM incident_notifications WHERE channel = %(channel)s
              ORDER BY incident_id, notification_id DESC
         ), due AS (
-            SELECT i.incident_id,
+            SELECT i.incident_id, l.notification_id AS last_id,
                    CASE WHEN i.resolved_at IS NULL AND (l.event IS NULL OR l.event = 'resolved') THEN 'opened'
                         WHEN i.resolved_at IS NULL AND %(remind)s > interval '0'
                              AND l.claimed_at + %(remind)s <= %(now)s
@@ -229,7 +237,7 @@ def claim_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[di
               LEFT JOIN last l USING (incident_id)
              WHERE i.resolved_at IS NULL OR l.event IN ('opened', 'reminder')
         )
-        SELECT i.incident_id, due.event
+        SELECT i.incident_id, due.event, due.last_id
           FROM break_incidents i JOIN due USING (incident_id)
          WHERE due.event IS NOT NULL
          ORDER BY i.opened_at, i.incident_id
@@ -237,7 +245,20 @@ def claim_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[di
         """,
         {"channel": channel, "remind": alerts.remind_every, "flap": alerts.flap_window, "now": now},
     )
-    due = cur.fetchall()
+    return cur.fetchall()
+
+
+def claim(cur, channel: str, now: datetime, due: list[tuple[int, str, int | None]]) -> list[dict]:
+    """Claim the ``due`` alerts for this session; those claimed, with their incidents.
+
+    An alert is claimed only if its incident's last alert on the channel is
+    still the one it was chosen after: a run that chose it from a snapshot
+    taken before another run's claim committed (and then locked the row
+    that run had just let go) claims nothing. Two claims inserted at once
+    meet on the unique key, and the second does nothing.
+    """
+    from loaders.leases import HOLDER
+
     if not due:
         return []
     cur.execute(
@@ -248,11 +269,15 @@ def claim_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[di
                (SELECT count(*) FROM incident_notifications x
                  WHERE x.incident_id = d.incident_id AND x.channel = %(channel)s AND x.event = d.event),
                %(now)s, 'sending', h.pid, h.backend_start, h.holder_role
-          FROM unnest(%(ids)s::bigint[], %(events)s::text[]) AS d (incident_id, event), ({HOLDER}) h
+          FROM unnest(%(ids)s::bigint[], %(events)s::text[], %(lasts)s::bigint[]) AS d (incident_id, event, last_id),
+               ({HOLDER}) h
+         WHERE (SELECT max(x.notification_id) FROM incident_notifications x
+                 WHERE x.incident_id = d.incident_id AND x.channel = %(channel)s) IS NOT DISTINCT FROM d.last_id
         ON CONFLICT DO NOTHING
         RETURNING notification_id, incident_id, event
         """,
-        {"channel": channel, "now": now, "ids": [d[0] for d in due], "events": [d[1] for d in due]},
+        {"channel": channel, "now": now, "ids": [d[0] for d in due], "events": [d[1] for d in due],
+         "lasts": [d[2] for d in due]},
     )
     claimed = {incident_id: (notification_id, event) for notification_id, incident_id, event in cur.fetchall()}
     if not claimed:

@@ -422,6 +422,30 @@ def test_two_reconciliation_runs_at_once_send_each_alert_once(db, database_url, 
                      " GROUP BY channel ORDER BY channel") == [("slack:slack_alerts", 4, 4), ("smtp:smtp_alerts", 4, 4)]
 
 
+def test_alerts_chosen_before_another_runs_claim_committed_are_not_claimed_again(db, database_url):
+    """The narrow case of two runs at once: one chooses its alerts from a snapshot taken before the
+    other's claims committed, then locks the incidents the other has just let go."""
+    from loaders.db import transaction
+    from reconciliation.alerts import choose_due, claim, claim_due
+
+    seed(db)
+    config = config_of(CONFIG + ALERTS.format(conn_id="smtp_alerts"))
+    reconcile(db, load_checks(config), FROM, TO)
+    now = datetime.now(timezone.utc)
+    late = connect(database_url)
+    try:
+        with transaction(late) as cur:
+            chosen = choose_due(cur, config.alerts, "smtp:smtp_alerts", now)
+        assert [event for _, event, _ in chosen] == ["opened"] * 4
+        with transaction(db) as cur:
+            assert len(claim_due(cur, config.alerts, "smtp:smtp_alerts", now)) == 4
+        with transaction(late) as cur:
+            assert claim(cur, "smtp:smtp_alerts", now, chosen) == []
+    finally:
+        late.close()
+    assert fetch(db, "SELECT count(*) FROM incident_notifications") == [(4,)]
+
+
 # -- Slack ----------------------------------------------------------------------------------
 
 def test_slack_webhook_gets_the_same_alerts_with_secrets_masked(db, smtp, monkeypatch):

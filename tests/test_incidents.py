@@ -320,3 +320,36 @@ def test_cli_lists_and_acknowledges_incidents(db, database_url, checks, tmp_path
     ]:
         done = run_cli(*args, database_url=database_url, config=config)
         assert done.returncode == code and says in done.stderr, (args, done.stderr)
+
+
+def test_migration_0014_goes_down_and_up_again(database_url):
+    """A database of its own: 0014 removed leaves 0013's schema, and applied again rebuilds it."""
+    from alembic import command
+
+    from loaders.migrate import alembic_config, current_revision, upgrade
+
+    admin = psycopg2.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS balances_incidents_migration")
+        cur.execute("CREATE DATABASE balances_incidents_migration")
+    url = database_url.rsplit("/", 1)[0] + "/balances_incidents_migration"
+    try:
+        upgrade(url)
+        tables = """SELECT count(*) FROM pg_class WHERE relname IN ('break_incidents', 'incident_acknowledgements',
+                    'incident_notifications', 'reconciliation_incidents', 'reconciliation_incidents_daily')"""
+        column = """SELECT count(*) FROM information_schema.columns
+                     WHERE table_name = 'reconciliation_breaks' AND column_name = 'incident_id'"""
+        conn = psycopg2.connect(url)
+        assert fetch(conn, tables) == [(5,)] and fetch(conn, column) == [(1,)]
+        command.downgrade(alembic_config(url), "0013")
+        assert current_revision(url) == "0013"
+        assert fetch(conn, tables) == [(0,)] and fetch(conn, column) == [(0,)]
+        upgrade(url)
+        assert fetch(conn, tables) == [(5,)] and fetch(conn, column) == [(1,)]
+        conn.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP DATABASE balances_incidents_migration WITH (FORCE)")
+        admin.close()
+
