@@ -5,8 +5,11 @@ snapshot of any of them (any-of) triggers a run, which checks the window of
 the last 3 days ending at the triggering time and records the breaks in
 `reconciliation_breaks` (see `reconciliation/reconcile.py` for what each check
 finds). Reruns update the same breaks; breaks that no longer hold are
-resolved. The task succeeds when the checks ran, whatever they found, and
-is stopped after an hour (`execution_timeout`). Only defined when the
+resolved. Consecutive breaks of one subject are one incident
+(`reconciliation/incidents.py`). The task succeeds when the checks ran,
+whatever they found, and is stopped after an hour (`execution_timeout`).
+With `[alerts]`, `notify_incidents` then sends what is due: an incident's
+opening, reminders, its resolution (`reconciliation/alerts.py`). Only defined when the
 sources file has checks; a check with a mistake (or on a source with one)
 is left out and reported as this file's import error.
 """
@@ -45,21 +48,23 @@ def reconciliation_dag(checks: dict[str, Check]):
 
             from pipeline import tasks
             from pipeline.progress import LineProgress
-            from reconciliation import reconcile
+            from reconciliation import alerts, reconcile
 
+            config = load_config()
             window_from, window_to = reconcile.default_window(reconcile.triggering_time(context))
             with tasks.database() as conn:
-                result = reconcile.reconcile(conn, usable_checks(load_config())[0], window_from, window_to,
+                result = reconcile.reconcile(conn, usable_checks(config)[0], window_from, window_to,
                                              dag_run_id=context["dag_run"].run_id,
-                                             progress=LineProgress.to_log(logging.getLogger(DAG_ID)))
+                                             progress=LineProgress.to_log(logging.getLogger(DAG_ID)),
+                                             flap_window=alerts.flap_window(config))
             return {"run_id": result.run_id, "open": result.breaks_open, "new": result.breaks_new,
                     "resolved": result.breaks_resolved}
 
         reconciled = reconcile_window()
         if load_config().alerts is not None:
-            # [alerts]: each open break not reported yet, once (reconciliation/alerts.py).
+            # [alerts]: each incident's alerts, once each (reconciliation/alerts.py).
             @task
-            def notify_breaks(**context) -> int:
+            def notify_incidents(**context) -> int:
                 from airflow.sdk.exceptions import AirflowFailException
 
                 from pipeline import tasks
@@ -68,11 +73,11 @@ def reconciliation_dag(checks: dict[str, Check]):
 
                 try:
                     with tasks.database() as conn:
-                        return alerts.notify_new_breaks(conn, load_config(), context)
+                        return alerts.notify_incidents(conn, load_config(), context).total
                 except ConnectionMissing as exc:  # no retry fixes a missing Connection
                     raise AirflowFailException(str(exc)) from None
 
-            reconciled >> notify_breaks()
+            reconciled >> notify_incidents()
 
     return reconcile_balances()
 

@@ -55,14 +55,15 @@ VIEWS: dict[str, tuple[str | None, list[tuple[str, str, bool]]]] = {
     "pipeline_runs": ("scheduled_for", [
         ("source", "TEXT", False), ("status", "TEXT", False), ("scheduled_for", "TIMESTAMP WITH TIME ZONE", True),
         ("duration_seconds", "NUMERIC", False), ("rows", "BIGINT", False), ("rejected", "INTEGER", False)]),
-    "reconciliation_breaks_daily": ("day", [
-        ("day", "DATE", True), ("check_name", "TEXT", False), ("open", "BIGINT", False),
-        ("resolved", "BIGINT", False), ("total", "BIGINT", False)]),
-    "reconciliation_breaks_detail": ("check_time", [
-        ("check_name", "TEXT", False), ("kind", "TEXT", False), ("status", "TEXT", False),
-        ("subject_label", "TEXT", False), ("check_time", "TIMESTAMP WITH TIME ZONE", True),
-        ("left_text", "TEXT", False), ("right_text", "TEXT", False), ("difference_text", "TEXT", False),
-        ("detail", "TEXT", False)]),
+    "reconciliation_incidents_daily": ("day", [
+        ("day", "DATE", True), ("check_name", "TEXT", False), ("kind", "TEXT", False),
+        ("opened", "BIGINT", False), ("still_open", "BIGINT", False)]),
+    "reconciliation_incidents": ("opened_at", [
+        ("incident_id", "BIGINT", False), ("status", "TEXT", False), ("check_name", "TEXT", False),
+        ("kind", "TEXT", False), ("subject_label", "TEXT", False),
+        ("opened_at", "TIMESTAMP WITH TIME ZONE", True), ("last_seen", "TIMESTAMP WITH TIME ZONE", False),
+        ("resolved_at", "TIMESTAMP WITH TIME ZONE", False), ("breaks", "BIGINT", False),
+        ("worst_difference_text", "TEXT", False), ("acknowledged_by", "TEXT", False), ("detail", "TEXT", False)]),
 }
 
 # The demo's pair check (devtools/demo.py, treasury_hbar): its two sides.
@@ -110,25 +111,27 @@ CHARTS = [
     ("freshness", "Source freshness", "source_freshness",
      table_chart(["source", "age_seconds", "last_run_status", "failed_runs_24h", "last_published_as_of"],
                  "source", ascending=True), 6, 40),
-    ("breaks_daily", "Breaks per day: open and resolved", "reconciliation_breaks_daily",
+    ("incidents_daily", "Incidents opened per day, by check", "reconciliation_incidents_daily",
      {"viz_type": "echarts_timeseries_bar", "x_axis": "day", "time_grain_sqla": "P1D",
-      "metrics": [sql_metric("open", "SUM(open)"), sql_metric("resolved", "SUM(resolved)")],
-      "groupby": [], "adhoc_filters": [], "row_limit": 10000, "show_legend": True, "stack": "Stack",
-      "x_axis_time_format": "%Y-%m-%d"}, 6, 40),
+      "metrics": [sql_metric("opened", "SUM(opened)")], "groupby": ["check_name"], "adhoc_filters": [],
+      "row_limit": 10000, "show_legend": True, "stack": "Stack", "x_axis_time_format": "%Y-%m-%d"}, 6, 40),
     ("runs", "Snapshot runs: rows per run and source, by status", "pipeline_runs",
      {"viz_type": "echarts_timeseries_bar", "x_axis": "scheduled_for", "time_grain_sqla": "PT1M",
       "metrics": [sql_metric("rows", "SUM(rows)")], "groupby": ["source", "status"], "adhoc_filters": [],
       "row_limit": 10000, "show_legend": True, "stack": "Stack", "x_axis_time_format": "smart_date"}, 12, 40),
-    ("open_breaks", "Open breaks", "reconciliation_breaks_detail",
-     table_chart(["check_time", "check_name", "kind", "subject_label", "left_text", "right_text",
-                  "difference_text", "detail"], "check_time", [sql_filter("status = 'open'")]), 12, 50),
+    # One row per incident, not per break: a problem that lasts is one row
+    # with its first and last check time and how many breaks it has had.
+    ("incidents", "Incidents: open, acknowledged, resolved in the last day", "reconciliation_incidents",
+     table_chart(["status", "check_name", "kind", "subject_label", "opened_at", "last_seen", "breaks",
+                  "worst_difference_text", "resolved_at", "acknowledged_by", "detail"], "opened_at",
+                 [sql_filter("status <> 'resolved' OR resolved_at >= now() - interval '1 day'")]), 12, 50),
     ("pair", "Pair check treasury_hbar: both sides over time", "balance_history_units",
      # Resampled per minute, forward filled: both sides at every minute, each
      # holding its last snapshot (the sides' snapshot times differ).
      {**step_chart("", ["source"], [sql_filter(PAIR_SIDES)]), "resample_rule": "1T", "resample_method": "ffill"},
      12, 50),
 ]
-ROWS = [["balance"], ["latest"], ["freshness", "breaks_daily"], ["runs"], ["open_breaks"], ["pair"]]
+ROWS = [["balance"], ["latest"], ["freshness", "incidents_daily"], ["runs"], ["incidents"], ["pair"]]
 # native filter -> (charts it applies to, default value). Account and asset pick the
 # holding the balance chart draws (all of them at once would share one scale).
 FILTERS = {"source": (["balance", "latest", "freshness", "runs", "pair"], None),

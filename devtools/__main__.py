@@ -1,4 +1,4 @@
-"""``scripts/demo``: ``python -m devtools [--db-url URL] [--serve | --keep | --stop]``.
+"""``scripts/demo``: ``python -m devtools [--db-url URL] [--serve [--alerts-smtp HOST:PORT] | --keep | --stop]``.
 
 Development only, like everything in ``devtools/``: the wheel does not ship it.
 """
@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--keep", action="store_true",
                       help="keep the sandboxes serving after the demo, until Ctrl-C")
     mode.add_argument("--stop", action="store_true", help="stop the demo's PostgreSQL cluster")
+    parser.add_argument("--alerts-smtp", metavar="HOST:PORT",
+                        help="with --serve: mail the incidents' alerts through this SMTP server, without TLS or "
+                             "a login (a local capture: .venv/bin/python -m aiosmtpd -n -l 127.0.0.1:8025)")
     args = parser.parse_args(argv)
+    if args.alerts_smtp is not None and not args.serve:
+        parser.error("--alerts-smtp goes with --serve")
     try:
         return _run(args)
     except Exception as exc:  # what failed, in one line; everything started is already stopped
@@ -38,7 +43,7 @@ def _run(args) -> int:
     if args.serve:
         from devtools.serve import run_serve
 
-        return run_serve(db_url=args.db_url)
+        return run_serve(db_url=args.db_url, alerts_smtp=args.alerts_smtp)
     from devtools.demo import run_demo
 
     return run_demo(db_url=args.db_url, keep=args.keep)

@@ -92,6 +92,33 @@ max_skew = "1h"
 """
 
 
+DEMO_ALERTS_CONN_ID = "demo_alerts"
+
+
+def demo_alerts(smtp: str) -> tuple[str, dict[str, str]]:
+    """``scripts/demo --serve --alerts-smtp HOST:PORT``: the ``[alerts]`` table and its Connection.
+
+    The server at HOST:PORT takes mail without TLS or a login: a local
+    capture such as ``python -m aiosmtpd -n -l 127.0.0.1:8025``.
+    """
+    host, _, port = smtp.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@?# "):
+        raise ValueError(f"--alerts-smtp: expected HOST:PORT of an SMTP server, got {smtp!r}")
+    table = f"""
+[alerts]
+smtp_conn_id = "{DEMO_ALERTS_CONN_ID}"
+to = ["treasury-ops@example.com"]
+from_email = "balances-demo@example.com"
+subject_prefix = "[balances demo]"
+# The ledger books the treasury's move every third minute and is crawled
+# before the mirror node: the pair check mismatches for the seconds between.
+# Within 5 minutes, each time is the same incident coming back.
+flap_window = "5m"
+"""
+    uri = f"smtp://{host}:{port}?disable_ssl=true&disable_tls=true&timeout=10&retry_limit=1"
+    return table, {f"AIRFLOW_CONN_{DEMO_ALERTS_CONN_ID.upper()}": uri}
+
+
 def demo_checks(available: list[str]) -> str:
     checks = DEMO_CHECKS if {"formance", "hedera", "bitfront"} <= set(available) else ""
     if {"formance", "evm"} <= set(available):

@@ -37,8 +37,8 @@ from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from devtools.devdb import free_port
-from devtools.demo import (DEMO_DIR, REPO, database, demo_checks, start_sandboxes, write_env, write_pools,
-                           write_sources)
+from devtools.demo import (DEMO_DIR, REPO, database, demo_alerts, demo_checks, start_sandboxes, write_env,
+                           write_pools, write_sources)
 from loaders.db import describe_url
 from loaders.migrate import upgrade
 
@@ -153,14 +153,17 @@ def worker_hostname() -> str:
 
 def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, shards: int = 3,
             schedule: str = "* * * * *", extra_config: str = "", sources: dict[str, dict] | None = None,
-            celery: CeleryWorkers | None = None, airflow_config: dict[str, str] | None = None) -> Stack:
+            celery: CeleryWorkers | None = None, airflow_config: dict[str, str] | None = None,
+            alerts_smtp: str | None = None) -> Stack:
     """Sandboxes started, sources file written, Airflow's metadata migrated and pools created.
 
     ``sandboxes`` names the moving sandboxes to serve (default: all; an empty
     list: none). ``sources`` adds sources of the caller's own (``[sources.<name>]``
     keys, servers already running). ``celery`` runs the tasks on Celery
     workers instead of the LocalExecutor. ``airflow_config`` adds or overrides
-    Airflow settings as ``AIRFLOW__SECTION__KEY`` variables.
+    Airflow settings as ``AIRFLOW__SECTION__KEY`` variables. ``alerts_smtp``
+    (``HOST:PORT``) adds the demo's ``[alerts]`` table, mailing through that
+    server (:func:`devtools.demo.demo_alerts`).
     """
     from sandbox import live
 
@@ -181,6 +184,10 @@ def prepare(db_url: str, workdir: Path, *, sandboxes: list[str] | None = None, s
 
         served, connections = start_sandboxes(servers, live.live_app, source, sandboxes)
         env.update(connections)
+        if alerts_smtp is not None:
+            alerts, alerts_connection = demo_alerts(alerts_smtp)
+            extra_config += alerts
+            env.update(alerts_connection)
         sources = {**served, **(sources or {})}
         config = workdir / "balances.toml"
         checks = demo_checks([k.split("_")[0] for k in sources])
@@ -577,8 +584,11 @@ def live_stack(db_url: str, workdir: Path, **options) -> Iterator[Stack]:
         stop(stack)
 
 
-def run_serve(db_url: str | None = None, *, until: float | None = None) -> int:
+def run_serve(db_url: str | None = None, *, until: float | None = None, alerts_smtp: str | None = None) -> int:
     """The README's ``scripts/demo --serve``: runs until Ctrl-C (or ``until`` seconds).
+
+    ``alerts_smtp`` (``HOST:PORT``, ``--alerts-smtp``) sends the incidents'
+    alerts through that SMTP server.
 
     Whatever it started (the cluster, if it started it; the sandboxes, the
     Airflow services, Superset) is stopped when it ends, however it ends:
@@ -592,7 +602,7 @@ def run_serve(db_url: str | None = None, *, until: float | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     started = ExitStack()
     try:
-        return _serve(started, db_url, until)
+        return _serve(started, db_url, until, alerts_smtp)
     except KeyboardInterrupt:
         print("\nCtrl-C")
         return 0
@@ -605,18 +615,22 @@ def run_serve(db_url: str | None = None, *, until: float | None = None) -> int:
         print(f"stopped at {datetime.now(timezone.utc):%H:%M:%S} UTC")
 
 
-def _serve(started: ExitStack, db_url: str | None, until: float | None) -> int:
+def _serve(started: ExitStack, db_url: str | None, until: float | None, alerts_smtp: str | None) -> int:
+    if alerts_smtp is not None:
+        demo_alerts(alerts_smtp)  # a mistake is one line before anything starts
     url = database(started, db_url)
     print(f"database: {describe_url(url)}")
     print(f"migrations: at revision {upgrade(url)}")
     workdir = DEMO_DIR / "live"
     print("starting the sandboxes and Airflow (metadata migration: about a minute the first time)...")
-    stack = started.enter_context(live_stack(url, workdir))
+    stack = started.enter_context(live_stack(url, workdir, alerts_smtp=alerts_smtp))
     for name, keys in stack.sources.items():
         shards = f", {keys['shards']} shards" if keys.get("shards") else ""
         print(f"source {name}: {keys['provider']} sandbox (schedule {keys['schedule']!r}{shards})")
     print(f"pools: {', '.join(sorted({'balances_' + k['provider'] for k in stack.sources.values()}))}"
           f" ({POOL_SLOTS} slots each)")
+    if alerts_smtp is not None:
+        print(f"alerts: mailed through the SMTP server at {alerts_smtp} ([alerts] in {stack.config})")
     print(f"\nAirflow:  {stack.api_url}  (login {ADMIN} / {stack.password})")
     superset = _start_superset(url, workdir)
     if superset is not None:

@@ -34,7 +34,10 @@ Every lock the pipeline takes is here: leases on runs (namespaced by the
 kind of run, :data:`SNAPSHOT` or :data:`RECONCILIATION`) and the turn that
 writers of one source's history take (:func:`take_publish_turn`, a row of
 ``source_locks`` behind the history tables' locks). Partitions are guarded
-inside the database function that creates them (migration 0008).
+inside the database function that creates them (migration 0008). The
+session test (:func:`holder_alive`, :data:`HOLDER`) also tells whether the
+process sending an alert is still there (reconciliation/alerts.py), and
+incident tracking takes its table lock in reconciliation/incidents.py.
 """
 from __future__ import annotations
 
@@ -63,13 +66,23 @@ WHOLE_RUN = -1
 WAIT = timedelta(minutes=5)
 _POLL_SECONDS = 0.25
 
-# The holder is alive while a backend with its pid, role and start time is
-# connected. Sessions of another role show no start time to a role without
-# pg_read_all_stats: then pid and role must do (never reaping a live run).
-_ALIVE = """EXISTS (SELECT FROM pg_stat_get_activity(l.pid) a
-                     WHERE a.usesysid = l.holder_role
-                       AND (a.backend_start = l.backend_start OR a.backend_start IS NULL))"""
+
+def holder_alive(alias: str) -> str:
+    """SQL true while the session named by ``<alias>.pid``, ``.backend_start``, ``.holder_role`` is connected.
+
+    Sessions of another role show no start time to a role without
+    pg_read_all_stats: then pid and role must do (never reaping a live run).
+    """
+    return f"""EXISTS (SELECT FROM pg_stat_get_activity({alias}.pid) a
+                     WHERE a.usesysid = {alias}.holder_role
+                       AND (a.backend_start = {alias}.backend_start OR a.backend_start IS NULL))"""
+
+
+_ALIVE = holder_alive("l")
 _ME = "pg_stat_get_activity(pg_backend_pid())"
+# This session as a holder: a row (pid, backend_start, holder_role) to store
+# beside what it holds (run_leases here; claims of alerts, reconciliation/alerts.py).
+HOLDER = f"SELECT a.pid, a.backend_start, a.usesysid AS holder_role FROM {_ME} a"
 
 
 class RunBusy(RuntimeError):

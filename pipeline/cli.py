@@ -9,7 +9,9 @@
     balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
     balances reader create|drop NAME           a dashboard login in balances_reader, with limits
     balances partitions [--months N]           create monthly partitions ahead
-    balances reconcile [--from T --to T] [--check NAME]   run the [checks]
+    balances reconcile [--from T --to T] [--check NAME] [--no-alerts]   run the [checks], send the [alerts]
+    balances incidents [--open|--all] [--source S]        reconciliation incidents
+    balances incidents ack ID --note TEXT [--by NAME]     acknowledge one (stops its reminders)
     balances report [--out DIR] [--from T --to T]         HTML + Markdown report with charts
 
 The global options (``--config``, ``--db-url``, ``--quiet``, ``--verbose``)
@@ -34,8 +36,10 @@ from extractors.text import one_line
 from loaders.db import DatabaseError
 from pipeline import commands
 from pipeline.config import ConfigError
+from reconciliation.incidents import MAX_NAME_CHARS, MAX_NOTE_CHARS
 
 log = logging.getLogger("balances")
+AIRFLOW_MASKER_LOGGER = "airflow.sdk._shared.secrets_masker.secrets_masker"
 
 EXIT_CODES = """exit status: 0 done; 1 the run or command failed (one line on stderr says why);
 2 a usage or configuration error (nothing was done)"""
@@ -46,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Airflow's masker warns, on standard output, of every short Connection
+        # extra it will not mask ("true" of disable_ssl=true): noise to a user.
+        # A filter, not a level: Airflow resets the levels when it sets up logging.
+        logging.getLogger(AIRFLOW_MASKER_LOGGER).addFilter(lambda record: record.levelno >= logging.ERROR)
     try:
         return args.func(args) or 0
     except ConfigError as exc:
@@ -105,6 +114,13 @@ def _size(text: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB|TB)", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB or 1GB")
     return text
+def _text(limit: int):
+    """An argparse type: text of 1 to ``limit`` characters, not blank."""
+    def parse(text: str) -> str:
+        if not text.strip() or len(text.strip()) > limit:
+            raise argparse.ArgumentTypeError(f"expected 1 to {limit} characters, not blank")
+        return text.strip()
+    return parse
 
 
 def aware_time(text: str) -> datetime:
@@ -196,10 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
     p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
 
-    p = command("reconcile", "run the configured checks over a window (default: the last 3 days)",
-                commands.reconcile)
+    p = command("reconcile", "run the configured checks over a window (default: the last 3 days) and send "
+                "the alerts due, as the DAG reconcile_balances does", commands.reconcile)
     _window_arguments(p)
     p.add_argument("--check", action="append", help="run only this check (repeatable)")
+    p.add_argument("--no-alerts", action="store_true",
+                   help="send no alerts, even with an [alerts] table (the next run sends what is due)")
+
+    p = command("incidents", "list reconciliation incidents: consecutive breaks of one check and subject",
+                commands.incidents)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--open", action="store_true", help="open and acknowledged incidents (the default)")
+    shown.add_argument("--all", action="store_true", help="resolved incidents too")
+    p.add_argument("--source", help="only incidents of checks that read this source")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    summary = "acknowledge incident ID: records who, when and why, and stops its reminders"
+    ack = actions.add_parser("ack", help=summary, description=summary, parents=[common], epilog=EXIT_CODES)
+    ack.add_argument("incident_id", metavar="ID", type=_count(1, 999_999_999), help="the incident's number")
+    ack.add_argument("--note", required=True, type=_text(MAX_NOTE_CHARS), help="why (kept with the acknowledgement)")
+    ack.add_argument("--by", type=_text(MAX_NAME_CHARS), help="who acknowledges (default: your login name)")
 
     p = command("report", "write the balances and breaks report (HTML, Markdown, a PNG per source)",
                 commands.report)

@@ -106,7 +106,11 @@ def check(args) -> int:
         mistakes += 1
         print(f"  error  {cell(config.alerts_error)}")
     elif config.alerts is not None:
-        print(f"  ok     alerts to {len(config.alerts.to)} recipient(s) through {', '.join(config.alerts.channels)}")
+        alerts = config.alerts
+        print(f"  ok     alerts through {', '.join(alerts.channels)}"
+              + (f" (mail to {len(alerts.to)} recipient(s))" if alerts.to else "")
+              + f", reminders {'every ' + human_duration(alerts.remind_every) if alerts.remind_every else 'never'}"
+              + (f", flap_window {human_duration(alerts.flap_window)}" if alerts.flap_window else ""))
     if args.connect:
         reached, detail = _probe_database(args)
         unreachable += not reached
@@ -386,7 +390,10 @@ def _window(args) -> tuple[datetime, datetime]:
 
 
 def reconcile(args) -> int:
+    """The checks over the window, then, with ``[alerts]``, the alerts due: what the DAG's two tasks do."""
+    from reconciliation import alerts
     from reconciliation.checks import load_checks
+    from reconciliation.incidents import list_incidents
     from reconciliation.reconcile import open_breaks, reconcile as run_checks
 
     config = load_config(args.config)
@@ -396,20 +403,79 @@ def reconcile(args) -> int:
         raise ConfigError("no [checks.<name>] tables in the config file")
     window_from, window_to = _window(args)
     progress = for_terminal(args.quiet)
-    with closing(_connect(args, schema="reconciliation_breaks_detail")) as conn:
+    with closing(_connect(args, schema="reconciliation_incidents")) as conn:
         try:
-            result = run_checks(conn, checks, window_from, window_to, progress=progress)
+            result = run_checks(conn, checks, window_from, window_to, progress=progress,
+                                flap_window=alerts.flap_window(config))
         finally:
             progress.close()
         breaks = open_breaks(conn, checks=list(checks), window=(window_from, window_to), limit=20)
-    print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
-          f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
-          f"{result.breaks_resolved} resolved")
-    for b in breaks:
-        values = " ".join(f"{k}={cell(b[k])}" for k in ("left_value", "right_value", "difference", "tolerance")
-                          if b[k] is not None)
-        print(f"  {b['check_name']} {b['kind']} {cell(b['subject_label'], 200)} at {b['check_time'].isoformat()}"
-              f" {values}: {cell(b['detail'], 300)}")
+        unresolved = [i for i in list_incidents(conn) if i["check_name"] in checks]
+        print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
+              f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
+              f"{result.breaks_resolved} resolved")
+        for b in breaks:
+            values = " ".join(f"{k}={cell(b[k])}" for k in ("left_value", "right_value", "difference",
+                                                             "tolerance") if b[k] is not None)
+            print(f"  {b['check_name']} {b['kind']} {cell(b['subject_label'], 200)} at "
+                  f"{b['check_time'].isoformat()} {values}: {cell(b['detail'], 300)}")
+        print(f"incidents: {len(unresolved)} unresolved ('balances incidents' lists them)")
+        if config.alerts is None:
+            return 0
+        if args.no_alerts:
+            print("alerts: none sent (--no-alerts); the next run sends what is due")
+            return 0
+        sent = alerts.notify_incidents(conn, config)
+    print(f"alerts: {sent.opened} opened, {sent.reminder} reminder(s), {sent.resolved} resolved"
+          + (f", sent through {', '.join(sent.channels)}" if sent.channels else ": nothing due"))
+    return 0
+
+
+# -- incidents -------------------------------------------------------------------
+
+INCIDENT_HEADERS = ("incident", "status", "check", "kind", "subject", "opened_at", "last_seen", "resolved_at",
+                    "breaks", "worst_difference", "acknowledged_by")
+
+
+def _incident_row(i: dict) -> tuple:
+    return (i["incident_id"], i["status"], i["check_name"], i["kind"], i["subject_label"], i["opened_at"],
+            i["last_seen"], i["resolved_at"], i["breaks"], i["worst_difference"], i["acknowledged_by"])
+
+
+def incidents(args) -> int:
+    """The unresolved incidents (``--all``: every one), newest first; ``incidents ack`` acknowledges one."""
+    from reconciliation.incidents import list_incidents
+
+    if args.action == "ack":
+        return acknowledge(args)
+    config = _optional_config(args)
+    with closing(_connect(args, schema="reconciliation_incidents")) as conn:
+        if args.source is not None:
+            known_source(conn, config, args.source)
+        rows = list_incidents(conn, unresolved=not args.all, source=args.source)
+    print_table(INCIDENT_HEADERS, [_incident_row(i) for i in rows], right=("incident", "breaks", "worst_difference"),
+                limits={"subject": 80, "acknowledged_by": 40})
+    return 0
+
+
+def acknowledge(args) -> int:
+    """Append who, when and why to an open incident: its reminders stop, its resolution is still sent."""
+    import getpass
+
+    from reconciliation.incidents import acknowledge as append_acknowledgement
+
+    by = args.by
+    if by is None:
+        try:
+            by = getpass.getuser()
+        except (OSError, KeyError):
+            raise ConfigError("--by: no login name found to record: say who acknowledges") from None
+    with closing(_connect(args, schema="reconciliation_incidents")) as conn:
+        incident = append_acknowledgement(conn, args.incident_id, args.note, by)
+    print(f"incident {incident['incident_id']} acknowledged by {cell(incident['acknowledged_by'])} at "
+          f"{incident['acknowledged_at'].isoformat()}: {cell(incident['acknowledgement_note'], 300)}")
+    print_table(INCIDENT_HEADERS, [_incident_row(incident)], right=("incident", "breaks", "worst_difference"),
+                limits={"subject": 80, "acknowledged_by": 40})
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Alerts on reconciliation breaks, sent through Airflow's own notifiers.
+"""Alerts on incidents, sent through Airflow's own notifiers.
 
 Configured in the sources file::
 
@@ -7,46 +7,88 @@ Configured in the sources file::
     to = ["treasury-ops@example.com"]
     from_email = "balances@example.com"    # optional when the Connection's extra has from_email
     # subject_prefix = "[balances]"
+    # slack_conn_id = "slack_alerts"       # a Slack incoming webhook: SlackWebhookNotifier
+    # remind_every = "24h"                 # "0": no reminders
+    # flap_window = "0"                    # a problem back this soon after its end reopens the incident
 
-After each reconciliation run, every open break that no alert has reported
-yet is sent, once: one message per run lists them (a source gone stale is
-a ``stale`` break of its continuity check, so it is reported the same way,
-once per stale stretch). A break is claimed in ``break_notifications`` in
-the transaction that sends it: a failed send claims nothing and is retried
-by the next run, and a break that resolves and reopens is not sent again.
+Either channel or both. Per incident (:mod:`reconciliation.incidents`) and
+channel: one alert when it opens, one when it resolves, and while it stays
+open and nobody acknowledged it, a reminder every ``remind_every``. A
+resolution is announced once it has lasted ``flap_window``: a problem that
+comes back within it reopens the same incident, which was never announced
+as over. A source gone stale is the ``stale`` incident of its continuity
+check, like any other. Each run sends at most one message per channel,
+listing every alert due.
+
+No alert goes out twice, whatever stops the process. Each alert is claimed
+in ``incident_notifications`` (unique per incident, channel, event and
+number) and the claim committed before the message is sent; the claim
+names the database session sending it, as a lease does
+(:mod:`loaders.leases`). The send done, the claim becomes ``sent``; a send
+that fails withdraws its claims, so the next run sends them again. A claim
+whose session ended before either (the process killed mid-send) is marked
+``in doubt`` and never sent again: the channel may have taken it, and a
+second message cannot be taken back. Two runs at once claim each alert
+once between them: the incident rows are locked while alerts are chosen
+and the unique key settles any remaining race.
+
 Messages carry check names, subjects, values and times, never a URL or a
-credential: every secret of the configured Connections is masked from them.
+credential: every secret of the configured Connections is masked from
+them, and from what the Slack client logs while it sends.
 """
 from __future__ import annotations
 
 import html
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterator
 
 from extractors.text import one_line
+from loaders.db import reconnect_like, transaction
 from pipeline.config import ConfigError
 
-MAX_LISTED = 50  # breaks spelled out in one message; the rest are counted
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 50  # alerts spelled out in one message; the rest are counted
+EVENTS = ("opened", "reminder", "resolved")
+DEFAULT_REMIND_EVERY = timedelta(hours=24)
+# The logger slack_sdk's webhook client is given (send()): it logs the webhook
+# URL, whose path is the secret, when it retries; secrets are masked here.
+SLACK_CLIENT_LOGGER = "reconciliation.alerts.slack"
 
 
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
-    smtp_conn_id: str
-    to: tuple[str, ...]
+    smtp_conn_id: str | None
+    to: tuple[str, ...] = ()
     from_email: str | None = None
     subject_prefix: str = "[balances]"
+    slack_conn_id: str | None = None
+    remind_every: timedelta = DEFAULT_REMIND_EVERY
+    flap_window: timedelta = timedelta(0)
 
     @property
     def channels(self) -> list[str]:
-        return [f"smtp:{self.smtp_conn_id}"]
+        return ([f"smtp:{self.smtp_conn_id}"] if self.smtp_conn_id else []) + \
+            ([f"slack:{self.slack_conn_id}"] if self.slack_conn_id else [])
+
+    @property
+    def conn_ids(self) -> dict[str, str]:
+        """``alerts.<key>`` -> Connection id, for each channel configured."""
+        return {key: conn_id for key, conn_id in (("smtp_conn_id", self.smtp_conn_id),
+                                                  ("slack_conn_id", self.slack_conn_id)) if conn_id}
 
 
-_KEYS = {"smtp_conn_id", "to", "from_email", "subject_prefix"}
+_KEYS = {"smtp_conn_id", "to", "from_email", "subject_prefix", "slack_conn_id", "remind_every", "flap_window"}
 
 
 def parse_alerts(table: Any) -> AlertsConfig | None:
     """The ``[alerts]`` table; None when the file has none. Mistakes name ``alerts.<key>``."""
+    from reconciliation.checks import duration_key
+
     if table is None:
         return None
     if not isinstance(table, dict):
@@ -54,23 +96,32 @@ def parse_alerts(table: Any) -> AlertsConfig | None:
     unknown = set(table) - _KEYS
     if unknown:
         raise ConfigError(f"alerts.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    slack = table.get("slack_conn_id")
+    if slack is not None and (not isinstance(slack, str) or not slack.strip()):
+        raise ConfigError(f"alerts.slack_conn_id: expected an Airflow Connection id, got {slack!r}")
     conn_id = table.get("smtp_conn_id")
-    if not isinstance(conn_id, str) or not conn_id.strip():
-        raise ConfigError("alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts)")
-    to = table.get("to")
-    if isinstance(to, str):
-        to = [to]
-    if not isinstance(to, list) or not to:
-        raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
-    to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
-    sender = table.get("from_email")
-    if sender is not None:
-        sender = email_address(sender, "alerts.from_email")
+    to, sender = (), None
+    if conn_id is not None or slack is None or "to" in table:
+        if not isinstance(conn_id, str) or not conn_id.strip():
+            raise ConfigError("alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts;"
+                              " or slack_conn_id alone)")
+        to = table.get("to")
+        if isinstance(to, str):
+            to = [to]
+        if not isinstance(to, list) or not to:
+            raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
+        to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
+        sender = table.get("from_email")
+        if sender is not None:
+            sender = email_address(sender, "alerts.from_email")
     prefix = table.get("subject_prefix", "[balances]")
     if not isinstance(prefix, str) or not _HEADER_TEXT.fullmatch(prefix):
         raise ConfigError(f"alerts.subject_prefix: expected at most 100 printable characters, got {prefix!r}")
-    return AlertsConfig(smtp_conn_id=conn_id.strip(), to=tuple(a.strip() for a in to),
-                        from_email=sender, subject_prefix=prefix)
+    return AlertsConfig(smtp_conn_id=conn_id.strip() if conn_id else None, to=tuple(a.strip() for a in to),
+                        from_email=sender, subject_prefix=prefix, slack_conn_id=slack.strip() if slack else None,
+                        remind_every=duration_key(table.get("remind_every", "24h"), "alerts.remind_every",
+                                                  zero=True),
+                        flap_window=duration_key(table.get("flap_window", "0"), "alerts.flap_window", zero=True))
 
 
 # An address as it may stand in a mail header: local@domain, printable ASCII,
@@ -89,62 +140,25 @@ def email_address(value: Any, where: str) -> str:
     return value.strip()
 
 
+def flap_window(config) -> timedelta:
+    """``[alerts] flap_window`` of a loaded config (0 without ``[alerts]``): how incidents are grouped."""
+    return config.alerts.flap_window if config.alerts is not None else timedelta(0)
+
+
 def check_connection(alerts: AlertsConfig) -> None:
-    """Fail with one line naming what is missing when the notifier's Connection is not defined."""
+    """Fail with one line naming what is missing when a notifier's Connection is not defined."""
     from pipeline.connections import ConnectionMissing, get_connection
 
-    try:
-        conn = get_connection(alerts.smtp_conn_id)
-    except ConnectionMissing as exc:
-        raise ConnectionMissing(f"alerts.smtp_conn_id: {exc}") from None
-    if not conn.host:
-        raise ConnectionMissing(f"alerts.smtp_conn_id: Airflow connection {alerts.smtp_conn_id!r} has no host")
-
-
-def pending_breaks(cur) -> list[dict]:
-    """Open breaks never reported, locked for this transaction (concurrent runs skip them)."""
-    cur.execute(
-        """
-        SELECT b.break_id, d.check_name, d.kind, d.subject_label, d.check_time, d.left_text, d.right_text,
-               d.difference_text, d.detail
-          FROM reconciliation_breaks b
-          JOIN reconciliation_breaks_detail d USING (break_id)
-         WHERE b.status = 'open'
-           AND NOT EXISTS (SELECT FROM break_notifications n WHERE n.break_id = b.break_id)
-         ORDER BY d.check_time, d.check_name, d.kind, b.break_id
-           FOR UPDATE OF b SKIP LOCKED
-        """
-    )
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
-
-
-def compose(alerts: AlertsConfig, breaks: list[dict], secrets: list[str]) -> tuple[str, str]:
-    """Subject and HTML body of one message listing ``breaks``, secrets masked."""
-    from pipeline.connections import scrub
-
-    stale = [b for b in breaks if b["kind"] == "stale"]
-    others = len(breaks) - len(stale)
-    parts = []
-    if others:
-        parts.append(f"{others} new reconciliation break{'s' if others != 1 else ''}")
-    if stale:
-        names = sorted({b["subject_label"] for b in stale})
-        parts.append(f"stale source{'s' if len(names) != 1 else ''}: {', '.join(names)}")
-    subject = f"{alerts.subject_prefix} {'; '.join(parts)}".strip()
-    rows = []
-    for b in breaks[:MAX_LISTED]:
-        values = " ".join(f"{k}={b[k + '_text']}" for k in ("left", "right", "difference")
-                          if b[k + "_text"] is not None)
-        cells = (b["check_time"].isoformat(), b["check_name"], b["kind"], b["subject_label"], values,
-                 b["detail"] or "")
-        rows.append("<tr>" + "".join(f"<td>{html.escape(one_line(str(c)))}</td>" for c in cells) + "</tr>")
-    more = len(breaks) - MAX_LISTED
-    body = ("<p>Open breaks found by the reconciliation that no alert reported before.</p>"
-            "<table border=\"1\" cellpadding=\"4\"><tr><th>check time (UTC)</th><th>check</th><th>kind</th>"
-            "<th>subject</th><th>values</th><th>detail</th></tr>" + "".join(rows) + "</table>"
-            + (f"<p>and {more} more: see the view reconciliation_breaks_detail.</p>" if more > 0 else ""))
-    return scrub(subject, secrets), scrub(body, secrets)
+    for key, conn_id in alerts.conn_ids.items():
+        try:
+            conn = get_connection(conn_id)
+        except ConnectionMissing as exc:
+            raise ConnectionMissing(f"alerts.{key}: {exc}") from None
+        if key == "smtp_conn_id" and not conn.host:
+            raise ConnectionMissing(f"alerts.{key}: Airflow connection {conn_id!r} has no host")
+        if key == "slack_conn_id" and not (conn.password or "").strip():
+            raise ConnectionMissing(f"alerts.{key}: Airflow connection {conn_id!r} has no password"
+                                    " (the webhook's token or URL)")
 
 
 def known_secrets(config) -> list[str]:
@@ -153,7 +167,7 @@ def known_secrets(config) -> list[str]:
 
     ids = {s.conn_id for s in config.sources.values() if s.conn_id}
     if config.alerts is not None:
-        ids.add(config.alerts.smtp_conn_id)
+        ids |= set(config.alerts.conn_ids.values())
     found = []
     for conn_id in sorted(ids) + ["balances_db"]:
         try:
@@ -161,38 +175,319 @@ def known_secrets(config) -> list[str]:
         except ConnectionMissing:
             continue
         found += [conn.password or "", conn.login or ""]
+        # A webhook's secret is the last part of its path, also when logged in another form.
+        found.append((conn.password or "").rstrip("/").rsplit("/", 1)[-1])
         for value in (conn.extra_dejson or {}).values():
             if isinstance(value, str) and conn_id != "balances_db":
                 found.append(value)
     return [s for s in found if len(s) >= 4]
 
 
-def notify_new_breaks(conn, config, context: dict | None = None) -> int:
-    """Send one alert for the open breaks not reported yet; how many it reported."""
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+# -- choosing what is due ------------------------------------------------------------
 
+def mark_in_doubt(conn) -> list[tuple]:
+    """Claims whose sending session ended before it knew the outcome: ``in doubt``, never sent again."""
+    from loaders.leases import holder_alive
+
+    with transaction(conn) as cur:
+        cur.execute(
+            f"""
+            UPDATE incident_notifications l SET outcome = 'in doubt'
+             WHERE l.outcome = 'sending' AND NOT {holder_alive('l')}
+            RETURNING l.incident_id, l.channel, l.event, l.claimed_at
+            """
+        )
+        doubtful = cur.fetchall()
+    for incident_id, channel, event, claimed_at in doubtful:
+        log.warning("the %s alert of incident %d on %s may not have gone out: the process sending it "
+                    "(claimed %s) stopped before it knew; it is not sent again", event, incident_id, channel,
+                    claimed_at.isoformat())
+    return doubtful
+
+
+def claim_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[dict]:
+    """Claim, for this session, every alert due on ``channel``; the claimed alerts with their incidents."""
+    if channel.startswith("smtp:"):
+        count_per_break_reports(cur, channel)
+    return claim(cur, channel, now, choose_due(cur, alerts, channel, now))
+
+
+def count_per_break_reports(cur, channel: str) -> None:
+    """An incident whose breaks the per-break alerts (before migration 0014) reported was announced then."""
+    cur.execute(
+        """
+        INSERT INTO incident_notifications (incident_id, channel, event, seq, claimed_at, sent_at, outcome)
+        SELECT b.incident_id, %s, 'opened', 0, min(n.notified_at), min(n.notified_at), 'reported per break'
+          FROM reconciliation_breaks b JOIN break_notifications n USING (break_id)
+         WHERE b.incident_id IS NOT NULL
+           AND NOT EXISTS (SELECT FROM incident_notifications x
+                            WHERE x.incident_id = b.incident_id AND x.channel = %s)
+         GROUP BY b.incident_id
+        ON CONFLICT DO NOTHING
+        """,
+        (channel, channel),
+    )
+
+
+def choose_due(cur, alerts: AlertsConfig, channel: str, now: datetime) -> list[tuple[int, str, int | None]]:
+    """The alerts due on ``channel``: (incident, event, the incident's last alert on it or None).
+
+    The last alert of each incident on the channel says what is due next.
+    Incidents being written (a reconciliation) or chosen (another run) are
+    skipped: the next run sees them.
+    """
+    cur.execute(
+        """
+        WITH last AS (
+            SELECT DISTINCT ON (incident_id) incident_id, notification_id, event, claimed_at
+              FROM incident_notifications WHERE channel = %(channel)s
+             ORDER BY incident_id, notification_id DESC
+        ), due AS (
+            SELECT i.incident_id, l.notification_id AS last_id,
+                   CASE WHEN i.resolved_at IS NULL AND (l.event IS NULL OR l.event = 'resolved') THEN 'opened'
+                        WHEN i.resolved_at IS NULL AND %(remind)s > interval '0'
+                             AND l.claimed_at + %(remind)s <= %(now)s
+                             AND NOT EXISTS (SELECT FROM incident_acknowledgements k
+                                              WHERE k.incident_id = i.incident_id) THEN 'reminder'
+                        WHEN i.resolved_at IS NOT NULL AND l.event IN ('opened', 'reminder')
+                             AND i.resolved_at + %(flap)s <= %(now)s THEN 'resolved'
+                   END AS event
+              FROM break_incidents i
+              LEFT JOIN last l USING (incident_id)
+             WHERE i.resolved_at IS NULL OR l.event IN ('opened', 'reminder')
+        )
+        SELECT i.incident_id, due.event, due.last_id
+          FROM break_incidents i JOIN due USING (incident_id)
+         WHERE due.event IS NOT NULL
+         ORDER BY i.opened_at, i.incident_id
+           FOR UPDATE OF i SKIP LOCKED
+        """,
+        {"channel": channel, "remind": alerts.remind_every, "flap": alerts.flap_window, "now": now},
+    )
+    return cur.fetchall()
+
+
+def claim(cur, channel: str, now: datetime, due: list[tuple[int, str, int | None]]) -> list[dict]:
+    """Claim the ``due`` alerts for this session; those claimed, with their incidents.
+
+    An alert is claimed only if its incident's last alert on the channel is
+    still the one it was chosen after: a run that chose it from a snapshot
+    taken before another run's claim committed (and then locked the row
+    that run had just let go) claims nothing. Two claims inserted at once
+    meet on the unique key, and the second does nothing.
+    """
+    from loaders.leases import HOLDER
+
+    if not due:
+        return []
+    cur.execute(
+        f"""
+        INSERT INTO incident_notifications (incident_id, channel, event, seq, claimed_at, outcome,
+                                            pid, backend_start, holder_role)
+        SELECT d.incident_id, %(channel)s, d.event,
+               (SELECT count(*) FROM incident_notifications x
+                 WHERE x.incident_id = d.incident_id AND x.channel = %(channel)s AND x.event = d.event),
+               %(now)s, 'sending', h.pid, h.backend_start, h.holder_role
+          FROM unnest(%(ids)s::bigint[], %(events)s::text[], %(lasts)s::bigint[]) AS d (incident_id, event, last_id),
+               ({HOLDER}) h
+         WHERE (SELECT max(x.notification_id) FROM incident_notifications x
+                 WHERE x.incident_id = d.incident_id AND x.channel = %(channel)s) IS NOT DISTINCT FROM d.last_id
+        ON CONFLICT DO NOTHING
+        RETURNING notification_id, incident_id, event
+        """,
+        {"channel": channel, "now": now, "ids": [d[0] for d in due], "events": [d[1] for d in due],
+         "lasts": [d[2] for d in due]},
+    )
+    claimed = {incident_id: (notification_id, event) for notification_id, incident_id, event in cur.fetchall()}
+    if not claimed:
+        return []
+    cur.execute(
+        """
+        SELECT incident_id, check_name, kind, status, subject_label, opened_at, last_seen, resolved_at, breaks,
+               worst_difference_text, detail, acknowledged_by
+          FROM reconciliation_incidents WHERE incident_id = ANY(%s)
+         ORDER BY opened_at, incident_id
+        """,
+        (list(claimed),),
+    )
+    names = [d[0] for d in cur.description]
+    alerts_due = []
+    for row in cur.fetchall():
+        incident = dict(zip(names, row))
+        incident["notification_id"], incident["event"] = claimed[incident["incident_id"]]
+        alerts_due.append(incident)
+    return alerts_due
+
+
+# -- what a message says ---------------------------------------------------------------
+
+def summary(alerts: AlertsConfig, due: list[dict]) -> str:
+    """One line: the subject of a message listing ``due``."""
+    counts = {event: sum(1 for d in due if d["event"] == event) for event in EVENTS}
+    parts = []
+    if counts["opened"]:
+        parts.append(f"{counts['opened']} incident{'s' if counts['opened'] != 1 else ''} opened")
+    stale = sorted({d["subject_label"] for d in due if d["event"] == "opened" and d["kind"] == "stale"})
+    if stale:
+        parts.append(f"stale source{'s' if len(stale) != 1 else ''}: {', '.join(stale)}")
+    if counts["resolved"]:
+        parts.append(f"{counts['resolved']} resolved")
+    if counts["reminder"]:
+        parts.append(f"{counts['reminder']} still open")
+    return f"{alerts.subject_prefix} {'; '.join(parts)}".strip()
+
+
+def _cells(d: dict) -> tuple[str, ...]:
+    """One incident's cells; provider text (subjects, details) with control characters shown escaped."""
+    return tuple(one_line(c) for c in (
+        d["event"], f"#{d['incident_id']}", d["check_name"], d["kind"], d["subject_label"],
+        d["opened_at"].isoformat(), (d["resolved_at"] or d["last_seen"]).isoformat(), str(d["breaks"]),
+        d["worst_difference_text"] or "", d["detail"] or ""))
+
+
+HEADERS = ("alert", "incident", "check", "kind", "subject", "opened (UTC)", "last seen or resolved (UTC)",
+           "breaks", "worst difference", "latest detail")
+
+
+def compose_html(due: list[dict]) -> str:
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(d)) + "</tr>" for d in due[:MAX_LISTED]]
+    more = len(due) - MAX_LISTED
+    return ("<p>Reconciliation incidents: opened, still open, or resolved since the last alert.</p>"
+            "<table border=\"1\" cellpadding=\"4\"><tr>" + "".join(f"<th>{h}</th>" for h in HEADERS) + "</tr>"
+            + "".join(rows) + "</table>"
+            + (f"<p>and {more} more: see the view reconciliation_incidents.</p>" if more > 0 else "")
+            + "<p>Acknowledge one (stops its reminders): balances incidents ack ID --note TEXT</p>")
+
+
+def slack_escape(text: str) -> str:
+    """Text Slack shows as written: ``<...>`` would be a link or a mention (@channel) otherwise."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def compose_text(subject: str, due: list[dict]) -> str:
+    lines = [slack_escape(subject)]
+    for d in due[:MAX_LISTED]:
+        event, number, check, kind, label, opened, last, breaks, worst, detail = map(slack_escape, _cells(d))
+        lines.append(f"• {event} {number} {check} {kind} {label}: since {opened}, {breaks} break(s)"
+                     + (f", worst difference {worst}" if worst else "") + (f"; {detail}" if detail else ""))
+    if len(due) > MAX_LISTED:
+        lines.append(f"and {len(due) - MAX_LISTED} more: see the view reconciliation_incidents")
+    return "\n".join(lines)
+
+
+# -- sending -----------------------------------------------------------------------------
+
+class _Scrub(logging.Filter):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pipeline.connections import scrub
+
+        record.msg, record.args = scrub(record.getMessage(), self.secrets), ()
+        return True
+
+
+@contextmanager
+def masked_logs(secrets: list[str]) -> Iterator[None]:
+    """Secrets masked from what the Slack client logs meanwhile (its retries name the webhook URL)."""
+    logger = logging.getLogger(SLACK_CLIENT_LOGGER)
+    scrubber = _Scrub(secrets)
+    logger.addFilter(scrubber)
+    try:
+        yield
+    finally:
+        logger.removeFilter(scrubber)
+
+
+def send(alerts: AlertsConfig, channel: str, due: list[dict], secrets: list[str], context: dict) -> None:
+    """One message listing ``due`` on ``channel``, through the provider's notifier; secrets masked."""
+    from pipeline.connections import scrub
+
+    subject = scrub(summary(alerts, due), secrets)
+    kind, conn_id = channel.split(":", 1)
+    # notify(), not __call__: the message is final text, never a Jinja template.
+    if kind == "smtp":
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        SmtpNotifier(to=list(alerts.to), from_email=alerts.from_email, subject=subject,
+                     html_content=scrub(compose_html(due), secrets), smtp_conn_id=conn_id).notify(context)
+    else:
+        from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
+        from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+
+        notifier = SlackWebhookNotifier(slack_webhook_conn_id=conn_id, text=scrub(compose_text(subject, due), secrets))
+        # Its own hook would give the client Airflow's logger, which masks
+        # nothing outside a task: the same hook, logging where secrets are masked.
+        notifier.hook = SlackWebhookHook(slack_webhook_conn_id=conn_id, logger=logging.getLogger(SLACK_CLIENT_LOGGER))
+        with masked_logs(secrets):
+            notifier.notify(context)
+
+
+def _settle(conn, ids: list[int], statement: str) -> None:
+    """Confirm or withdraw claims; over a new connection if this one broke since (the send is done)."""
+    for attempt in (1, 2):
+        try:
+            target = conn if attempt == 1 else reconnect_like(conn, application_name="balance-snapshots alerts")
+            try:
+                with transaction(target) as cur:
+                    cur.execute(statement, (ids,))
+            finally:
+                if target is not conn:
+                    target.close()
+            return
+        except Exception as exc:
+            if attempt == 2 or not conn.closed:
+                raise
+            log.warning("the connection broke after the alerts went out; settling %d claim(s) over a new one: %s",
+                        len(ids), exc)
+
+
+@dataclass(slots=True)
+class Sent:
+    """What one call sent, per event, and on which channels."""
+
+    opened: int = 0
+    reminder: int = 0
+    resolved: int = 0
+    channels: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.opened + self.reminder + self.resolved
+
+
+def notify_incidents(conn, config, context: dict | None = None, *, now: datetime | None = None) -> Sent:
+    """Send every alert due on every configured channel, one message per channel.
+
+    ``now`` is the clock that reminders and ``flap_window`` are measured
+    against (default: the present). A channel whose send fails raises
+    after its claims are withdrawn; channels before it keep what they sent.
+    """
     alerts: AlertsConfig | None = config.alerts
+    sent = Sent()
     if alerts is None:
-        return 0
+        return sent
     check_connection(alerts)
     secrets = known_secrets(config)
-    with conn.cursor() as cur:
+    now = now or datetime.now(timezone.utc)
+    mark_in_doubt(conn)
+    for channel in alerts.channels:
+        with transaction(conn) as cur:
+            due = claim_due(cur, alerts, channel, now)
+        if not due:
+            continue
+        ids = [d["notification_id"] for d in due]
         try:
-            breaks = pending_breaks(cur)
-            if not breaks:
-                conn.rollback()
-                return 0
-            subject, body = compose(alerts, breaks, secrets)
-            cur.execute(
-                "INSERT INTO break_notifications (break_id, channels) SELECT unnest(%s::bigint[]), %s",
-                ([b["break_id"] for b in breaks], alerts.channels),
-            )
-            notifier = SmtpNotifier(to=list(alerts.to), from_email=alerts.from_email, subject=subject,
-                                    html_content=body, smtp_conn_id=alerts.smtp_conn_id)
-            # notify(), not __call__: the message is final text, never a Jinja template.
-            notifier.notify(dict(context or {}))
+            send(alerts, channel, due, secrets, dict(context or {}))
         except BaseException:
-            conn.rollback()
+            _settle(conn, ids, "DELETE FROM incident_notifications WHERE notification_id = ANY(%s)"
+                               " AND outcome = 'sending'")
             raise
-    conn.commit()
-    return len(breaks)
+        _settle(conn, ids, "UPDATE incident_notifications SET outcome = 'sent', sent_at = now()"
+                           " WHERE notification_id = ANY(%s) AND outcome = 'sending'")
+        for d in due:
+            setattr(sent, d["event"], getattr(sent, d["event"]) + 1)
+        sent.channels += (channel,)
+    return sent

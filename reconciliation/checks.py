@@ -187,7 +187,7 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
             name=name,
             left=_holding(table, "left", where, sources, broken_sources),
             right=_holding(table, "right", where, sources, broken_sources),
-            max_skew=_duration(_required(table, "max_skew", where), f"{where}.max_skew"),
+            max_skew=duration_key(_required(table, "max_skew", where), f"{where}.max_skew"),
             abs_tolerance=_tolerance(table, "abs_tolerance", where),
             rel_tolerance=_tolerance(table, "rel_tolerance", where),
         )
@@ -202,7 +202,7 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
                               abs_tolerance=_tolerance(table, "abs_tolerance", where))
     cron = cron_of(source.schedule)
     if "max_staleness" in table:
-        max_staleness = _duration(table["max_staleness"], f"{where}.max_staleness")
+        max_staleness = duration_key(table["max_staleness"], f"{where}.max_staleness")
     elif cron is None:
         raise ConfigError(f"{where}.max_staleness: required: source {source.name!r} has no recurring "
                           "schedule to derive it from")
@@ -277,14 +277,17 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _duration(value: Any, where: str) -> timedelta:
+def duration_key(value: Any, where: str, *, zero: bool = False) -> timedelta:
+    """A duration key's value; with ``zero``, ``"0"`` (none) is accepted too."""
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a duration written as a string such as \"1h\", got {value!r}")
+    if zero and value.strip() == "0":
+        return timedelta(0)
     try:
         duration = parse_duration(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if duration <= timedelta(0):
+    if duration <= timedelta(0) and not zero:
         raise ConfigError(f"{where}: must be longer than zero")
     return duration
 

@@ -27,7 +27,11 @@ What each check finds (``kind`` of the break in brackets):
 
 A break is identified by check, kind, subject and check time. Rerunning a
 window updates ``last_seen`` of the breaks still found and resolves the
-check's open breaks in the window that are no longer found.
+check's open breaks in the window that are no longer found. Each check also
+reports every check time it examined, per kind of break (:class:`Findings`):
+consecutive breaks of one subject are one incident, resolved at the first
+check time after them at which the check held (:mod:`reconciliation.incidents`),
+recorded in the same transaction as the breaks.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from loaders.db import transaction
 from loaders.runs import MAX_ERROR_CHARS
 from loaders.statuses import ReconciliationStatus, RunStatus
 from pipeline.progress import Progress
+from reconciliation import incidents
 from reconciliation.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,18 @@ class Break:
 
 
 @dataclass(slots=True)
+class Findings:
+    """What one check found over a window: its breaks, and per kind of break every check time it examined.
+
+    A check time examined without a break of a subject is a time the check
+    held for it: what ends an incident.
+    """
+
+    breaks: list[Break] = field(default_factory=list)
+    checked: dict[str, list[datetime]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class Reconciliation:
     run_id: int
     window_from: datetime
@@ -95,10 +112,13 @@ def default_window(end: datetime, lookback: timedelta = DEFAULT_LOOKBACK) -> tup
 
 
 def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: datetime, *,
-              dag_run_id: str | None = None, progress: Progress | None = None) -> Reconciliation:
+              dag_run_id: str | None = None, progress: Progress | None = None,
+              flap_window: timedelta = timedelta(0)) -> Reconciliation:
     """Run ``checks`` over ``[window_from, window_to]``; one transaction per check.
 
     ``progress`` hears of each check as it ends (see :mod:`pipeline.progress`).
+    A subject broken again within ``flap_window`` of its incident's
+    resolution reopens that incident (``[alerts] flap_window``).
 
     The run is held by this session while it works (:mod:`loaders.leases`),
     so a reconciliation whose process died is reaped (``abandoned``) by the
@@ -121,12 +141,14 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
     try:
         for number, check in enumerate(checks.values(), 1):
             started = time.monotonic()
-            found = find_breaks(conn, check, window_from, window_to)
-            counts = record_breaks(conn, run.run_id, check, found, window_from, window_to)
+            findings = examine(conn, check, window_from, window_to)
+            counts = record_breaks(conn, run.run_id, check, findings, window_from, window_to,
+                                   flap_window=flap_window)
             if progress is not None:
                 progress.step(f"check {number}/{len(checks)} {check.name}",
-                              f"{counts['open']} open, {counts['new']} new, {counts['resolved']} resolved "
-                              f"in {time.monotonic() - started:.1f}s")
+                              f"{counts['open']} open, {counts['new']} new, {counts['resolved']} resolved; "
+                              f"incidents {counts['incidents_opened']} opened, "
+                              f"{counts['incidents_resolved']} resolved in {time.monotonic() - started:.1f}s")
             run.per_check[check.name] = counts
             run.checks_run += 1
             run.breaks_open += counts["open"]
@@ -182,18 +204,27 @@ def _record_failure(conn, run: Reconciliation, exc: BaseException) -> None:
                   run.run_id, error[:500], safe_text(second, 500))
 
 
-def find_breaks(conn, check: Check, window_from: datetime, window_to: datetime) -> list[Break]:
+def examine(conn, check: Check, window_from: datetime, window_to: datetime) -> Findings:
+    """Run one check over the window: its breaks and the check times it examined."""
     finder: Callable[..., Iterable[Break]] = _FINDERS[check.kind]
+    findings = Findings()
     with conn.cursor() as cur:
-        found = list(finder(cur, check, window_from, window_to))
+        found = list(finder(cur, check, window_from, window_to, findings.checked))
     conn.commit()
     # One row per key: the upsert cannot touch the same row twice.
-    return list({b.key: b for b in found}.values())
+    findings.breaks = list({b.key: b for b in found}.values())
+    return findings
 
 
-def record_breaks(conn, run_id: int, check: Check, found: list[Break], window_from: datetime,
-                  window_to: datetime) -> dict[str, int]:
-    """Upsert what was found, resolve what no longer holds; counts of open, new, resolved."""
+def find_breaks(conn, check: Check, window_from: datetime, window_to: datetime) -> list[Break]:
+    """The breaks one check finds over the window, recording nothing."""
+    return examine(conn, check, window_from, window_to).breaks
+
+
+def record_breaks(conn, run_id: int, check: Check, findings: Findings, window_from: datetime,
+                  window_to: datetime, *, flap_window: timedelta = timedelta(0)) -> dict[str, int]:
+    """Upsert what was found, resolve what no longer holds, follow the incidents; counts of each."""
+    found = findings.breaks
     with transaction(conn) as cur:
         rows = execute_values(
             cur,
@@ -207,7 +238,7 @@ def record_breaks(conn, run_id: int, check: Check, found: list[Break], window_fr
                    right_value = EXCLUDED.right_value, difference = EXCLUDED.difference,
                    tolerance = EXCLUDED.tolerance, detail = EXCLUDED.detail, status = 'open',
                    resolved_at = NULL, last_seen = EXCLUDED.last_seen, last_run_id = EXCLUDED.last_run_id
-            RETURNING break_id, xmax = 0
+            RETURNING break_id, xmax = 0, kind, subject, check_time
             """,
             [(check.name, check.kind, b.kind, Json(b.subject), b.check_time, list(check.sources),
               b.left_value, b.right_value, b.difference, b.tolerance, run_id, run_id, b.detail)
@@ -225,10 +256,15 @@ def record_breaks(conn, run_id: int, check: Check, found: list[Break], window_fr
             (run_id, check.name, window_from, window_to, [r[0] for r in rows]),
         )
         resolved = cur.rowcount
-    return {"open": len(rows), "new": sum(1 for r in rows if r[1]), "resolved": resolved}
+        ids = {(kind, json.dumps(subject, sort_keys=True), t): break_id for break_id, _, kind, subject, t in rows}
+        changed = incidents.track(cur, run_id, check, [(ids[b.key], b) for b in found], findings.checked,
+                                  window_from, flap_window)
+    return {"open": len(rows), "new": sum(1 for r in rows if r[1]), "resolved": resolved,
+            "incidents_opened": changed["opened"], "incidents_resolved": changed["resolved"]}
 
 
-def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetime,
+                checked: dict[str, list[datetime]]) -> Iterable[Break]:
     cur.execute(
         f"""
         WITH times AS (
@@ -255,9 +291,12 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
          "published": RunStatus.PUBLISHED},
     )
     subject = {"left": check.left.as_dict(), "right": check.right.as_dict()}
+    rows = cur.fetchall()
+    for kind in ("mismatch", "skew", "missing"):
+        checked[kind] = [r[0] for r in rows]
     # Differences and tolerances come from SQL: Python's Decimal rounds
     # arithmetic to 28 digits, NUMERIC does not (comparisons are exact in both).
-    for t, left, right_as_of, right, difference, tolerance in cur.fetchall():
+    for t, left, right_as_of, right, difference, tolerance in rows:
         values = {"left_value": left, "right_value": right, "difference": difference}
         if right_as_of is None:
             yield Break("missing", subject, t, **values,
@@ -277,7 +316,8 @@ def pair_breaks(cur, check: PairCheck, window_from: datetime, window_to: datetim
                                f"(snapshot {right_as_of.isoformat()})")
 
 
-def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_to: datetime,
+                     checked: dict[str, list[datetime]]) -> Iterable[Break]:
     cur.execute(
         f"""
         WITH agg AS (
@@ -292,16 +332,20 @@ def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_t
              GROUP BY 1, 2
         )
         SELECT as_of, asset, coalesce(agg.units, 0), coalesce(accounts.units, 0),
-               coalesce(agg.units, 0) - coalesce(accounts.units, 0), agg.units IS NULL, accounts.units IS NULL
+               coalesce(agg.units, 0) - coalesce(accounts.units, 0), agg.units IS NULL, accounts.units IS NULL,
+               abs(coalesce(agg.units, 0) - coalesce(accounts.units, 0)) > %(tolerance)s
           FROM agg FULL JOIN accounts USING (as_of, asset)
          WHERE (%(assets)s::text[] IS NULL OR asset = ANY(%(assets)s::text[]))
-           AND abs(coalesce(agg.units, 0) - coalesce(accounts.units, 0)) > %(tolerance)s
          ORDER BY as_of, asset
         """,
         {"source": check.source, "from": window_from, "to": window_to,
          "assets": list(check.assets) if check.assets else None, "tolerance": check.abs_tolerance},
     )
-    for as_of, asset, aggregate, accounts, difference, no_aggregate, no_accounts in cur.fetchall():
+    rows = cur.fetchall()
+    checked["mismatch"] = sorted({r[0] for r in rows})
+    for as_of, asset, aggregate, accounts, difference, no_aggregate, no_accounts, broken in rows:
+        if not broken:
+            continue
         detail = ("asset missing from the provider's aggregate" if no_aggregate
                   else "no account holds this asset" if no_accounts
                   else "aggregate differs from the sum of the accounts")
@@ -309,14 +353,21 @@ def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_t
                     difference, check.abs_tolerance, detail)
 
 
-def continuity_breaks(cur, check: ContinuityCheck, window_from: datetime,
-                      window_to: datetime) -> Iterable[Break]:
-    yield from _gaps(cur, check, window_from, window_to)
-    yield from _stale(cur, check, window_from, window_to)
+def continuity_breaks(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime,
+                      checked: dict[str, list[datetime]]) -> Iterable[Break]:
+    yield from _gaps(cur, check, window_from, window_to, checked)
+    times = _published_times(cur, check, window_from, window_to)
+    snapshots = [t for t in times if window_from <= t <= window_to]
+    # The source was fresh at each of its snapshots: what ends a stale stretch.
+    checked["stale"] = snapshots
+    yield from _stale(check, times, window_from, window_to)
+    for kind in ("negative_balance", "available_above_balance"):
+        checked[kind] = snapshots
     yield from _impossible_balances(cur, check, window_from, window_to)
 
 
-def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
+def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime,
+          checked: dict[str, list[datetime]]) -> Iterable[Break]:
     if check.cron is None:
         return
     scheduled = fire_times(check.cron, max(window_from, check.start_date), window_to)
@@ -325,6 +376,7 @@ def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetim
     # triggered by one source's publish at 13:30:20 would otherwise report
     # every other source's 13:30 run, still crawling, as a gap.)
     scheduled = scheduled[:-1]
+    checked["gap"] = scheduled
     if not scheduled:
         return
     cur.execute(
@@ -346,9 +398,10 @@ def _gaps(cur, check: ContinuityCheck, window_from: datetime, window_to: datetim
                                f"({'runs: ' + statuses if statuses else 'no run'})")
 
 
-def _stale(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime) -> Iterable[Break]:
-    # From the last snapshot before the window, so a stretch that began
-    # before it is still seen; the window's end closes the last stretch.
+def _published_times(cur, check: ContinuityCheck, window_from: datetime, window_to: datetime) -> list[datetime]:
+    """The source's snapshot times in the window, and the last one before it."""
+    # From the last snapshot before the window, so a stale stretch that
+    # began before it is still seen.
     cur.execute(
         """
         SELECT DISTINCT as_of FROM snapshot_runs
@@ -360,7 +413,12 @@ def _stale(cur, check: ContinuityCheck, window_from: datetime, window_to: dateti
         """,
         {"source": check.source, "from": window_from, "to": window_to, "published": RunStatus.PUBLISHED},
     )
-    times = [r[0] for r in cur.fetchall()]
+    return [r[0] for r in cur.fetchall()]
+
+
+def _stale(check: ContinuityCheck, times: list[datetime], window_from: datetime,
+           window_to: datetime) -> Iterable[Break]:
+    # The window's end closes the last stretch.
     allowed = Decimal(int(check.max_staleness.total_seconds()))
     for as_of, until in zip(times, times[1:] + [window_to]):
         stale_at = as_of + check.max_staleness

@@ -1,11 +1,13 @@
 """The Superset dashboard in a real browser: Debian's headless Chromium via chromedriver.
 
 Real snapshots of the moving sandboxes (Hedera at three past minutes, the
-others now) and a reconciliation fill the database; Superset (its own
-virtualenv, ``scripts/superset``) imports ``dashboards/export`` reading the
-views as a ``balances_reader`` login; the browser logs in, opens the
-dashboard and waits for the charts to show the data: the open break's
-subject, an exact balance beyond float precision, every source's
+ledger twice, the others now) and a reconciliation after each ledger
+snapshot fill the database; Superset (its own virtualenv,
+``scripts/superset``) imports ``dashboards/export`` reading the views as a
+``balances_reader`` login; the browser logs in, opens the dashboard and
+waits for the charts to show the data: the overdrawn account's incident as
+one row with its first and last check time and its two breaks, incidents
+opened per day, an exact balance beyond float precision, every source's
 freshness. The screenshot is kept (``$BALANCES_DASHBOARD_SCREENSHOT``, else
 the test's temporary directory).
 """
@@ -72,12 +74,7 @@ def load_demo_data(db, tmp_path: Path) -> None:
         now = datetime.now(timezone.utc)
         for keys in sources.values():
             keys["start_date"] = now - timedelta(minutes=1)
-        for name, keys in sources.items():
-            source = parse_source(name, dict(keys))
-            times = [now - timedelta(minutes=m) for m in (6, 3, 0)] if keys["provider"] == "hedera" else [now]
-            for at in times:
-                summary = take_snapshot(db, source, at, credentials=connections.credentials(source.conn_id))
-                assert summary["status"] == "published", summary
+        minutes = {"hedera": (6, 3, 0), "formance": (1, 0)}
         # History written before ids were checked, holding markup (tests/test_hostile_ids.py): the
         # dashboard must show it as text, never as a live link or image.
         publish_snapshot(db, HOSTILE_SOURCE, now - timedelta(minutes=2),
@@ -85,6 +82,16 @@ def load_demo_data(db, tmp_path: Path) -> None:
         config = tmp_path / "balances.toml"
         write_sources(config, sources, DEMO_CHECKS)
         checks = load_checks(parse_config(tomllib.loads(config.read_text()), config))
+        for name, keys in sources.items():
+            source = parse_source(name, dict(keys))
+            for m in minutes.get(keys["provider"], (0,)):
+                at = now - timedelta(minutes=m)
+                summary = take_snapshot(db, source, at, credentials=connections.credentials(source.conn_id))
+                assert summary["status"] == "published", summary
+                if keys["provider"] == "formance":
+                    # The ledger reads the present: its two snapshots are a moment apart.
+                    reconcile(db, checks, now - timedelta(minutes=10), datetime.now(timezone.utc))
+                    time.sleep(1)
         reconcile(db, checks, now - timedelta(minutes=10), now + timedelta(seconds=30))
     finally:
         for server in servers:
@@ -125,8 +132,10 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
         "Debian's browser is missing: apt-get install -y chromium chromium-driver"
 
     load_demo_data(db, tmp_path)
-    (subject,) = fetch(db, """SELECT DISTINCT subject_label FROM reconciliation_breaks_detail
-                               WHERE status = 'open' AND kind = 'negative_balance'""")[0]
+    ((subject, opened_at, last_seen, breaks, worst),) = fetch(db, """
+        SELECT subject_label, opened_at, last_seen, breaks, worst_difference_text FROM reconciliation_incidents
+         WHERE status = 'open' AND kind = 'negative_balance'""")
+    assert breaks == 2 and opened_at < last_seen  # one incident for the overdraft seen twice
     (big,) = fetch(db, "SELECT balance_text FROM balance_latest ORDER BY balance_units DESC LIMIT 1")[0]
     assert len(big.replace(".", "")) > 17  # beyond what a float carries exactly
     sources = [s for (s,) in fetch(db, "SELECT source FROM source_freshness ORDER BY source")]
@@ -145,7 +154,11 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
         driver.get(f"{superset.url}{superset.dashboard_path}")
 
         text = lambda d: d.find_element("tag name", "body").text  # noqa: E731
-        wait_for(driver, lambda d: subject in text(d), f"the open break {subject!r}")
+        row = wait_for(driver, lambda d: d.find_elements("xpath", f"//tr[td[normalize-space() = '{subject}']]"),
+                       f"the incident of {subject!r}")
+        assert [td.text for td in row[0].find_elements("tag name", "td")][:8] == [
+            "open", "formance_continuity", "negative_balance", subject, f"{opened_at:%Y-%m-%d %H:%M:%S}",
+            f"{last_seen:%Y-%m-%d %H:%M:%S}", "2", worst]
         wait_for(driver, lambda d: big in text(d), f"the exact balance {big}")
         wait_for(driver, lambda d: all(s in text(d) for s in sources), f"the freshness of {sources}")
         # The four time charts draw on canvases (ECharts), once their data arrived.
@@ -153,7 +166,8 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
                  "four rendered time charts")
         body = text(driver)
         for title in ("Balance of a holding over time", "Latest balances (exact)", "Source freshness",
-                      "Breaks per day", "Snapshot runs", "Open breaks", "Pair check treasury_hbar"):
+                      "Incidents opened per day", "Snapshot runs", "Incidents: open, acknowledged",
+                      "Pair check treasury_hbar"):
             assert title in body
         assert "Unexpected error" not in body and "No results were returned" not in body
         # The hostile id is on the page as its text, and not one link or image came from it.

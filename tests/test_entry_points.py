@@ -46,6 +46,7 @@ TESTED = {
     (README, "airflow-install"): "tests/test_install.py::test_the_package_installs_onto_a_plain_airflow",
     (README, "serve"): "test_serve_as_typed_then_ctrl_c_stops_everything",
     (README, "superset-import"): "tests/test_dashboard.py::test_import_into_an_existing_superset_as_typed",
+    (README, "alerts"): "tests/test_alerts.py::test_the_readme_alerts_block_as_typed",
     (DEPLOYMENT, "deploy"): "test_deploy_block_with_the_editable_install and "
                             "test_deploy_block_with_a_plain_pinned_install",
 }
@@ -85,7 +86,7 @@ def test_every_documented_block_is_run_by_a_test():
     documented = {(path, name) for path in (README, DEPLOYMENT) for name in documented_blocks(path)}
     assert documented == set(TESTED)
     here = "".join((REPO / "tests" / name).read_text()
-                   for name in ("test_entry_points.py", "test_install.py", "test_dashboard.py"))
+                   for name in ("test_entry_points.py", "test_install.py", "test_dashboard.py", "test_alerts.py"))
     for runner in TESTED.values():
         for name in (part.rsplit("::", 1)[-1] for part in runner.split(" and ")):
             assert f"def {name}(" in here, runner

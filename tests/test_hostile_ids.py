@@ -168,13 +168,13 @@ def test_report_chart_draws_the_id_as_a_plain_label(db, database_url, tmp_path):
 
 def test_alert_mail_shows_the_id_as_text(db, tmp_path, smtp):  # noqa: F811 (the fixture)
     from pipeline.config import parse_config
-    from reconciliation.alerts import notify_new_breaks
+    from reconciliation.alerts import notify_incidents
 
     hostile_history(db)
     reconciled(db, tmp_path)
     config = parse_config({"sources": {}, "alerts": {"smtp_conn_id": "smtp_alerts", "to": ["ops@example.com"],
                                                      "from_email": "balances@example.com"}})
-    assert notify_new_breaks(db, config, {}) >= 1
+    assert notify_incidents(db, config, {}).opened >= 1
     [message] = smtp.messages
     html_part = message.get_body(("html",)).get_content()
     assert "&lt;img src=https://beacon.example" in html_part and "<img src=https" not in html_part
