@@ -75,7 +75,7 @@ def test_schema_md_lists_every_provider():
 # A value for each placeholder of the CLI synopsis.
 PLACEHOLDERS = {"SOURCE": "hedera_mainnet", "TIME": "2026-11-01T00:00Z", "N": "3", "DIR": "out",
                 "A": "0.0.98", "X": "HBAR", "NAME": "grafana", "RUN": "7", "URL": "postgresql://u@h/db",
-                "PATH": "b.toml", "COMMAND": "runs"}
+                "PATH": "b.toml", "COMMAND": "runs", "ID": "17", "TEXT": "pays back on Monday"}
 
 
 def synopsis_commands() -> list[list[str]]:
