@@ -382,6 +382,8 @@ def reconcile(args) -> int:
     print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
           f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
           f"{result.breaks_resolved} resolved")
+    for name, note in result.notes.items():
+        print(f"  {name}: {cell(note, 300)}")
     for b in breaks:
         values = " ".join(f"{k}={cell(b[k])}" for k in ("left_value", "right_value", "difference", "tolerance")
                           if b[k] is not None)
