@@ -324,8 +324,9 @@ class _Crawl:
     rows: int = 0
     rejected: int = 0
     moved: str | None = None
-    previous_page: set[str] = field(default_factory=set)
-    this_page: set[str] = field(default_factory=set)
+    previous_page: set = field(default_factory=set)
+    this_page: set = field(default_factory=set)
+    last_address: str | None = None
 
     def next_page(self) -> None:
         self.previous_page, self.this_page = self.this_page, set()
@@ -599,7 +600,7 @@ class FormanceExtractor:
         for data in bodies:
             page = Page(as_of=at, as_of_raw=format_pit(at))
             for _, (address, row) in page.parse_each(_cursor_data(data), self._parse_volume):
-                self._account(address, crawl)
+                self._account(address, crawl, row.asset)
                 page.rows.append(row)
                 crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
             self._count(page, crawl)
@@ -700,7 +701,7 @@ class FormanceExtractor:
         crawl.rejected += len(page.rejected)
         crawl.next_page()
 
-    def _account(self, address: str, crawl: _Crawl) -> None:
+    def _account(self, address: str, crawl: _Crawl, asset: str | None = None) -> None:
         """Check a listed address: inside the filter, and not on the page before or this one."""
         pattern = self.settings.address
         if pattern and not address_matches(pattern, address):
@@ -716,12 +717,16 @@ class FormanceExtractor:
                 hint = ""
             raise SnapshotError(f"{self._where()}: the server listed {address!r}, outside the "
                                 f"address filter{hint}; nothing stored")
-        if address in crawl.previous_page:
+        # v2 lists a holding a row (an account once per asset, one after the other): an account
+        # whose assets straddle two pages is not listed twice, a holding is.
+        key = address if asset is None else (address, asset)
+        if key in crawl.previous_page:
             # Offsets shifted under the crawl: accounts were added meanwhile.
-            crawl.moved = f"{address!r} was listed twice"
-        if not self.v2 or address not in crawl.this_page:  # v2 lists an account once per asset
+            crawl.moved = f"{address!r} was listed twice" + (f" for {asset}" if asset else "")
+        if address != crawl.last_address:
             crawl.accounts += 1
-        crawl.this_page.add(address)
+        crawl.last_address = address
+        crawl.this_page.add(key)
 
     def _v2_filter(self) -> dict | None:
         # v2 filters in the body; the accepted syntax means the same there.

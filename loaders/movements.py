@@ -212,6 +212,16 @@ def begin(conn, source: str, provider: str, window: Window, *, shards: int = 1, 
         return run_id
 
 
+def drop_stale(conn, source: str, window: Window) -> None:
+    """Drop the staging of the window's earlier runs that failed: a new run reads the window again."""
+    with transaction(conn) as cur:
+        cur.execute("SELECT run_id FROM movement_runs WHERE source = %s AND period_start = %s AND period_end = %s"
+                    " AND status IN (%s, %s)",
+                    (source, window.start, window.end, MovementStatus.FAILED, MovementStatus.ABANDONED))
+        for (run_id,) in cur.fetchall():
+            drop_run(cur, run_id)
+
+
 def record_not_available(conn, source: str, provider: str, window: Window, reason: str, *,
                          snapshot_run_id: int | None = None, dag_run_id: str | None = None) -> int | None:
     """Record ``window`` as one the provider cannot explain; the run, or None if nothing was recorded.
@@ -371,6 +381,12 @@ def publish(conn, run_id: int, *, max_rejected: int = 0) -> PublishedWindow:
         refused = isinstance(exc, (PublishError, rejections.RejectedRecordsError))
         runs.record_failure(conn, run_id, str(exc) if refused else f"{type(exc).__name__}: {exc}",
                             kind=leases.MOVEMENTS)
+        if refused:  # what is staged will never publish: the window is read again by a new run
+            try:
+                with transaction(conn) as cur:
+                    drop_run(cur, run_id)
+            except Exception as second:
+                log.error("movement run %d: could not drop its staging: %s", run_id, safe_text(second, 500))
         raise
 
 

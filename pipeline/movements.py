@@ -82,6 +82,7 @@ def plan(conn, source: SourceConfig, windows: list[Window], *, snapshot_run_id: 
         return []
     planned = []
     for window in todo:
+        store.drop_stale(conn, source.name, window)
         run_id = store.begin(conn, source.name, source.provider, window, shards=source.shards,
                              snapshot_run_id=snapshot_run_id, dag_run_id=dag_run_id, config=source.record(),
                              hold=hold)
