@@ -135,6 +135,14 @@ def adjoining(conn, source: str, as_of: datetime) -> list[Window]:
     return found
 
 
+def latest_run(conn, source: str, window: Window) -> int | None:
+    """The newest movement run of ``window``, whatever its status."""
+    with transaction(conn) as cur:
+        cur.execute("SELECT max(run_id) FROM movement_runs WHERE source = %s AND period_start = %s AND period_end = %s",
+                    (source, window.start, window.end))
+        return cur.fetchone()[0]
+
+
 def held(conn, source: str, window: Window) -> int | None:
     """The run that holds ``window`` (published it, or found it not available), if one does."""
     with transaction(conn) as cur:

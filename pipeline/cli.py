@@ -8,6 +8,7 @@
     balances runs [SOURCE] [--limit N] [--show RUN]   recent snapshot runs; one run's configuration
     balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
     balances partitions [--months N]           create monthly partitions ahead
+    balances movements SOURCE [--from T --to T]   load the movements of windows not loaded yet
     balances reconcile [--from T --to T] [--check NAME]   run the [checks]
     balances report [--out DIR] [--from T --to T]         HTML + Markdown report with charts
 
@@ -165,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
     p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
+
+    p = command("movements", "load the movements of SOURCE's windows (between consecutive published snapshots) "
+                             "that are not loaded yet, for the roll-forward", commands.movements)
+    p.add_argument("source")
+    p.add_argument("--from", dest="window_from", type=aware_time,
+                   help="only windows ending at or after this time, ISO-8601 (default: every one)")
+    p.add_argument("--to", dest="window_to", type=aware_time,
+                   help="only windows ending at or before this time, ISO-8601 (default: every one)")
 
     p = command("reconcile", "run the configured checks over a window (default: the last 3 days)",
                 commands.reconcile)

@@ -457,3 +457,33 @@ def _after(raw: str) -> datetime:
 def test_windows_are_consecutive_published_snapshots():
     window = Window(_time(T1), T1, _time(T2), T2)
     assert str(window) == f"({T1}, {T2}]"
+
+
+def test_the_cli_loads_the_windows_missing_and_says_what_each_did(db, serve, database_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    server = serve(moving_mirror())
+    source = make_source("mirror", provider="hedera", base_url=server.url)
+    for ts in (T1, T2, T3):
+        take_snapshot(db, source, _after(ts))
+    config = tmp_path / "balances.toml"
+    config.write_text(f'[sources.mirror]\nprovider = "hedera"\nbase_url = "{server.url}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    env.update(BALANCES_DB_URL=database_url)
+
+    def balances(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(config), "-q", *args],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+    done = balances("movements", "mirror", "--to", _time(T2).isoformat())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"window ({T1}, {T2}]: published, 8 movement(s), 1 request(s)"]
+    done = balances("movements", "mirror")
+    assert done.stdout.splitlines() == [f"window ({T2}, {T3}]: published, 22 movement(s), 2 request(s)"]
+    again = balances("movements", "mirror")
+    assert (again.returncode, again.stdout.strip()) == (
+        0, "mirror: no window to load (every window between its published snapshots is)")
