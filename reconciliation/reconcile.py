@@ -441,14 +441,14 @@ def rollforward_breaks(cur, check: RollforwardCheck, window_from: datetime,
         period = f"({start.isoformat()}, {end.isoformat()}]"
         if status == "movement_without_holding":
             yield Break("movement_without_holding", subject, end, None, moved, None, check.tolerance,
-                        detail=f"{movements} movement(s) over {period} (net {moved}) on a holding neither "
+                        detail=f"{movements} movement(s) over {period} (net {moved:f}) on a holding neither "
                                "snapshot lists")
             continue
         difference = change - moved
         if difference.copy_abs() > check.tolerance:
             yield Break("unexplained_change", subject, end, change, moved, difference, check.tolerance,
-                        detail=f"the balance changed by {change} over {period}; its {movements} movement(s) "
-                               f"explain {moved}")
+                        detail=f"the balance changed by {change:f} over {period}; its {movements} movement(s) "
+                               f"explain {moved:f}")
 
 
 def check_note(conn, check: Check, window_from: datetime, window_to: datetime) -> str | None:

@@ -44,8 +44,10 @@ The demo data set (:func:`demo_app`) is a chain seeded by real transactions,
 timed relative to now: a treasury wallet funded three days and one day ago
 (1234.567890123456789012 ETH, which the Formance sandbox books as
 ``treasury:evm``), an operations wallet, a 6-decimal ERC-20 (DUSD) deployed
-and minted from ``tests/evm/tokens.json`` (Solidity source beside it), then
-a block a minute over the last hour.
+and minted from ``tests/evm/tokens.json`` (Solidity source beside it), two
+hours ago a DUSD payment from operations and a payment to it through the
+``Forwarder`` contract (value that only traces show), then a block a minute
+over the last hour.
 """
 from __future__ import annotations
 
@@ -465,16 +467,20 @@ def seed_demo_chain(node: Anvil, now: int) -> dict[str, str]:
     if dusd != DEMO_TOKEN:
         raise RuntimeError(f"the demo token landed at {dusd}, not {DEMO_TOKEN}: the deployer had sent before")
     node.mine(start + 60)
+    forwarder = deploy(node, "Forwarder", timestamp=start + 120)
     node.send(DEPLOYER, TREASURY, value=TREASURY_WEI - 1_200 * ETHER)
     node.send(OPERATIONS, DEPLOYER, value=12_345_678_900_000_000)  # operations pays (gas too)
     node.mine(later)
     node.send(OPERATIONS, dusd, data=call_data("transfer(address,uint256)", ("address", "uint256"), DEPLOYER,
                                                4_321_987_654))
+    # Paid through a contract: the chain's balances move by value only a trace shows.
+    node.send(DEPLOYER, forwarder, value=2_500_000_000_000_000_000,
+              data=call_data("pay(address)", ("address",), OPERATIONS))
     node.mine(recent)
     for minutes in range(60, 0, -1):  # a block a minute over the last hour
         node.mine(now - minutes * 60)
     node.set_automine(True)
-    return {"DUSD": dusd}
+    return {"DUSD": dusd, "Forwarder": forwarder}
 
 
 _DEMO: dict[str, Any] = {}

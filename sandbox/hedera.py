@@ -593,34 +593,100 @@ def generated_snapshot(timestamp: str, accounts: int, *, tokens_every: int = 0,
 TREASURY_TINYBARS = 12_345_678_900_000_000
 
 
-def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
-    """Three snapshots 15 minutes apart, the latest at or before ``now_seconds``.
+# The demo's book moves by transactions every 15 minutes (a "tick"), from the epoch on, so any
+# snapshot's balances follow from its time alone and agree with every transaction before it:
+# a demo run next hour serves the same book for 10:15 as this one did.
+TICK = 900
+DEMO_TOKEN, DEMO_TOKEN_DECIMALS = "0.0.5001", 6
+PAYERS = range(10, 210)  # tick j: 0.0.(10 + j % 200) pays 0.0.(11 + j % 200)
+PAYMENT, FEE = 250_000, 1_000
+HOLDERS = 24  # tick j: 0.0.(10 * (1 + j % 24)) sends 3 units of DEMO_TOKEN to the next holder
+REWARDED, REWARD = 100, 500  # every fourth tick 0.0.100 is paid a staking reward
+# The planted break: every other tick 0.0.777 gains 7 tinybars that no transaction explains, so
+# each demo run's two windows hold exactly one unexplained change.
+PLANTED, PLANTED_TINYBARS = 777, 7
 
-    A snapshot's balances follow from its time alone, as on a real mirror
-    node: a demo run next hour serves the same book for 10:15 as this one did.
-    """
+
+def _times(m: int, r: int, tick: int) -> int:
+    """How many ticks ``j`` in ``[0, tick]`` have ``j % m == r``."""
+    return 0 if tick < r else (tick - r) // m + 1
+
+
+def demo_transactions(j: int) -> list[Tx]:
+    """The transactions of tick ``j``, all inside ``(j - 1, j]``'s snapshots."""
+    at = j * TICK
+    holder, receiver = 10 * (1 + j % HOLDERS), 10 * (1 + (j + 1) % HOLDERS)
+    txs = [payment(f"{at - 600}.000000001", PAYERS[0] + j % len(PAYERS), PAYERS[0] + 1 + j % len(PAYERS), PAYMENT),
+           Tx(f"{at - 400}.000000002", holder, transfers=((NODE, FEE * 4 // 5), (FEE_COLLECTOR, FEE // 5),
+                                                         (holder, -FEE)),
+              token_transfers=((DEMO_TOKEN, holder, -3), (DEMO_TOKEN, receiver, 3)), charged_tx_fee=FEE)]
+    if j % 4 == 0:
+        txs.append(Tx(f"{at - 200}.000000003", REWARDED,
+                      transfers=((NODE, FEE * 4 // 5), (FEE_COLLECTOR, FEE // 5), (REWARDED, REWARD - FEE),
+                                 (STAKING_REWARD_ACCOUNT, -REWARD)),
+                      staking_rewards=((REWARDED, REWARD),), charged_tx_fee=FEE))
+    return txs
+
+
+def demo_hbar(num: int, tick: int) -> int:
+    """0.0.num's tinybars after every transaction up to tick ``tick`` (and the planted change)."""
+    balance = {2: 5_000_000_000_000_000_000, 1234: TREASURY_TINYBARS, STAKING_REWARD_ACCOUNT: 10**15}.get(
+        num, num * 100_000_000_000)
+    if num in PAYERS:
+        balance -= (PAYMENT + FEE) * _times(len(PAYERS), num - PAYERS[0], tick)
+    if num - 1 in PAYERS:
+        balance += PAYMENT * _times(len(PAYERS), num - 1 - PAYERS[0], tick)
+    if num % 10 == 0 and 1 <= num // 10 <= HOLDERS:
+        balance -= FEE * _times(HOLDERS, num // 10 - 1, tick)
+    rewards = _times(4, 0, tick)
+    fees = 2 * (tick + 1) + rewards  # every tick's two transactions, every fourth tick's reward transaction
+    balance += {NODE: FEE * 4 // 5 * fees, FEE_COLLECTOR: FEE // 5 * fees, REWARDED: (REWARD - FEE) * rewards,
+                STAKING_REWARD_ACCOUNT: -REWARD * rewards,
+                PLANTED: PLANTED_TINYBARS * _times(2, 0, tick)}.get(num, 0)
+    return balance
+
+
+def demo_token(num: int, tick: int) -> int:
+    held = num // 10
+    return num * 1_000_000 - 3 * _times(HOLDERS, held - 1, tick) + 3 * _times(HOLDERS, (held - 2) % HOLDERS, tick)
+
+
+class DemoTransactions:
+    """The demo's transactions up to tick ``last``, made on the fly for the range asked."""
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+
+    def between(self, low: int, high: int, *, descending: bool) -> Iterator[Tx]:
+        first, final = max(0, low // (TICK * 10**9)), min(self.last, high // (TICK * 10**9) + 1)
+        ticks = range(final, first - 1, -1) if descending else range(first, final + 1)
+        for j in ticks:
+            txs = demo_transactions(j)
+            for tx in (reversed(txs) if descending else txs):
+                if low <= tx.nanos <= high:
+                    yield tx
+
+
+def demo_mirror(now_seconds: int, accounts: int = 240) -> HederaMirror:
+    """Three snapshots 15 minutes apart, the latest at or before ``now_seconds``, and the transactions
+    between them: the book of :func:`demo_hbar` and :func:`demo_token`, the planted break included."""
     # A second back: the snapshot's sub-second part must not lie after the
     # moment the app is made, or "now" would pick the snapshot before it.
-    latest = (now_seconds - 1) - (now_seconds - 1) % 900
-    tokens = {"0.0.5001": 6, "0.0.5002": 2}
+    latest = (now_seconds - 1) - (now_seconds - 1) % TICK
+    tokens = {DEMO_TOKEN: DEMO_TOKEN_DECIMALS, "0.0.5002": 2}
     snapshots = []
-    for at in (latest - 1800, latest - 900, latest):
-        tick = at // 900 % 1000
+    for at in (latest - 2 * TICK, latest - TICK, latest):
+        tick = at // TICK
         book = {}
-        for num in range(2, accounts + 2):
+        for num in [*range(2, accounts + 2), PLANTED, STAKING_REWARD_ACCOUNT, 1234]:
             holdings = []
-            if num % 10 == 0:
-                holdings.append(("0.0.5001", num * 1_000_000 + tick))
-            if num % 25 == 0:
+            if num % 10 == 0 and 1 <= num // 10 <= HOLDERS:
+                holdings.append((DEMO_TOKEN, demo_token(num, tick)))
+            if num % 25 == 0 and num <= accounts + 1:
                 holdings.append(("0.0.5002", num * 100))
-            book[num] = Account(balance=num * 100_000_000 + tick * 1_000, tokens=holdings)
-        # A treasury balance above 2**53: exact only if never a float.
-        book[2] = Account(balance=5_000_000_000_000_000_000 - tick)
-        # The account the Formance sandbox books as treasury:hedera (HBAR/8):
-        # the demo's pair check compares the two.
-        book[1234] = Account(balance=TREASURY_TINYBARS)
+            book[num] = Account(balance=demo_hbar(num, tick), tokens=holdings)
         snapshots.append(Snapshot.of(f"{at}.{123456789 + tick % 10:09d}", book))
-    return HederaMirror(snapshots, tokens)
+    return HederaMirror(snapshots, tokens, transactions=DemoTransactions(latest // TICK))
 
 
 def demo_app() -> HederaMirror:
