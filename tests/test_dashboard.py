@@ -1,7 +1,8 @@
 """The Superset dashboard in a real browser: Debian's headless Chromium via chromedriver.
 
 Real snapshots of the moving sandboxes (Hedera at three past minutes, the
-others now) and a reconciliation fill the database; Superset (its own
+others now), the movements of Hedera's windows and a reconciliation fill
+the database; Superset (its own
 virtualenv, ``scripts/superset``) imports ``dashboards/export`` reading the
 views as a ``balances_reader`` login; the browser logs in, opens the
 dashboard and waits for the charts to show the data: the open break's
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from pipeline import connections
+from pipeline import connections, movements
 from reconciliation.checks import load_checks
 from pipeline.config import parse_config, parse_source
 from devtools.demo import DEMO_CHECKS, write_sources
@@ -72,6 +73,9 @@ def load_demo_data(db, tmp_path: Path) -> None:
             for at in times:
                 summary = take_snapshot(db, source, at, credentials=connections.credentials(source.conn_id))
                 assert summary["status"] == "published", summary
+            loaded = movements.load_windows(db, source, movements.missing_windows(db, source),
+                                            credentials=connections.credentials(source.conn_id))
+            assert all(w["status"] == "published" for w in loaded), loaded
         config = tmp_path / "balances.toml"
         write_sources(config, sources, DEMO_CHECKS)
         checks = load_checks(parse_config(tomllib.loads(config.read_text()), config))
@@ -120,6 +124,12 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
     (big,) = fetch(db, "SELECT balance_text FROM balance_latest ORDER BY balance_units DESC LIMIT 1")[0]
     assert len(big.replace(".", "")) > 17  # beyond what a float carries exactly
     sources = [s for (s,) in fetch(db, "SELECT source FROM source_freshness ORDER BY source")]
+    # The statement's first row as the table orders it: its opening balance is shown nowhere else.
+    (paid,) = fetch(db, """SELECT opening_text FROM balance_rollforward
+                            WHERE inflow <> 0 OR outflow <> 0 OR status <> 'explained'
+                            ORDER BY unexplained_units DESC, period_end DESC, account, asset LIMIT 1""")[0]
+    assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward WHERE source = 'hedera_sandbox'") == [
+        ("explained",)]
 
     started = time.monotonic()
     superset = SupersetServer.start(superset_venv, tmp_path / "superset", database_url)
@@ -138,12 +148,19 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
         wait_for(driver, lambda d: subject in text(d), f"the open break {subject!r}")
         wait_for(driver, lambda d: big in text(d), f"the exact balance {big}")
         wait_for(driver, lambda d: all(s in text(d) for s in sources), f"the freshness of {sources}")
-        # The four time charts draw on canvases (ECharts), once their data arrived.
-        wait_for(driver, lambda d: len(d.find_elements("css selector", ".chart-container canvas")) >= 4,
-                 "four rendered time charts")
+        # Superset draws a chart once it is scrolled into view: the statement sits below the others.
+        scrolled = lambda d: d.execute_script("document.querySelectorAll('.dashboard-content, .grid-container, "  # noqa: E731
+                                              "[data-test=dashboard-content-wrapper]').forEach(e => e.scrollTop = "
+                                              "e.scrollHeight); window.scrollTo(0, document.body.scrollHeight);")
+        wait_for(driver, lambda d: scrolled(d) or paid in text(d), f"the roll-forward's first opening balance {paid}")
+        # The five time charts draw on canvases (ECharts), once their data arrived.
+        wait_for(driver, lambda d: scrolled(d) or len(d.find_elements("css selector", ".chart-container canvas")) >= 5,
+                 "five rendered time charts")
+        driver.execute_script("window.scrollTo(0, 0);")
         body = text(driver)
         for title in ("Balance of a holding over time", "Latest balances (exact)", "Source freshness",
-                      "Breaks per day", "Snapshot runs", "Open breaks", "Pair check treasury_hbar"):
+                      "Breaks per day", "Snapshot runs", "Open breaks", "Roll-forward statement",
+                      "Unexplained balance changes over time", "Pair check treasury_hbar"):
             assert title in body
         assert "Unexpected error" not in body and "No results were returned" not in body
         time.sleep(2)  # animations settle before the picture
