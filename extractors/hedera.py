@@ -240,6 +240,8 @@ class HederaExtractor:
         self.client = client
         self.max_pages = max_pages
         self._decimals: dict[str, int | None] = {}
+        # Movement legs name the same accounts (the node, 0.0.98, the payers) page after page.
+        self._ids: dict[str, int | None] = {}
 
     def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
         """The latest snapshot at or before ``at`` (``as_of``, ``as_of_raw``); None if there is none.
@@ -455,10 +457,13 @@ class HederaExtractor:
                                               kind, 0, other))
         return legs
 
-    @staticmethod
-    def _leg(account: Any, asset: str, when: datetime, stamp: str, movement_id: str, amount: int, kind: str,
+    def _leg(self, account: Any, asset: str, when: datetime, stamp: str, movement_id: str, amount: int, kind: str,
              decimals: int | None, counterparty: str | None) -> tuple[MovementRow, int]:
-        encoded = parse_account_id(account)
+        encoded = self._ids.get(account) if isinstance(account, str) else None
+        if encoded is None:
+            encoded = parse_account_id(account)
+            if encoded is not None and len(self._ids) < ID_CACHE:
+                self._ids[account] = encoded
         if encoded is None:
             raise RecordError(f"account {account!r} is not a shard.realm.num id")
         return MovementRow(account, asset, when, stamp, movement_id, amount, kind, decimals, counterparty), encoded
@@ -544,6 +549,7 @@ class HederaExtractor:
 
 
 TRANSACTIONS_PATH = "/api/v1/transactions"
+ID_CACHE = 100_000  # account ids remembered by a crawl of movements: a few MB at most
 
 
 def timestamp_nanos(text: str) -> int:
