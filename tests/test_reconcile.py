@@ -348,3 +348,16 @@ def test_the_newest_scheduled_run_is_no_gap_until_the_next_one_is_due(db, checks
     assert [k for k in breaks(db) if k[1] == "gap"] == []
     reconcile(db, continuity, h(3.5), h(6) + timedelta(seconds=20))
     assert [k[3] for k in breaks(db) if k[1] == "gap"] == [h(5)]
+
+
+@pytest.mark.airflow
+def test_the_reconciliation_dag_also_runs_when_a_rollforward_sources_window_is_published(airflow_env, db):
+    write_config(CONFIG + """
+[checks.hedera_rollforward]
+kind = "rollforward"
+source = "hedera_mainnet"
+""")
+    dag = load_dag("reconcile_balances")
+    assert {a.uri for a in dag.timetable.asset_condition.objects} == {
+        "balances://snapshots/formance_main", "balances://snapshots/hedera_mainnet",
+        "balances://movements/hedera_mainnet"}
