@@ -62,26 +62,26 @@ What the real server does that shapes this module (``formancehq/ledger``):
 * Movements (the roll-forward of a window between two snapshots). v2:
   ``volumes`` with ``startTime`` and ``endTime`` sums the moves of each
   account and asset whose insertion date lies in ``[startTime, endTime]``,
-  both ends inclusive (``internal/storage/ledger/resource_volumes.go:BuildDataset``,
-  ``insertion_date >= OOT``, ``<= PIT``, v2.2.59 to v2.4.12;
-  ``internal/api/v2/controllers_volumes.go:readVolumes``): the window
+  both ends inclusive (``v2.4.12:internal/storage/ledger/resource_volumes.go:BuildDataset``,
+  ``insertion_date >= OOT``, ``<= PIT``, the same in v2.2.59 and v2.3.0;
+  ``v2.4.12:internal/api/v2/controllers_volumes.go:readVolumes``): the window
   ``(start, end]`` asks from one microsecond after ``start`` (dates are
   PostgreSQL timestamps, microseconds), so a move is counted in exactly one
   window, and its ``input`` and ``output`` are the window's inflow and
   outflow. v1: a v1 snapshot is the ledger after its first N transactions
   (the count in its raw time), so a window is the transactions with ids
   from N1 to N2 - 1, listed newest first from ``after=N2``
-  (v1.10.16 ``pkg/storage/sqlstorage/transactions.go:GetTransactions``,
+  (``v1.10.16:pkg/storage/sqlstorage/transactions.go:GetTransactions``,
   ``id <= after`` and the first dropped when it equals ``after``; v2.x
-  ``internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
+  ``v2.4.12:internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
   ``id < after``; both ``ORDER BY id DESC``), each posting a leg out of its
   source and one into its destination. v1.x numbers transactions one after
   the other; a v2.x server takes ids from a sequence
-  (``internal/storage/ledger/transactions.go:CommitTransaction``,
+  (``v2.4.12:internal/storage/ledger/transactions.go:InsertTransaction``,
   ``nextval``), which can skip one: ids that are not contiguous fail the
   window rather than guess which transactions a snapshot held. Not
   ``start_time``/``end_time``: a transaction's timestamp is its client's to
-  set (v1.10.16 ``pkg/ledger/execute_txsdata.go``: a later one is always
+  set (``v1.10.16:pkg/ledger/execute_txsdata.go:ExecuteTxsData``: a later one is always
   accepted), the count is the ledger's own order.
 * Scopes: a v2.x ledger and the stack gateway accept a read with
   ``ledger:read`` (or ``ledger:write``) and answer 401 without it (go-libs

@@ -17,12 +17,12 @@ Movements (``movements(window)``): ``GET /api/v1/transactions`` with
 ``timestamp=gt:<start>&timestamp=lte:<end>``, the consensus timestamps of
 the window's two snapshots, to the nanosecond: a balance snapshot is the
 state after every transaction up to its timestamp (the importer's own
-reconciliation, ``importer/.../reconciliation/BalanceReconciliationService.java:reconcileCryptoTransfers``,
+reconciliation, ``60af5fda6:importer/src/main/java/org/hiero/mirror/importer/reconciliation/BalanceReconciliationService.java:reconcileCryptoTransfers``,
 adds the transfers ``> previous`` and ``<= current``). The same account
 ranges and exact ids as the balances (the same shards), each paged through
-on its own, ascending (``rest/transactions.js:getTransactions``). A
+on its own, ascending (``60af5fda6:rest/transactions.js:getTransactions``). A
 transaction lists every leg, the other accounts' too
-(``getTransactionsDetails``): only the legs of the accounts the query was
+(``rest/transactions.js:getTransactionsDetails``): only the legs of the accounts the query was
 for are kept, so a transaction two queries return is counted once. HBAR
 ``transfers`` are each account's net change (the fee included); the legs
 of the node and 0.0.98 receiving the fee, and a payer whose only leg is the
@@ -30,7 +30,7 @@ fee, are ``fee``; a staking reward (listed in ``transfers`` out of 0.0.800,
 and again in ``staking_reward_transfers``) is ``reward`` and counted once;
 ``token_transfers`` and ``nft_transfers`` (one serial: a count of 1) are
 the tokens'. The node may end a page early and still link on (it binds an
-open time range, ``rest/timestampRange.js:bindTimestampRange``): only a
+open time range, ``60af5fda6:rest/timestampRange.js:bindTimestampRange``): only a
 null link ends a query.
 """
 from __future__ import annotations

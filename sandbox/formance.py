@@ -111,12 +111,12 @@ path goes to the console, here a 404), ``""`` a standalone ledger.
   first, each with its ``txid``, ``timestamp`` (the effective date) and
   ``postings``; ``after`` keeps the ids up to it, inclusive on v1.x with
   the first dropped when it equals ``after`` and more follow (v1.10.16
-  ``pkg/storage/sqlstorage/transactions.go:GetTransactions``), exclusive on
-  v2.x (``internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
+  ``v1.10.16:pkg/storage/sqlstorage/transactions.go:GetTransactions``), exclusive on
+  v2.x (``v2.4.12:internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
   ``query.Lt("id", after)``); pages are keyset pages on the id, so a
   transaction added meanwhile shifts nothing. v1.x numbers transactions one
   after the other from 0; a v2.x id comes from a sequence
-  (``internal/storage/ledger/transactions.go:CommitTransaction``,
+  (``v2.4.12:internal/storage/ledger/transactions.go:InsertTransaction``,
   ``nextval``), which skips an id when a transaction fails after taking it:
   ``Ledger.skip_id``. A one-sided ``Ledger.move`` (a book opened from a
   balance) is listed as a posting from ``world`` (or to it, for a negative
@@ -124,7 +124,7 @@ path goes to the console, here a 404), ``""`` a standalone ledger.
   ``transactions:read`` for it.
 * v2 ``volumes`` with ``startTime`` (and ``endTime``) sums the moves dated
   in ``[startTime, endTime]``, both ends inclusive
-  (``internal/storage/ledger/resource_volumes.go:BuildDataset``: ``>= OOT``,
+  (``v2.4.12:internal/storage/ledger/resource_volumes.go:BuildDataset``: ``>= OOT``,
   ``<= PIT``): a window's inflow and outflow per account and asset.
 * Amounts are bare JSON integers of any size (negative for ``world``);
   v2.3.0 and later write them as strings when sent

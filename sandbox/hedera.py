@@ -64,7 +64,8 @@ balances:
 * A balance snapshot is the state after every transaction up to its
   consensus timestamp: the importer's own reconciliation adds the transfers
   with ``previous < consensus_timestamp <= current`` to one snapshot and
-  must find the next (``importer/.../reconciliation/BalanceReconciliationService.java:reconcileCryptoTransfers``,
+  must find the next
+  (``60af5fda6:importer/src/main/java/org/hiero/mirror/importer/reconciliation/BalanceReconciliationService.java:reconcileCryptoTransfers``,
   ``reconcileTokenTransfers``). :func:`roll` books snapshots that way.
 
 Not reproduced: the importer's month-partition bound (a snapshot more than
