@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl
 import requests
 
 from bench.db import bench_database, reset
-from extractors.records import BalanceRow, MovementRow, Window
+from extractors.records import BalanceRow, MovementRow
 from loaders import movements as store
 from loaders import runs
 from loaders.db import connect
