@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [b1 b2 b3 b4 b5 b7] [--quick]``.
+"""Run the benchmarks: ``python -m bench [b1 b2 b3 b4 b5 b6 b7] [--quick]``.
 
 Results print as JSON lines and are saved in bench/results/<name>.json.
 ``--quick`` runs smaller sizes (a smoke test, not the published figures).
@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import b1_load, b2_extract, b3_end_to_end, b4_shards, b5_storage, b7_formance_memory
+from bench import b1_load, b2_extract, b3_end_to_end, b4_shards, b5_storage, b6_movements, b7_formance_memory
 
 FULL = {
     "b1": lambda: b1_load.run(1_000_000, 20_000),
@@ -22,6 +22,7 @@ FULL = {
     "b3": lambda: b3_end_to_end.run((100_000, 1_000_000)),
     "b4": lambda: b4_shards.run(40_000),
     "b5": lambda: b5_storage.run_all(),
+    "b6": lambda: b6_movements.run((100_000, 1_000_000), 1_000_000),
     "b7": lambda: b7_formance_memory.run((1_000_000, 10_000_000)),
 }
 QUICK = {
@@ -30,6 +31,7 @@ QUICK = {
     "b3": lambda: b3_end_to_end.run((10_000, 20_000)),
     "b4": lambda: b4_shards.run(8_000),
     "b5": lambda: b5_storage.run_all(quick=True),
+    "b6": lambda: b6_movements.run((10_000, 40_000), 50_000),
     "b7": lambda: b7_formance_memory.run((20_000, 200_000)),
 }
 
@@ -47,7 +49,7 @@ OPT_IN = {"celery": _celery}
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", default=list(FULL),
-                        help="b1 b2 b3 b4 b5 b7 (default: all), or celery (only when named)")
+                        help="b1 b2 b3 b4 b5 b6 b7 (default: all), or celery (only when named)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     unknown = set(args.names) - set(FULL) - set(OPT_IN)

@@ -19,7 +19,8 @@ def reset(url: str) -> None:
     with conn.cursor() as cur:
         # balance_history is a view over the first two since migration 0010.
         cur.execute("TRUNCATE balance_history_store, balance_snapshots, balance_latest_cache, aggregate_balances,"
-                    " rejected_records, snapshot_runs, request_budgets RESTART IDENTITY CASCADE")
+                    " rejected_records, snapshot_runs, request_budgets, balance_movements, rejected_movements,"
+                    " movement_runs, reconciliation_breaks, reconciliation_runs RESTART IDENTITY CASCADE")
         cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'balance_staging'")
         for (name,) in cur.fetchall():
             cur.execute(f'DROP TABLE balance_staging."{name}"')

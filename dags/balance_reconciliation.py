@@ -1,7 +1,8 @@
 """Reconciliation: the `[checks.<name>]` of the sources file, run after snapshots.
 
 Scheduled on the Assets of the sources the checks read: a published
-snapshot of any of them (any-of) triggers a run, which checks the window of
+snapshot of any of them, or a window of movements published for a
+roll-forward check's source (any-of), triggers a run, which checks the window of
 the last 3 days ending at the triggering time and records the breaks in
 `reconciliation_breaks` (see `reconciliation/reconcile.py` for what each check
 finds). Reruns update the same breaks; breaks that no longer hold are
@@ -19,7 +20,7 @@ from datetime import timedelta
 
 from airflow.sdk import AssetAny, dag, task
 
-from pipeline.assets import snapshot_asset
+from pipeline.assets import movements_asset, snapshot_asset
 from reconciliation.checks import Check, usable_checks
 from pipeline.config import config_error_dag, load_config
 
@@ -31,10 +32,11 @@ RECONCILE_TIMEOUT = timedelta(hours=1)
 
 def reconciliation_dag(checks: dict[str, Check]):
     sources = sorted({s for check in checks.values() for s in check.sources})
+    rolled = sorted({check.source for check in checks.values() if check.kind == "rollforward"})
 
     @dag(
         dag_id=DAG_ID,
-        schedule=AssetAny(*(snapshot_asset(s) for s in sources)),
+        schedule=AssetAny(*(snapshot_asset(s) for s in sources), *(movements_asset(s) for s in rolled)),
         catchup=False,
         max_active_runs=1,
         default_args={"owner": "balances", "retries": 1, "execution_timeout": RECONCILE_TIMEOUT},

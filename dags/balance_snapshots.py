@@ -8,7 +8,13 @@ splits the crawl (`shards = N` in the config; one shard otherwise), each mapped
 `crawl_snapshot` streams its pages into a private staging table, and
 `publish_snapshot` makes the whole snapshot visible in `balance_history` in
 one transaction, only when every shard succeeded, and updates the source's
-Asset. Reruns and backfills of the same interval add nothing
+Asset. Then the movements of the windows the snapshot bounds (the span to
+the previous snapshot, and for a backfill the one to the next): `plan_movements`
+opens a movement run per window not loaded yet (for a provider without
+movements it records the window as not available), each mapped
+`crawl_movements` stages one shard of a window's movements, and
+`publish_movements` stores each window whole and updates the source's
+movements Asset. Reruns and backfills of the same interval add nothing
 twice. Secrets come from Airflow Connections; XCom carries ids and counts.
 Every task has an `execution_timeout`: the source's `task_timeout`, by
 default one interval of its schedule kept within 10 minutes and 6 hours.
@@ -20,7 +26,7 @@ from datetime import timedelta
 from airflow.sdk import dag, task
 
 from pipeline import tasks
-from pipeline.assets import snapshot_asset
+from pipeline.assets import movements_asset, snapshot_asset
 from pipeline.config import SourceConfig, config_error_dag, load_config
 
 
@@ -65,10 +71,26 @@ def snapshot_dag(source: SourceConfig):
         def publish_snapshot(snapshot_run: int, crawled: list[dict]) -> dict:
             return tasks.publish_snapshot(source.name, snapshot_run)
 
+        @task(pool=pool)
+        def plan_movements(snapshot_run: int, published: dict, **context) -> list[dict]:
+            return tasks.plan_movements(source.name, snapshot_run, context)
+
+        # One mapped task per window and shard.
+        @task(pool=pool)
+        def crawl_movements(snapshot_run: int, planned: dict) -> dict:
+            return tasks.crawl_movements(source.name, snapshot_run, **planned)
+
+        @task(pool=pool, outlets=[movements_asset(source.name)])
+        def publish_movements(snapshot_run: int, crawled: list[dict]) -> dict:
+            return tasks.publish_movements(source.name, snapshot_run, crawled)
+
         snapshot_run = begin_run()
         shards = plan_shards(snapshot_run)
         crawled = crawl_snapshot.partial(snapshot_run=snapshot_run).expand(shard=shards)
-        publish_snapshot(snapshot_run, crawled)
+        published = publish_snapshot(snapshot_run, crawled)
+        planned = plan_movements(snapshot_run, published)
+        moved = crawl_movements.partial(snapshot_run=snapshot_run).expand(planned=planned)
+        publish_movements(snapshot_run, moved)
 
     return balances_snapshot()
 

@@ -64,6 +64,12 @@ VIEWS: dict[str, tuple[str | None, list[tuple[str, str, bool]]]] = {
         ("opened_at", "TIMESTAMP WITH TIME ZONE", True), ("last_seen", "TIMESTAMP WITH TIME ZONE", False),
         ("resolved_at", "TIMESTAMP WITH TIME ZONE", False), ("breaks", "BIGINT", False),
         ("worst_difference_text", "TEXT", False), ("acknowledged_by", "TEXT", False), ("detail", "TEXT", False)]),
+    "balance_rollforward": ("period_end", [
+        ("source", "TEXT", False), ("account", "TEXT", False), ("asset", "TEXT", False),
+        ("period_start", "TIMESTAMP WITH TIME ZONE", False), ("period_end", "TIMESTAMP WITH TIME ZONE", True),
+        ("opening_text", "TEXT", False), ("inflow_text", "TEXT", False), ("outflow_text", "TEXT", False),
+        ("closing_text", "TEXT", False), ("unexplained_text", "TEXT", False), ("unexplained_units", "NUMERIC", False),
+        ("status", "TEXT", False), ("note", "TEXT", False)]),
 }
 
 # The demo's pair check (devtools/demo.py, treasury_hbar): its two sides.
@@ -91,13 +97,15 @@ def step_chart(title: str, groupby: list[str], filters: list[dict]) -> dict:
     }
 
 
-def table_chart(columns: list[str], order_by: str, filters: list[dict] | None = None, *,
+def table_chart(columns: list[str], order_by: str | list[tuple[str, bool]], filters: list[dict] | None = None, *,
                 ascending: bool = False) -> dict:
     # Cells are text, never HTML: ids and details come from providers, and
     # Superset renders a cell's HTML unless told not to (a link or an image
     # in an account id would become live in the dashboard).
+    orders = [(order_by, ascending)] if isinstance(order_by, str) else order_by
     return {"viz_type": "table", "query_mode": "raw", "all_columns": columns, "adhoc_filters": filters or [],
-            "order_by_cols": [f'["{order_by}", {str(ascending).lower()}]'], "row_limit": 1000, "server_pagination": False,
+            "order_by_cols": [f'["{column}", {str(up).lower()}]' for column, up in orders], "row_limit": 1000,
+            "server_pagination": False,
             "table_timestamp_format": "%Y-%m-%d %H:%M:%S", "include_search": True, "allow_render_html": False}
 
 
@@ -125,16 +133,29 @@ CHARTS = [
      table_chart(["status", "check_name", "kind", "subject_label", "opened_at", "last_seen", "breaks",
                   "worst_difference_text", "resolved_at", "acknowledged_by", "detail"], "opened_at",
                  [sql_filter("status <> 'resolved' OR resolved_at >= now() - interval '1 day'")]), 12, 50),
+    ("rollforward", "Roll-forward statement: opening + inflow - outflow = closing (exact)", "balance_rollforward",
+     # The holdings that moved or that movements do not explain: the least explained first, then the newest.
+     table_chart(["source", "account", "asset", "period_start", "period_end", "opening_text", "inflow_text",
+                  "outflow_text", "closing_text", "unexplained_text", "status", "note"],
+                 [("unexplained_units", False), ("period_end", False), ("account", True), ("asset", True)],
+                 [sql_filter("inflow <> 0 OR outflow <> 0 OR status <> 'explained'")]), 12, 50),
+    ("unexplained", "Unexplained balance changes over time (whole units, per source and asset)",
+     "balance_rollforward",
+     {"viz_type": "echarts_timeseries_bar", "x_axis": "period_end", "time_grain_sqla": "PT1M",
+      "metrics": [sql_metric("unexplained", "SUM(unexplained_units)")], "groupby": ["source", "asset"],
+      "adhoc_filters": [sql_filter("status IN ('explained', 'unexplained')")], "row_limit": 10000,
+      "show_legend": True, "stack": "Stack", "x_axis_time_format": "smart_date", "y_axis_format": ",.12~r"}, 12, 40),
     ("pair", "Pair check treasury_hbar: both sides over time", "balance_history_units",
      # Resampled per minute, forward filled: both sides at every minute, each
      # holding its last snapshot (the sides' snapshot times differ).
      {**step_chart("", ["source"], [sql_filter(PAIR_SIDES)]), "resample_rule": "1T", "resample_method": "ffill"},
      12, 50),
 ]
-ROWS = [["balance"], ["latest"], ["freshness", "incidents_daily"], ["runs"], ["incidents"], ["pair"]]
+ROWS = [["balance"], ["latest"], ["freshness", "incidents_daily"], ["runs"], ["incidents"], ["rollforward"],
+        ["unexplained"], ["pair"]]
 # native filter -> (charts it applies to, default value). Account and asset pick the
 # holding the balance chart draws (all of them at once would share one scale).
-FILTERS = {"source": (["balance", "latest", "freshness", "runs", "pair"], None),
+FILTERS = {"source": (["balance", "latest", "freshness", "runs", "rollforward", "unexplained", "pair"], None),
            "account": (["balance"], ["0.0.101"]),
            "asset": (["balance"], None)}
 

@@ -40,6 +40,12 @@ What real nodes do that shapes this module:
 * JSON-RPC ids start at 1: Ganache 7 answers a failing call of id 0 with id
   null. An error without an id is taken as the answer of the one call
   left unanswered, when exactly one is; otherwise the request fails.
+* Movements (``movements(window)``, the roll-forward between two snapshot
+  blocks) are read by :mod:`extractors.evm_movements`: ERC-20 ``Transfer``
+  logs, native moves from traces (``trace_filter`` or
+  ``debug_traceBlockByNumber``, ``traces`` says which, by default the
+  first the node offers), fees from receipts; without traces the native
+  asset is reported unexplainable, never guessed.
 * Hosted endpoints take an API key in the URL path (Infura ``/v3/<key>``,
   Alchemy ``/v2/<key>``) or in a header: either way it is added to each
   request as it is sent, never part of any URL we log or store.
@@ -86,6 +92,8 @@ log = logging.getLogger(__name__)
 NATIVE_DECIMALS = 18
 MAX_BATCH = 1000  # geth's default BatchRequestLimit; hosted endpoints allow less
 MAX_CONFIRMATIONS = 10_000
+TRACES = ("auto", "trace_filter", "debug_traceBlockByNumber", "none")
+MAX_LOGS_BLOCK_RANGE = 100_000
 UINT256_MAX = 2**256 - 1
 # Header probes per round of the snapshot search, and rounds at most: 17-ary
 # search over 2**63 blocks takes 16 rounds; more means a node that lies.
@@ -151,6 +159,10 @@ class Settings:
     # as Infura and Alchemy take it) or "header" (named by api_key_header).
     api_key_in: str = "path"
     api_key_header: str = "x-api-key"
+    # Movements: how native moves are read ("auto": the first the node offers), and the most
+    # blocks one eth_getLogs or trace_filter asks for (a range the node refuses is halved).
+    traces: str = "auto"
+    logs_block_range: int = 1000
 
     def __post_init__(self) -> None:
         if self.chain_id < 1:
@@ -170,6 +182,11 @@ class Settings:
             raise ValueError("api_key_in", f"must be 'path' or 'header', got {self.api_key_in!r}")
         if not _HEADER_NAME.fullmatch(self.api_key_header):
             raise ValueError("api_key_header", f"{self.api_key_header!r} is not an HTTP header name")
+        if self.traces not in TRACES:
+            raise ValueError("traces", f"must be one of {', '.join(TRACES)}, got {self.traces!r}")
+        if not 1 <= self.logs_block_range <= MAX_LOGS_BLOCK_RANGE:
+            raise ValueError("logs_block_range", f"must be between 1 and {MAX_LOGS_BLOCK_RANGE:,}, "
+                                                 f"got {self.logs_block_range}")
 
 
 def _unique(values: list[str], key: str) -> list[str]:
@@ -262,6 +279,11 @@ class RpcError:
 
     @property
     def rate_limited(self) -> bool:
+        from extractors.evm_movements import TOO_MANY
+
+        # Infura answers an eth_getLogs over its limit with -32005 too: that is "ask for less", not "slow down".
+        if TOO_MANY.search(self.message):
+            return False
         return self.code in RATE_LIMIT_CODES or bool(_RATE_LIMIT_WORDS.search(self.message))
 
     @property
@@ -591,6 +613,16 @@ class EvmExtractor:
                 f"the chain reorganised past the snapshot's block {number}: it {now}, not {block_hash} as "
                 f"read; nothing published (raise confirmations, now {self.settings.confirmations}, if this recurs)")
 
+    # -- movements: the roll-forward of a window ---------------------------------------
+
+    def movements(self, window, account_range: tuple[str | None, str | None] | None = None) -> Iterator:
+        """Yield the window's movement legs (see :mod:`extractors.evm_movements`)."""
+        from extractors.evm_movements import MovementReader
+
+        if account_range is not None:
+            raise ValueError("evm sources are not sharded")
+        yield from MovementReader(self, window).pages()
+
     # -- the crawl ---------------------------------------------------------------------
 
     def pages(self, at: datetime, account_range: tuple[str | None, str | None] | None = None,
@@ -753,4 +785,5 @@ PROVIDER = Provider(
     verifies_snapshot=True,  # verify_snapshot: the block's hash is checked again before publish
     rate_limit=(10.0, 20),  # hosted free tiers allow about this; a source's rate_limit overrides it
     budget=request_budget,  # per endpoint: an Ethereum endpoint's limit is not a Polygon endpoint's
+    has_movements=True,  # movements(window): Transfer logs, traces, fees, between the two snapshot blocks
 )

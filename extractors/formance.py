@@ -59,6 +59,30 @@ What the real server does that shapes this module (``formancehq/ledger``):
 * A ``pit`` is read only once the server's own clock (its ``Date`` header)
   is ``pit_margin`` past it: a later one would see moves inserted during the
   crawl. A ``pit`` after the server's clock is refused.
+* Movements (the roll-forward of a window between two snapshots). v2:
+  ``volumes`` with ``startTime`` and ``endTime`` sums the moves of each
+  account and asset whose insertion date lies in ``[startTime, endTime]``,
+  both ends inclusive (``v2.4.12:internal/storage/ledger/resource_volumes.go:BuildDataset``,
+  ``insertion_date >= OOT``, ``<= PIT``, the same in v2.2.59 and v2.3.0;
+  ``v2.4.12:internal/api/v2/controllers_volumes.go:readVolumes``): the window
+  ``(start, end]`` asks from one microsecond after ``start`` (dates are
+  PostgreSQL timestamps, microseconds), so a move is counted in exactly one
+  window, and its ``input`` and ``output`` are the window's inflow and
+  outflow. v1: a v1 snapshot is the ledger after its first N transactions
+  (the count in its raw time), so a window is the transactions with ids
+  from N1 to N2 - 1, listed newest first from ``after=N2``
+  (``v1.10.16:pkg/storage/sqlstorage/transactions.go:GetTransactions``,
+  ``id <= after`` and the first dropped when it equals ``after``; v2.x
+  ``v2.4.12:internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
+  ``id < after``; both ``ORDER BY id DESC``), each posting a leg out of its
+  source and one into its destination. v1.x numbers transactions one after
+  the other; a v2.x server takes ids from a sequence
+  (``v2.4.12:internal/storage/ledger/transactions.go:InsertTransaction``,
+  ``nextval``), which can skip one: ids that are not contiguous fail the
+  window rather than guess which transactions a snapshot held. Not
+  ``start_time``/``end_time``: a transaction's timestamp is its client's to
+  set (``v1.10.16:pkg/ledger/execute_txsdata.go:ExecuteTxsData``: a later one is always
+  accepted), the count is the ledger's own order.
 * Scopes: a v2.x ledger and the stack gateway accept a read with
   ``ledger:read`` (or ``ledger:write``) and answer 401 without it (go-libs
   ``auth/auth.go:jwtAuth.Authenticate``); v1.x checks a scope per route
@@ -98,9 +122,13 @@ from extractors.provider import Provider, Throttle
 from extractors.text import safe_text
 from extractors.records import (
     BalanceRow,
+    MovementPage,
+    MovementRow,
     Page,
     RecordError,
+    Window,
     integer_amount,
+    require,
 )
 
 log = logging.getLogger(__name__)
@@ -120,7 +148,8 @@ DEFAULT_TOKEN_URL = "/api/auth/oauth/token"
 DEFAULT_SCOPES = ["ledger:read"]
 READ_SCOPES = ("ledger:read", "ledger:write")
 # v1.x checks one scope per route (pkg/api/routes/routes.go).
-V1X_ROUTE_SCOPES = {"balances": "accounts:read", "aggregate/balances": "accounts:read", "stats": "stats"}
+V1X_ROUTE_SCOPES = {"balances": "accounts:read", "aggregate/balances": "accounts:read", "stats": "stats",
+                    "transactions": "transactions:read"}
 BIGINT_AS_STRING = {"Formance-Bigint-As-String": "true"}
 # Formance's own codes for failures that may pass: the ledger timed out or broke inside.
 RETRIABLE_CODES = {"INTERNAL", "TIMEOUT"}
@@ -297,8 +326,9 @@ class _Crawl:
     rows: int = 0
     rejected: int = 0
     moved: str | None = None
-    previous_page: set[str] = field(default_factory=set)
-    this_page: set[str] = field(default_factory=set)
+    previous_page: set = field(default_factory=set)
+    this_page: set = field(default_factory=set)
+    last_address: str | None = None
 
     def next_page(self) -> None:
         self.previous_page, self.this_page = self.this_page, set()
@@ -344,6 +374,83 @@ class FormanceExtractor:
             yield from self._v2_snapshot(at)
             return
         yield from self._v1_snapshot()
+
+    # -- movements: the roll-forward of a window ------------------------------------
+
+    def movements(self, window: Window, account_range: tuple[str, str | None] | None = None) -> Iterator[MovementPage]:
+        """Yield the window's movement legs: v2 the volumes inserted in it, v1 its transactions' postings."""
+        if account_range is not None:
+            raise ValueError("formance sources are not sharded")
+        self.server = self._find_server()
+        self._check_ledger(self.server)
+        if self.v2:
+            if any(_v1_count(raw) is not None for raw in (window.start_raw, window.end_raw)):
+                yield _unexplainable(f"window {window} has a v1 snapshot at one end (the ledger as it was when "
+                                     "read, not at a point in time): v2 volumes cannot explain it")
+                return
+            self._wait_for_server_clock(window.end)
+            yield from self._v2_movements(window)
+            return
+        first, last = _v1_count(window.start_raw), _v1_count(window.end_raw)
+        if first is None or last is None:
+            yield _unexplainable(f"window {window} has a snapshot without the ledger's transaction count at one "
+                                 "end (a v2 point in time): the v1 transactions cannot be placed in it")
+            return
+        yield from self._v1_movements(window, first, last)
+
+    def _v2_movements(self, window: Window) -> Iterator[MovementPage]:
+        since = format_pit(window.start + ONE_MICROSECOND)  # the start is the previous window's
+        params = [("pageSize", self.settings.page_size), ("startTime", since), ("endTime", format_pit(window.end)),
+                  ("insertionDate", "true")]
+        bodies = self.client.paginate(f"{self.base_path}/volumes", params, self._paginator(),
+                                      json_body=self._v2_filter())
+        pattern = self.settings.address
+        for data in bodies:
+            page = MovementPage()
+            for _, legs in page.parse_each(_cursor_data(data), lambda r: _volume_legs(r, window)):
+                for leg in legs:
+                    if pattern and not address_matches(pattern, leg.account):
+                        raise SnapshotError(f"{self._where()}: the server listed {leg.account!r}, outside the "
+                                            "address filter, in a window's volumes; nothing stored")
+                    page.rows.append(leg)
+            yield page
+
+    def _v1_movements(self, window: Window, first: int, last: int) -> Iterator[MovementPage]:
+        """Transactions ``first`` to ``last - 1``: newest first from ``after=last``, every id once."""
+        if last < first:
+            raise SnapshotError(f"{self._where()}: window {window} ends with fewer transactions ({last}) than it "
+                                f"starts with ({first}): not one ledger")
+        if last == first:
+            return
+        expected = last - 1  # the next id the listing must give
+        params = [("pageSize", self.settings.page_size), ("after", last)]
+        bodies = self.client.paginate(f"{self.base_path}/transactions", params, self._paginator())
+        pattern = self.settings.address
+        for data in bodies:
+            page = MovementPage()
+            done = False
+            for record in _cursor_data(data):
+                txid = _txid(record)
+                if txid == last:
+                    continue  # v1.x: after is inclusive, and the equal one is dropped only on a full page
+                if txid < first:
+                    done = True
+                    break
+                if txid != expected:
+                    raise SnapshotError(
+                        f"{self._where()}: window {window} holds transactions {first} to {last - 1}, but after "
+                        f"{expected + 1} the ledger listed {txid}, not {expected}: its ids are not contiguous (a "
+                        "v2.x server takes them from a sequence, which can skip one), so which transactions each "
+                        'snapshot held is unknown. Nothing stored; api = "v2" rolls forward by point in time')
+                expected -= 1
+                for _, legs in page.parse_each([record], _posting_legs):
+                    page.rows.extend(leg for leg in legs if not pattern or address_matches(pattern, leg.account))
+            yield page
+            if done or expected < first:
+                break
+        if expected >= first:
+            raise SnapshotError(f"{self._where()}: window {window} holds transactions {first} to {last - 1}, but the "
+                                f"listing ended before transaction {expected}; nothing stored")
 
     def _where(self) -> str:
         scope = f" (address {self.settings.address!r})" if self.settings.address else ""
@@ -500,7 +607,7 @@ class FormanceExtractor:
         for data in bodies:
             page = Page(as_of=at, as_of_raw=format_pit(at))
             for _, (address, row) in page.parse_each(_cursor_data(data), self._parse_volume):
-                self._account(address, crawl)
+                self._account(address, crawl, row.asset)
                 page.rows.append(row)
                 crawl.sums[row.asset] = crawl.sums.get(row.asset, 0) + row.balance
             self._count(page, crawl)
@@ -516,12 +623,7 @@ class FormanceExtractor:
 
     def _parse_volume(self, record: Any) -> tuple[str, BalanceRow]:
         """``{"account", "asset", "input", "output", "balance"}``: one holding."""
-        if not isinstance(record, dict):
-            raise RecordError(f"volume is {type(record).__name__}, expected an object")
-        address = _address(record.get("account"), self.address_pattern)
-        asset = record.get("asset")
-        if not isinstance(asset, str):
-            raise RecordError(f"asset of {address} is {asset!r}, expected a string")
+        address, asset = _volume_of(record, self.address_pattern)
         if "balance" in record:
             balance = integer_amount(record["balance"], f"balance of {asset}")
         else:
@@ -607,7 +709,7 @@ class FormanceExtractor:
         crawl.rejected += len(page.rejected)
         crawl.next_page()
 
-    def _account(self, address: str, crawl: _Crawl) -> None:
+    def _account(self, address: str, crawl: _Crawl, asset: str | None = None) -> None:
         """Check a listed address: inside the filter, and not on the page before or this one."""
         pattern = self.settings.address
         if pattern and not address_matches(pattern, address):
@@ -623,12 +725,16 @@ class FormanceExtractor:
                 hint = ""
             raise SnapshotError(f"{self._where()}: the server listed {address!r}, outside the "
                                 f"address filter{hint}; nothing stored")
-        if address in crawl.previous_page:
+        # v2 lists a holding a row (an account once per asset, one after the other): an account
+        # whose assets straddle two pages is not listed twice, a holding is.
+        key = address if asset is None else (address, asset)
+        if key in crawl.previous_page:
             # Offsets shifted under the crawl: accounts were added meanwhile.
-            crawl.moved = f"{address!r} was listed twice"
-        if not self.v2 or address not in crawl.this_page:  # v2 lists an account once per asset
+            crawl.moved = f"{address!r} was listed twice" + (f" for {asset}" if asset else "")
+        if address != crawl.last_address:
             crawl.accounts += 1
-        crawl.this_page.add(address)
+        crawl.last_address = address
+        crawl.this_page.add(key)
 
     def _v2_filter(self) -> dict | None:
         # v2 filters in the body; the accepted syntax means the same there.
@@ -780,6 +886,87 @@ def _parse_v1(record: Any, pattern: re.Pattern = V2_ADDRESS) -> list[tuple[str, 
     return accounts
 
 
+ONE_MICROSECOND = timedelta(microseconds=1)
+_V1_COUNT = re.compile(r".* transactions=([0-9]{1,19})")
+
+
+def _v1_count(raw: str) -> int | None:
+    """The transaction count of a v1 snapshot's raw time (:func:`v1_snapshot_raw`), or None."""
+    match = _V1_COUNT.fullmatch(raw or "")
+    return int(match[1]) if match else None
+
+
+def _unexplainable(reason: str) -> MovementPage:
+    return MovementPage(unexplainable={"*": reason})
+
+
+def _movement_kind(source: str, destination: str) -> str:
+    """Money from ``world`` is created, to ``world`` destroyed (the ledger's own convention)."""
+    return "mint" if source == "world" else "burn" if destination == "world" else "transfer"
+
+
+def _volume_of(record: Any, pattern: re.Pattern = V2_ADDRESS) -> tuple[str, str]:
+    """The account and asset of a ``volumes`` record (its address checked against ``pattern``)."""
+    if not isinstance(record, dict):
+        raise RecordError(f"volume is {type(record).__name__}, expected an object")
+    address = _address(record.get("account"), pattern)
+    asset = record.get("asset")
+    if not isinstance(asset, str):
+        raise RecordError(f"asset of {address} is {asset!r}, expected a string")
+    return address, asset
+
+
+def _volume_legs(record: Any, window: Window) -> list[MovementRow]:
+    """``{"account", "asset", "input", "output"}`` over the window: its inflow leg and its outflow leg."""
+    address, asset = _volume_of(record)
+    decimals = asset_decimals(asset)
+    when = f"({window.start_raw}, {window.end_raw}]"
+    legs = []
+    for side, sign in (("input", 1), ("output", -1)):
+        amount = integer_amount(require(record, side), f"{side} of {asset}", minimum=0)
+        if amount:
+            legs.append(MovementRow(address, asset, window.end, f"volumes {when}",
+                                    f"volumes {when} {address} {asset} {side}", sign * amount, "transfer", decimals))
+    return legs
+
+
+def _txid(record: Any) -> int:
+    txid = record.get("txid") if isinstance(record, dict) else None
+    if isinstance(txid, bool) or not isinstance(txid, int) or txid < 0:
+        raise MalformedResponseError(f"a transaction has txid {txid!r}, not a transaction number", raw=record)
+    return txid
+
+
+def _posting_legs(record: dict) -> list[MovementRow]:
+    """A v1 transaction's postings: each a leg out of its source (even index) and one into its destination."""
+    txid = record["txid"]
+    stamp = require(record, "timestamp")
+    if not isinstance(stamp, str):
+        raise RecordError(f"timestamp of transaction {txid} is {stamp!r}, expected RFC 3339 text")
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecordError(f"timestamp of transaction {txid} is {stamp!r}, expected RFC 3339 text") from None
+    if when.tzinfo is None:
+        raise RecordError(f"timestamp of transaction {txid} is {stamp!r}, without a time zone")
+    postings = require(record, "postings")
+    if not isinstance(postings, list):
+        raise RecordError(f"postings of transaction {txid} is {type(postings).__name__}, expected a list")
+    legs = []
+    for index, posting in enumerate(postings):
+        source, destination = _address(require(posting, "source")), _address(require(posting, "destination"))
+        asset = require(posting, "asset")
+        if not isinstance(asset, str):
+            raise RecordError(f"asset of posting {index} of transaction {txid} is {asset!r}, expected a string")
+        amount = integer_amount(require(posting, "amount"), f"amount of posting {index}", minimum=0)
+        decimals, kind = asset_decimals(asset), _movement_kind(source, destination)
+        legs.append(MovementRow(source, asset, when, stamp, f"tx {txid} leg {2 * index}", -amount, kind, decimals,
+                                destination))
+        legs.append(MovementRow(destination, asset, when, stamp, f"tx {txid} leg {2 * index + 1}", amount, kind,
+                                decimals, source))
+    return legs
+
+
 def build(settings: Settings, credentials: Credentials | None, policy: RetryPolicy, *,
           max_pages: int, throttle: Throttle | None = None) -> FormanceExtractor:
     """A Formance extractor; a Connection makes it an OAuth2 client, none means no auth."""
@@ -802,4 +989,5 @@ PROVIDER = Provider(
     settings=Settings,
     build=build,
     has_history=has_history,  # v2 answers for a past time (pit), v1 only for the present
+    has_movements=True,  # movements(window): v2 the window's volumes, v1 its transactions' postings
 )

@@ -12,13 +12,33 @@ groups that fit one page. An exact id the snapshot lacks is a rejected
 record (``missing``), never a zero balance; a range holding no account is a
 warning. A page with no balances ends a range whatever its ``timestamp``
 (the node sends null there) and its link.
+
+Movements (``movements(window)``): ``GET /api/v1/transactions`` with
+``timestamp=gt:<start>&timestamp=lte:<end>``, the consensus timestamps of
+the window's two snapshots, to the nanosecond: a balance snapshot is the
+state after every transaction up to its timestamp (the importer's own
+reconciliation, ``60af5fda6:importer/src/main/java/org/hiero/mirror/importer/reconciliation/BalanceReconciliationService.java:reconcileCryptoTransfers``,
+adds the transfers ``> previous`` and ``<= current``). The same account
+ranges and exact ids as the balances (the same shards), each paged through
+on its own, ascending (``60af5fda6:rest/transactions.js:getTransactions``). A
+transaction lists every leg, the other accounts' too
+(``rest/transactions.js:getTransactionsDetails``): only the legs of the accounts the query was
+for are kept, so a transaction two queries return is counted once. HBAR
+``transfers`` are each account's net change (the fee included); the legs
+of the node and 0.0.98 receiving the fee, and a payer whose only leg is the
+fee, are ``fee``; a staking reward (listed in ``transfers`` out of 0.0.800,
+and again in ``staking_reward_transfers``) is ``reward`` and counted once;
+``token_transfers`` and ``nft_transfers`` (one serial: a count of 1) are
+the tokens'. The node may end a page early and still link on (it binds an
+open time range, ``60af5fda6:rest/timestampRange.js:bindTimestampRange``): only a
+null link ends a query.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from extractors.errors import (
     MalformedResponseError,
@@ -32,8 +52,11 @@ from extractors.paginators import NextLinkPaginator, check_page_cap
 from extractors.provider import Provider, Throttle
 from extractors.records import (
     BalanceRow,
+    MovementPage,
+    MovementRow,
     Page,
     RecordError,
+    Window,
     integer_amount,
     require,
 )
@@ -41,6 +64,10 @@ from extractors.records import (
 HBAR = "HBAR"
 HBAR_DECIMALS = 8
 MAX_LIMIT = 100
+# Accounts that take a transaction's fee: the node (named per transaction), the network's fee
+# collector, and the two staking reward accounts (HIP-406: part of every fee funds rewards).
+FEE_ACCOUNTS = frozenset({"0.0.98", "0.0.800", "0.0.801"})
+STAKING_REWARD_ACCOUNT = "0.0.800"
 TOKENS_LISTED_AT_MOST = 50  # HIP-367: the balances endpoint cuts the rest silently
 INT64_MAX = 2**63 - 1
 
@@ -213,6 +240,8 @@ class HederaExtractor:
         self.client = client
         self.max_pages = max_pages
         self._decimals: dict[str, int | None] = {}
+        # Movement legs name the same accounts (the node, 0.0.98, the payers) page after page.
+        self._ids: dict[str, int | None] = {}
 
     def choose_snapshot(self, at: datetime) -> tuple[datetime, str] | None:
         """The latest snapshot at or before ``at`` (``as_of``, ``as_of_raw``); None if there is none.
@@ -347,6 +376,98 @@ class HederaExtractor:
             page, _ = self._page(data, snapshot, plan, asked=set(ids))
             yield page
 
+    # -- movements ------------------------------------------------------------------
+
+    def movements(self, window: Window,
+                  account_range: tuple[str | None, str | None] | None = None) -> Iterator[MovementPage]:
+        """Yield the window's movement legs for the source's accounts (this shard's), a page per node page."""
+        start, end = timestamp_nanos(window.start_raw), timestamp_nanos(window.end_raw)
+        pinned = [("timestamp", f"gt:{window.start_raw}"), ("timestamp", f"lte:{window.end_raw}")]
+        plan = self._plan(account_range)
+        queries: list[tuple[list[tuple[str, Any]], Callable[[int], bool]]] = []
+        for low, high in plan.ranges:
+            params: list[tuple[str, Any]] = []
+            if low > 0:
+                params.append(("account.id", f"gte:{id_text(low)}"))
+            if high < MAX_ENCODED_ID:
+                params.append(("account.id", f"lte:{id_text(high)}"))
+            queries.append((params, lambda account, low=low, high=high: low <= account <= high))
+        for ids in plan.lookups:
+            queries.append(([("account.id", id_text(i)) for i in ids], set(ids).__contains__))
+        read = 0
+        for params, ours in queries:
+            check_page_cap(read, self.max_pages)
+            # No records_path: a page may hold no transaction and still link on (a bound range).
+            paginator = NextLinkPaginator(next_path=("links", "next"), max_pages=self.max_pages - read)
+            query = [("limit", self.settings.limit), ("order", "asc"), *pinned, *params]
+            for data in self.client.paginate(TRANSACTIONS_PATH, query, paginator):
+                read += 1
+                page = MovementPage()
+                for _, legs in page.parse_each(_transactions(data), lambda tx: self._legs(tx, start, end)):
+                    page.rows.extend(leg for leg, account in legs if ours(account))
+                yield page
+
+    def _legs(self, tx: Any, start: int, end: int) -> list[tuple[MovementRow, int]]:
+        """A transaction's legs, each with its encoded account."""
+        stamp = require(tx, "consensus_timestamp")
+        if not isinstance(stamp, str) or not _TIMESTAMP.fullmatch(stamp):
+            raise RecordError(f"consensus_timestamp {stamp!r} is not seconds.nanoseconds")
+        if not start < timestamp_nanos(stamp) <= end:
+            # Asked for (start, end]: an answer outside is the node's mistake, never a movement to keep.
+            raise MalformedResponseError(f"asked for transactions after {_text(start)} up to {_text(end)}, "
+                                         f"got one at {stamp}", raw=tx)
+        when = parse_timestamp(stamp)
+        fee = integer_amount(require(tx, "charged_tx_fee"), "charged_tx_fee", minimum=0, maximum=INT64_MAX)
+        node = tx.get("node")
+        rewards = {(r.get("account"), r.get("amount")) for r in _listed(tx, "staking_reward_transfers")
+                   if isinstance(r, dict)}
+        legs: list[tuple[MovementRow, int]] = []
+        hbar = [(require(t, "account"), integer_amount(require(t, "amount"), "transfer amount",
+                                                       minimum=-INT64_MAX, maximum=INT64_MAX))
+                for t in _listed(tx, "transfers")]
+        for index, (account, amount) in enumerate(hbar):
+            if (account, amount) in rewards or (account == STAKING_REWARD_ACCOUNT and amount < 0 and rewards):
+                kind = "reward"
+            elif amount > 0 and (account == node or account in FEE_ACCOUNTS):
+                kind = "fee"
+            elif amount < 0 and -amount == fee and account == _payer(tx):
+                kind = "fee"
+            else:
+                kind = "transfer"
+            legs.append(self._leg(account, HBAR, when, stamp, f"{stamp}#hbar{index}", amount, kind, HBAR_DECIMALS,
+                                  _counterparty(hbar, index, node)))
+        if self.settings.include_tokens:
+            tokens = [(require(t, "token_id"), require(t, "account"),
+                       integer_amount(require(t, "amount"), "token transfer amount", minimum=-INT64_MAX,
+                                      maximum=INT64_MAX)) for t in _listed(tx, "token_transfers")]
+            for index, (token, account, amount) in enumerate(tokens):
+                _check_id(token, "token_id")
+                same = [(a, n) for t, a, n in tokens if t == token]
+                at = same.index((account, amount))
+                legs.append(self._leg(account, token, when, stamp, f"{stamp}#token{index}", amount, "transfer",
+                                      self.token_decimals(token), _counterparty(same, at, None)))
+            for index, nft in enumerate(_listed(tx, "nft_transfers")):
+                token = require(nft, "token_id")
+                _check_id(token, "token_id")
+                sender, receiver = require(nft, "sender_account_id"), require(nft, "receiver_account_id")
+                kind = "mint" if sender is None else "burn" if receiver is None else "transfer"
+                for side, (account, other, amount) in enumerate(((sender, receiver, -1), (receiver, sender, 1))):
+                    if account is not None:
+                        legs.append(self._leg(account, token, when, stamp, f"{stamp}#nft{index}.{side}", amount,
+                                              kind, 0, other))
+        return legs
+
+    def _leg(self, account: Any, asset: str, when: datetime, stamp: str, movement_id: str, amount: int, kind: str,
+             decimals: int | None, counterparty: str | None) -> tuple[MovementRow, int]:
+        encoded = self._ids.get(account) if isinstance(account, str) else None
+        if encoded is None:
+            encoded = parse_account_id(account)
+            if encoded is not None and len(self._ids) < ID_CACHE:
+                self._ids[account] = encoded
+        if encoded is None:
+            raise RecordError(f"account {account!r} is not a shard.realm.num id")
+        return MovementRow(account, asset, when, stamp, movement_id, amount, kind, decimals, counterparty), encoded
+
     def _balances(self, data: Any) -> list:
         if not isinstance(data, dict):
             raise MalformedResponseError("balances page is not a JSON object", raw=data)
@@ -427,6 +548,55 @@ class HederaExtractor:
         return self._decimals[token_id]
 
 
+TRANSACTIONS_PATH = "/api/v1/transactions"
+ID_CACHE = 100_000  # account ids remembered by a crawl of movements: a few MB at most
+
+
+def timestamp_nanos(text: str) -> int:
+    """A ``seconds.nanoseconds`` timestamp (a snapshot's raw time) as nanoseconds."""
+    match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"timestamp {text!r} is not seconds.nanoseconds")
+    return int(match[1]) * 10**9 + int(match[2])
+
+
+def _text(nanos: int) -> str:
+    return f"{nanos // 10**9}.{nanos % 10**9:09d}"
+
+
+def _transactions(data: Any) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get("transactions"), list):
+        raise MalformedResponseError("page has no transactions list", raw=data)
+    return data["transactions"]
+
+
+def _listed(tx: Any, key: str) -> list:
+    """A list a transaction must carry (absent is not empty: legs would go missing)."""
+    value = require(tx, key)
+    if not isinstance(value, list):
+        raise RecordError(f"{key} is {type(value).__name__}, expected a list")
+    return value
+
+
+def _payer(tx: dict) -> str | None:
+    """The payer, from the transaction id (``0.0.8-1565779666-711927000``)."""
+    text = tx.get("transaction_id")
+    return text.split("-", 1)[0] if isinstance(text, str) else None
+
+
+def _check_id(value: Any, what: str) -> None:
+    if parse_account_id(value) is None:
+        raise RecordError(f"{what} {value!r} is not a shard.realm.num id")
+
+
+def _counterparty(legs: list[tuple[str, int]], index: int, node: Any) -> str | None:
+    """The one account on the other side of leg ``index``, fee takers aside; None when several are."""
+    account, amount = legs[index]
+    others = [a for i, (a, n) in enumerate(legs)
+              if i != index and (n > 0) != (amount > 0) and n != 0 and a != node and a not in FEE_ACCOUNTS]
+    return others[0] if len(others) == 1 else None
+
+
 def build(settings: Settings, credentials: Credentials | None, policy, *, max_pages: int,
           throttle: Throttle | None = None) -> HederaExtractor:
     """A Hedera extractor; a Connection's password, if any, is the API key."""
@@ -445,4 +615,5 @@ PROVIDER = Provider(
     has_history=True,  # timestamp=lte:<time> selects any past snapshot
     shardable=True,  # the account-id space splits into account.id=gte:..&lte:.. ranges
     chooses_snapshot=True,  # choose_snapshot(at) once per run; every shard reads that snapshot
+    has_movements=True,  # movements(window): /api/v1/transactions between the two consensus timestamps
 )

@@ -9,6 +9,7 @@ A provider module (``extractors/<name>.py``) ends with one declaration::
         has_history=True,
         shardable=True,
         chooses_snapshot=True,
+        has_movements=True,
     )
 
 and the run (:mod:`pipeline.snapshot`) uses nothing else of the module. The
@@ -39,6 +40,11 @@ class Extractor(Protocol):
     as_of_raw) | None`` and its ``pages`` accepts ``snapshot=``. One whose
     snapshot can still change after it was read has ``verify_snapshot(snapshot)``,
     which raises :class:`~extractors.errors.SnapshotError` when it no longer stands.
+    One that has movements has ``movements(window, account_range=None)``: the
+    :class:`~extractors.records.MovementPage` pages of every movement leg in
+    ``window`` (:class:`~extractors.records.Window`, the span between two
+    published snapshots), one page at a time, restricted to ``account_range``
+    as ``pages`` is for a shard.
     """
 
     client: HttpClient  # every request goes through it: retries, statistics, closing
@@ -86,6 +92,12 @@ class Provider:
             reorganisation): the extractor's ``verify_snapshot((as_of, as_of_raw))``
             is asked again just before publish, and a snapshot that no longer
             stands publishes nothing.
+        has_movements: the API lists the movements behind balance changes
+            (transfers, fees, rewards), so a window between two snapshots can
+            be rolled forward; a function of the settings when that depends on
+            them. The extractor's ``movements(window, account_range=None)``
+            yields them; without it, the roll-forward of the source's windows
+            is recorded as not available, never as a break.
         rate_limit: the documented limit as (requests per second, burst); a
             source's ``rate_limit`` overrides it.
         budget: the name of the request budget a source draws on, from its
@@ -102,6 +114,7 @@ class Provider:
     shardable: bool = False
     chooses_snapshot: bool = False
     verifies_snapshot: bool = False
+    has_movements: bool | Callable[[Any], bool] = False
     rate_limit: tuple[float, float] | None = None
     budget: Callable[[Any], str] | None = None
 
@@ -112,6 +125,11 @@ class Provider:
         if callable(self.has_history):
             return self.has_history(settings)
         return self.has_history
+
+    def offers_movements(self, settings: Any) -> bool:
+        if callable(self.has_movements):
+            return self.has_movements(settings)
+        return self.has_movements
 
     def open(self, settings: Any, credentials: Credentials | None, policy: RetryPolicy, *,
              max_pages: int, throttle: Throttle | None = None) -> Extractor:

@@ -1,4 +1,4 @@
-"""What an extractor produces: balance rows, rejected records, pages.
+"""What an extractor produces: balance rows, movement rows, rejected records, pages.
 
 Also the bounds on a single value. A provider controls the text of every
 number, and the cost of turning that text into an exact amount is not the
@@ -102,9 +102,9 @@ class BalanceRow:
 class Column:
     """A column a :class:`BalanceRow` brings to ``balance_history``.
 
-    ``kind`` is how its values are written: ``text``, ``integer`` (an int)
-    or ``amount`` (an int or a Decimal, compared when a snapshot is loaded
-    twice). ``nullable`` follows the field's type (``| None``).
+    ``kind`` is how its values are written: ``text``, ``integer`` (an int),
+    ``amount`` (an int or a Decimal, compared when a snapshot is loaded
+    twice) or ``time`` (an aware datetime). ``nullable`` follows the field's type (``| None``).
     """
 
     name: str
@@ -113,7 +113,8 @@ class Column:
     nullable: bool
 
 
-_KINDS = {frozenset({str}): "text", frozenset({int}): "integer", frozenset({int, Decimal}): "amount"}
+_KINDS = {frozenset({str}): "text", frozenset({int}): "integer", frozenset({int, Decimal}): "amount",
+          frozenset({datetime}): "time"}
 
 
 def _columns(cls: type) -> tuple[Column, ...]:
@@ -124,7 +125,7 @@ def _columns(cls: type) -> tuple[Column, ...]:
         nullable = type(None) in types
         kind = _KINDS.get(frozenset(types - {type(None)}))
         if kind is None:
-            raise TypeError(f"{cls.__name__}.{f.name}: a column is str, int or Amount, "
+            raise TypeError(f"{cls.__name__}.{f.name}: a column is str, int, Amount or datetime, "
                             "optionally | None")
         columns.append(Column(f.name, f.metadata["sql_type"], kind, nullable))
     return tuple(columns)
@@ -133,6 +134,62 @@ def _columns(cls: type) -> tuple[Column, ...]:
 # The columns of a history row, in BalanceRow's field order: staging's DDL,
 # its COPY encoder and publish's INSERT are built from these.
 ROW_COLUMNS: tuple[Column, ...] = _columns(BalanceRow)
+
+
+# What a movement leg is, in the pipeline's own words (balance_movements.kind).
+MOVEMENT_KINDS = frozenset({
+    "transfer",    # between two accounts
+    "fee",         # paid for a transaction (to a node, a fee account, or burnt)
+    "reward",      # staking rewards, a block's priority fees to its producer
+    "mint",        # created: from nowhere (an ERC-20 mint, a ledger's world account)
+    "burn",        # destroyed: to nowhere
+    "withdrawal",  # a consensus-layer withdrawal credited without a transaction (EVM)
+})
+
+
+@dataclass(slots=True, frozen=True)
+class MovementRow:
+    """One leg of a movement: ``amount`` (signed: in is positive) of ``asset`` on ``account``.
+
+    In the units of the balance rows (tinybars, wei, minor units), exactly as
+    reported. ``movement_id`` is the provider's transaction id and the leg's
+    index, unique within the source; ``movement_time_raw`` the provider's
+    exact time text (Hedera's nanoseconds, an EVM block and log index).
+    Each field is a column of ``balance_movements`` and of its staging
+    tables (:data:`MOVEMENT_COLUMNS`).
+    """
+
+    account: str = _column('text COLLATE "C"')
+    asset: str = _column('text COLLATE "C"')
+    movement_time: datetime = _column("timestamptz")
+    movement_time_raw: str = _column("text")
+    movement_id: str = _column('text COLLATE "C"')
+    amount: Amount = _column("numeric")
+    kind: str = _column("text")
+    decimals: int | None = _column("smallint", None)
+    counterparty: str | None = _column("text", None)
+
+
+MOVEMENT_COLUMNS: tuple[Column, ...] = _columns(MovementRow)
+
+
+@dataclass(slots=True, frozen=True)
+class Window:
+    """The span between two consecutive published snapshots of a source: ``(start, end]``.
+
+    Each end is the snapshot's time and its exact raw text (``as_of``,
+    ``as_of_raw``): a Hedera consensus timestamp, an EVM block's number and
+    hash, a Formance ``pit`` or v1 read. A window holds the movements after
+    the first snapshot, up to and including the second.
+    """
+
+    start: datetime
+    start_raw: str
+    end: datetime
+    end_raw: str
+
+    def __str__(self) -> str:
+        return f"({self.start_raw}, {self.end_raw}]"
 
 
 # Why a record was rejected, in our own words: dashboards count rejections by
@@ -167,20 +224,10 @@ class Rejection:
             raise ValueError(f"unknown rejection code {self.code!r}")
 
 
-@dataclass(slots=True)
-class Page:
-    """One provider page, parsed.
+class _Records:
+    """What every page does with its records: rows from the good ones, the others rejected."""
 
-    ``as_of`` is the provider's snapshot time for this page and ``as_of_raw``
-    its exact text (Hedera's has nanoseconds; timestamptz keeps microseconds).
-    """
-
-    as_of: datetime
-    as_of_raw: str
-    rows: list[BalanceRow] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    kind: str = "balances"
+    __slots__ = ()
 
     def parse_each(self, records: Iterable[Any], parse: Callable[[Any], T]) -> Iterator[tuple[Any, T]]:
         """``(record, parse(record))`` for each record that parses.
@@ -220,6 +267,37 @@ class Page:
         """
         code = code or getattr(reason, "code", None) or "malformed_record"
         self.rejected.append(Rejection(raw=to_json_text(record), reason=str(reason), code=code))
+
+
+@dataclass(slots=True)
+class Page(_Records):
+    """One provider page, parsed.
+
+    ``as_of`` is the provider's snapshot time for this page and ``as_of_raw``
+    its exact text (Hedera's has nanoseconds; timestamptz keeps microseconds).
+    """
+
+    as_of: datetime
+    as_of_raw: str
+    rows: list[BalanceRow] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    kind: str = "balances"
+
+
+@dataclass(slots=True)
+class MovementPage(_Records):
+    """One page of a window's movements, parsed.
+
+    ``unexplainable`` names the assets whose movements the provider cannot
+    read in this window, and why (an EVM node without traces cannot explain
+    native balances): the roll-forward reports them, never a guess.
+    """
+
+    rows: list[MovementRow] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unexplainable: dict[str, str] = field(default_factory=dict)
 
 
 class RecordError(ValueError):

@@ -31,7 +31,7 @@ KEY UPDATE`` / ``FOR UPDATE SKIP LOCKED``), so "is anyone alive on it?"
 and "it is mine now" are one step.
 
 Every lock the pipeline takes is here: leases on runs (namespaced by the
-kind of run, :data:`SNAPSHOT` or :data:`RECONCILIATION`) and the turn that
+kind of run, :data:`SNAPSHOT`, :data:`RECONCILIATION` or :data:`MOVEMENTS`) and the turn that
 writers of one source's history take (:func:`take_publish_turn`, a row of
 ``source_locks`` behind the history tables' locks). Partitions are guarded
 inside the database function that creates them (migration 0008). The
@@ -48,7 +48,7 @@ from datetime import timedelta
 from psycopg2 import sql
 
 from loaders.db import transaction
-from loaders.statuses import ReconciliationStatus, RunStatus
+from loaders.statuses import MovementStatus, ReconciliationStatus, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,13 @@ log = logging.getLogger(__name__)
 # and the status of a run still at work.
 SNAPSHOT = "snapshot"
 RECONCILIATION = "reconciliation"
-_RUN_TABLES = {SNAPSHOT: sql.Identifier("snapshot_runs"), RECONCILIATION: sql.Identifier("reconciliation_runs")}
-_RUNNING = {SNAPSHOT: RunStatus.RUNNING, RECONCILIATION: ReconciliationStatus.RUNNING}
-_ABANDONED = {SNAPSHOT: RunStatus.ABANDONED, RECONCILIATION: ReconciliationStatus.ABANDONED}
+MOVEMENTS = "movements"
+_RUN_TABLES = {SNAPSHOT: sql.Identifier("snapshot_runs"), RECONCILIATION: sql.Identifier("reconciliation_runs"),
+               MOVEMENTS: sql.Identifier("movement_runs")}
+_RUNNING = {SNAPSHOT: RunStatus.RUNNING, RECONCILIATION: ReconciliationStatus.RUNNING,
+            MOVEMENTS: MovementStatus.RUNNING}
+_ABANDONED = {SNAPSHOT: RunStatus.ABANDONED, RECONCILIATION: ReconciliationStatus.ABANDONED,
+              MOVEMENTS: MovementStatus.ABANDONED}
 WHOLE_RUN = -1
 # How long a claim waits for another live session to let go (a retried
 # shard behind its zombie predecessor) before failing; the task's retry

@@ -4,7 +4,9 @@ This module owns a run's lifecycle: it starts runs, moves them from one
 :class:`~loaders.statuses.RunStatus` to the next, holds and releases them
 (:mod:`loaders.leases`) and reaps the ones whose process died, dropping
 their staging (:mod:`loaders.staging`). It depends on those modules, never
-the other way round.
+the other way round. The steps every kind of run shares (:func:`resume`,
+:func:`add_progress`, :func:`finish`, :func:`record_failure`) also serve
+``movement_runs`` (``kind=leases.MOVEMENTS``, :mod:`loaders.movements`).
 
 Text that reaches these rows from a provider (errors, warnings) goes
 through :func:`extractors.text.safe_text` here, at the storage boundary: a
@@ -20,6 +22,7 @@ from datetime import datetime
 from typing import Iterable
 
 import psycopg2
+from psycopg2 import sql
 
 from extractors.text import one_line, safe_text
 from loaders import leases, staging
@@ -33,6 +36,8 @@ MAX_WARNINGS_KEPT = 100
 # went wrong, never a provider's whole body in an error column.
 MAX_ERROR_CHARS = 10_000
 MAX_WARNING_CHARS = 2_000
+# The table of each kind of run these steps serve.
+_TABLES = {leases.SNAPSHOT: sql.Identifier("snapshot_runs"), leases.MOVEMENTS: sql.Identifier("movement_runs")}
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,12 +121,12 @@ def get_run(conn, run_id: int, *, for_update: bool = False) -> Run:
     return Run(run_id, source, provider, RunStatus(status), *rest)
 
 
-def resume(conn, run_id: int) -> None:
+def resume(conn, run_id: int, *, kind: str = leases.SNAPSHOT) -> None:
     """A retried task picks the run up again."""
     with transaction(conn) as cur:
         cur.execute(
-            "UPDATE snapshot_runs SET status = %s, error = NULL, finished_at = NULL"
-            " WHERE run_id = %s AND status IN (%s, %s, %s)",
+            sql.SQL("UPDATE {} SET status = %s, error = NULL, finished_at = NULL"
+                    " WHERE run_id = %s AND status IN (%s, %s, %s)").format(_TABLES[kind]),
             (RunStatus.RUNNING, run_id, RunStatus.RUNNING, RunStatus.FAILED, RunStatus.ABANDONED),
         )
 
@@ -157,33 +162,34 @@ def forget_snapshot(conn, run_id: int) -> None:
 
 
 def add_progress(conn, run_id: int, *, pages: int, requests: int, retries: int,
-                 warnings: Iterable[str] = ()) -> None:
+                 warnings: Iterable[str] = (), kind: str = leases.SNAPSHOT) -> None:
     warnings = [safe_text(w, MAX_WARNING_CHARS) for w in list(warnings)[:MAX_WARNINGS_KEPT]]
     with transaction(conn) as cur:
         cur.execute(
-            """
-            UPDATE snapshot_runs
+            sql.SQL("""
+            UPDATE {}
                SET pages = pages + %s, requests = requests + %s, retries = retries + %s,
                    warnings = CASE WHEN jsonb_array_length(warnings) >= %s THEN warnings
                                    ELSE warnings || %s::jsonb END
              WHERE run_id = %s
-            """,
+            """).format(_TABLES[kind]),
             (pages, requests, retries, MAX_WARNINGS_KEPT, json.dumps(warnings), run_id),
         )
 
 
-def finish(conn, run_id: int, status: RunStatus, *, error: str | None = None) -> None:
+def finish(conn, run_id: int, status: str, *, error: str | None = None, kind: str = leases.SNAPSHOT) -> None:
     """End the run as ``status``, unless it is already published (a published run stays so)."""
     with transaction(conn) as cur:
         cur.execute(
-            "UPDATE snapshot_runs SET status = %s, error = %s, finished_at = now()"
-            " WHERE run_id = %s AND status <> %s",
-            (RunStatus(status), None if error is None else safe_text(error, MAX_ERROR_CHARS), run_id,
+            sql.SQL("UPDATE {} SET status = %s, error = %s, finished_at = now()"
+                    " WHERE run_id = %s AND status <> %s").format(_TABLES[kind]),
+            (str(status), None if error is None else safe_text(error, MAX_ERROR_CHARS), run_id,
              RunStatus.PUBLISHED),
         )
 
 
-def record_failure(conn, run_id: int, error: str, status: RunStatus = RunStatus.FAILED) -> bool:
+def record_failure(conn, run_id: int, error: str, status: RunStatus = RunStatus.FAILED, *,
+                   kind: str = leases.SNAPSHOT) -> bool:
     """Mark the run failed with ``error``; never raises, True if it was recorded.
 
     Called while another error is on its way up: that error is the one the
@@ -198,7 +204,7 @@ def record_failure(conn, run_id: int, error: str, status: RunStatus = RunStatus.
             if conn.closed:
                 break
             conn.rollback()
-            finish(conn, run_id, status, error=text)
+            finish(conn, run_id, status, error=text, kind=kind)
             return True
         except (psycopg2.DataError, UnicodeEncodeError):
             continue

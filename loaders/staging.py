@@ -5,7 +5,9 @@ are rebuilt from the provider if lost) and have no indexes, so COPY runs at
 close to the server's limit. Nothing in them is visible to readers of
 ``balance_history`` until :mod:`loaders.publish` moves them in one
 transaction. Their columns, and the COPY encoding of a row, are built from
-:data:`extractors.records.ROW_COLUMNS`.
+:data:`extractors.records.ROW_COLUMNS` (a window's movements are staged
+the same way, from :data:`~extractors.records.MOVEMENT_COLUMNS`, by
+:mod:`loaders.movements`).
 
 What a shard staged is recorded on its run (``snapshot_runs.staged``), so
 publish can tell a finished shard from one emptied by a crash.
@@ -23,13 +25,18 @@ from loaders import rejections
 
 SCHEMA = "balance_staging"
 COLUMNS = tuple(c.name for c in ROW_COLUMNS)
-_COLUMN_NAMES = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-# As in balance_history, without its keys and defaults: staging only holds rows.
-_COLUMNS_DDL = sql.SQL(", ").join(
-    sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.sql_type),
-                              sql.SQL("" if c.nullable else " NOT NULL"))
-    for c in ROW_COLUMNS
-)
+
+
+def columns_ddl(columns: tuple[Column, ...]) -> sql.Composable:
+    """The columns of a staging table, as the history table has them without its keys and defaults."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.sql_type),
+                                  sql.SQL("" if c.nullable else " NOT NULL"))
+        for c in columns
+    )
+
+
+_COLUMNS_DDL = columns_ddl(ROW_COLUMNS)
 FLUSH_BYTES = 4 << 20  # memory per shard stays at a few MB, whatever the crawl size
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -58,23 +65,28 @@ def drop_run(cur, run_id: int) -> None:
         cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
 
 
-def forget_staged(cur, run_id: int, shard: int) -> None:
-    """A shard starting (again) has staged nothing yet."""
-    cur.execute("UPDATE snapshot_runs SET staged = staged - %s WHERE run_id = %s", (str(shard), run_id))
+RUNS = "snapshot_runs"
 
 
-def record_staged(cur, run_id: int, shard: int, rows: int, aggregates: int) -> None:
+def forget_staged(cur, run_id: int, shard: int, runs: str = RUNS) -> None:
+    """A shard starting (again) has staged nothing yet (``runs``: the table of the run)."""
+    cur.execute(sql.SQL("UPDATE {} SET staged = staged - %s WHERE run_id = %s").format(sql.Identifier(runs)),
+                (str(shard), run_id))
+
+
+def record_staged(cur, run_id: int, shard: int, rows: int, aggregates: int, runs: str = RUNS) -> None:
     """Written durably once the shard's rows are committed to staging."""
     cur.execute(
-        "UPDATE snapshot_runs SET staged = staged || jsonb_build_object(%s::text,"
-        " jsonb_build_object('rows', %s::bigint, 'aggregates', %s::bigint)) WHERE run_id = %s",
+        sql.SQL("UPDATE {} SET staged = staged || jsonb_build_object(%s::text,"
+                " jsonb_build_object('rows', %s::bigint, 'aggregates', %s::bigint)) WHERE run_id = %s")
+        .format(sql.Identifier(runs)),
         (str(shard), rows, aggregates, run_id),
     )
 
 
-def staged_counts(cur, run_id: int) -> dict[int, tuple[int, int]]:
+def staged_counts(cur, run_id: int, runs: str = RUNS) -> dict[int, tuple[int, int]]:
     """Rows and aggregates each finished shard staged, by shard."""
-    cur.execute("SELECT staged FROM snapshot_runs WHERE run_id = %s", (run_id,))
+    cur.execute(sql.SQL("SELECT staged FROM {} WHERE run_id = %s").format(sql.Identifier(runs)), (run_id,))
     staged = cur.fetchone()[0]
     return {int(shard): (v["rows"], v["aggregates"]) for shard, v in staged.items()}
 
@@ -108,6 +120,8 @@ _FORMATS = {
     # Never an exponent: plain digits read back exactly as NUMERIC.
     ("amount", False): "{format(@, 'f') if @.__class__ is dec else @}",
     ("amount", True): "{NULL if @ is None else format(@, 'f') if @.__class__ is dec else @}",
+    ("time", False): "{@.isoformat()}",
+    ("time", True): "{NULL if @ is None else @.isoformat()}",
 }
 
 
@@ -140,7 +154,7 @@ def _encoder_source(columns: tuple[Column, ...]) -> str:
     )
 
 
-def _encoder(columns: tuple[Column, ...]) -> Callable[[Iterable[BalanceRow]], str]:
+def encoder(columns: tuple[Column, ...]) -> Callable[[Iterable], str]:
     # Generated once, as dataclasses generates __init__: a loop over the
     # columns inside the loop over rows makes encoding nearly twice as
     # slow; this is the function one would write by hand for these columns.
@@ -150,12 +164,50 @@ def _encoder(columns: tuple[Column, ...]) -> Callable[[Iterable[BalanceRow]], st
     return namespace["encode"]
 
 
-_encode = _encoder(ROW_COLUMNS)
+_encode = encoder(ROW_COLUMNS)
 
 
 def encode(rows: Iterable[BalanceRow]) -> str:
     """Rows in COPY text format, one line per row, columns as :data:`COLUMNS`."""
     return _encode(rows)
+
+
+class CopyBuffer:
+    """Rows encoded as they come and COPYed into ``table`` once ``FLUSH_BYTES`` of them wait.
+
+    Each flush commits: a crawl holds at most a few MB of rows, whatever its size.
+    """
+
+    def __init__(self, conn, table: sql.Composable, columns: tuple[Column, ...],
+                 encode: Callable[[Iterable], str]) -> None:
+        self.conn = conn
+        self.table = table
+        self.names = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        self.encode = encode
+        self.rows = 0
+        self._buffer: list[str] = []
+        self._size = 0
+
+    def add(self, rows: list) -> None:
+        if not rows:
+            return
+        chunk = self.encode(rows)
+        self._buffer.append(chunk)
+        self._size += len(chunk)
+        self.rows += len(rows)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = io.BytesIO("".join(self._buffer).encode("utf-8"))
+        self._buffer.clear()
+        self._size = 0
+        with self.conn.cursor() as cur:
+            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(self.table, self.names), data,
+                            size=1 << 20)
+        self.conn.commit()
 
 
 class StagingWriter:
@@ -170,11 +222,9 @@ class StagingWriter:
         self.run_id = run_id
         self.shard = shard
         self.table = table_name(run_id, shard)
-        self.rows = 0
         self.aggregates = 0
         self.rejected = 0
-        self._buffer: list[str] = []
-        self._size = 0
+        self._copy = CopyBuffer(conn, self.table, ROW_COLUMNS, encode)
         with conn.cursor() as cur:
             drop(cur, run_id, shard)
             cur.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(self.table, _COLUMNS_DDL))
@@ -188,13 +238,7 @@ class StagingWriter:
             rows = []
         elif kind != "balances":
             raise ValueError(f"unknown page kind {kind!r}")
-        if rows:
-            chunk = encode(rows)
-            self._buffer.append(chunk)
-            self._size += len(chunk)
-            self.rows += len(rows)
-            if self._size >= FLUSH_BYTES:
-                self.flush()
+        self._copy.add(rows)
         if rejected:
             with self.conn.cursor() as cur:
                 rejections.add(cur, self.run_id, self.shard, rejected)
@@ -214,19 +258,12 @@ class StagingWriter:
         self.conn.commit()
         self.aggregates += len(rows)
 
+    @property
+    def rows(self) -> int:
+        return self._copy.rows
+
     def flush(self) -> None:
-        if not self._buffer:
-            return
-        data = io.BytesIO("".join(self._buffer).encode("utf-8"))
-        self._buffer.clear()
-        self._size = 0
-        with self.conn.cursor() as cur:
-            cur.copy_expert(
-                sql.SQL("COPY {} ({}) FROM STDIN").format(self.table, _COLUMN_NAMES),
-                data,
-                size=1 << 20,
-            )
-        self.conn.commit()
+        self._copy.flush()
 
     def close(self) -> None:
         """Flush: the shard's rows are staged, still unpublished."""

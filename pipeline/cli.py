@@ -9,6 +9,7 @@
     balances pools [--slots N]                 the Airflow pools, for 'airflow pools import'
     balances reader create|drop NAME           a dashboard login in balances_reader, with limits
     balances partitions [--months N]           create monthly partitions ahead
+    balances movements SOURCE [--from T --to T]   load the movements of windows not loaded yet
     balances reconcile [--from T --to T] [--check NAME] [--no-alerts]   run the [checks], send the [alerts]
     balances incidents [--open|--all] [--source S]        reconciliation incidents
     balances incidents ack ID --note TEXT [--by NAME]     acknowledge one (stops its reminders)
@@ -211,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("partitions", "create monthly balance_history partitions ahead", commands.partitions)
     p.add_argument("--months", type=_count(0, 120), default=3, help="months ahead of this one (default 3)")
+
+    p = command("movements", "load the movements of SOURCE's windows (between consecutive published snapshots) "
+                             "that are not loaded yet, for the roll-forward", commands.movements)
+    p.add_argument("source")
+    p.add_argument("--from", dest="window_from", type=aware_time,
+                   help="only windows ending at or after this time, ISO-8601 (default: every one)")
+    p.add_argument("--to", dest="window_to", type=aware_time,
+                   help="only windows ending at or before this time, ISO-8601 (default: every one)")
 
     p = command("reconcile", "run the configured checks over a window (default: the last 3 days) and send "
                 "the alerts due, as the DAG reconcile_balances does", commands.reconcile)

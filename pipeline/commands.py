@@ -379,6 +379,42 @@ def partitions(args) -> int:
     return 0
 
 
+# -- movements -------------------------------------------------------------------
+
+
+def movements(args) -> int:
+    """Load every window of the source not loaded yet (backfills: any windows, any order); a line each.
+
+    Exit 1 when a window failed (the others are still loaded); 0 when there was nothing to do.
+    """
+    from loaders.movements import latest_run, summary
+    from pipeline import movements as loading
+
+    config = load_config(args.config)
+    source = config.source(args.source)
+    warn_config_errors(config, skip=args.source)
+    progress = for_terminal(args.quiet)
+    failures = 0
+    with closing(_connect(args, schema="movement_runs")) as conn:
+        windows = loading.missing_windows(conn, source, args.window_from, args.window_to)
+        if not windows:
+            print(f"{source.name}: no window to load (every window between its published snapshots is)")
+        try:
+            for window in windows:
+                try:
+                    loading.load_windows(conn, source, [window], credentials=connections.credentials(source.conn_id),
+                                         progress=progress)
+                except (ExtractError, RuntimeError, LookupError, ValueError):  # recorded on its run
+                    failures += 1
+                run = summary(conn, latest_run(conn, source.name, window))
+                extra = "".join(f"; {asset}: {why}" for asset, why in run["unexplainable"].items())
+                print(f"window {window}: {run['status']}, {run['movements']} movement(s), {run['requests']} "
+                      f"request(s){cell(extra, 300)}" + (f": {cell(run['error'], 300)}" if run["error"] else ""))
+        finally:
+            progress.close()
+    return 1 if failures else 0
+
+
 # -- reconcile and report ------------------------------------------------------
 
 def _window(args) -> tuple[datetime, datetime]:
@@ -414,6 +450,8 @@ def reconcile(args) -> int:
         print(f"reconciliation run {result.run_id}: {window_from.isoformat()} to {window_to.isoformat()}, "
               f"{result.checks_run} check(s): {result.breaks_open} open, {result.breaks_new} new, "
               f"{result.breaks_resolved} resolved")
+        for name, note in result.notes.items():
+            print(f"  {name}: {cell(note, 300)}")
         for b in breaks:
             values = " ".join(f"{k}={cell(b[k])}" for k in ("left_value", "right_value", "difference",
                                                              "tolerance") if b[k] is not None)

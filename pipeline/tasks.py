@@ -22,7 +22,7 @@ from loaders.db import connect
 from loaders.publish import PublishError
 from loaders.rejections import RejectedRecordsError
 from loaders.runs import RunStatus
-from pipeline import connections, snapshot
+from pipeline import connections, movements, snapshot
 from pipeline.progress import LineProgress
 from pipeline.config import SourceConfig, load_config
 
@@ -131,3 +131,43 @@ def publish_snapshot(source_name: str, run_id: int) -> dict:
         raise AirflowSkipException(f"run {run_id}: another run published this interval first")
     return {"run_id": run_id, "rows": result.rows_staged, "rows_inserted": result.rows_published,
             "rejected": result.rejected}
+
+
+# Movements, after publish_snapshot: the windows the published snapshot bounds.
+
+
+def plan_movements(source_name: str, run_id: int, context) -> list[dict]:
+    """A movement run per window the snapshot bounds that no run holds yet, and its shards."""
+    with fatal_errors_fail_fast(), database() as conn:
+        source = snapshot.run_source(conn, run_id, source_name)
+        run = runs.get_run(conn, run_id)
+        if run.status != RunStatus.PUBLISHED:
+            raise AirflowSkipException(f"run {run_id} is {run.status}: no snapshot bounds a window")
+        windows = movements.windows_around(conn, source, run.as_of)
+        return movements.plan(conn, source, windows, snapshot_run_id=run_id, dag_run_id=context["dag_run"].run_id,
+                              credentials=connections.credentials(source.conn_id))
+
+
+def crawl_movements(source_name: str, run_id: int, movement_run: int, shard: int = 0,
+                    account_range: list | None = None) -> dict:
+    with fatal_errors_fail_fast(), database() as conn:
+        source = snapshot.run_source(conn, run_id, source_name)
+        progress = LineProgress.to_log(log)
+        progress.begin(f"{source.name} movements", source.shards)
+        result = movements.crawl(conn, source, movement_run, shard=shard, account_range=account_range,
+                                 credentials=connections.credentials(source.conn_id), progress=progress)
+    return {"movement_run": result.movement_run, "shard": result.shard, "status": result.status,
+            "pages": result.pages, "movements": result.movements, "rejected": result.rejected}
+
+
+def publish_movements(source_name: str, run_id: int, crawled: list[dict]) -> dict:
+    """Publish each window crawled, one transaction each; the legs stored per movement run."""
+    stored: dict[str, int] = {}
+    with fatal_errors_fail_fast(), database() as conn:
+        source = snapshot.run_source(conn, run_id, source_name)
+        for movement_run in sorted({c["movement_run"] for c in crawled}):
+            result = movements.publish(conn, source, movement_run)
+            stored[str(movement_run)] = result.movements
+            log.info("%s: movement run %d %s, %d movement(s)%s", source.name, movement_run, result.status,
+                     result.movements, f": {result.reason}" if result.reason else "")
+    return stored

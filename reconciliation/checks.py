@@ -1,6 +1,6 @@
 """The ``[checks.<name>]`` tables of the config file, parsed and validated.
 
-Three kinds of check::
+Four kinds of check::
 
     [checks.treasury_hbar]             # the same holding seen by two sources
     kind = "pair"
@@ -21,6 +21,13 @@ Three kinds of check::
     source = "formance_main"
     allow_negative = ["world"]         # true, false (default) or accounts that may go negative
     max_staleness = "2h"               # default: twice the longest interval of the schedule
+
+    [checks.hedera_rollforward]        # opening + inflows - outflows = closing, per window
+    kind = "rollforward"
+    source = "hedera_mainnet"
+    accounts = ["0.0.1234"]            # optional: every account by default
+    assets = ["HBAR"]                  # optional: every asset by default
+    tolerance = "0"                    # whole units; default "0"
 
 Tolerances are decimals written as strings (never TOML floats: they are
 money), at most 10^30 (``rel_tolerance`` at most 1) and at least 10^-30
@@ -129,12 +136,35 @@ class ContinuityCheck:
         return account in self.allow_negative
 
 
-Check = Union[PairCheck, AggregateCheck, ContinuityCheck]
+@dataclass(frozen=True, slots=True)
+class RollforwardCheck:
+    """Every balance change of a window explained by the movements loaded for it.
+
+    ``available`` is false for a source whose provider offers no movements:
+    the check then finds nothing and says the roll-forward is not available.
+    """
+
+    name: str
+    source: str
+    provider: str
+    accounts: tuple[str, ...] | None = None
+    assets: tuple[str, ...] | None = None
+    tolerance: Decimal = Decimal(0)
+    available: bool = True
+    kind: ClassVar[str] = "rollforward"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,)
+
+
+Check = Union[PairCheck, AggregateCheck, ContinuityCheck, RollforwardCheck]
 
 _KEYS: dict[str, set[str]] = {
     "pair": {"kind", "left", "right", "abs_tolerance", "rel_tolerance", "max_skew"},
     "aggregate": {"kind", "source", "assets", "abs_tolerance"},
     "continuity": {"kind", "source", "allow_negative", "max_staleness"},
+    "rollforward": {"kind", "source", "accounts", "assets", "tolerance"},
 }
 
 
@@ -193,13 +223,15 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
         )
     source = _source(table, "source", where, sources, broken_sources)
     if kind == "aggregate":
-        assets = table.get("assets")
-        if assets is not None:
-            assets = tuple(_coerce(assets, list[str], f"{where}.assets"))
-            if not assets:
-                raise ConfigError(f"{where}.assets: empty list (leave the key out to check every asset)")
-        return AggregateCheck(name=name, source=source.name, assets=assets,
+        return AggregateCheck(name=name, source=source.name, assets=_names(table, "assets", where),
                               abs_tolerance=_tolerance(table, "abs_tolerance", where))
+    if kind == "rollforward":
+        from extractors.registry import provider
+
+        return RollforwardCheck(name=name, source=source.name, provider=source.provider,
+                                accounts=_names(table, "accounts", where), assets=_names(table, "assets", where),
+                                tolerance=_tolerance(table, "tolerance", where),
+                                available=provider(source.provider).offers_movements(source.settings))
     cron = cron_of(source.schedule)
     if "max_staleness" in table:
         max_staleness = duration_key(table["max_staleness"], f"{where}.max_staleness")
@@ -211,6 +243,17 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
     return ContinuityCheck(name=name, source=source.name, max_staleness=max_staleness, cron=cron,
                            start_date=source.start_date,
                            allow_negative=_allow_negative(table.get("allow_negative", False), where))
+
+
+def _names(table: dict, key: str, where: str) -> tuple[str, ...] | None:
+    """An optional filter: a non-empty list of names, or None (everything)."""
+    names = table.get(key)
+    if names is None:
+        return None
+    names = tuple(_coerce(names, list[str], f"{where}.{key}"))
+    if not names:
+        raise ConfigError(f"{where}.{key}: empty list (leave the key out to check every {key[:-1]})")
+    return names
 
 
 def _required(table: dict, key: str, where: str) -> Any:

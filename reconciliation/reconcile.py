@@ -24,6 +24,16 @@ What each check finds (``kind`` of the break in brackets):
   older than ``max_staleness``, once per stale stretch, at the moment it
   became stale (values in seconds: age, allowed, excess); [available_above_balance]
   and [negative_balance] per row of the snapshots in the window.
+* rollforward — for every window of the source (two consecutive published
+  snapshots) ending in the reconciliation window whose movements are
+  loaded, per holding: left = the change of the balance over it (closing -
+  opening, a holding a snapshot lacks being 0 there), right = the sum of its
+  movements (inflows - outflows) [unexplained_change] when
+  ``|left - right| > tolerance``; a holding neither snapshot lists but
+  movements name [movement_without_holding] (right = their sum). Windows
+  recorded ``not_available`` (the provider offers no movements) and assets
+  the provider cannot explain in a window are never breaks: the run's note
+  says so.
 
 A break is identified by check, kind, subject and check time. Rerunning a
 window updates ``last_seen`` of the breaks still found and resolves the
@@ -52,7 +62,8 @@ from loaders.runs import MAX_ERROR_CHARS
 from loaders.statuses import ReconciliationStatus, RunStatus
 from pipeline.progress import Progress
 from reconciliation import incidents
-from reconciliation.checks import AggregateCheck, Check, ContinuityCheck, PairCheck, fire_times
+from reconciliation.checks import (AggregateCheck, Check, ContinuityCheck, PairCheck, RollforwardCheck,
+                                   fire_times)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +116,8 @@ class Reconciliation:
     breaks_new: int = 0
     breaks_resolved: int = 0
     per_check: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What a check could not look at, in a sentence (a roll-forward not available, windows not loaded).
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def default_window(end: datetime, lookback: timedelta = DEFAULT_LOOKBACK) -> tuple[datetime, datetime]:
@@ -144,11 +157,15 @@ def reconcile(conn, checks: dict[str, Check], window_from: datetime, window_to: 
             findings = examine(conn, check, window_from, window_to)
             counts = record_breaks(conn, run.run_id, check, findings, window_from, window_to,
                                    flap_window=flap_window)
+            note = check_note(conn, check, window_from, window_to)
+            if note:
+                run.notes[check.name] = note
             if progress is not None:
                 progress.step(f"check {number}/{len(checks)} {check.name}",
                               f"{counts['open']} open, {counts['new']} new, {counts['resolved']} resolved; "
                               f"incidents {counts['incidents_opened']} opened, "
-                              f"{counts['incidents_resolved']} resolved in {time.monotonic() - started:.1f}s")
+                              f"{counts['incidents_resolved']} resolved in {time.monotonic() - started:.1f}s"
+                              + (f"; {note}" if note else ""))
             run.per_check[check.name] = counts
             run.checks_run += 1
             run.breaks_open += counts["open"]
@@ -458,10 +475,83 @@ def _impossible_balances(cur, check: ContinuityCheck, window_from: datetime,
                         detail=f"balance {balance} below zero")
 
 
+def rollforward_breaks(cur, check: RollforwardCheck, window_from: datetime,
+                       window_to: datetime, checked: dict[str, list[datetime]]) -> Iterable[Break]:
+    if not check.available:
+        return
+    # Every window loaded is a time the check looked at each holding: where it holds, an incident ends.
+    cur.execute("SELECT DISTINCT period_end FROM movement_runs WHERE source = %s AND status = 'published'"
+                " AND period_end BETWEEN %s AND %s ORDER BY 1", (check.source, window_from, window_to))
+    checked["unexplained_change"] = checked["movement_without_holding"] = [t for (t,) in cur.fetchall()]
+    # Values from SQL, in whole units: each side converted exactly, the difference exact.
+    cur.execute(
+        """
+        SELECT account, asset, period_start, period_end, status, movements,
+               balance_whole_units(coalesce(closing, 0) - coalesce(opening, 0), decimals, spark_factor),
+               balance_whole_units(inflow - outflow, decimals, spark_factor)
+          FROM balance_rollforward
+         WHERE source = %(source)s AND period_end BETWEEN %(from)s AND %(to)s
+           AND status IN ('unexplained', 'movement_without_holding')
+           AND (%(accounts)s::text[] IS NULL OR account = ANY(%(accounts)s::text[]))
+           AND (%(assets)s::text[] IS NULL OR asset = ANY(%(assets)s::text[]))
+         ORDER BY period_end, account, asset
+        """,
+        {"source": check.source, "from": window_from, "to": window_to,
+         "accounts": list(check.accounts) if check.accounts else None,
+         "assets": list(check.assets) if check.assets else None},
+    )
+    for account, asset, start, end, status, movements, change, moved in cur.fetchall():
+        subject = {"source": check.source, "account": account, "asset": asset}
+        period = f"({start.isoformat()}, {end.isoformat()}]"
+        if status == "movement_without_holding":
+            yield Break("movement_without_holding", subject, end, None, moved, None, check.tolerance,
+                        detail=f"{movements} movement(s) over {period} (net {moved:f}) on a holding neither "
+                               "snapshot lists")
+            continue
+        difference = change - moved
+        if difference.copy_abs() > check.tolerance:
+            yield Break("unexplained_change", subject, end, change, moved, difference, check.tolerance,
+                        detail=f"the balance changed by {change:f} over {period}; its {movements} movement(s) "
+                               f"explain {moved:f}")
+
+
+def check_note(conn, check: Check, window_from: datetime, window_to: datetime) -> str | None:
+    """What the check could not look at in the window, in a sentence; None when nothing."""
+    if not isinstance(check, RollforwardCheck):
+        return None
+    if not check.available:
+        return f"roll-forward not available: {check.provider} offers no movements"
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT count(*) FILTER (WHERE r.status = 'published'),
+                   count(*) FILTER (WHERE r.status = 'published' AND r.unexplainable <> '{}'::jsonb),
+                   count(*) FILTER (WHERE r.run_id IS NULL),
+                   (SELECT string_agg(DISTINCT u.value, '; ') FROM movement_runs x, jsonb_each_text(x.unexplainable) u
+                     WHERE x.source = %(source)s AND x.status = 'published' AND x.period_end BETWEEN %(from)s AND %(to)s)
+              FROM (SELECT as_of AS b, lag(as_of) OVER (ORDER BY as_of) AS a
+                      FROM balance_snapshots WHERE source = %(source)s AND as_of <= %(to)s) w
+              LEFT JOIN movement_runs r ON r.source = %(source)s AND r.period_start = w.a AND r.period_end = w.b
+                                       AND r.status IN ('published', 'not_available')
+             WHERE w.a IS NOT NULL AND w.b >= %(from)s
+            """,
+            {"source": check.source, "from": window_from, "to": window_to},
+        )
+        loaded, partial, pending, reasons = cur.fetchone()
+    conn.commit()
+    parts = []
+    if pending:
+        parts.append(f"{pending} window(s) whose movements are not loaded yet")
+    if partial:
+        parts.append(f"{partial} of {loaded} window(s) with assets the provider cannot explain ({reasons})")
+    return ", ".join(parts) or None
+
+
 _FINDERS: dict[str, Callable[..., Iterable[Break]]] = {
     "pair": pair_breaks,
     "aggregate": aggregate_breaks,
     "continuity": continuity_breaks,
+    "rollforward": rollforward_breaks,
 }
 
 

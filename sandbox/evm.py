@@ -21,6 +21,14 @@ adds what a hosted endpoint (Infura, Alchemy) does around a node:
   geth does (go-ethereum ``rpc/handler.go``, ``respondWithBatchTooLarge``):
   a one-element array, error -32600 "batch too large", with the id of the
   batch's first call;
+* ``missing_methods``: methods the endpoint does not serve (most hosted
+  tiers have no ``trace_filter`` or ``debug_*``), answered per call as geth
+  answers a method it lacks: -32601 "the method X does not exist/is not
+  available" (go-ethereum ``rpc/errors.go:methodNotFoundError``);
+* ``max_logs``: an ``eth_getLogs`` that would answer more logs is refused
+  with -32005 "query returned more than N results" and the range that
+  would fit, as Infura documents it (its code is the one it uses for rate
+  limits too);
 * only POST (anything else: 405);
 * ``error_ids``: how an error answer carries its call's id. ``"kept"`` (geth,
   anvil, Hardhat: the call's id); ``"ganache"``, as Ganache 7 answers a
@@ -36,8 +44,10 @@ The demo data set (:func:`demo_app`) is a chain seeded by real transactions,
 timed relative to now: a treasury wallet funded three days and one day ago
 (1234.567890123456789012 ETH, which the Formance sandbox books as
 ``treasury:evm``), an operations wallet, a 6-decimal ERC-20 (DUSD) deployed
-and minted from ``tests/evm/tokens.json`` (Solidity source beside it), then
-a block a minute over the last hour.
+and minted from ``tests/evm/tokens.json`` (Solidity source beside it), two
+hours ago a DUSD payment from operations and a payment to it through the
+``Forwarder`` contract (value that only traces show), then a block a minute
+over the last hour.
 """
 from __future__ import annotations
 
@@ -284,8 +294,10 @@ class EvmGateway:
     def __init__(self, node: Anvil, *, api_key: str | None = None, key_in: str = "header",
                  key_header: str = "x-api-key", path: str = "/", limits: tuple[tuple[float, int], ...] = (),
                  limit_style: str = "http", max_batch: int = 1000, reorder: bool = True,
-                 error_ids: str = "kept") -> None:
+                 error_ids: str = "kept", missing_methods: tuple[str, ...] = (), max_logs: int | None = None) -> None:
         self.node = node
+        self.missing_methods = missing_methods
+        self.max_logs = max_logs
         self.error_ids = error_ids
         self.api_key = api_key
         self.key_in = key_in
@@ -359,11 +371,40 @@ class EvmGateway:
         return answer
 
     def _forward(self, body: Any) -> Any:
+        """The node's answer to ``body``, but for the methods this endpoint refuses or limits."""
+        calls = body if isinstance(body, list) else [body]
+        refused = {id(c): self._refusal(c) for c in calls if isinstance(c, dict)
+                   and c.get("method") in self.missing_methods}
+        passed = [c for c in calls if id(c) not in refused]
+        answers = self._node_answers(passed if isinstance(body, list) else passed[0]) if passed else []
+        answers = answers if isinstance(answers, list) else [answers]
+        by_call = dict(zip((id(c) for c in passed), answers))
+        merged = [refused.get(id(c)) or self._limited(c, by_call.get(id(c))) for c in calls]
+        return merged if isinstance(body, list) else merged[0]
+
+    @staticmethod
+    def _refusal(call: dict) -> dict:
+        return {"jsonrpc": "2.0", "id": call.get("id"),
+                "error": {"code": -32601, "message": f"the method {call.get('method')} does not exist/is not available"}}
+
+    def _limited(self, call: Any, answer: Any) -> Any:
+        if (self.max_logs is not None and isinstance(call, dict) and call.get("method") == "eth_getLogs"
+                and isinstance(answer, dict) and isinstance(answer.get("result"), list)
+                and len(answer["result"]) > self.max_logs):
+            return {"jsonrpc": "2.0", "id": call.get("id"),
+                    "error": {"code": -32005, "message": f"query returned more than {self.max_logs} results"}}
+        return answer
+
+    def _node_answers(self, body: Any) -> Any:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
             session.trust_env = False
-        return session.post(self.node.url, json=body, timeout=60).json()
+        answer = session.post(self.node.url, json=body, timeout=60).json()
+        if isinstance(body, list) and isinstance(answer, list):
+            by_id = {a.get("id"): a for a in answer if isinstance(a, dict)}
+            answer = [by_id.get(c.get("id")) for c in body]  # in the order asked, for merging
+        return answer
 
     def _over_limit(self) -> bool:
         if not self.limits:
@@ -426,16 +467,20 @@ def seed_demo_chain(node: Anvil, now: int) -> dict[str, str]:
     if dusd != DEMO_TOKEN:
         raise RuntimeError(f"the demo token landed at {dusd}, not {DEMO_TOKEN}: the deployer had sent before")
     node.mine(start + 60)
+    forwarder = deploy(node, "Forwarder", timestamp=start + 120)
     node.send(DEPLOYER, TREASURY, value=TREASURY_WEI - 1_200 * ETHER)
     node.send(OPERATIONS, DEPLOYER, value=12_345_678_900_000_000)  # operations pays (gas too)
     node.mine(later)
     node.send(OPERATIONS, dusd, data=call_data("transfer(address,uint256)", ("address", "uint256"), DEPLOYER,
                                                4_321_987_654))
+    # Paid through a contract: the chain's balances move by value only a trace shows.
+    node.send(DEPLOYER, forwarder, value=2_500_000_000_000_000_000,
+              data=call_data("pay(address)", ("address",), OPERATIONS))
     node.mine(recent)
     for minutes in range(60, 0, -1):  # a block a minute over the last hour
         node.mine(now - minutes * 60)
     node.set_automine(True)
-    return {"DUSD": dusd}
+    return {"DUSD": dusd, "Forwarder": forwarder}
 
 
 _DEMO: dict[str, Any] = {}

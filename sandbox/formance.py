@@ -107,6 +107,25 @@ path goes to the console, here a 404), ``""`` a standalone ledger.
   ``MOVES_HISTORY=ON``; otherwise 400 VALIDATION ``missing feature "..."``
   (``internal/storage/ledger/resource_aggregated_balances.go``,
   ``resource_accounts.go`` v2.2.59).
+* v1 ``/{ledger}/transactions`` (movements of the roll-forward): newest
+  first, each with its ``txid``, ``timestamp`` (the effective date) and
+  ``postings``; ``after`` keeps the ids up to it, inclusive on v1.x with
+  the first dropped when it equals ``after`` and more follow (v1.10.16
+  ``v1.10.16:pkg/storage/sqlstorage/transactions.go:GetTransactions``), exclusive on
+  v2.x (``v2.4.12:internal/api/v1/controllers_transactions.go:buildGetTransactionsQuery``,
+  ``query.Lt("id", after)``); pages are keyset pages on the id, so a
+  transaction added meanwhile shifts nothing. v1.x numbers transactions one
+  after the other from 0; a v2.x id comes from a sequence
+  (``v2.4.12:internal/storage/ledger/transactions.go:InsertTransaction``,
+  ``nextval``), which skips an id when a transaction fails after taking it:
+  ``Ledger.skip_id``. A one-sided ``Ledger.move`` (a book opened from a
+  balance) is listed as a posting from ``world`` (or to it, for a negative
+  amount), whose side the book does not hold. v1.x checks the scope
+  ``transactions:read`` for it.
+* v2 ``volumes`` with ``startTime`` (and ``endTime``) sums the moves dated
+  in ``[startTime, endTime]``, both ends inclusive
+  (``v2.4.12:internal/storage/ledger/resource_volumes.go:BuildDataset``: ``>= OOT``,
+  ``<= PIT``): a window's inflow and outflow per account and asset.
 * Amounts are bare JSON integers of any size (negative for ``world``);
   v2.3.0 and later write them as strings when sent
   ``Formance-Bigint-As-String: true`` (``internal/api/v2/views.go``; v2.2
@@ -152,8 +171,11 @@ V2_2_FEATURES = {**DEFAULT_FEATURES, INDEX_ADDRESS_SEGMENTS: "ON", "INDEX_TRANSA
 # The scopes a v2.x ledger (and the gateway) check for a read: service "ledger".
 READ_SCOPES = ("ledger:read", "ledger:write")
 # v1.x's scope per route (pkg/api/routes/routes.go: ScopeAccountsRead, ScopesStatsRead).
-V1X_SCOPES = {"balances": ("accounts:read",), "aggregate": ("accounts:read",), "stats": ("stats",)}
-_CURSOR_KEYS = {"offset", "pageSize", "address", "after", "pit", "volumes", "insertion"}
+V1X_SCOPES = {"balances": ("accounts:read",), "aggregate": ("accounts:read",), "stats": ("stats",),
+              "transactions": ("transactions:read",)}
+_CURSOR_KEYS = {"offset", "pageSize", "address", "after", "pit", "since", "volumes", "insertion"}
+# A transactions cursor: the keyset (the last id read) and the page size.
+_TX_CURSOR_KEYS = {"before", "pageSize"}
 _LEDGER_NAME = re.compile(r"[0-9a-zA-Z_-]{1,63}")  # internal/ledger.go ledgerNameFormat
 _WORD = re.compile(r"[a-zA-Z_0-9]+")  # v1.x accountNameRegex (pkg/storage/sqlstorage/accounts.go)
 
@@ -171,6 +193,7 @@ INTERNAL_ERROR = "Internal error. Consult logs/traces to have more details."
 # Routes inside one ledger: (api, endpoint, pattern of the rest of the path).
 _V1_ROUTES = (
     ("balances", re.compile(r"/balances")),
+    ("transactions", re.compile(r"/transactions")),
     ("aggregate", re.compile(r"/aggregate/balances")),
     ("stats", re.compile(r"/stats")),
 )
@@ -210,18 +233,41 @@ class Move:
         return self.inserted or self.at
 
 
+@dataclass(slots=True, frozen=True)
+class Transaction:
+    """A booked transaction as the v1 listing shows it: its id, effective date and postings
+    ``(source, destination, asset, amount)``."""
+
+    txid: int
+    at: datetime
+    postings: tuple[tuple[str, str, str, int], ...]
+
+
 @dataclass
 class Ledger:
     """Movements with their effective and insertion times, so any point in time can be read.
 
     ``transactions`` counts the transactions booked: every one adds one, as
-    the ledger's own statistics count them.
+    the ledger's own statistics count them; ``booked`` lists them with their
+    ids (from 0, one after the other unless :meth:`skip_id`).
     """
 
     moves: list[Move] = field(default_factory=list)
     opened: dict[str, datetime] = field(default_factory=dict)
     features: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
     transactions: int = 0
+    booked: list[Transaction] = field(default_factory=list)
+    next_id: int = 0
+
+    def _book(self, at: datetime, postings: tuple[tuple[str, str, str, int], ...]) -> None:
+        self.booked.append(Transaction(self.next_id, at, postings))
+        self.next_id += 1
+        self.transactions += 1
+
+    def skip_id(self) -> "Ledger":
+        """A transaction that took an id from the sequence and failed: v2.x's ids skip one."""
+        self.next_id += 1
+        return self
 
     def open(self, account: str, at: datetime) -> "Ledger":
         """An account that exists without movements (listed as ``{}``); ``at`` is its first usage."""
@@ -237,14 +283,14 @@ class Ledger:
              inserted: datetime | None = None) -> "Ledger":
         """A transaction of one posting side (a book opened from a balance)."""
         self._post(at, account, asset, amount, inserted)
-        self.transactions += 1
+        self._book(at, (("world", account, asset, amount),) if amount >= 0 else ((account, "world", asset, -amount),))
         return self
 
     def transfer(self, at: datetime, source: str, destination: str, asset: str, amount: int, *,
                  inserted: datetime | None = None) -> "Ledger":
         self._post(at, source, asset, -amount, inserted)
         self._post(at, destination, asset, amount, inserted)
-        self.transactions += 1
+        self._book(at, ((source, destination, asset, amount),))
         return self
 
     @classmethod
@@ -258,8 +304,8 @@ class Ledger:
         return ledger
 
     def volumes(self, pit: datetime | None = None, *, by_insertion: bool = True,
-                listed_by_first_use: bool = True) -> dict[str, dict[str, list[int]]]:
-        """``account -> asset -> [input, output]``: moves dated by ``pit``.
+                listed_by_first_use: bool = True, since: datetime | None = None) -> dict[str, dict[str, list[int]]]:
+        """``account -> asset -> [input, output]``: moves dated by ``pit`` (and from ``since`` on).
 
         Moves are dated by insertion (``post_commit_volumes``) or by
         effective date (``post_commit_effective_volumes``). With
@@ -272,7 +318,7 @@ class Ledger:
             book = {a: {} for a, opened in self.opened.items() if pit is None or opened <= pit}
         for move in self.moves:
             when = move.inserted_at if by_insertion else move.at
-            if pit is not None and when > pit:
+            if (pit is not None and when > pit) or (since is not None and when < since):
                 continue
             volume = book.setdefault(move.account, {}).setdefault(move.asset, [0, 0])
             volume[0 if move.amount >= 0 else 1] += abs(move.amount)
@@ -542,6 +588,8 @@ class FormanceStack:
             raise ValueError(f"feature {INDEX_ADDRESS_SEGMENTS} must be 'ON' to use segments address")
 
     def _serve_v1(self, endpoint: str, ledger: Ledger, request: Request) -> Response:
+        if endpoint == "transactions":
+            return self._transactions(ledger, request)
         if endpoint == "stats":
             return json_response({"data": {"transactions": ledger.transactions,
                                            "accounts": len(ledger.opened)}})
@@ -583,7 +631,8 @@ class FormanceStack:
         if endpoint == "volumes":
             if at is not None and ledger.features.get(MOVES_HISTORY) != "ON":
                 raise ValueError(f'missing feature "{MOVES_HISTORY}"')
-            book = ledger.volumes(at, by_insertion=query["insertion"], listed_by_first_use=False)
+            since = datetime.fromisoformat(query["since"]) if query["since"] else None
+            book = ledger.volumes(at, by_insertion=query["insertion"], listed_by_first_use=False, since=since)
         else:
             if query["volumes"] and ledger.features.get(MOVES_HISTORY) != "ON":
                 raise ValueError(f"feature {MOVES_HISTORY} must be 'ON' to use volumes")
@@ -596,6 +645,45 @@ class FormanceStack:
         if endpoint == "volumes":
             return self._volume_page(book, query, as_strings)
         return self._page("v2", book, query, as_strings)
+
+    def _transactions(self, ledger: Ledger, request: Request) -> Response:
+        """The v1 listing, newest first, in keyset pages (see the module docstring)."""
+        cursor = next((v for k, v in request.query if k in CURSOR_PARAMS), None)
+        size_text = next((v for k, v in reversed(request.query) if k in PAGE_SIZE_PARAMS), None)
+        if cursor is not None:
+            if self.server == "v1.x" and any(k in V1X_NOT_WITH_CURSOR for k, _ in request.query):
+                raise ValueError("no other query params can be set with 'cursor'")
+            state = decode_cursor(cursor, _TX_CURSOR_KEYS)
+            before, size = state["before"], state["pageSize"]
+        else:
+            size = _page_size(size_text, "v1")
+            after = _last(request, "after")
+            if after is not None and not re.fullmatch(r"[0-9]{1,19}", after):
+                raise ValueError("invalid 'after' query param")
+            # v1.x: id <= after, the equal one dropped below; v2.x: id < after. after=0 is no filter on v1.x.
+            before = None if after is None or (self.server == "v1.x" and after == "0") else \
+                int(after) + (1 if self.server == "v1.x" else 0)
+        listed = sorted((t for t in ledger.booked if before is None or t.txid < before), key=lambda t: -t.txid)
+        if self.server == "v1.x" and cursor is None and before is not None and len(listed) > 1 \
+                and listed[0].txid == before - 1:
+            listed = listed[1:]
+        chosen = listed[:size]
+        body: dict[str, Any] = {"pageSize": size, "hasMore": len(listed) > size}
+        if len(listed) > size:
+            body["next"] = encode_cursor({"before": chosen[-1].txid, "pageSize": size})
+        body["data"] = [self._transaction(t) for t in chosen]
+        return json_response({"cursor": body})
+
+    def _transaction(self, tx: Transaction) -> dict[str, Any]:
+        answer: dict[str, Any] = {
+            "txid": tx.txid,
+            "postings": [{"source": s, "destination": d, "amount": a, "asset": x} for s, d, x, a in tx.postings],
+            "reference": "", "metadata": {},
+            "timestamp": tx.at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+        }
+        if self.server != "v1.x":
+            answer["reverted"] = False
+        return answer
 
     def _page_query(self, api: str, request: Request, filters: str | None) -> dict:
         cursor = next((v for k, v in request.query if k in CURSOR_PARAMS), None)
@@ -616,6 +704,7 @@ class FormanceStack:
             "address": _last(request, "address") if api == "v1" else filters,
             "after": _last(request, "after") if api == "v1" else None,
             "pit": _pit(_last(request, "pit") or _last(request, "endTime")) if api == "v2" else None,
+            "since": _pit(_last(request, "startTime")) if api == "v2" else None,
             "volumes": "volumes" in ",".join(request.params("expand")).split(","),
             "insertion": _flag(request, "insertionDate"),
         }
@@ -701,10 +790,10 @@ def encode_cursor(state: dict) -> str:
     return base64.urlsafe_b64encode(text).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> dict:
+def decode_cursor(cursor: str, keys: set[str] = _CURSOR_KEYS) -> dict:
     try:
         state = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(state, dict) or set(state) != _CURSOR_KEYS:
+        if not isinstance(state, dict) or set(state) != keys:
             raise ValueError
         return state
     except (ValueError, binascii.Error):

@@ -64,7 +64,11 @@ class LiveHedera(_Moving):
     """A mirror node with a balance snapshot every minute, a second before the minute.
 
     ``page_delay`` seconds per answer: the real mirror node is not instant,
-    and parallel shards then visibly overlap.
+    and parallel shards then visibly overlap. Each minute's changes are one
+    transaction, half a minute before its snapshot: 0.0.2 (the treasury of
+    this make-believe network, holding what the others do not) pays or
+    receives every account's drift, in HBAR and in 0.0.5001, so the
+    movements explain every snapshot, as on a real network.
     """
 
     def __init__(self, accounts: int = 240, *, page_delay: float = 1.0,
@@ -81,28 +85,75 @@ class LiveHedera(_Moving):
             time.sleep(self.page_delay)
         return response
 
+    # What 0.0.2 and the others hold together: 0.0.2 holds the rest (above 2**53: exact only if
+    # never a float).
+    SUPPLY, TOKEN_SUPPLY = 5_000_000_000_000_000_000, 10**12
+
+    def nums(self) -> list[int]:
+        return sorted(set(range(3, self.accounts + 2)) | {1234})
+
+    def hbar(self, num: int, minute: int) -> int:
+        from sandbox.hedera import TREASURY_TINYBARS
+
+        if num == 1234:
+            return TREASURY_TINYBARS + treasury_move(minute)
+        # Each account drifts on its own rhythm, up and down.
+        return num * 100_000_000 + ((minute * (num % 13 + 1)) % 50) * 1_000_000
+
+    @staticmethod
+    def token(num: int, minute: int) -> int | None:
+        return num * 1_000_000 + (minute * num) % 997 if num % 10 == 0 else None
+
     def snapshot(self, minute: int):
-        from sandbox.hedera import TREASURY_TINYBARS, Account, Snapshot
+        from sandbox.hedera import Account, Snapshot
+
+        others = sum(self.hbar(n, minute) for n in self.nums())
+        tokens = sum(t for n in self.nums() if (t := self.token(n, minute)) is not None)
 
         def account(num: int) -> Account:
-            if num == 1234:
-                return Account(balance=TREASURY_TINYBARS + treasury_move(minute))
-            if num == 2:  # above 2**53: exact only if never a float
-                return Account(balance=5_000_000_000_000_000_000 - minute % 1000)
-            holdings = [("0.0.5001", num * 1_000_000 + (minute * num) % 997)] if num % 10 == 0 else []
-            # Each account drifts on its own rhythm, up and down.
-            return Account(balance=num * 100_000_000 + ((minute * (num % 13 + 1)) % 50) * 1_000_000,
-                           tokens=holdings)
+            if num == 2:
+                return Account(balance=self.SUPPLY - others, tokens=[("0.0.5001", self.TOKEN_SUPPLY - tokens)])
+            held = self.token(num, minute)
+            return Account(balance=self.hbar(num, minute), tokens=[] if held is None else [("0.0.5001", held)])
 
-        nums = sorted(set(range(2, self.accounts + 2)) | {1234})
         at = minute * MINUTE - 1
-        return Snapshot(f"{at}.{500_000_000 + minute % 1000:09d}", nums, account)
+        return Snapshot(f"{at}.{500_000_000 + minute % 1000:09d}", [2, *self.nums()], account)
+
+    def transaction(self, minute: int):
+        """The minute's one transaction: everything that moved since the minute before."""
+        from sandbox.hedera import Tx
+
+        hbar = [(n, self.hbar(n, minute) - self.hbar(n, minute - 1)) for n in self.nums()]
+        hbar = [(n, d) for n, d in hbar if d]
+        token = [("0.0.5001", n, self.token(n, minute) - self.token(n, minute - 1)) for n in self.nums()
+                 if self.token(n, minute) is not None and self.token(n, minute) != self.token(n, minute - 1)]
+        legs = sorted([(2, -sum(d for _, d in hbar)), *hbar])
+        tokens = sorted([("0.0.5001", 2, -sum(d for _, _, d in token)), *token])
+        return Tx(f"{minute * MINUTE - 30}.000000000", 2, transfers=tuple((n, d) for n, d in legs if d),
+                  token_transfers=tuple(t for t in tokens if t[2]))
 
     def advance(self, minute: int, previous: int | None) -> None:
         first = minute - HISTORY_MINUTES if previous is None else previous + 1
         mirror = self.app
         new = [self.snapshot(m) for m in range(max(first, minute - HISTORY_MINUTES), minute + 1)]
         mirror.snapshots = (mirror.snapshots + new)[-HISTORY_MINUTES:]
+        mirror.transactions = _LiveTransactions(self, minute)
+
+
+class _LiveTransactions:
+    """A live mirror's transactions up to ``last`` (a minute), one a minute, made when asked for."""
+
+    def __init__(self, live: LiveHedera, last: int) -> None:
+        self.live, self.last = live, last
+
+    def between(self, low: int, high: int, *, descending: bool):
+        nanos = MINUTE * 10**9
+        first, final = max(self.last - HISTORY_MINUTES, low // nanos), min(self.last, high // nanos + 1)
+        minutes = range(final, first - 1, -1) if descending else range(first, final + 1)
+        for minute in minutes:
+            tx = self.live.transaction(minute)
+            if low <= tx.nanos <= high:
+                yield tx
 
 
 class LiveFormance(_Moving):

@@ -42,7 +42,8 @@ from sandbox.server import FakeServer  # noqa: E402
 
 # balance_history is a view over the first two since migration 0010.
 TABLES = ("balance_history_store", "balance_snapshots", "balance_latest_cache", "aggregate_balances",
-          "rejected_records", "snapshot_runs", "reconciliation_breaks", "reconciliation_runs")
+          "rejected_records", "snapshot_runs", "reconciliation_breaks", "reconciliation_runs",
+          "balance_movements", "rejected_movements", "movement_runs")
 
 
 @pytest.fixture(scope="session")

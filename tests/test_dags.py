@@ -20,7 +20,7 @@ from sandbox.apps import available, sandbox
 from tests.conftest import REPO, dag_bag, fetch, load_dag, write_config
 from tests.sandboxes import PROVIDERS, demo_app, install_connection, source_keys
 from sandbox.hedera import Account
-from tests.hedera_data import NETWORK_NUMS, T2, mirror, network
+from tests.hedera_data import NETWORK_NUMS, T2, T3, mirror, moving_mirror, network
 
 pytestmark = pytest.mark.airflow
 
@@ -76,12 +76,16 @@ def test_example_config_builds_one_dag_per_source(airflow_env):
     assert {s.provider for s in expected.sources.values()} == set(PROVIDERS)
     for dag_id, dag in snapshot_dags.items():
         provider = expected.sources[dag_id.removeprefix("balances_")].provider
-        assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot"]
+        assert [t.task_id for t in dag.topological_sort()] == ["begin_run", "plan_shards", "crawl_snapshot",
+                                                               "publish_snapshot", "plan_movements", "crawl_movements",
+                                                               "publish_movements"]
         assert all(t.pool == f"balances_{provider}" for t in dag.tasks)
         assert dag.max_active_runs == 1
         assert dag.doc_md and "snapshot" in dag.doc_md
     publish = bag.get_dag("balances_hedera_mainnet").get_task("publish_snapshot")
     assert [o.uri for o in publish.outlets] == ["balances://snapshots/hedera_mainnet"]
+    moved = bag.get_dag("balances_hedera_mainnet").get_task("publish_movements")
+    assert [o.uri for o in moved.outlets] == ["balances://movements/hedera_mainnet"]
 
 
 def test_broken_config_is_an_import_error_naming_the_field(airflow_env):
@@ -292,3 +296,52 @@ def page_sizes(server) -> set[str]:
     """The page sizes the crawls asked the mirror node for."""
     return {r.params("limit")[0] for r in list(server.requests)
             if r.path.endswith("/balances") and r.params("account.id")}
+
+
+def asset_events(uri: str) -> int:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return session.execute(select(func.count()).select_from(AssetEvent).join(
+            AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)).scalar()
+
+
+def test_a_run_after_an_earlier_snapshot_loads_its_window_once_and_updates_the_movements_asset(airflow_env, db,
+                                                                                              serve):
+    server = serve(moving_mirror())
+    write_config(hedera_config(server.url, extra="shards = 2"))
+    dag = load_dag("balances_hedera_dagtest")
+    first = dag.test(logical_date=datetime.fromtimestamp(1700001000, tz=timezone.utc))  # T2: no window before it
+    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
+    assert first.state == "success" and states["publish_movements"] == "skipped"
+    second = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))  # T3: (T2, T3]
+    assert second.state == "success"
+    crawls = [ti for ti in second.get_task_instances() if ti.task_id == "crawl_movements"]
+    assert sorted(ti.map_index for ti in crawls) == [0, 1]  # by the snapshot's two shards
+    [(status, start_raw, end_raw, shards, dag_run_id)] = fetch(
+        db, "SELECT status, start_raw, end_raw, shards, dag_run_id FROM movement_runs")
+    assert (status, start_raw, end_raw, shards, dag_run_id) == ("published", T2, T3, 2, second.run_id)
+    assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward") == [("explained",)]
+    assert asset_events("balances://movements/hedera_dagtest") == 1
+    # The same interval again: the window is held, nothing read, nothing published.
+    rerun = dag.test(logical_date=datetime.fromtimestamp(1700002000, tz=timezone.utc))
+    assert rerun.state == "success"
+    assert {ti.task_id: ti.state for ti in rerun.get_task_instances()}["publish_movements"] == "skipped"
+    assert fetch(db, "SELECT count(*) FROM movement_runs") == [(1,)]
+    assert asset_events("balances://movements/hedera_dagtest") == 1
+
+
+def test_a_provider_without_movements_records_its_windows_not_available(airflow_env, db, serve):
+    server = serve(demo_app("bitfront"))
+    name = "bitfront_dagtest"
+    keys = source_keys("bitfront", server.url, schedule="*/15 * * * *", start_date=date(2023, 1, 1))
+    install_connection("bitfront")
+    write_sources(Path(os.environ["BALANCES_CONFIG"]), {name: keys})
+    dag = load_dag(f"balances_{name}")
+    for minutes in (20, 5):  # two runs within the last half hour: present-only providers take no other
+        assert dag.test(logical_date=datetime.now(timezone.utc) - timedelta(minutes=minutes)).state == "success"
+    [(status, note)] = fetch(db, "SELECT status, unexplainable->>'*' FROM movement_runs")
+    assert status == "not_available" and note.startswith("bitfront offers no movement API")
+    assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward") == [("not_available",)]

@@ -1,8 +1,8 @@
 """The Superset dashboard in a real browser: Debian's headless Chromium via chromedriver.
 
 Real snapshots of the moving sandboxes (Hedera at three past minutes, the
-ledger twice, the others now) and a reconciliation after each ledger
-snapshot fill the database; Superset (its own virtualenv,
+ledger twice, the others now), the movements of Hedera's windows and a
+reconciliation after each ledger snapshot fill the database; Superset (its own virtualenv,
 ``scripts/superset``) imports ``dashboards/export`` reading the views as a
 ``balances_reader`` login; the browser logs in, opens the dashboard and
 waits for the charts to show the data: the overdrawn account's incident as
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from pipeline import connections
+from pipeline import connections, movements
 from reconciliation.checks import load_checks
 from pipeline.config import parse_config, parse_source
 from devtools.demo import DEMO_CHECKS, write_sources
@@ -92,6 +92,10 @@ def load_demo_data(db, tmp_path: Path) -> None:
                     # The ledger reads the present: its two snapshots are a moment apart.
                     reconcile(db, checks, now - timedelta(minutes=10), datetime.now(timezone.utc))
                     time.sleep(1)
+            if keys["provider"] == "hedera":  # the statement's rows: Hedera's windows
+                loaded = movements.load_windows(db, source, movements.missing_windows(db, source),
+                                                credentials=connections.credentials(source.conn_id))
+                assert loaded and all(w["status"] == "published" for w in loaded), loaded
         reconcile(db, checks, now - timedelta(minutes=10), now + timedelta(seconds=30))
     finally:
         for server in servers:
@@ -139,6 +143,12 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
     (big,) = fetch(db, "SELECT balance_text FROM balance_latest ORDER BY balance_units DESC LIMIT 1")[0]
     assert len(big.replace(".", "")) > 17  # beyond what a float carries exactly
     sources = [s for (s,) in fetch(db, "SELECT source FROM source_freshness ORDER BY source")]
+    # The statement's first row as the table orders it: its opening balance is shown nowhere else.
+    (paid,) = fetch(db, """SELECT opening_text FROM balance_rollforward
+                            WHERE inflow <> 0 OR outflow <> 0 OR status <> 'explained'
+                            ORDER BY unexplained_units DESC, period_end DESC, account, asset LIMIT 1""")[0]
+    assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward WHERE source = 'hedera_sandbox'") == [
+        ("explained",)]
 
     started = time.monotonic()
     superset = SupersetServer.start(superset_venv, tmp_path / "superset", database_url)
@@ -161,12 +171,19 @@ def test_dashboard_shows_the_demo_data_in_a_browser(db, database_url, superset_v
             f"{last_seen:%Y-%m-%d %H:%M:%S}", "2", worst]
         wait_for(driver, lambda d: big in text(d), f"the exact balance {big}")
         wait_for(driver, lambda d: all(s in text(d) for s in sources), f"the freshness of {sources}")
-        # The four time charts draw on canvases (ECharts), once their data arrived.
-        wait_for(driver, lambda d: len(d.find_elements("css selector", ".chart-container canvas")) >= 4,
-                 "four rendered time charts")
+        # Superset draws a chart once it is scrolled into view: the statement sits below the others.
+        scrolled = lambda d: d.execute_script("document.querySelectorAll('.dashboard-content, .grid-container, "  # noqa: E731
+                                              "[data-test=dashboard-content-wrapper]').forEach(e => e.scrollTop = "
+                                              "e.scrollHeight); window.scrollTo(0, document.body.scrollHeight);")
+        wait_for(driver, lambda d: scrolled(d) or paid in text(d), f"the roll-forward's first opening balance {paid}")
+        # The five time charts draw on canvases (ECharts), once their data arrived.
+        wait_for(driver, lambda d: scrolled(d) or len(d.find_elements("css selector", ".chart-container canvas")) >= 5,
+                 "five rendered time charts")
+        driver.execute_script("window.scrollTo(0, 0);")
         body = text(driver)
         for title in ("Balance of a holding over time", "Latest balances (exact)", "Source freshness",
                       "Incidents opened per day", "Snapshot runs", "Incidents: open, acknowledged",
+                      "Roll-forward statement", "Unexplained balance changes over time",
                       "Pair check treasury_hbar"):
             assert title in body
         assert "Unexpected error" not in body and "No results were returned" not in body

@@ -104,7 +104,13 @@ def test_quickstart_as_typed(clone, home, mark):
     printed = done.stdout.split("try next:\n", 1)[1].splitlines()
     shown = [line.strip() for line in printed[:4]]
     assert shown == block.splitlines()[1:5], printed[:6]
-    assert "balance_history: 858 rows from 5 source(s)" in done.stdout
+    assert "balance_history: 882 rows from 5 source(s)" in done.stdout
+    # A roll-forward statement for each source with movements, and the one change planted without any.
+    for source in ("hedera_sandbox", "formance_sandbox", "evm_sandbox"):
+        assert re.search(rf"roll-forward {source} \([0-9]+ explained", done.stdout), source
+    assert "roll-forward hedera_sandbox (551 explained, 1 unexplained)" in done.stdout
+    assert re.search(r"hedera_rollforward unexplained_change \(hedera_sandbox 0\.0\.777 HBAR\): the balance changed "
+                     r"by 0\.00000007 over", done.stdout)
     assert re.search(r"database: +postgresql://postgres@127\.0\.0\.1:[0-9]+/balances", done.stdout)
     # balances latest printed the treasury, exactly.
     assert re.search(r"0\.0\.1234 +HBAR +12345678900000000 +123456789\.00000000", done.stdout)

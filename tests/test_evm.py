@@ -595,6 +595,160 @@ def test_a_node_without_old_state_is_not_an_archive_node(db, serve):
         pruned.stop()
 
 
+# --- movements: the roll-forward between two snapshot blocks -----------------------------------
+
+M0 = G + 600  # the block both wallets are funded in
+
+
+class Payments:
+    """A chain where value moves every way a roll-forward must see, between two snapshot blocks.
+
+    Block 3 (M0): Alice funded, TUSD minted to her. Block 4 (M0 + 600): Alice pays Bob directly
+    and in TUSD, the deployer pays Bob through the Forwarder (an internal call), pays him inside
+    a call that reverts (nothing moves), Alice splits a payment between Bob and herself; then
+    four empty blocks.
+    """
+
+    def __init__(self) -> None:
+        node = self.node = Anvil(chain_id=CHAIN_ID, timestamp=G)
+        node.set_automine(False)
+        self.tusd = deploy(node, "TestToken", "Test Dollar", "TUSD", 6, types=("string", "string", "uint8"),
+                           timestamp=G + 60)
+        self.forwarder = deploy(node, "Forwarder", timestamp=G + 120)
+        node.send(DEPLOYER, ALICE, value=ETHER)
+        node.send(DEPLOYER, self.tusd, data=call_data("mint(address,uint256)", ("address", "uint256"), ALICE,
+                                                      10**9))
+        node.mine(M0)
+        self.sent = [node.send(ALICE, BOB, value=ETHER // 10),
+                     node.send(ALICE, self.tusd, data=call_data("transfer(address,uint256)", ("address", "uint256"),
+                                                                BOB, 12_345)),
+                     node.send(ALICE, self.forwarder, value=3 * ETHER // 100,
+                               data=call_data("split(address,address)", ("address", "address"), BOB, ALICE))]
+        node.send(DEPLOYER, self.forwarder, value=7 * ETHER // 100, data=call_data("pay(address)", ("address",), BOB))
+        node.send(DEPLOYER, self.forwarder, value=5 * ETHER // 100,
+                  data=call_data("tryPay(address)", ("address",), BOB))
+        node.mine(M0 + 600)
+        for i in range(1, 5):
+            node.mine(M0 + 600 + 60 * i)
+
+    def fees(self) -> int:
+        """What Alice's transactions of block 4 cost her, from their receipts."""
+        total = 0
+        for tx in self.sent:
+            receipt = self.node.receipt(tx)
+            total += int(receipt["gasUsed"], 16) * int(receipt["effectiveGasPrice"], 16)
+        return total
+
+
+@pytest.fixture(scope="module")
+def payments():
+    require_anvil()
+    built = Payments()
+    yield built
+    built.node.stop()
+
+
+def rolled(db, source: str = "evm_test") -> dict:
+    return {(r[0], r[1]): r[2:] for r in fetch(db, """
+        SELECT account, asset, opening, inflow, outflow, closing, unexplained, status, note FROM balance_rollforward
+         WHERE source = %s""", (source,))}
+
+
+def load_window(db, source, first: int, second: int) -> list[dict]:
+    from pipeline import movements
+
+    for seconds in (first, second):
+        assert take_snapshot(db, source, at(seconds))["status"] == "published"
+    return movements.load_windows(db, source, movements.missing_windows(db, source))
+
+
+@pytest.mark.parametrize("traces", ["auto", "trace_filter", "debug_traceBlockByNumber"])
+def test_a_window_rolls_forward_exactly_with_internal_payments_reverts_and_fees(db, serve, payments, traces):
+    server = serve(EvmGateway(payments.node))
+    source = evm_source(server.url, addresses=[ALICE, BOB], tokens=[payments.tusd], confirmations=0,
+                        traces=traces, max_snapshot_age=10**7)
+    [summary] = load_window(db, source, M0 + 30, M0 + 900)
+    assert summary["status"] == "published" and summary["unexplainable"] == {}
+    fees = payments.fees()
+    half = 3 * ETHER // 200
+    statement = rolled(db)
+    # opening, inflow, outflow, closing, unexplained, status, note; to the wei.
+    assert statement[(ALICE, "ETH")] == (ETHER, half, ETHER // 10 + 3 * ETHER // 100 + fees,
+                                         ETHER - ETHER // 10 - half - fees, 0, "explained", None)
+    # Direct, split, forwarded: 0.1 + 0.015 + 0.07; the reverted 0.05 never arrived.
+    assert statement[(BOB, "ETH")] == (0, ETHER // 10 + half + 7 * ETHER // 100, 0,
+                                       ETHER // 10 + half + 7 * ETHER // 100, 0, "explained", None)
+    assert statement[(ALICE, payments.tusd)][:5] == (10**9, 0, 12_345, 10**9 - 12_345, 0)
+    assert statement[(BOB, payments.tusd)][:5] == (0, 12_345, 0, 12_345, 0)
+    kinds = fetch(db, "SELECT kind, count(*), sum(amount) FROM balance_movements WHERE account = %s AND asset = 'ETH'"
+                      " GROUP BY kind ORDER BY kind", (ALICE,))
+    assert kinds == [("fee", 3, -fees), ("transfer", 3, half - ETHER // 10 - 3 * ETHER // 100)]
+    # A rerun finds the window loaded and reads nothing.
+    from pipeline import movements
+    assert movements.load_windows(db, source, movements.missing_windows(db, source)) == []
+    assert fetch(db, "SELECT count(*) FROM movement_runs") == [(1,)]
+
+
+def test_a_node_without_traces_leaves_the_native_asset_unexplainable_never_guessed(db, serve, payments):
+    from reconciliation.checks import RollforwardCheck
+    from reconciliation.reconcile import reconcile
+
+    server = serve(EvmGateway(payments.node, missing_methods=("trace_filter", "debug_traceBlockByNumber")))
+    source = evm_source(server.url, addresses=[ALICE, BOB], tokens=[payments.tusd], confirmations=0,
+                        max_snapshot_age=10**7)
+    [summary] = load_window(db, source, M0 + 30, M0 + 900)
+    assert summary["status"] == "published"
+    assert summary["unexplainable"] == {"ETH": "unexplainable: the node offers no traces (neither trace_filter nor "
+                                               "debug_traceBlockByNumber)"}
+    statement = rolled(db)
+    assert statement[(ALICE, "ETH")][1:] == (None, None, statement[(ALICE, "ETH")][3], None, "unexplainable",
+                                             summary["unexplainable"]["ETH"])
+    assert statement[(BOB, payments.tusd)][4:6] == (0, "explained")  # the logs still explain the token
+    assert fetch(db, "SELECT count(*) FROM balance_movements WHERE asset = 'ETH'") == [(0,)]
+    check = RollforwardCheck("evm_roll", "evm_test", "evm")
+    run = reconcile(db, {"evm_roll": check}, at(G), at(M0 + 1000))
+    assert run.breaks_open == 0
+    assert "with assets the provider cannot explain (unexplainable: the node offers no traces" in run.notes["evm_roll"]
+    # Asked for explicitly, a missing method is an error, not a quiet fallback.
+    explicit = evm_source(server.url, name="evm_explicit", addresses=[ALICE], confirmations=0, traces="trace_filter",
+                          max_snapshot_age=10**7)
+    with pytest.raises(ProviderError, match="does not offer trace_filter"):
+        load_window(db, explicit, M0 + 30, M0 + 900)
+
+
+def test_logs_over_the_endpoints_limit_are_asked_for_again_in_halves(db, serve, payments):
+    gateway = EvmGateway(payments.node, max_logs=1)
+    server = serve(gateway)
+    source = evm_source(server.url, addresses=[ALICE, BOB], tokens=[payments.tusd], confirmations=0,
+                        max_snapshot_age=10**7)
+    # From block 2 (the token deployed, nothing minted) to block 7: the mint and the transfer in range.
+    [summary] = load_window(db, source, G + 130, M0 + 900)
+    assert summary["status"] == "published"
+    assert rolled(db)[(ALICE, payments.tusd)][:5] == (0, 10**9, 12_345, 10**9 - 12_345, 0)
+    ranges = [(int(c["params"][0]["fromBlock"], 16), int(c["params"][0]["toBlock"], 16))
+              for c in gateway.calls if c.get("method") == "eth_getLogs"]
+    # Refused whole (two logs), then in halves until each answer holds one log at most.
+    assert ranges[0] == (3, 7) and (3, 5) in ranges and (6, 7) in ranges and (3, 3) in ranges
+
+
+@pytest.mark.parametrize("depth, past", [(2, "second"), (5, "first")])
+def test_a_reorganisation_between_the_snapshots_fails_the_window(db, serve, node, depth, past):
+    from pipeline import movements
+
+    build_small_chain(node)  # blocks 1 and 2 move ETH, then 3..5
+    server = serve(EvmGateway(node))
+    source = evm_source(server.url, addresses=[ALICE, BOB], confirmations=0, max_snapshot_age=10**7)
+    for seconds in (T1 + 1, T2 + 150):  # blocks 1 and 4
+        assert take_snapshot(db, source, at(seconds))["status"] == "published"
+    [window] = movements.missing_windows(db, source)
+    node.rpc("anvil_reorg", depth, [])
+    with pytest.raises(SnapshotError, match=f"reorganised past the window's {past} snapshot|reorganised past that"):
+        movements.load_windows(db, source, [window])
+    assert fetch(db, "SELECT status FROM movement_runs") == [("failed",)]
+    assert fetch(db, "SELECT count(*) FROM balance_movements") == [(0,)]
+    assert staging_tables(db) == 0
+
+
 # --- through Airflow -------------------------------------------------------------------------
 
 
@@ -614,7 +768,7 @@ task_retries = 0
 rate_limit = 1000
 """)
     dag = load_dag("balances_evm_dagtest")
-    assert [t.task_id for t in dag.topological_sort()][-1] == "publish_snapshot"
+    assert [t.task_id for t in dag.topological_sort()][3] == "publish_snapshot"
     dag_run = dag.test(logical_date=at(T2 + 900))  # an interval ending between T2 and T3
     assert dag_run.state == "success"
     [(status, as_of, as_of_raw, scheduled_for)] = fetch(

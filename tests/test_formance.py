@@ -1018,3 +1018,122 @@ def test_25_7_crawl_memory_does_not_grow_with_the_ledger(serve):
         assert rows == accounts
     # Digests of every address (the code before issue 25) took about 4 MB more here.
     assert peaks[50_000] - peaks[5_000] < 1_000_000, peaks
+
+
+# -- movements: the roll-forward of a window --------------------------------------------------
+
+
+def test_v2_an_account_whose_assets_straddle_two_pages_is_not_listed_twice(db, serve):
+    ledger = Ledger().transfer(T0, "world", "users:001", "USD/2", 500).transfer(T0, "world", "users:001", "EUR/2", 7)
+    server = serve(stack(ledger))
+    summary = take_snapshot(db, formance_source(server, api="v2", page_size=1, pit_margin=0), T1, credentials=CREDS)
+    assert summary["status"] == "published", summary["error"]
+    assert [r[:3] for r in history(db)] == [("users:001", "EUR/2", Decimal(7)), ("users:001", "USD/2", Decimal(500)),
+                                            ("world", "EUR/2", Decimal(-7)), ("world", "USD/2", Decimal(-500))]
+
+
+def rollforward(db):
+    return {(r[0], r[1]): r[2:] for r in fetch(db, """
+        SELECT account, asset, opening, inflow, outflow, closing, unexplained, status FROM balance_rollforward
+         WHERE source = 'formance_test'""")}
+
+
+def test_v2_a_window_counts_a_move_inserted_at_a_snapshot_time_once_and_in_the_window_it_ends(db, serve):
+    from pipeline import movements
+
+    first, second, third = T0 + timedelta(hours=1), T0 + timedelta(hours=2), T0 + timedelta(hours=3)
+    ledger = Ledger().transfer(T0, "world", "users:001", "USD/2", 1_000)
+    # Effective earlier, inserted exactly at the second snapshot's pit: in (first, second], not after it.
+    ledger.transfer(T0, "users:001", "users:002", "USD/2", 300, inserted=second)
+    ledger.transfer(second + timedelta(microseconds=1), "users:002", "users:003", "USD/2", 100)
+    server = serve(stack(ledger))
+    source = formance_source(server, api="v2", pit_margin=0)
+    for at in (first, second, third):
+        take_snapshot(db, source, at, credentials=CREDS)
+    windows = movements.missing_windows(db, source)
+    movements.load_windows(db, source, windows, credentials=CREDS)
+    volumes = [dict(r.query) for r in ledger_requests(server, "/volumes") if ("startTime", format_pit(
+        first + timedelta(microseconds=1))) in r.query or ("startTime", format_pit(second + timedelta(microseconds=1)))
+        in r.query]
+    # From one microsecond after the window's start (the server counts startTime itself), to its end.
+    assert [(v["startTime"], v["endTime"], v["insertionDate"]) for v in volumes] == [
+        ("2024-05-01T01:00:00.000001Z", "2024-05-01T02:00:00Z", "true"),
+        ("2024-05-01T02:00:00.000001Z", "2024-05-01T03:00:00Z", "true")]
+    flows = fetch(db, """SELECT period_end, account, inflow, outflow FROM balance_rollforward
+                          WHERE inflow <> 0 OR outflow <> 0 ORDER BY 1, 2""")
+    assert flows == [(second, "users:001", 0, 300), (second, "users:002", 300, 0),
+                     (third, "users:002", 0, 100), (third, "users:003", 100, 0)]
+    assert {r[-1] for r in rollforward(db).values()} == {"explained"}
+
+
+@pytest.mark.parametrize("server_version", ["v1.x", "v2.4.12"])
+def test_v1_a_window_is_the_transactions_between_its_two_counts(db, serve, server_version):
+    from pipeline import movements
+
+    app = stack(book(), server=server_version)
+    server = serve(app)
+    source = formance_source(server, page_size=2, address="users:")
+    first = take_snapshot(db, source, now(), credentials=CREDS, force=True)
+    ledger = app.ledgers["main"]
+    counted = ledger.transactions
+    ledger.transfer(now(), "users:001", "users:002", "USD/2", 1_234)
+    ledger.transfer(now(), "users:002", "users:003", "COIN", 0)  # moves nothing, still a transaction
+    ledger.transfer(now(), "world", "users:004", "EUR/2", BIG)
+    ledger.transfer(now(), "users:003", "world", "COIN", 2)
+    time.sleep(0.002)
+    second = take_snapshot(db, source, now(), credentials=CREDS, force=True)
+    assert (first["as_of_raw"].endswith(f"transactions={counted}"),
+            second["as_of_raw"].endswith(f"transactions={counted + 4}")) == (True, True)
+    server.clear()
+    [summary] = movements.load_windows(db, source, movements.missing_windows(db, source), credentials=CREDS)
+    assert summary["status"] == "published"
+    listed = ledger_requests(server, "/transactions")
+    assert listed[0].query == [("pageSize", "2"), ("after", str(counted + 4))]
+    assert all([k for k, _ in r.query] == ["cursor"] for r in listed[1:])
+    legs = fetch(db, "SELECT movement_id, account, amount, kind, counterparty FROM balance_movements"
+                     " ORDER BY length(movement_id), movement_id")
+    # The address filter keeps the users' legs; world's are not the source's.
+    assert legs == [(f"tx {counted} leg 0", "users:001", -1_234, "transfer", "users:002"),
+                    (f"tx {counted} leg 1", "users:002", 1_234, "transfer", "users:001"),
+                    (f"tx {counted + 1} leg 0", "users:002", 0, "transfer", "users:003"),
+                    (f"tx {counted + 1} leg 1", "users:003", 0, "transfer", "users:002"),
+                    (f"tx {counted + 2} leg 1", "users:004", BIG, "mint", "world"),
+                    (f"tx {counted + 3} leg 0", "users:003", -2, "burn", "world")]
+    statement = rollforward(db)
+    assert statement[("users:004", "EUR/2")] == (None, BIG, 0, BIG, 0, "explained")
+    assert {r[-1] for r in statement.values()} == {"explained"}
+
+
+def test_v1_a_window_whose_transaction_ids_skip_one_fails_rather_than_guess(db, serve):
+    from pipeline import movements
+
+    app = stack(book(), server="v2.4.12")
+    server = serve(app)
+    source = formance_source(server)
+    take_snapshot(db, source, now(), credentials=CREDS, force=True)
+    ledger = app.ledgers["main"]
+    counted = ledger.transactions
+    ledger.transfer(now(), "users:001", "users:002", "USD/2", 5)
+    ledger.skip_id()  # a transaction took an id from the sequence and failed
+    ledger.transfer(now(), "users:002", "users:003", "USD/2", 1)
+    time.sleep(0.002)
+    take_snapshot(db, source, now(), credentials=CREDS, force=True)
+    # Ids counted + 0 and + 2: the count says two transactions, so the window asks below counted + 2.
+    with pytest.raises(SnapshotError, match=f"holds transactions {counted} to {counted + 1}, but after {counted + 2} "
+                                            f"the ledger listed {counted}, not {counted + 1}: its ids are not "
+                                            "contiguous"):
+        movements.load_windows(db, source, movements.missing_windows(db, source), credentials=CREDS)
+    assert fetch(db, "SELECT status FROM movement_runs") == [("failed",)]
+    assert fetch(db, "SELECT count(*) FROM balance_movements") == [(0,)]
+
+
+def test_a_window_with_snapshots_of_both_apis_is_unexplainable_never_guessed(db, serve):
+    from pipeline import movements
+
+    server = serve(stack(moving_book()))
+    take_snapshot(db, formance_source(server, api="v2", pit_margin=0), T1 + timedelta(hours=1), credentials=CREDS)
+    v1 = formance_source(server)
+    take_snapshot(db, v1, now(), credentials=CREDS)
+    [summary] = movements.load_windows(db, v1, movements.missing_windows(db, v1), credentials=CREDS)
+    assert summary["status"] == "published" and "cannot be placed in it" in summary["unexplainable"]["*"]
+    assert {r[-1] for r in rollforward(db).values()} == {"unexplainable"}

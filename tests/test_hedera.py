@@ -1,7 +1,7 @@
 """Hedera mirror node: extractor and pipeline against the fake, into Postgres."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -659,3 +659,138 @@ def test_account_id_forms_the_node_accepts():
     assert [(e.exact, e.low) for e in exprs[:3]] == [(True, 98)] * 3
     assert exprs[3].low == 2 and not exprs[3].exact
     assert exprs[4].high == (1 << 54) | (2 << 38) | 3
+
+
+# --- movements: the transactions of a window ----------------------------------------------------
+
+from pipeline import movements  # noqa: E402
+from tests.hedera_data import BIG_PAYEE, moving_mirror  # noqa: E402
+
+
+def _snapshot_time(raw: str) -> datetime:
+    """A run time that picks the snapshot ``raw``: a second after it."""
+    return parse_timestamp(raw) + timedelta(seconds=1)
+
+
+def load_all(db, source, times=(T1, T2, T3)) -> list[dict]:
+    for raw in times:
+        assert take_snapshot(db, source, _snapshot_time(raw))["status"] == "published"
+    return movements.load_windows(db, source, movements.missing_windows(db, source))
+
+
+def legs(db) -> list[tuple]:
+    return fetch(db, "SELECT movement_time_raw, account, asset, amount, kind, counterparty FROM balance_movements"
+                     " ORDER BY movement_time_raw, movement_id")
+
+
+def test_the_sandbox_pages_transactions_as_the_real_node_does(serve):
+    import requests
+
+    server = serve(moving_mirror())
+    # rest/__tests__/specs/transactions/limit.json: a full page links on with lt:<the last timestamp>.
+    page = requests.get(f"{server.url}/api/v1/transactions?limit=2").json()
+    assert [t["consensus_timestamp"] for t in page["transactions"]] == [T3, "1700001200.000000000"]
+    assert page["links"]["next"] == "/api/v1/transactions?limit=2&timestamp=lt:1700001200.000000000"
+    window = requests.get(f"{server.url}/api/v1/transactions?limit=1&order=asc&timestamp=gt:{T1}"
+                          f"&timestamp=lte:{T2}").json()
+    assert window["links"]["next"] == (f"/api/v1/transactions?limit=1&order=asc&timestamp=lte:{T2}"
+                                       "&timestamp=gt:1700000000.000000002")
+    last = requests.get(f"{server.url}{window['links']['next']}").json()
+    # The page ends on the range's own bound: no link (utils.isEmptyRange).
+    assert [t["consensus_timestamp"] for t in last["transactions"]] == [T2] and last["links"]["next"] is None
+    # Every leg of a transaction is listed, the other accounts' too, by account (the encoded id) then amount.
+    [tx] = requests.get(f"{server.url}/api/v1/transactions?account.id=0.0.1005&timestamp={T2}").json()[
+        "transactions"] or [None]
+    assert tx is None  # 0.0.1005 is not in the transaction at T2
+    [tx] = requests.get(f"{server.url}/api/v1/transactions?account.id=0.0.1010&timestamp={T2}").json()["transactions"]
+    assert [(t["account"], t["amount"]) for t in tx["transfers"]] == [("0.0.3", 800), ("0.0.98", 200),
+                                                                       ("0.0.1010", -1_500), ("0.0.1020", 500)]
+    bad = requests.get(f"{server.url}/api/v1/transactions?timestamp=gt:1&timestamp=gte:2")
+    assert bad.status_code == 400 and bad.json()["_status"]["messages"] == [
+        {"message": "Multiple gt or gte operators not permitted for timestamp param"}]
+
+
+def test_a_window_is_exact_to_the_nanosecond_and_rolls_forward(db, serve):
+    server = serve(moving_mirror())
+    summaries = load_all(db, hedera_source(server, limit=3))
+    assert [(s["start_raw"], s["end_raw"], s["movements"]) for s in summaries] == [(T1, T2, 8), (T2, T3, 22)]
+    by_window = fetch(db, """SELECT r.end_raw, min(m.movement_time_raw), max(m.movement_time_raw)
+                               FROM balance_movements m JOIN movement_runs r USING (run_id) GROUP BY 1 ORDER BY 1""")
+    # A nanosecond after T1 and exactly T2 in the first window; a nanosecond after T2, and T3, in the second.
+    assert by_window == [(T2, "1700000000.000000002", T2), (T3, "1700000900.123456790", T3)]
+    requests = [r for r in server.requests if r.path == "/api/v1/transactions"]
+    assert requests[0].query == [("limit", "3"), ("order", "asc"), ("timestamp", f"gt:{T1}"), ("timestamp", f"lte:{T2}")]
+    statement = fetch(db, "SELECT DISTINCT status FROM balance_rollforward")
+    assert statement == [("explained",)]
+    # Beyond 2**53, to the tinybar.
+    assert fetch(db, "SELECT inflow, closing - opening FROM balance_rollforward WHERE account = %s AND asset = 'HBAR'"
+                     " AND period_end > %s", (f"0.0.{BIG_PAYEE}", parse_timestamp(T2))) == [(2**62, 2**62)]
+
+
+def test_fees_rewards_tokens_and_nfts_are_legs_of_their_kind(db, serve):
+    server = serve(moving_mirror())
+    load_all(db, hedera_source(server))
+    reward = {leg[1:] for leg in legs(db) if leg[0] == "1700001100.000000000"}
+    # The staking reward is in the transfers once (0.0.800 pays it), not counted again from its own list.
+    assert reward == {("0.0.1025", "HBAR", 4_000, "transfer", None), ("0.0.3", "HBAR", 800, "fee", None),
+                      ("0.0.800", "HBAR", -5_000, "reward", "0.0.1025"), ("0.0.98", "HBAR", 200, "fee", None)}
+    token = [leg[1:] for leg in legs(db) if leg[0] == "1700001000.000000000" and leg[2] != "HBAR"]
+    assert token == [("0.0.1015", "0.0.7001", -40, "transfer", "0.0.1030"),
+                     ("0.0.1030", "0.0.7001", 40, "transfer", "0.0.1015")]
+    nft = [leg[1:] for leg in legs(db) if leg[2] == "0.0.9001"]
+    assert nft == [("0.0.1040", "0.0.9001", 1, "mint", None)] * 2
+    # A payer whose only leg is the fee paid a fee.
+    assert ("0.0.1015", "HBAR", -1_000, "fee") in [leg[1:5] for leg in legs(db)]
+    assert fetch(db, "SELECT DISTINCT decimals FROM balance_movements WHERE asset = '0.0.7001'") == [(4,)]
+
+
+def test_account_ids_and_shards_keep_only_their_own_legs(db, serve):
+    server = serve(moving_mirror())
+    source = hedera_source(server, account_ids=["0.0.1010", "gte:0.0.1040", "0.0.3"])
+    load_all(db, source)
+    accounts = {leg[1] for leg in legs(db)}
+    assert accounts == {"0.0.1010", "0.0.1040", f"0.0.{BIG_PAYEE}", "0.0.3"}
+    ranges = [[v for k, v in r.query if k == "account.id"] for r in server.requests if r.path == "/api/v1/transactions"]
+    assert ranges[:2] == [["gte:0.0.1040"], ["0.0.3", "0.0.1010"]]  # the range, then the exact ids in one list
+    assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward") == [("explained",)]
+
+    # Sharded as the snapshot is: the same legs, each read by the shard its account falls in.
+    everything = make_source("hedera_whole", provider="hedera", base_url=server.url)
+    sharded = make_source("hedera_sharded", provider="hedera", base_url=server.url, shards=3)
+    load_all(db, everything)
+    for raw in (T1, T2, T3):
+        take_snapshot(db, sharded, _snapshot_time(raw))
+    windows = movements.missing_windows(db, sharded)
+    planned = movements.plan(db, sharded, windows[:1])
+    ranges = [p["account_range"] for p in planned]
+    assert len(ranges) == 3 and ranges[0][0] is None and ranges[-1][1] is None
+    assert [r[1] for r in ranges[:-1]] == [r[0] for r in ranges[1:]]  # back to back
+    for shard in planned:
+        movements.crawl(db, sharded, shard["movement_run"], shard=shard["shard"], account_range=shard["account_range"])
+    movements.publish(db, sharded, planned[0]["movement_run"])
+    movements.load_windows(db, sharded, windows[1:])
+    assert fetch(db, "SELECT shards, movements FROM movement_runs WHERE source = 'hedera_sharded' ORDER BY run_id"
+                 ) == [(3, 8), (3, 22)]
+
+    def stored(source: str) -> set:
+        return set(fetch(db, "SELECT movement_id, account, amount FROM balance_movements WHERE source = %s",
+                         (source,)))
+
+    assert stored("hedera_sharded") == stored("hedera_whole") and len(stored("hedera_whole")) == 30
+
+
+def test_a_page_the_node_ends_early_with_a_link_does_not_end_the_window(db, serve):
+    mirror_app = moving_mirror()
+    early = {"done": False}
+
+    def bound(request):
+        # As a node binding an open range answers (rest/timestampRange.js:bindTimestampRange): no row, a link.
+        if request.path == "/api/v1/transactions" and not early["done"]:
+            early["done"] = True
+            return json_response({"transactions": [], "links": {"next": f"/api/v1/transactions?{request.raw_query}"
+                                                                        "&limit=100"}})
+        return mirror_app(request)
+
+    server = serve(bound)
+    summaries = load_all(db, hedera_source(server), (T1, T2))
+    assert [(s["status"], s["movements"]) for s in summaries] == [("published", 8)]

@@ -166,7 +166,8 @@ source = "good"
     for name, timeout in expected.items():
         dag = bag.dags[f"balances_{name}"]
         assert {t.task_id: t.execution_timeout for t in dag.tasks} == {
-            t: timeout for t in ("begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot")}
+            t: timeout for t in ("begin_run", "plan_shards", "crawl_snapshot", "publish_snapshot", "plan_movements",
+                                 "crawl_movements", "publish_movements")}
     reconcile = bag.dags["reconcile_balances"]
     assert [t.execution_timeout for t in reconcile.tasks] == [timedelta(hours=1)]
 

@@ -611,7 +611,8 @@ def test_under_airflow_a_rerun_of_a_present_only_interval_is_skipped(airflow_env
     assert rerun.state == "success"
     states = {ti.task_id: ti.state for ti in rerun.get_task_instances()}
     assert states == {"begin_run": "skipped", "plan_shards": "skipped", "crawl_snapshot": "skipped",
-                      "publish_snapshot": "skipped"}
+                      "publish_snapshot": "skipped", "plan_movements": "skipped", "crawl_movements": "skipped",
+                      "publish_movements": "skipped"}
     assert server.request_count == requests
     assert fetch(db, "SELECT status FROM snapshot_runs ORDER BY run_id") == [("published",), ("skipped",)]
     assert fetch(db, "SELECT count(DISTINCT as_of) FROM balance_history") == [(1,)]

@@ -268,11 +268,28 @@ PAIR_TABLE = {"kind": "pair", "left": {"source": "s", "account": "a", "asset": "
     ({"kind": "continuity", "source": "manual"}, "checks.c.max_staleness: required: source 'manual' has no"),
     ({"kind": "continuity", "source": "s", "allow_negative": "yes"}, "checks.c.allow_negative: expected true"),
     ({"kind": "continuity", "source": "s", "max_staleness": "0s"}, "checks.c.max_staleness: must be longer"),
+    ({"kind": "rollforward"}, "checks.c.source: missing"),
+    ({"kind": "rollforward", "source": "s", "tolerance": 0.5}, "checks.c.tolerance: expected a decimal"),
+    ({"kind": "rollforward", "source": "s", "tolerance": "-1"}, "checks.c.tolerance: must be a finite decimal"),
+    ({"kind": "rollforward", "source": "s", "accounts": []}, "checks.c.accounts: empty list (leave the key out to "
+                                                            "check every account)"),
+    ({"kind": "rollforward", "source": "s", "abs_tolerance": "1"}, "checks.c.abs_tolerance: unknown key for a "
+                                                                  "rollforward check"),
 ])
 def test_config_errors_name_the_check_and_key(table, message):
     with pytest.raises(ConfigError) as caught:
         parse_checks({"c": table}, SOURCES)
     assert message in str(caught.value)
+
+
+def test_a_rollforward_check_reads_its_filters_and_whether_the_provider_offers_movements():
+    bitfront = parse_source("b", {"provider": "bitfront", "schedule": "none"})
+    checks = parse_checks({"r": {"kind": "rollforward", "source": "s", "accounts": ["0.0.98"], "assets": ["HBAR"],
+                                 "tolerance": "0.00000001"},
+                           "n": {"kind": "rollforward", "source": "b"}}, {**SOURCES, "b": bitfront})
+    assert (checks["r"].accounts, checks["r"].assets, checks["r"].tolerance, checks["r"].available) == (
+        ("0.0.98",), ("HBAR",), Decimal("0.00000001"), True)
+    assert (checks["n"].tolerance, checks["n"].available, checks["n"].provider) == (Decimal(0), False, "bitfront")
 
 
 def test_durations_and_default_staleness():
@@ -331,3 +348,16 @@ def test_the_newest_scheduled_run_is_no_gap_until_the_next_one_is_due(db, checks
     assert [k for k in breaks(db) if k[1] == "gap"] == []
     reconcile(db, continuity, h(3.5), h(6) + timedelta(seconds=20))
     assert [k[3] for k in breaks(db) if k[1] == "gap"] == [h(5)]
+
+
+@pytest.mark.airflow
+def test_the_reconciliation_dag_also_runs_when_a_rollforward_sources_window_is_published(airflow_env, db):
+    write_config(CONFIG + """
+[checks.hedera_rollforward]
+kind = "rollforward"
+source = "hedera_mainnet"
+""")
+    dag = load_dag("reconcile_balances")
+    assert {a.uri for a in dag.timetable.asset_condition.objects} == {
+        "balances://snapshots/formance_main", "balances://snapshots/hedera_mainnet",
+        "balances://movements/hedera_mainnet"}

@@ -22,23 +22,24 @@ import pytest
 from alembic import command
 from psycopg2 import sql
 
-from extractors.records import ROW_COLUMNS, BalanceRow
+from extractors.records import MOVEMENT_KINDS, ROW_COLUMNS, BalanceRow
 from loaders import partitions, publish, runs, staging
-from loaders.statuses import ReconciliationStatus, RunStatus
+from loaders.statuses import MovementStatus, ReconciliationStatus, RunStatus
 from loaders.db import connect
 from loaders.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import fetch
 
 VIEWS = ("balance_history_units", "balance_latest", "balance_daily_close", "balance_changes",
          "source_freshness", "reconciliation_breaks_detail", "reconciliation_breaks_daily",
-         "pipeline_runs", "rejection_reasons", "balances_latest", "balances_daily_close")
+         "pipeline_runs", "rejection_reasons", "balances_latest", "balances_daily_close",
+         "balance_rollforward", "balance_movements_detail")
 BALANCE_VIEWS = VIEWS[:5]  # of 0004 (two renamed in 0013)
 BALANCE_VIEWS_BEFORE_0013 = ("balance_history_units", "balances_latest", "balances_daily_close",
                              "balance_changes",
                              "source_freshness")
 BASE_TABLES = ("balance_history", "snapshot_runs", "rejected_records", "aggregate_balances",
                "request_budgets", "reconciliation_runs", "reconciliation_breaks", "run_leases",
-               "source_locks")
+               "source_locks", "movement_runs", "balance_movements", "rejected_movements")
 
 
 def utc(*args: int) -> datetime:
@@ -215,7 +216,8 @@ def test_reader_reads_every_view_without_rights_on_the_tables(db, reader):
     assert counts == {"balance_history_units": 2, "balance_latest": 1, "balance_daily_close": 2,
                       "balance_changes": 2, "source_freshness": 1, "reconciliation_breaks_detail": 0,
                       "reconciliation_breaks_daily": 0, "pipeline_runs": 2, "rejection_reasons": 0,
-                      "balances_latest": 1, "balances_daily_close": 2}
+                      "balances_latest": 1, "balances_daily_close": 2, "balance_rollforward": 0,
+                      "balance_movements_detail": 0}
     # Exactly SELECT on the views: nothing on the tables behind them.
     grants = fetch(db, "SELECT table_name, privilege_type FROM information_schema.role_table_grants"
                        " WHERE grantee = 'balances_reader'")
@@ -335,6 +337,31 @@ def test_run_statuses_are_the_ones_the_schema_allows(db):
 
     assert allowed("snapshot_runs_status_check") == set(RunStatus)
     assert allowed("reconciliation_runs_status_check") == set(ReconciliationStatus)
+    assert allowed("movement_runs_status_check") == set(MovementStatus)
+    assert allowed("balance_movements_kind_check") == MOVEMENT_KINDS
+
+
+def test_the_movements_migration_goes_down_and_up_again(database_url):
+    with scratch_database(database_url, "movements_downgrade") as url:
+        upgrade(url)
+        conn = connect(url)
+        try:
+            command.downgrade(alembic_config(url), "-1")
+            names = ["movement_runs", "balance_movements", "rejected_movements", "balance_rollforward",
+                     "balance_movements_detail"]
+            assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (names,)) == [(0,)]
+            assert fetch(conn, "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                               " WHERE conname = 'reconciliation_breaks_check_kind_check'")[0][0].count("'") == 6
+        finally:
+            conn.close()
+        upgrade(url)
+        conn = connect(url)
+        try:
+            assert fetch(conn, "SELECT count(*) FROM unnest(%s::text[]) v"
+                               " WHERE has_table_privilege('balances_reader', v, 'SELECT')",
+                         (["balance_rollforward", "balance_movements_detail"],)) == [(2,)]
+        finally:
+            conn.close()
 
 
 def test_downgrade_drops_the_views_and_keeps_a_role_still_in_use(database_url):

@@ -91,3 +91,51 @@ contract BadDecimalsToken {
         return 1;
     }
 }
+
+/// Pays on what it is sent: value moves inside a transaction, which only traces show.
+contract Forwarder {
+    /// Sends the whole value on to `to`.
+    function pay(address payable to) external payable {
+        (bool ok, ) = to.call{value: msg.value}("");
+        require(ok, "payment refused");
+    }
+
+    /// Splits the value between two payees; a payee that refuses leaves its share here.
+    function split(address payable first, address payable second) external payable {
+        uint256 half = msg.value / 2;
+        first.call{value: half}("");
+        second.call{value: msg.value - half}("");
+    }
+
+    /// Sends the value on to `to` inside a call that then reverts: nothing moves but the gas.
+    function payAndRevert(address payable to) external payable {
+        this.payThenFail{value: msg.value}(to);
+    }
+
+    function payThenFail(address payable to) external payable {
+        (bool ok, ) = to.call{value: msg.value}("");
+        require(ok, "payment refused");
+        revert("changed my mind");
+    }
+
+    /// Tries payThenFail and keeps going when it reverts: the inner payment is undone, the outer call stands.
+    function tryPay(address payable to) external payable {
+        try this.payThenFail{value: msg.value}(to) {
+        } catch {
+        }
+    }
+
+    /// Gives everything it holds to `to` and ends (SELFDESTRUCT: only the value moves since Cancun).
+    function close(address payable to) external {
+        selfdestruct(to);
+    }
+
+    receive() external payable {}
+}
+
+/// Refuses every payment.
+contract Refuser {
+    receive() external payable {
+        revert("no thanks");
+    }
+}
