@@ -19,7 +19,7 @@
 * Views ``balance_rollforward`` (the roll-forward statement: opening +
   inflow - outflow = closing, and what is left unexplained) and
   ``balance_movements_detail``, readable by ``balances_reader``.
-* ``reconciliation_breaks.check_kind`` accepts ``rollforward``;
+* ``reconciliation_breaks.check_kind`` and ``break_incidents.check_kind`` accept ``rollforward``;
   ``run_leases.run_kind`` accepts ``movements``.
 
 Revision ID: 0015
@@ -117,6 +117,10 @@ SELECT m.source, r.provider, m.account, m.asset, m.movement_time, m.movement_tim
 """
 
 
+# The tables that name a check's kind (breaks since 0005, their incidents since 0014).
+CHECK_KIND_TABLES = ("reconciliation_breaks", "break_incidents")
+
+
 def upgrade() -> None:
     op.execute(
         f"""
@@ -188,9 +192,10 @@ def upgrade() -> None:
         """
     )
     op.execute("CREATE INDEX rejected_movements_run ON rejected_movements (run_id, shard)")
-    op.execute("ALTER TABLE reconciliation_breaks DROP CONSTRAINT reconciliation_breaks_check_kind_check")
-    op.execute("ALTER TABLE reconciliation_breaks ADD CONSTRAINT reconciliation_breaks_check_kind_check"
-               " CHECK (check_kind IN ('pair', 'aggregate', 'continuity', 'rollforward'))")
+    for table in CHECK_KIND_TABLES:
+        op.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_check_kind_check")
+        op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {table}_check_kind_check"
+                   " CHECK (check_kind IN ('pair', 'aggregate', 'continuity', 'rollforward'))")
     op.execute("ALTER TABLE run_leases DROP CONSTRAINT run_leases_run_kind_check")
     op.execute("ALTER TABLE run_leases ADD CONSTRAINT run_leases_run_kind_check"
                " CHECK (run_kind IN ('snapshot', 'reconciliation', 'movements'))")
@@ -206,9 +211,11 @@ def downgrade() -> None:
     op.execute("ALTER TABLE run_leases ADD CONSTRAINT run_leases_run_kind_check"
                " CHECK (run_kind IN ('snapshot', 'reconciliation'))")
     op.execute("DELETE FROM reconciliation_breaks WHERE check_kind = 'rollforward'")
-    op.execute("ALTER TABLE reconciliation_breaks DROP CONSTRAINT reconciliation_breaks_check_kind_check")
-    op.execute("ALTER TABLE reconciliation_breaks ADD CONSTRAINT reconciliation_breaks_check_kind_check"
-               " CHECK (check_kind IN ('pair', 'aggregate', 'continuity'))")
+    op.execute("DELETE FROM break_incidents WHERE check_kind = 'rollforward'")
+    for table in CHECK_KIND_TABLES:
+        op.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_check_kind_check")
+        op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {table}_check_kind_check"
+                   " CHECK (check_kind IN ('pair', 'aggregate', 'continuity'))")
     op.execute("DROP TABLE rejected_movements")
     op.execute("DROP TABLE balance_movements")
     op.execute("DROP TABLE movement_runs")
