@@ -34,21 +34,13 @@ from devtools import devdb
 from extractors.text import human_duration
 from loaders.db import connect, describe_url
 from loaders.migrate import upgrade
-from pipeline.config import toml_table
 from sandbox import apps
+from sandbox.apps import sources_text
 from sandbox.server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / ".demo"
 ENV_FILE = DEMO_DIR / "env"
-
-
-def sources_text(sources: dict[str, dict]) -> str:
-    """``[sources.<name>]`` tables in TOML."""
-    lines = []
-    for name, keys in sources.items():
-        lines += [*toml_table("sources", name, keys), ""]
-    return "\n".join(lines)
 
 
 def write_sources(path: Path, sources: dict[str, dict], checks: str = "") -> None:

@@ -35,7 +35,7 @@ from extractors.credentials import Credentials, require_credentials
 from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error, http_retriable, parse_retry_after
 from extractors.paginators import SinglePage
-from extractors.provider import Provider, Throttle
+from extractors.provider import BaseExtractor, Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -191,15 +191,9 @@ def exact_amount(value: Any, field_name: str) -> Decimal:
     return amount
 
 
-class BitfrontExtractor:
+class BitfrontExtractor(BaseExtractor):
     """Reads the account's balances: one request, one page."""
 
-    provider = "bitfront"
-
-    def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
-        self.settings = settings
-        self.client = client
-        self.max_pages = max_pages
 
     def pages(self, at: datetime,
               account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
@@ -257,6 +251,7 @@ PROVIDER = Provider(
     name="bitfront",
     settings=Settings,
     build=build,
+    extractor=BitfrontExtractor,
     has_history=False,  # the API only reports the present balances
     # 3 requests per second and 60 per minute per key: 1/s sustained, bursts of 3.
     rate_limit=(1.0, 3),

@@ -24,7 +24,7 @@ from extractors.credentials import Credentials, require_credentials
 from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import PlannedPages
-from extractors.provider import Provider, Throttle
+from extractors.provider import BaseExtractor, Provider, Throttle
 from extractors.records import (
     BalanceRow,
     Page,
@@ -204,15 +204,12 @@ def coreledger_error(response: requests.Response) -> ProviderError:
                       retry_after=rate_limit_reset(response) if limited else None)
 
 
-class CoreLedgerExtractor:
+class CoreLedgerExtractor(BaseExtractor):
     """Reads the configured grid, one page per batch, all as of one time."""
 
-    provider = "coreledger"
 
     def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
-        self.settings = settings
-        self.client = client
-        self.max_pages = max_pages
+        super().__init__(settings, client, max_pages=max_pages)
         self._spark_factors: dict[str, int] = {}
 
     def pages(self, at: datetime, account_range: tuple[str, str | None] | None = None) -> Iterator[Page]:
@@ -303,6 +300,7 @@ PROVIDER = Provider(
     name="coreledger",
     settings=Settings,
     build=build,
+    extractor=CoreLedgerExtractor,
     has_history=False,  # the API reports balances as of the call, nothing earlier
     rate_limit=(5.0, 5),  # documented: 300 calls per minute (and 30,000 per 24 h)
 )

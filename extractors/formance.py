@@ -118,7 +118,7 @@ from extractors.errors import (
 from extractors.http import HttpClient, RetryPolicy, error_text, http_error
 from extractors.transport import send
 from extractors.paginators import CursorPaginator
-from extractors.provider import Provider, Throttle
+from extractors.provider import BaseExtractor, Provider, Throttle
 from extractors.text import safe_text
 from extractors.records import (
     BalanceRow,
@@ -334,16 +334,13 @@ class _Crawl:
         self.previous_page, self.this_page = self.this_page, set()
 
 
-class FormanceExtractor:
+class FormanceExtractor(BaseExtractor):
     """Reads one snapshot of a ledger's balances, page by page, then its aggregate."""
 
-    provider = "formance"
 
     def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int,
                  auth: ClientCredentialsAuth | None = None) -> None:
-        self.settings = settings
-        self.client = client
-        self.max_pages = max_pages
+        super().__init__(settings, client, max_pages=max_pages)
         self.auth = auth
         prefix, ledger_path = APIS[settings.api]
         self.prefix = prefix
@@ -988,6 +985,7 @@ PROVIDER = Provider(
     name="formance",
     settings=Settings,
     build=build,
+    extractor=FormanceExtractor,
     has_history=has_history,  # v2 answers for a past time (pit), v1 only for the present
     has_movements=True,  # movements(window): v2 the window's volumes, v1 its transactions' postings
 )

@@ -49,7 +49,7 @@ from extractors.errors import (
 from extractors.credentials import Credentials
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import NextLinkPaginator, check_page_cap
-from extractors.provider import Provider, Throttle
+from extractors.provider import BaseExtractor, Provider, Throttle
 from extractors.records import (
     BalanceRow,
     MovementPage,
@@ -224,7 +224,7 @@ class _Plan:
     matched: set[str] = field(default_factory=set)
 
 
-class HederaExtractor:
+class HederaExtractor(BaseExtractor):
     """Reads one consistent balance snapshot, page by page.
 
     The snapshot is chosen once per run (:meth:`choose_snapshot`); every
@@ -232,13 +232,10 @@ class HederaExtractor:
     time>``), so shards and account expressions cannot straddle two.
     """
 
-    provider = "hedera"
     path = "/api/v1/balances"
 
     def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
-        self.settings = settings
-        self.client = client
-        self.max_pages = max_pages
+        super().__init__(settings, client, max_pages=max_pages)
         self._decimals: dict[str, int | None] = {}
         # Movement legs name the same accounts (the node, 0.0.98, the payers) page after page.
         self._ids: dict[str, int | None] = {}
@@ -612,6 +609,7 @@ PROVIDER = Provider(
     name="hedera",
     settings=Settings,
     build=build,
+    extractor=HederaExtractor,
     has_history=True,  # timestamp=lte:<time> selects any past snapshot
     shardable=True,  # the account-id space splits into account.id=gte:..&lte:.. ranges
     chooses_snapshot=True,  # choose_snapshot(at) once per run; every shard reads that snapshot

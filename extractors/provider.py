@@ -6,6 +6,7 @@ A provider module (``extractors/<name>.py``) ends with one declaration::
         name="hedera",
         settings=Settings,
         build=build,
+        extractor=HederaExtractor,
         has_history=True,
         shardable=True,
         chooses_snapshot=True,
@@ -14,8 +15,15 @@ A provider module (``extractors/<name>.py``) ends with one declaration::
 
 and the run (:mod:`pipeline.snapshot`) uses nothing else of the module. The
 declaration says what differs between providers; what they share (the HTTP
-client, its retries and statistics, closing) is written once, here and in
+client, its retries and statistics, closing, the lines every extractor's
+constructor has: :class:`BaseExtractor`) is written once, here and in
 :mod:`extractors.http`.
+
+Each capability the declaration claims (``shardable``, ``chooses_snapshot``,
+``verifies_snapshot``, ``has_movements``) names the methods its extractor
+must have (:data:`CAPABILITIES`); the declaration checks them when the
+module is imported, so a provider claiming ``shardable`` without
+``shard_ranges`` fails there, in one line, not in the middle of a run.
 """
 from __future__ import annotations
 
@@ -57,6 +65,34 @@ class Extractor(Protocol):
         ...
 
 
+class BaseExtractor:
+    """What every extractor holds: the source's settings, its client, its page cap.
+
+    A provider's extractor derives from it and adds only its own state
+    (caches, the server it found); :meth:`Provider.open` makes one per crawl.
+    """
+
+    def __init__(self, settings: Any, client: HttpClient, *, max_pages: int) -> None:
+        self.settings = settings
+        self.client = client  # every request goes through it: retries, statistics, closing
+        self.max_pages = max_pages
+
+
+# What each capability a provider may claim requires of its extractor class.
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "shardable": ("shard_ranges",),
+    "chooses_snapshot": ("choose_snapshot",),
+    "verifies_snapshot": ("verify_snapshot",),
+    "has_movements": ("movements",),
+}
+# What every extractor has, whatever it claims.
+REQUIRED_METHODS = ("pages", "probe")
+
+
+class DeclarationError(TypeError):
+    """A ``PROVIDER = Provider(...)`` that does not hold together; raised when its module is imported."""
+
+
 @dataclass(frozen=True, slots=True)
 class Throttle:
     """Called before every request, e.g. to draw on a request budget shared by processes.
@@ -82,6 +118,8 @@ class Provider:
             its ``__post_init__`` raises ``ValueError(field, message)`` on a bad value.
         build: ``build(settings, credentials, policy, *, max_pages, throttle)``
             makes the extractor; ``throttle`` goes to its :class:`HttpClient`.
+        extractor: the class ``build`` makes (a :class:`BaseExtractor`): the
+            methods each claimed capability needs are checked on it.
         has_history: whether the API answers for a past time; a function of the
             settings when that depends on them (Formance: v2 does, v1 does not).
             A provider without history refuses a past snapshot time.
@@ -110,6 +148,7 @@ class Provider:
     name: str
     settings: type
     build: Callable[..., Extractor]
+    extractor: type
     has_history: bool | Callable[[Any], bool]
     shardable: bool = False
     chooses_snapshot: bool = False
@@ -117,6 +156,39 @@ class Provider:
     has_movements: bool | Callable[[Any], bool] = False
     rate_limit: tuple[float, float] | None = None
     budget: Callable[[Any], str] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"extractors/{self.name}.py: PROVIDER"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise DeclarationError(f"{where}: name {self.name!r} is not a module name")
+        for key in ("settings", "extractor"):
+            if not isinstance(getattr(self, key), type):
+                raise DeclarationError(f"{where}: {key} must be a class, got {getattr(self, key)!r}")
+        if not callable(self.build):
+            raise DeclarationError(f"{where}: build must be a function, got {self.build!r}")
+        for flag in ("has_history", "shardable", "chooses_snapshot", "verifies_snapshot", "has_movements"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool) and not (flag in ("has_history", "has_movements") and callable(value)):
+                raise DeclarationError(f"{where}: {flag} must be True or False"
+                                       + (" or a function of the settings" if flag.startswith("has_") else "")
+                                       + f", got {value!r}")
+        if self.rate_limit is not None and not (
+                isinstance(self.rate_limit, tuple) and len(self.rate_limit) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in self.rate_limit)):
+            raise DeclarationError(f"{where}: rate_limit must be (requests per second, burst), both positive, "
+                                   f"got {self.rate_limit!r}")
+        if self.budget is not None and not callable(self.budget):
+            raise DeclarationError(f"{where}: budget must be a function of the settings, got {self.budget!r}")
+        cls = self.extractor
+        for method in REQUIRED_METHODS:
+            if not callable(getattr(cls, method, None)):
+                raise DeclarationError(f"{where}: {cls.__name__} has no {method}(), which every extractor needs")
+        for capability, methods in CAPABILITIES.items():
+            if getattr(self, capability) is False:
+                continue
+            for method in methods:
+                if not callable(getattr(cls, method, None)):
+                    raise DeclarationError(f"{where} claims {capability}, but {cls.__name__} has no {method}()")
 
     def budget_name(self, settings: Any) -> str:
         return self.name if self.budget is None else self.budget(settings)

@@ -60,7 +60,7 @@ _UNSAFE_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u20
 def id_problem(value: Any, what: str) -> str | None:
     """Why ``value`` cannot be stored as an account or asset id, or None when it can."""
     if not isinstance(value, str) or not value:
-        return f"{what} is {_shown(value)}, not a non-empty string"
+        return f"{what} is {shown(value)}, not a non-empty string"
     bad = _UNSAFE_ID.search(value)
     if bad:
         return (f"{what} {ascii(value[:80])} holds {ascii(bad.group())} at {bad.start()}: "
@@ -418,7 +418,7 @@ def integer_amount(value: Any, field_name: str, *, minimum: int | None = None,
             raise RecordError(f"{field_name} is {Oversized(str(value), problem)!r}", "amount_out_of_range")
         amount = int(value)
     else:
-        raise RecordError(f"{field_name} is {_shown(value)}, expected an integer")
+        raise RecordError(f"{field_name} is {shown(value)}, expected an integer")
     if minimum is not None and amount < minimum:
         raise RecordError(f"{field_name} is {amount}, below the provider's minimum {minimum}")
     if maximum is not None and amount > maximum:
@@ -444,7 +444,7 @@ def decimal_amount(value: Any, field_name: str) -> Decimal:
         if problem is not None:
             raise RecordError(f"{field_name} is {Oversized(value, problem)!r}", "amount_out_of_range")
         return Decimal(value)
-    raise RecordError(f"{field_name} is {_shown(value)}, expected a number")
+    raise RecordError(f"{field_name} is {shown(value)}, expected a number")
 
 
 def _bounded_int(value: int, field_name: str) -> int:
@@ -456,7 +456,7 @@ def _bounded_int(value: int, field_name: str) -> int:
     raise RecordError(f"{field_name} is {Oversized(text, number_size_problem(text) or 'too large')!r}")
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``repr`` of a value for a reason, cut short: a provider string can be megabytes."""
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

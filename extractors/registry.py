@@ -8,11 +8,15 @@ and the example config are checked against it.
 
 Finding a provider reads its source without importing it, and a module is
 imported only when a source uses it: a provider module that fails to import
-costs its own sources (:class:`ProviderUnavailable`), never the others.
+costs its own sources (:class:`ProviderUnavailable`), never the others. The
+list is read again only when a folder of the package changed (a module added
+or removed), and a source's provider is resolved once, onto its
+configuration (``SourceConfig.contract``).
 """
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 from pathlib import Path
@@ -29,10 +33,30 @@ class ProviderUnavailable(ImportError):
     """The provider's module exists but could not be imported (or declares no Provider)."""
 
 
+# (the package's folders and their modification times) -> the names found there.
+_found: dict[tuple, tuple[str, ...]] = {}
+
+
 def names() -> tuple[str, ...]:
     """Every provider module in the package, sorted."""
+    folders = tuple(extractors.__path__)
+    key = tuple((folder, _mtime(folder)) for folder in folders)
+    if key not in _found:
+        _found.clear()
+        _found[key] = _scan(folders)
+    return _found[key]
+
+
+def _mtime(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _scan(folders: tuple[str, ...]) -> tuple[str, ...]:
     found = set()
-    for info in pkgutil.iter_modules(extractors.__path__):
+    for info in pkgutil.iter_modules(folders):
         folder = Path(info.module_finder.path)
         source = folder / info.name / "__init__.py" if info.ispkg else folder / f"{info.name}.py"
         try:

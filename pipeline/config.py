@@ -31,6 +31,7 @@ from extractors.http import RetryPolicy
 from extractors.redaction import redact_url
 from extractors.text import did_you_mean, one_line
 from extractors import registry
+from extractors.provider import Provider
 
 CONFIG_ENV = "BALANCES_CONFIG"
 SCHEDULE_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
@@ -133,6 +134,9 @@ class SourceConfig:
     # before the run refuses it: pipeline.snapshot.check_snapshot_age.
     max_snapshot_age: float = 86_400.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # The provider's declaration (``PROVIDER`` of extractors/<provider>.py),
+    # resolved once by parse_source: the run asks it, never the registry again.
+    contract: Provider | None = field(default=None, compare=False, repr=False)
 
     @property
     def dag_id(self) -> str:
@@ -207,7 +211,7 @@ class Config:
     # Sources whose table has a mistake, by name, with the one-line error:
     # kept apart so one wrong source does not take the others down with it.
     errors: dict[str, str] = field(default_factory=dict)
-    alerts: Any = None  # reconciliation.alerts.AlertsConfig: the [alerts] table
+    alerts: AlertsConfig | None = None  # the [alerts] table
     # The [alerts] table's mistake, when load_config went on without it:
     # the snapshot DAGs do not need it, the reconcile DAG file reports it.
     alerts_error: str | None = None
@@ -370,8 +374,6 @@ def parse_config(document: dict[str, Any], path: Path = Path("<config>"), *, par
     checks = document.get("checks", {})
     if not isinstance(checks, dict):
         raise ConfigError(f"{path}: 'checks' must be a table of [checks.<name>] tables")
-    from reconciliation.alerts import parse_alerts
-
     alerts, alerts_error = None, None
     try:
         alerts = parse_alerts(document.get("alerts"))
@@ -414,9 +416,9 @@ def parse_source(name: str, table: Any) -> SourceConfig:
     rest: dict[str, Any] = {}
     for key, value in table.items():
         if key in _COMMON:
-            value = common[key] = _coerce(value, _COMMON[key], f"{where}.{key}")
+            value = common[key] = coerce(value, _COMMON[key], f"{where}.{key}")
         elif key in _RETRY:
-            value = retry[_RETRY[key]] = _coerce(value, retry_types.get(_RETRY[key], float), f"{where}.{key}")
+            value = retry[_RETRY[key]] = coerce(value, retry_types.get(_RETRY[key], float), f"{where}.{key}")
         else:
             rest[key] = value
             continue
@@ -435,18 +437,18 @@ def parse_source(name: str, table: Any) -> SourceConfig:
     if "task_timeout" not in common:
         common["task_timeout"] = default_task_timeout(interval).total_seconds()
     try:
-        module = registry.provider(provider)
+        contract = registry.provider(provider)
     except registry.ProviderUnavailable as exc:
         # Only the sources of this provider are lost; the others still load.
         raise ConfigError(f"{where}.provider: {exc}") from None
-    if common.get("shards", 1) > 1 and not module.shardable:
+    if common.get("shards", 1) > 1 and not contract.shardable:
         raise ConfigError(f"{where}.shards: {provider} sources cannot be sharded (one request answers all)")
-    settings = build_settings(module.settings, rest, where)
+    settings = build_settings(contract.settings, rest, where)
     try:
         policy = RetryPolicy(**retry)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return SourceConfig(name=name, provider=provider, settings=settings, retry=policy, **common)
+    return SourceConfig(name=name, provider=provider, settings=settings, retry=policy, contract=contract, **common)
 
 
 def default_task_timeout(interval: timedelta | None) -> timedelta:
@@ -531,7 +533,7 @@ def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in values:
-            value = kwargs[name] = _coerce(values[name], hints[name], f"{where}.{name}")
+            value = kwargs[name] = coerce(values[name], hints[name], f"{where}.{name}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 RANGES.get(name, DEFAULT_RANGE).check(value, f"{where}.{name}")
             # Every provider URL (base_url, an RPC or token URL) is checked
@@ -583,19 +585,19 @@ def check_url(url: Any, where: str) -> None:
 _DECIMAL_TEXT = re.compile(r"[-+]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][-+]?[0-9]{1,3})?")
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
+def coerce(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if len(options) == 1:
-            return _coerce(value, options[0], where)
+            return coerce(value, options[0], where)
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -644,6 +646,132 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
                 dict: "a table"}.get(kind, str(kind))
     raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
+
+
+# -- durations ("90s", "1h30m"): [checks] and [alerts] keys -------------------------
+
+# ASCII digits only (``\d`` would take any Unicode digit), at most 9 per
+# part so the sum cannot overflow before it is bounded.
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
+_DURATION = re.compile(r"(?:[0-9]{1,9}[smhd]){1,4}")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# Longer skews or staleness than a year are a typo, and a window of checks
+# built on them would reach back before any snapshot.
+MAX_DURATION = timedelta(days=366)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"15m"``, ``"1h"``, ``"2d"``, ``"1h30m"`` as a timedelta; ValueError otherwise.
+
+    At most 366 days: a longer one is refused, never overflows.
+    """
+    text = text.strip()
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 1h or 2d")
+    # Seconds as an int first: 999999999d is beyond what timedelta holds.
+    seconds = sum(int(n) * int(timedelta(**{_UNITS[u]: 1}).total_seconds())
+                  for n, u in _DURATION_PART.findall(text))
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
+
+
+def duration_key(value: Any, where: str, *, zero: bool = False) -> timedelta:
+    """A duration key's value; with ``zero``, ``"0"`` (none) is accepted too."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a duration written as a string such as \"1h\", got {value!r}")
+    if zero and value.strip() == "0":
+        return timedelta(0)
+    try:
+        duration = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if duration <= timedelta(0) and not zero:
+        raise ConfigError(f"{where}: must be longer than zero")
+    return duration
+
+
+# -- the [alerts] table (sent by reconciliation.alerts) -----------------------------
+
+DEFAULT_REMIND_EVERY = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    smtp_conn_id: str | None
+    to: tuple[str, ...] = ()
+    from_email: str | None = None
+    subject_prefix: str = "[balances]"
+    slack_conn_id: str | None = None
+    remind_every: timedelta = DEFAULT_REMIND_EVERY
+    flap_window: timedelta = timedelta(0)
+
+    @property
+    def channels(self) -> list[str]:
+        return ([f"smtp:{self.smtp_conn_id}"] if self.smtp_conn_id else []) + \
+            ([f"slack:{self.slack_conn_id}"] if self.slack_conn_id else [])
+
+    @property
+    def conn_ids(self) -> dict[str, str]:
+        """``alerts.<key>`` -> Connection id, for each channel configured."""
+        return {key: conn_id for key, conn_id in (("smtp_conn_id", self.smtp_conn_id),
+                                                  ("slack_conn_id", self.slack_conn_id)) if conn_id}
+
+
+_KEYS = {"smtp_conn_id", "to", "from_email", "subject_prefix", "slack_conn_id", "remind_every", "flap_window"}
+
+
+def parse_alerts(table: Any) -> AlertsConfig | None:
+    """The ``[alerts]`` table; None when the file has none. Mistakes name ``alerts.<key>``."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("alerts: must be a table")
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(f"alerts.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    slack = table.get("slack_conn_id")
+    if slack is not None and (not isinstance(slack, str) or not slack.strip()):
+        raise ConfigError(f"alerts.slack_conn_id: expected an Airflow Connection id, got {slack!r}")
+    conn_id = table.get("smtp_conn_id")
+    to, sender = (), None
+    if conn_id is not None or slack is None or "to" in table:
+        if not isinstance(conn_id, str) or not conn_id.strip():
+            raise ConfigError("alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts;"
+                              " or slack_conn_id alone)")
+        to = table.get("to")
+        if isinstance(to, str):
+            to = [to]
+        if not isinstance(to, list) or not to:
+            raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
+        to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
+        sender = table.get("from_email")
+        if sender is not None:
+            sender = email_address(sender, "alerts.from_email")
+    prefix = table.get("subject_prefix", "[balances]")
+    if not isinstance(prefix, str) or not _HEADER_TEXT.fullmatch(prefix):
+        raise ConfigError(f"alerts.subject_prefix: expected at most 100 printable characters, got {prefix!r}")
+    return AlertsConfig(smtp_conn_id=conn_id.strip() if conn_id else None, to=tuple(a.strip() for a in to),
+                        from_email=sender, subject_prefix=prefix, slack_conn_id=slack.strip() if slack else None,
+                        remind_every=duration_key(table.get("remind_every", "24h"), "alerts.remind_every",
+                                                  zero=True),
+                        flap_window=duration_key(table.get("flap_window", "0"), "alerts.flap_window", zero=True))
+
+
+# An address as it may stand in a mail header: local@domain, printable ASCII,
+# no space, no CR/LF (a header line break in 'to' made every alert fail, and
+# could add headers), none of the characters that separate addresses.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HEADER_TEXT = re.compile(r"[^\x00-\x1f\x7f]{0,100}")
+
+
+def email_address(value: Any, where: str) -> str:
+    """A mail address checked as it is read, so an alert never fails on it (ConfigError naming ``where``)."""
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value.strip()) or len(value.strip()) > 254:
+        raise ConfigError(f"{where}: {value!r} is not an e-mail address (local@domain, ASCII, no spaces or "
+                          "line breaks)")
+    return value.strip()
 
 
 def config_error_dag(dag_id: str, errors: list[str]):

@@ -23,9 +23,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from extractors import provider as contract
 from extractors.records import Rejection, Window
-from extractors.registry import provider
 from extractors.text import safe_text
 from loaders import leases, rejections, runs
 from loaders import movements as store
@@ -34,7 +32,7 @@ from loaders.statuses import MovementStatus
 from pipeline import connections
 from pipeline.config import SourceConfig
 from pipeline.progress import Progress
-from pipeline.snapshot import build_extractor, close_extractor
+from pipeline.snapshot import build_extractor, close_extractor, record_counts
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ STAGED = "staged"
 
 
 def offers_movements(source: SourceConfig) -> bool:
-    return provider(source.provider).offers_movements(source.settings)
+    return source.contract.offers_movements(source.settings)
 
 
 def not_available_reason(source: SourceConfig) -> str:
@@ -99,7 +97,7 @@ def _shard_ranges(conn, source: SourceConfig, run_id: int, window: Window, crede
     try:
         extractor = build_extractor(source, credentials, conn)
         ranges = extractor.shard_ranges(window.end, source.shards, snapshot=(window.end, window.end_raw))
-        _record_counts(conn, run_id, extractor, 0, [])
+        record_counts(conn, run_id, extractor, 0, [], leases.MOVEMENTS)
     except BaseException as exc:
         runs.record_failure(conn, run_id, _error(exc, credentials), kind=leases.MOVEMENTS)
         raise
@@ -153,7 +151,7 @@ def _crawl(conn, source: SourceConfig, run: store.MovementRun, shard: int, accou
         raise
     finally:
         close_extractor(extractor)
-    _record_counts(conn, run_id, extractor, pages, warnings)
+    record_counts(conn, run_id, extractor, pages, warnings, leases.MOVEMENTS)
     try:
         rejections.check_threshold(run_id, source.name, writer.rejected, source.max_rejected, rejections.MOVEMENTS)
     except RejectedRecordsError as exc:
@@ -172,7 +170,7 @@ def _record_crawl_failure(conn, run_id: int, shard: int, exc: BaseException, cre
         steps.append(("keep the unreadable body", lambda: writer.add([], [Rejection(
             raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets),
             code="malformed_response")])))
-    steps.append(("count the progress", lambda: _record_counts(conn, run_id, extractor, pages, warnings)))
+    steps.append(("count the progress", lambda: record_counts(conn, run_id, extractor, pages, warnings, leases.MOVEMENTS)))
     for what, step in steps:
         try:
             step()
@@ -187,12 +185,6 @@ def _record_crawl_failure(conn, run_id: int, shard: int, exc: BaseException, cre
 
 def _error(exc: BaseException, credentials) -> str:
     return connections.scrub(f"{type(exc).__name__}: {exc}", credentials.secrets() if credentials else [])
-
-
-def _record_counts(conn, run_id: int, extractor, pages: int, warnings: list[str]) -> None:
-    stats = contract.stats(extractor)
-    runs.add_progress(conn, run_id, pages=pages, requests=stats.requests, retries=stats.retries,
-                      warnings=warnings, kind=leases.MOVEMENTS)
 
 
 def publish(conn, source: SourceConfig, movement_run: int) -> store.PublishedWindow:

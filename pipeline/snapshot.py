@@ -13,11 +13,11 @@ from datetime import datetime, timedelta, timezone
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError, SnapshotInFuture
 from extractors.records import Rejection
 from extractors.text import human_duration, one_line, safe_text
-from extractors import provider as contract
-from extractors.registry import provider
+from extractors.provider import Throttle, close, stats
 from loaders import publish as publishing
 from loaders import rejections, runs, staging
 from loaders.budget import RequestBudget
+from loaders.leases import SNAPSHOT
 from loaders.db import transaction
 from loaders.rejections import RejectedRecordsError
 from loaders.runs import RunStatus
@@ -76,9 +76,9 @@ class CrawlResult:
 def build_extractor(source: SourceConfig, credentials=None, conn=None):
     """The source's extractor; with ``conn``, its requests draw on the provider's budget."""
     budget = request_budget(conn, source) if conn is not None else None
-    throttle = contract.Throttle(budget.acquire, budget.close) if budget is not None else None
-    return provider(source.provider).open(source.settings, credentials, source.retry,
-                                          max_pages=source.max_pages, throttle=throttle)
+    throttle = Throttle(budget.acquire, budget.close) if budget is not None else None
+    return source.contract.open(source.settings, credentials, source.retry,
+                                max_pages=source.max_pages, throttle=throttle)
 
 
 def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
@@ -90,16 +90,16 @@ def request_budget(conn, source: SourceConfig) -> RequestBudget | None:
     """
     if source.rate_limit is not None:
         rate, burst = source.rate_limit, max(1.0, source.rate_limit)
-    elif provider(source.provider).rate_limit is not None:
-        rate, burst = provider(source.provider).rate_limit
+    elif source.contract.rate_limit is not None:
+        rate, burst = source.contract.rate_limit
     else:
         return None
-    budget = provider(source.provider).budget_name(source.settings)
+    budget = source.contract.budget_name(source.settings)
     return RequestBudget(budget=budget, rate=rate, burst=burst, like=conn)
 
 
 def close_extractor(extractor) -> None:
-    contract.close(extractor)
+    close(extractor)
 
 
 def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: str | None = None,
@@ -115,7 +115,7 @@ def begin(conn, source: SourceConfig, scheduled_for: datetime, *, dag_run_id: st
     if scheduled_for.tzinfo is None:
         raise ValueError("scheduled_for must be timezone-aware")
     scheduled_for = utc_time(scheduled_for)  # a run of year 10000 could not be read back
-    present_only = not provider(source.provider).answers_for_past(source.settings)
+    present_only = not source.contract.answers_for_past(source.settings)
     if not present_only:
         # A provider with history would read the future as it is being written.
         current = now or datetime.now(timezone.utc)
@@ -173,7 +173,7 @@ def chooses_snapshot(source: SourceConfig) -> bool:
     and its ``pages`` accepts ``snapshot=``: every shard then reads the one
     snapshot recorded on the run.
     """
-    return provider(source.provider).chooses_snapshot
+    return source.contract.chooses_snapshot
 
 
 def chosen_snapshot(conn, source: SourceConfig, run: runs.Run, extractor) -> tuple[datetime, str] | None:
@@ -213,7 +213,7 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
         if chooses and snapshot is None:
             message = (f"{source.name}: the provider has no balance snapshot at or before "
                        f"{run.scheduled_for.isoformat()}")
-            _record_counts(conn, run_id, extractor, 0, [])
+            record_counts(conn, run_id, extractor, 0, [])
             runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=message)
             log.info("%s", message)
             return []
@@ -221,7 +221,7 @@ def plan_shards(conn, source: SourceConfig, run_id: int, *, credentials=None) ->
             ranges = [None]
         else:
             ranges = [list(r) for r in extractor.shard_ranges(run.scheduled_for, source.shards, snapshot=snapshot)]
-        _record_counts(conn, run_id, extractor, 0, [])
+        record_counts(conn, run_id, extractor, 0, [])
     except BaseException as exc:
         _record_plan_failure(conn, run_id, exc, secrets, extractor)
         raise
@@ -243,7 +243,7 @@ def _record_plan_failure(conn, run_id: int, exc: BaseException, secrets: list[st
                                                           reason=connections.scrub(str(exc), secrets),
                                                           code="malformed_response")])
         if extractor is not None:
-            _record_counts(conn, run_id, extractor, 0, [])
+            record_counts(conn, run_id, extractor, 0, [])
     except Exception as second:
         log.error("run %d failed (%s); could not record its details: %s", run_id, one_line(error[:500]),
                   safe_text(second, 500))
@@ -325,7 +325,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         progress.shard_done(shard)
     except NoSnapshotAvailable as exc:
         writer.abort()
-        _record_counts(conn, run_id, extractor, pages, warnings)
+        record_counts(conn, run_id, extractor, pages, warnings)
         runs.finish(conn, run_id, RunStatus.NO_SNAPSHOT, error=str(exc))
         log.info("%s: %s", source.name, one_line(str(exc)))
         return CrawlResult(run_id, shard, RunStatus.NO_SNAPSHOT, pages, 0, 0)
@@ -334,7 +334,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
         raise
     finally:
         close_extractor(extractor)
-    _record_counts(conn, run_id, extractor, pages, warnings)
+    record_counts(conn, run_id, extractor, pages, warnings)
     for warning in warnings[:20]:
         log.warning("%s: %s", source.name, one_line(warning))
     try:
@@ -361,7 +361,7 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
         steps.append(("keep the unreadable body", lambda: writer.add(
             [], [Rejection(raw=connections.scrub(raw, secrets), reason=connections.scrub(str(exc), secrets),
                            code="malformed_response")])))
-    steps.append(("count the progress", lambda: _record_counts(conn, run_id, extractor, pages, warnings)))
+    steps.append(("count the progress", lambda: record_counts(conn, run_id, extractor, pages, warnings)))
     for what, step in steps:
         try:
             step()
@@ -375,10 +375,11 @@ def _record_crawl_failure(conn, run_id: int, exc: BaseException, secrets: list[s
     runs.record_failure(conn, run_id, error)
 
 
-def _record_counts(conn, run_id, extractor, pages, warnings) -> None:
-    stats = contract.stats(extractor)
-    runs.add_progress(conn, run_id, pages=pages, requests=stats.requests, retries=stats.retries,
-                      warnings=warnings)
+def record_counts(conn, run_id: int, extractor, pages: int, warnings: list[str], kind: str = SNAPSHOT) -> None:
+    """Add a crawl's pages, requests, retries and warnings to its run (a snapshot's, or a window's)."""
+    made = stats(extractor)
+    runs.add_progress(conn, run_id, pages=pages, requests=made.requests, retries=made.retries,
+                      warnings=warnings, kind=kind)
 
 
 def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False,
@@ -390,9 +391,9 @@ def publish(conn, source: SourceConfig, run_id: int, *, force: bool = False,
     provider that ``verifies_snapshot`` is asked first whether the snapshot
     still stands (see :func:`verify`).
     """
-    if provider(source.provider).verifies_snapshot:
+    if source.contract.verifies_snapshot:
         verify(conn, source, run_id, credentials=credentials)
-    present_only = not provider(source.provider).answers_for_past(source.settings)
+    present_only = not source.contract.answers_for_past(source.settings)
     return publishing.publish(conn, run_id, max_rejected=source.max_rejected,
                               once_per_interval=present_only and not force)
 
@@ -419,7 +420,7 @@ def verify(conn, source: SourceConfig, run_id: int, *, credentials=None) -> None
     try:
         extractor = build_extractor(source, credentials, conn)
         extractor.verify_snapshot((run.as_of, run.as_of_raw))
-        _record_counts(conn, run_id, extractor, 0, [])
+        record_counts(conn, run_id, extractor, 0, [])
     except BaseException as exc:
         if isinstance(exc, SnapshotError):
             try:  # the staged rows describe a snapshot that is gone

@@ -40,104 +40,22 @@ from __future__ import annotations
 
 import html
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Iterator
 
 from extractors.text import one_line
 from loaders.db import reconnect_like, transaction
-from pipeline.config import ConfigError
+from pipeline.config import AlertsConfig
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 50  # alerts spelled out in one message; the rest are counted
 EVENTS = ("opened", "reminder", "resolved")
-DEFAULT_REMIND_EVERY = timedelta(hours=24)
 # The logger slack_sdk's webhook client is given (send()): it logs the webhook
 # URL, whose path is the secret, when it retries; secrets are masked here.
 SLACK_CLIENT_LOGGER = "reconciliation.alerts.slack"
-
-
-@dataclass(frozen=True, slots=True)
-class AlertsConfig:
-    smtp_conn_id: str | None
-    to: tuple[str, ...] = ()
-    from_email: str | None = None
-    subject_prefix: str = "[balances]"
-    slack_conn_id: str | None = None
-    remind_every: timedelta = DEFAULT_REMIND_EVERY
-    flap_window: timedelta = timedelta(0)
-
-    @property
-    def channels(self) -> list[str]:
-        return ([f"smtp:{self.smtp_conn_id}"] if self.smtp_conn_id else []) + \
-            ([f"slack:{self.slack_conn_id}"] if self.slack_conn_id else [])
-
-    @property
-    def conn_ids(self) -> dict[str, str]:
-        """``alerts.<key>`` -> Connection id, for each channel configured."""
-        return {key: conn_id for key, conn_id in (("smtp_conn_id", self.smtp_conn_id),
-                                                  ("slack_conn_id", self.slack_conn_id)) if conn_id}
-
-
-_KEYS = {"smtp_conn_id", "to", "from_email", "subject_prefix", "slack_conn_id", "remind_every", "flap_window"}
-
-
-def parse_alerts(table: Any) -> AlertsConfig | None:
-    """The ``[alerts]`` table; None when the file has none. Mistakes name ``alerts.<key>``."""
-    from reconciliation.checks import duration_key
-
-    if table is None:
-        return None
-    if not isinstance(table, dict):
-        raise ConfigError("alerts: must be a table")
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"alerts.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
-    slack = table.get("slack_conn_id")
-    if slack is not None and (not isinstance(slack, str) or not slack.strip()):
-        raise ConfigError(f"alerts.slack_conn_id: expected an Airflow Connection id, got {slack!r}")
-    conn_id = table.get("smtp_conn_id")
-    to, sender = (), None
-    if conn_id is not None or slack is None or "to" in table:
-        if not isinstance(conn_id, str) or not conn_id.strip():
-            raise ConfigError("alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts;"
-                              " or slack_conn_id alone)")
-        to = table.get("to")
-        if isinstance(to, str):
-            to = [to]
-        if not isinstance(to, list) or not to:
-            raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
-        to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
-        sender = table.get("from_email")
-        if sender is not None:
-            sender = email_address(sender, "alerts.from_email")
-    prefix = table.get("subject_prefix", "[balances]")
-    if not isinstance(prefix, str) or not _HEADER_TEXT.fullmatch(prefix):
-        raise ConfigError(f"alerts.subject_prefix: expected at most 100 printable characters, got {prefix!r}")
-    return AlertsConfig(smtp_conn_id=conn_id.strip() if conn_id else None, to=tuple(a.strip() for a in to),
-                        from_email=sender, subject_prefix=prefix, slack_conn_id=slack.strip() if slack else None,
-                        remind_every=duration_key(table.get("remind_every", "24h"), "alerts.remind_every",
-                                                  zero=True),
-                        flap_window=duration_key(table.get("flap_window", "0"), "alerts.flap_window", zero=True))
-
-
-# An address as it may stand in a mail header: local@domain, printable ASCII,
-# no space, no CR/LF (a header line break in 'to' made every alert fail, and
-# could add headers), none of the characters that separate addresses.
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-_HEADER_TEXT = re.compile(r"[^\x00-\x1f\x7f]{0,100}")
-
-
-def email_address(value: Any, where: str) -> str:
-    """A mail address checked as it is read, so an alert never fails on it (ConfigError naming ``where``)."""
-    if not isinstance(value, str) or not _ADDRESS.fullmatch(value.strip()) or len(value.strip()) > 254:
-        raise ConfigError(f"{where}: {value!r} is not an e-mail address (local@domain, ASCII, no spaces or "
-                          "line breaks)")
-    return value.strip()
 
 
 def flap_window(config) -> timedelta:

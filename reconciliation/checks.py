@@ -38,31 +38,23 @@ mistake has a mistake too.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, Union
 
-from pipeline.config import (  # noqa: F401  (CRON_PRESETS and cron_of are used from here too)
-    CRON_PRESETS,
+from pipeline.config import (  # noqa: F401  (parse_duration is used from here too)
     Config,
     ConfigError,
     SourceConfig,
-    _coerce,
+    coerce,
     cron_of,
+    duration_key,
     named_table,
+    parse_duration,
     schedule_times,
 )
 
-# ASCII digits only (``\d`` would take any Unicode digit), at most 9 per
-# part so the sum cannot overflow before it is bounded.
-_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
-_DURATION = re.compile(r"(?:[0-9]{1,9}[smhd]){1,4}")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-# Longer skews or staleness than a year are a typo, and a window of checks
-# built on them would reach back before any snapshot.
-MAX_DURATION = timedelta(days=366)
 # Whole units; beyond these a tolerance is a typo, and NUMERIC columns
 # store it exactly.
 MAX_TOLERANCE = Decimal("1e30")
@@ -226,12 +218,10 @@ def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
         return AggregateCheck(name=name, source=source.name, assets=_names(table, "assets", where),
                               abs_tolerance=_tolerance(table, "abs_tolerance", where))
     if kind == "rollforward":
-        from extractors.registry import provider
-
         return RollforwardCheck(name=name, source=source.name, provider=source.provider,
                                 accounts=_names(table, "accounts", where), assets=_names(table, "assets", where),
                                 tolerance=_tolerance(table, "tolerance", where),
-                                available=provider(source.provider).offers_movements(source.settings))
+                                available=source.contract.offers_movements(source.settings))
     cron = cron_of(source.schedule)
     if "max_staleness" in table:
         max_staleness = duration_key(table["max_staleness"], f"{where}.max_staleness")
@@ -250,7 +240,7 @@ def _names(table: dict, key: str, where: str) -> tuple[str, ...] | None:
     names = table.get(key)
     if names is None:
         return None
-    names = tuple(_coerce(names, list[str], f"{where}.{key}"))
+    names = tuple(coerce(names, list[str], f"{where}.{key}"))
     if not names:
         raise ConfigError(f"{where}.{key}: empty list (leave the key out to check every {key[:-1]})")
     return names
@@ -264,7 +254,7 @@ def _required(table: dict, key: str, where: str) -> Any:
 
 def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
             broken_sources: dict[str, str] | None = None) -> SourceConfig:
-    name = _coerce(_required(table, key, where), str, f"{where}.{key}")
+    name = coerce(_required(table, key, where), str, f"{where}.{key}")
     if broken_sources and name in broken_sources:
         raise ConfigError(f"{where}.{key}: source {name!r} has a mistake in its [sources.{name}] table")
     if name not in sources:
@@ -275,19 +265,19 @@ def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
 
 def _holding(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
              broken_sources: dict[str, str] | None = None) -> Holding:
-    spec = _coerce(_required(table, key, where), dict, f"{where}.{key}")
+    spec = coerce(_required(table, key, where), dict, f"{where}.{key}")
     where = f"{where}.{key}"
     unknown = set(spec) - {"source", "account", "asset"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: account, asset, source)")
     source = _source(spec, "source", where, sources, broken_sources)
     return Holding(source=source.name,
-                   account=_coerce(_required(spec, "account", where), str, f"{where}.account"),
-                   asset=_coerce(_required(spec, "asset", where), str, f"{where}.asset"))
+                   account=coerce(_required(spec, "account", where), str, f"{where}.account"),
+                   asset=coerce(_required(spec, "asset", where), str, f"{where}.asset"))
 
 
 def _tolerance(table: dict, key: str, where: str) -> Decimal:
-    value = _coerce(table.get(key, "0"), Decimal, f"{where}.{key}")
+    value = coerce(table.get(key, "0"), Decimal, f"{where}.{key}")
     if not value.is_finite() or value < 0:
         raise ConfigError(f"{where}.{key}: must be a finite decimal of at least 0, got {table[key]!r}")
     high = Decimal(1) if key == "rel_tolerance" else MAX_TOLERANCE
@@ -300,39 +290,8 @@ def _allow_negative(value: Any, where: str) -> bool | tuple[str, ...]:
     if isinstance(value, bool):
         return value
     if isinstance(value, list):
-        return tuple(_coerce(value, list[str], f"{where}.allow_negative"))
+        return tuple(coerce(value, list[str], f"{where}.allow_negative"))
     raise ConfigError(f"{where}.allow_negative: expected true, false or a list of accounts, got {value!r}")
-
-
-def parse_duration(text: str) -> timedelta:
-    """``"90s"``, ``"15m"``, ``"1h"``, ``"2d"``, ``"1h30m"`` as a timedelta; ValueError otherwise.
-
-    At most 366 days: a longer one is refused, never overflows.
-    """
-    text = text.strip()
-    if not _DURATION.fullmatch(text):
-        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 1h or 2d")
-    # Seconds as an int first: 999999999d is beyond what timedelta holds.
-    seconds = sum(int(n) * int(timedelta(**{_UNITS[u]: 1}).total_seconds())
-                  for n, u in _DURATION_PART.findall(text))
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days} days")
-    return timedelta(seconds=seconds)
-
-
-def duration_key(value: Any, where: str, *, zero: bool = False) -> timedelta:
-    """A duration key's value; with ``zero``, ``"0"`` (none) is accepted too."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a duration written as a string such as \"1h\", got {value!r}")
-    if zero and value.strip() == "0":
-        return timedelta(0)
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if duration <= timedelta(0) and not zero:
-        raise ConfigError(f"{where}: must be longer than zero")
-    return duration
 
 
 def fire_times(cron: str, start: datetime, end: datetime) -> list[datetime]:

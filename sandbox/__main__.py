@@ -14,7 +14,6 @@ from sandbox.server import FakeServer
 
 
 def main() -> None:
-    from devtools.demo import sources_text
     from sandbox import apps
 
     parser = argparse.ArgumentParser(prog="python -m sandbox")
@@ -24,7 +23,7 @@ def main() -> None:
     module = apps.sandbox(args.provider)
     server = FakeServer(module.demo_app(), port=args.port).start()
     print(f"sandbox {args.provider} listening on {server.url}\n", flush=True)
-    print(sources_text({f"{args.provider}_sandbox": module.demo_source(server.url)}), flush=True)
+    print(apps.sources_text({f"{args.provider}_sandbox": module.demo_source(server.url)}), flush=True)
     if module.DEMO_CONNECTION:
         conn_id, uri = module.DEMO_CONNECTION
         print(f"\nexport AIRFLOW_CONN_{conn_id.upper()}={shlex.quote(uri)}", flush=True)

@@ -16,6 +16,7 @@ import importlib.util
 from types import ModuleType
 
 from extractors import registry
+from pipeline.config import toml_table
 
 
 def sandbox(name: str) -> ModuleType:
@@ -27,3 +28,11 @@ def sandbox(name: str) -> ModuleType:
 def available() -> list[str]:
     """The providers that have a sandbox in this checkout."""
     return [name for name in registry.names() if importlib.util.find_spec(f"sandbox.{name}") is not None]
+
+
+def sources_text(sources: dict[str, dict]) -> str:
+    """``[sources.<name>]`` tables in TOML."""
+    lines = []
+    for name, keys in sources.items():
+        lines += [*toml_table("sources", name, keys), ""]
+    return "\n".join(lines)

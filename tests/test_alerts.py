@@ -241,7 +241,7 @@ def test_check_names_the_channels_and_the_settings(tmp_path):
     path = tmp_path / "balances.toml"
     path.write_text(LEDGER + ALERTS.format(conn_id="smtp_alerts") + 'slack_conn_id = "slack_alerts"\n'
                     'remind_every = "0"\nflap_window = "10m"\n')
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(path), "check"],
+    done = subprocess.run([sys.executable, "-m", "cli.main", "--config", str(path), "check"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "  ok     alerts through smtp:smtp_alerts, slack:slack_alerts (mail to 2 recipient(s)), reminders never," \
@@ -522,7 +522,7 @@ def test_cli_reconcile_sends_the_alerts_and_no_alerts_skips_them(db, database_ur
     path.write_text(CONFIG + ALERTS.format(conn_id="smtp_alerts"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(BALANCES_DB_URL=database_url, AIRFLOW_CONN_SMTP_ALERTS=os.environ["AIRFLOW_CONN_SMTP_ALERTS"])
-    args = [sys.executable, "-m", "pipeline.cli", "--config", str(path), "reconcile", "--from", FROM.isoformat(),
+    args = [sys.executable, "-m", "cli.main", "--config", str(path), "reconcile", "--from", FROM.isoformat(),
             "--to", TO.isoformat()]
     skipped = subprocess.run(args + ["--no-alerts"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert skipped.returncode == 0, skipped.stderr

@@ -61,7 +61,7 @@ def test_redaction_masks_secrets_but_keeps_the_link_text():
 def run_cli(*args, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=120)
 
 
@@ -254,7 +254,7 @@ def test_csv_guards_text_cells_a_spreadsheet_would_run_but_keeps_amounts():
     import csv
     import io
 
-    from pipeline.terminal import write_csv
+    from cli.terminal import write_csv
 
     out = io.StringIO()
     write_csv(("account", "asset", "balance"), [("=HYPERLINK(\"x\")", "@SUM", -5), ("users:1", "USD/2", 7)],
@@ -366,7 +366,7 @@ def test_a_url_carrying_a_password_is_refused_as_it_would_be_kept_with_every_run
 
 def test_runs_lists_a_sources_runs_and_shows_the_configuration_a_run_used(db, database_url, serve, tmp_path,
                                                                           monkeypatch, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     server = serve(mirror())
     config = tmp_path / "sources.toml"
@@ -412,7 +412,7 @@ def test_a_time_outside_1970_to_9999_utc_is_refused_before_any_work(db, database
     result = run_cli("reconcile", "--from", at, env={"BALANCES_DB_URL": database_url})
     assert result.returncode == 2 and "argument --from" in result.stderr
     # Its edges, once in UTC, are times.
-    from pipeline.cli import aware_time
+    from cli.main import aware_time
 
     assert aware_time("1969-12-31T23:00:00-01:00") == datetime(1970, 1, 1, tzinfo=timezone.utc)
     assert aware_time("9999-12-31T23:59:59Z").year == 9999

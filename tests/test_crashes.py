@@ -33,7 +33,7 @@ AFTER_T3 = datetime(2023, 11, 14, 23, 0, tzinfo=timezone.utc)
 def cli(config, database_url, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env["BALANCES_DB_URL"] = database_url
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), *args],
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "--config", str(config), *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

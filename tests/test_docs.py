@@ -96,14 +96,14 @@ def synopsis_commands() -> list[list[str]]:
 
 @pytest.mark.parametrize("words", synopsis_commands(), ids=lambda w: " ".join(w[:2]))
 def test_every_cli_command_the_readme_shows_parses(words):
-    from pipeline.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(words)
     assert callable(args.func)
 
 
 def test_the_readme_synopsis_shows_every_subcommand():
-    from pipeline.cli import build_parser
+    from cli.main import build_parser
 
     shown = {words[0] for words in synopsis_commands() if words and not words[0].startswith("-")}
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices

@@ -156,7 +156,7 @@ def test_balances_help_and_every_subcommand_help(clone, home):
     balances = str(clone / ".venv" / "bin" / "balances")
     top = subprocess.run([balances, "--help"], env=user_env(home), capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and "usage: balances" in top.stdout
-    from pipeline.cli import build_parser
+    from cli.main import build_parser
 
     names = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
     assert len(names) >= 10

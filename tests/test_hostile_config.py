@@ -1,7 +1,7 @@
 """Hostile configuration: what a careless operator can put in the sources file or pass to the CLI.
 
 Each row of issue 17 that is about configuration is a test here, run
-through the real CLI (``pipeline.cli.main``) and a real Airflow DagBag: a
+through the real CLI (``cli.main.main``) and a real Airflow DagBag: a
 mistake is one line, exit 2, before any work; the DAG files build every
 valid source and report the broken ones as an import error; reports never
 write through a symlink.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reconciliation.checks import MAX_FIRE_TIMES, fire_times, load_checks, parse_duration
-from pipeline.cli import main
+from cli.main import main
 from pipeline.config import MAX_SHARDS, ConfigError, build_settings, load_config
 from tests.conftest import dag_bag, fetch, write_config
 

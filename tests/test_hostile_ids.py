@@ -137,7 +137,7 @@ def report_files(db, database_url, tmp_path) -> dict[str, bytes]:
     reconciled(db, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BALANCES_"))}
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--db-url", database_url, "report", "--out",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "--db-url", database_url, "report", "--out",
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr  # before: exit 1, mathtext could not parse the label
     return {p.name: p.read_bytes() for p in out.iterdir()}
@@ -187,7 +187,7 @@ def test_cli_shows_the_id_with_control_characters_escaped(db, database_url, tmp_
     config = tmp_path / "hostile.toml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BALANCES_"))}
     for args in (["latest", SOURCE], ["reconcile", "--check", "hostile_negative"]):
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--db-url", database_url, "--config",
+        done = subprocess.run([sys.executable, "-m", "cli.main", "--db-url", database_url, "--config",
                                str(config), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "\x1b" not in done.stdout  # shown escaped (or cut off with the rest of a long id)

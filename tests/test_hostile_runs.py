@@ -377,7 +377,7 @@ def test_a_killed_reconcile_is_reaped_by_the_next_one(db, database_url, tmp_path
         cur.execute("LOCK TABLE reconciliation_breaks IN EXCLUSIVE MODE")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env["BALANCES_DB_URL"] = database_url
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(config), "reconcile"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--config", str(config), "reconcile"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
@@ -485,7 +485,7 @@ def test_two_present_only_runs_of_one_interval_at_once_publish_one_snapshot(db, 
 def test_the_cli_says_a_rerun_did_nothing(db, database_url, serve, tmp_path, monkeypatch, capsys):
     from urllib.parse import quote
 
-    from pipeline.cli import main
+    from cli.main import main
 
     server = serve(BitfrontExchange(WALLET))
     config = tmp_path / "balances.toml"

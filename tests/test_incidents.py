@@ -272,7 +272,7 @@ def test_acknowledgements_are_appended_never_changed(db, checks):
 def run_cli(*args: str, database_url: str, config) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(BALANCES_DB_URL=database_url, BALANCES_CONFIG=str(config), USER="carol", LOGNAME="carol")
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=120)
 
 

@@ -77,7 +77,7 @@ def test_the_wheel_holds_production_code_only(tmp_path):
     [wheel] = tmp_path.glob("*.whl")
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"extractors", "loaders", "pipeline",
-                                                                "reconciliation"}
+                                                                "reconciliation", "cli"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "loaders/migrations/env.py" in names
     assert len([n for n in names if n.startswith("loaders/migrations/versions/")]) >= 13

@@ -1,11 +1,17 @@
 """The layout holds: what production loads never pulls in development-only code.
 
 Production is what Airflow and the `balances` CLI load to take snapshots and
-reconcile them: dags/, extractors/, loaders/, pipeline/, reconciliation/.
+reconcile them: dags/, extractors/, loaders/, pipeline/, reconciliation/, cli/.
 Development-only code (devtools/, sandbox/, bench/, tests/) may import
 production, never the other way round, so a deployment can leave it out.
+
+The layers and that rule are import-linter contracts (``[tool.importlinter]``
+in pyproject.toml), which see imports inside functions too; this file runs
+them, and finds import cycles, which no contract names.
 """
+import ast
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -14,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCTION = ("extractors", "loaders", "pipeline", "reconciliation")
+PRODUCTION = ("extractors", "loaders", "pipeline", "reconciliation", "cli")
 DEVELOPMENT = ("devtools", "sandbox", "bench", "tests")
 
 
@@ -68,3 +74,70 @@ def test_no_dag_file_shadows_an_importable_module(dag_file, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True", f"dags/{dag_file} has the name of an importable module {stem!r}"
+
+
+def test_the_import_contracts_hold():
+    """``lint-imports``: the layers and the production / development split (lazy imports included)."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in done.stdout
+
+
+def test_no_module_imports_itself_back():
+    """No import cycle between modules, lazy imports included (``TYPE_CHECKING`` ones aside: they never run)."""
+    import grimp
+
+    packages = (*PRODUCTION, *DEVELOPMENT[:-1])
+    graph = grimp.build_graph(*packages, exclude_type_checking_imports=True, cache_dir=None)
+    cycles = import_cycles({m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules})
+    assert cycles == []
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other round (strongly connected components), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in edges.get(module, ()):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def test_a_cycle_is_found():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("dag_file", sorted(p.name for p in (ROOT / "dags").glob("*.py")))
+def test_dag_files_import_only_production(dag_file):
+    """Every import of a DAG file, inside its functions too (no contract sees dags/: it is no package)."""
+    tree = ast.parse((ROOT / "dags" / dag_file).read_text())
+    imported = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module} | {alias.name.split(".")[0] for node in ast.walk(tree)
+                                    if isinstance(node, ast.Import) for alias in node.names}
+    ours = imported & {*PRODUCTION, *DEVELOPMENT}
+    assert ours and ours <= set(PRODUCTION) - {"cli"}, ours

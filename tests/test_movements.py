@@ -475,7 +475,7 @@ def test_the_cli_loads_the_windows_missing_and_says_what_each_did(db, serve, dat
     env.update(BALANCES_DB_URL=database_url)
 
     def balances(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(config), "-q", *args],
+        return subprocess.run([sys.executable, "-m", "cli.main", "--config", str(config), "-q", *args],
                               capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
     done = balances("movements", "mirror", "--to", _time(T2).isoformat())

@@ -26,7 +26,7 @@ NAME = f"test_dashboard_{os.getpid()}"
 
 def balances(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BALANCES_"))}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "--db-url", database_url, *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "cli.main", "--db-url", database_url, *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -312,13 +312,13 @@ def test_cli_reconcile_prints_the_summary_and_exits_0_with_breaks(db, database_u
     config.write_text(CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(BALANCES_DB_URL=database_url)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(config), "reconcile",
+    result = subprocess.run([sys.executable, "-m", "cli.main", "--config", str(config), "reconcile",
                              "--from", FROM.isoformat(), "--to", TO.isoformat(), "--check", "treasury_hbar"],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "1 check(s): 2 open, 2 new, 0 resolved" in result.stdout
     assert "treasury_hbar mismatch" in result.stdout and "difference=0.01000000" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(config), "reconcile",
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "--config", str(config), "reconcile",
                           "--check", "nope"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "no check named 'nope'" in bad.stderr
 

@@ -53,7 +53,7 @@ def test_cli_report_prints_the_paths(db, database_url, tmp_path):
     seed(db)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(BALANCES_DB_URL=database_url)
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--out", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "cli.main", "report", "--out", str(tmp_path),
                              "--from", FROM.isoformat(), "--to", h(1).isoformat()],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr

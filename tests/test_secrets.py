@@ -99,7 +99,7 @@ def test_the_cli_leaks_no_secret_on_failure(database_url, db, serve, provider, t
     env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "PATH", "HOME"))}
     env.update(BALANCES_DB_URL=database_url, BALANCES_CONFIG=str(config),
                AIRFLOW_HOME=os.environ["AIRFLOW_HOME"])
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "-v", "snapshot", live.source.name],
+    result = subprocess.run([sys.executable, "-m", "cli.main", "-v", "snapshot", live.source.name],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 1
     text = result.stdout + result.stderr + "\n".join(

@@ -51,8 +51,11 @@ from extractors.errors import MalformedResponseError, ProviderError, SnapshotErr
 from extractors.paginators import check_page_cap
 from extractors.records import MovementPage, MovementRow, RecordError, Rejection, Window
 
-if TYPE_CHECKING:  # the extractor imports this module when it reads a window
-    from extractors.evm import Call, EvmExtractor, RpcError
+from extractors.evm.rpc import (NATIVE_DECIMALS, TOO_MANY, Call, RpcError, data_bytes, decode_word, parse_snapshot_raw,
+                                quantity)
+
+if TYPE_CHECKING:  # the extractor imports this module, and hands itself to MovementReader
+    from extractors.evm import EvmExtractor
 
 TRANSFER_TOPIC = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 TRACE_METHODS = ("trace_filter", "debug_traceBlockByNumber")
@@ -62,10 +65,6 @@ GWEI = 10**9
 METHOD_MISSING_CODE = -32601
 _METHOD_MISSING = re.compile(r"does not exist|not available|not found|not supported|unsupported|"
                              r"not implemented|unknown method|method .{0,60}(disabled|not allowed)", re.I)
-# "ask for less": a range or answer over the node's limit (Infura -32005, Alchemy, QuickNode).
-TOO_MANY = re.compile(r"more than [0-9,]+ results|too many (results|logs|traces)|response size|block range|"
-                      r"range (is )?too (large|wide|big)|exceeds? (the )?max(imum)? (block )?range|"
-                      r"query timeout|limit .{0,30}(results|logs)", re.I)
 _WORD = re.compile(r"0x[0-9a-fA-F]{64}")
 # Frames that move value: a call with value, a contract created with value, a contract destroyed.
 _MOVING_CALLS = {"call", "create", "create2", "selfdestruct", "suicide"}
@@ -105,8 +104,6 @@ class MovementReader:
     """Reads one window's movement legs for an :class:`~extractors.evm.EvmExtractor`."""
 
     def __init__(self, extractor: "EvmExtractor", window: Window) -> None:
-        from extractors.evm import parse_snapshot_raw
-
         self.x = extractor
         self.settings = extractor.settings
         self.window = window
@@ -232,8 +229,6 @@ class MovementReader:
 
     def _log_legs(self, log: Any, tokens: dict[str, tuple[str, int]], blocks: dict[int, Block], low: int,
                   high: int) -> tuple[tuple[int, int], list[MovementRow]]:
-        from extractors.evm import data_bytes, decode_word, quantity
-
         if not isinstance(log, dict):
             raise RecordError(f"log is {type(log).__name__}, expected an object")
         number, index = quantity(log.get("blockNumber"), "blockNumber"), quantity(log.get("logIndex"), "logIndex")
@@ -319,8 +314,6 @@ class MovementReader:
 
     def _native(self, account: str, block: Block, movement_id: str, amount: int, kind: str,
                 other: str | None) -> MovementRow:
-        from extractors.evm import NATIVE_DECIMALS
-
         return MovementRow(self.ours[account], self.native, block.time, str(block.number), movement_id, amount, kind,
                            NATIVE_DECIMALS, None if other is None else to_checksum_address(other))
 
@@ -432,20 +425,14 @@ class MovementReader:
 
 
 def _call(method: str, params: tuple) -> "Call":
-    from extractors.evm import Call
-
     return Call(method, params, method)
 
 
 def _is_error(answer: Any) -> bool:
-    from extractors.evm import RpcError
-
     return isinstance(answer, RpcError)
 
 
 def _quantity(value: Any, what: str) -> int:
-    from extractors.evm import quantity
-
     try:
         return quantity(value, what)
     except RecordError as exc:

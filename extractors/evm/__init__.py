@@ -41,7 +41,7 @@ What real nodes do that shapes this module:
   null. An error without an id is taken as the answer of the one call
   left unanswered, when exactly one is; otherwise the request fails.
 * Movements (``movements(window)``, the roll-forward between two snapshot
-  blocks) are read by :mod:`extractors.evm_movements`: ERC-20 ``Transfer``
+  blocks) are read by :mod:`extractors.evm.movements`: ERC-20 ``Transfer``
   logs, native moves from traces (``trace_filter`` or
   ``debug_traceBlockByNumber``, ``traces`` says which, by default the
   first the node offers), fees from receipts; without traces the native
@@ -60,9 +60,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
-from eth_abi.exceptions import DecodingError
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from extractors.credentials import Credentials, require_credentials
@@ -82,14 +80,25 @@ from extractors.http import (
     parse_retry_after,
 )
 from extractors.paginators import check_page_cap
-from extractors.provider import Provider, Throttle
-from extractors.records import BalanceRow, Page, RecordError, Rejection, to_json_text
+from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.records import BalanceRow, Page, RecordError, Rejection, shown, to_json_text
+from extractors.evm.movements import MovementReader
+from extractors.evm.rpc import (  # noqa: F401  (quantity and decode_word are read from here too)
+    NATIVE_DECIMALS,
+    Call,
+    RpcError,
+    data_bytes,
+    decode_word,
+    parse_snapshot_raw,
+    quantity,
+    rpc_error,
+    snapshot_raw,
+    _errors,
+)
 from extractors.redaction import redact_url
-from extractors.text import safe_text
 
 log = logging.getLogger(__name__)
 
-NATIVE_DECIMALS = 18
 MAX_BATCH = 1000  # geth's default BatchRequestLimit; hosted endpoints allow less
 MAX_CONFIRMATIONS = 10_000
 TRACES = ("auto", "trace_filter", "debug_traceBlockByNumber", "none")
@@ -105,28 +114,8 @@ DECIMALS = function_signature_to_4byte_selector("decimals()")
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _HASH = re.compile(r"0x[0-9a-fA-F]{64}")
-_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
-_DATA = re.compile(r"0x(?:[0-9a-fA-F]{2})*")
 _ASSET = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,31}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
-_RAW = re.compile(r"([0-9]{1,20}):(0x[0-9a-f]{64})")
-
-# JSON-RPC error codes that say "slow down" (EIP-1474 -32005; -32029 and
-# 429 used by hosted endpoints), and the words others use.
-RATE_LIMIT_CODES = {-32005, -32029, 429}
-_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|too many requests|limit exceeded|exceeded .{0,40}(capacity|quota|rate)|"
-                               r"compute units", re.I)
-# A node that has pruned the state of old blocks (not an archive node).
-_PRUNED_WORDS = re.compile(r"missing trie node|BlockOutOfRange|state .{0,40}not available|historical state|"
-                           r"state histor|no state available|pruned|not an archive|distance to target block",
-                           re.I)
-# A call that ran and failed: it reverted (EIP-1474 code 3, or geth's -32000
-# with these words), hit an invalid opcode, ran out of gas. Not a node-side
-# timeout or a block the node does not have: those are no fault of the token.
-_CALL_FAILED_CODES = {3, -32015}
-_CALL_FAILED_WORDS = re.compile(r"revert|invalid opcode|out of gas|vm exception|stack (?:underflow|overflow)|"
-                                r"invalid jump", re.I)
-
 
 def checksum_address(text: Any, where: str) -> str:
     """The EIP-55 form of an address; ``ValueError(where, ...)`` unless it is one.
@@ -199,52 +188,6 @@ def _unique(values: list[str], key: str) -> list[str]:
     return found
 
 
-# --- reading what the node sent -------------------------------------------------
-
-
-def quantity(value: Any, what: str) -> int:
-    """A JSON-RPC quantity (``0x`` and hex digits) as an int; RecordError otherwise."""
-    if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
-        raise RecordError(f"{what} is {_shown(value)}, expected a hex quantity such as '0x1a'")
-    return int(value, 16)
-
-
-def data_bytes(value: Any, what: str) -> bytes:
-    if not isinstance(value, str) or not _DATA.fullmatch(value):
-        raise RecordError(f"{what} is {_shown(value)}, expected hex data such as '0x00ff'")
-    return bytes.fromhex(value[2:])
-
-
-def decode_word(data: bytes, abi_type: str, what: str) -> int:
-    """The one ABI word a view function returns (``uint256``, ``uint8``): exactly 32 bytes."""
-    if not data:
-        raise RecordError(f"{what} returned no data (0x): no contract code answers it")
-    if len(data) != 32:
-        raise RecordError(f"{what} returned {len(data)} bytes, expected one 32-byte word")
-    try:
-        (value,) = abi_decode([abi_type], data)
-    except DecodingError as exc:
-        raise RecordError(f"{what} returned {('0x' + data.hex())!r}, not a {abi_type}: {exc}") from None
-    return value
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
-def snapshot_raw(number: int, block_hash: str) -> str:
-    """``as_of_raw`` of a block: its number and hash."""
-    return f"{number}:{block_hash.lower()}"
-
-
-def parse_snapshot_raw(raw: str) -> tuple[int, str]:
-    match = _RAW.fullmatch(raw or "")
-    if not match:
-        raise SnapshotError(f"snapshot {raw!r} is not a block's number:hash")
-    return int(match[1]), match[2]
-
-
 @dataclass(slots=True, frozen=True)
 class Header:
     number: int
@@ -267,49 +210,6 @@ def _check_times(known: dict[int, Header]) -> None:
                 f"block times go backwards: block {later.number} ({later.time.isoformat()}) is earlier than "
                 f"block {earlier.number} ({earlier.time.isoformat()}) below it; no snapshot is chosen on such "
                 "a chain")
-
-
-@dataclass(slots=True)
-class RpcError:
-    """One call's JSON-RPC error: ``code``, ``message`` and the whole error object."""
-
-    code: Any
-    message: str
-    raw: Any
-
-    @property
-    def rate_limited(self) -> bool:
-        from extractors.evm_movements import TOO_MANY
-
-        # Infura answers an eth_getLogs over its limit with -32005 too: that is "ask for less", not "slow down".
-        if TOO_MANY.search(self.message):
-            return False
-        return self.code in RATE_LIMIT_CODES or bool(_RATE_LIMIT_WORDS.search(self.message))
-
-    @property
-    def pruned(self) -> bool:
-        return bool(_PRUNED_WORDS.search(self.message))
-
-    @property
-    def call_failed(self) -> bool:
-        return self.code in _CALL_FAILED_CODES or bool(_CALL_FAILED_WORDS.search(self.message))
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}" if self.code is not None else self.message
-
-
-def rpc_error(value: Any) -> RpcError:
-    code = value.get("code") if isinstance(value, dict) else None
-    message = value.get("message") if isinstance(value, dict) else None
-    if isinstance(code, bool) or not isinstance(code, int):
-        code = None
-    text = message if isinstance(message, str) else to_json_text(value)[:300]
-    return RpcError(code, safe_text(text, 300), value)
-
-
-def _errors(data: Any) -> list[RpcError]:
-    items = data if isinstance(data, list) else [data]
-    return [rpc_error(item["error"]) for item in items if isinstance(item, dict) and item.get("error") is not None]
 
 
 # --- the HTTP side: POST, the key added as the request is sent -------------------
@@ -366,22 +266,12 @@ def rpc_check(data: Any, response: requests.Response) -> None:
 # --- the extractor ------------------------------------------------------------------
 
 
-@dataclass(slots=True, frozen=True)
-class Call:
-    method: str
-    params: tuple
-    what: str  # how an error names it
-
-
-class EvmExtractor:
+class EvmExtractor(BaseExtractor):
     """Reads one block's balances of the configured addresses and tokens."""
 
-    provider = "evm"
 
     def __init__(self, settings: Settings, client: HttpClient, *, max_pages: int) -> None:
-        self.settings = settings
-        self.client = client
-        self.max_pages = max_pages
+        super().__init__(settings, client, max_pages=max_pages)
         self._decimals: dict[str, int | Rejection] = {}
 
     # -- JSON-RPC ------------------------------------------------------------------
@@ -417,7 +307,7 @@ class EvmExtractor:
                 unclaimed.append(rpc_error(item["error"]))
                 continue
             if isinstance(ident, bool) or not isinstance(ident, int) or not 1 <= ident <= len(body):
-                raise MalformedResponseError(f"an answer has id {_shown(ident)}, not one of the {len(body)} "
+                raise MalformedResponseError(f"an answer has id {shown(ident)}, not one of the {len(body)} "
                                              "calls sent", raw=item)
             if ident in answers:
                 raise MalformedResponseError(f"call {ident} was answered twice", raw=data)
@@ -485,7 +375,7 @@ class EvmExtractor:
             block_hash, parent_hash = block.get("hash"), block.get("parentHash")
             for key, value in (("hash", block_hash), ("parentHash", parent_hash)):
                 if not isinstance(value, str) or not _HASH.fullmatch(value):
-                    raise RecordError(f"{key} is {_shown(value)}, expected 0x and 64 hex digits")
+                    raise RecordError(f"{key} is {shown(value)}, expected 0x and 64 hex digits")
         except RecordError as exc:
             raise MalformedResponseError(f"block {number}: {exc}", raw=block) from None
         if found != number:
@@ -616,9 +506,7 @@ class EvmExtractor:
     # -- movements: the roll-forward of a window ---------------------------------------
 
     def movements(self, window, account_range: tuple[str | None, str | None] | None = None) -> Iterator:
-        """Yield the window's movement legs (see :mod:`extractors.evm_movements`)."""
-        from extractors.evm_movements import MovementReader
-
+        """Yield the window's movement legs (see :mod:`extractors.evm.movements`)."""
         if account_range is not None:
             raise ValueError("evm sources are not sharded")
         yield from MovementReader(self, window).pages()
@@ -780,6 +668,7 @@ PROVIDER = Provider(
     name="evm",
     settings=Settings,
     build=build,
+    extractor=EvmExtractor,
     has_history=True,  # any block's state, where the node keeps it (an archive node)
     chooses_snapshot=True,  # choose_snapshot(at): one block per run, by a search over headers
     verifies_snapshot=True,  # verify_snapshot: the block's hash is checked again before publish

@@ -1,10 +1,10 @@
-"""What each ``balances`` subcommand does (the parser is :mod:`pipeline.cli`).
+"""What each ``balances`` subcommand does (the parser is :mod:`cli.main`).
 
 Each function takes the parsed arguments and returns the exit status, or
 raises: :class:`~pipeline.config.ConfigError` for exit 2, any other error
-the CLI knows for exit 1 (see :func:`pipeline.cli.main`). Results go to
+the CLI knows for exit 1 (see :func:`cli.main.main`). Results go to
 standard output, progress and warnings to standard error, every value
-printed through :mod:`pipeline.terminal`.
+printed through :mod:`cli.terminal`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from loaders.db import DatabaseError, connect, describe_url
 from pipeline import connections
 from pipeline.config import Config, ConfigError, cron_of, load_config, schedule_times
 from pipeline.progress import for_terminal
-from pipeline.terminal import cell, print_table, write_csv
+from cli.terminal import cell, print_table, write_csv
 
 
 def database_url(args) -> str:
@@ -159,15 +159,13 @@ def _probe_database(args) -> tuple[bool, str]:
 # -- sources -------------------------------------------------------------------
 
 def sources(args) -> int:
-    from extractors.registry import provider
-
     config = load_config(args.config)
     now = datetime.now(timezone.utc)
     rows = []
     for name, source in sorted(config.sources.items()):
         cron = cron_of(source.schedule)
         next_run = schedule_times(cron, max(now, source.start_date), 1)[0] if cron else None
-        history = "yes" if provider(source.provider).answers_for_past(source.settings) else "present only"
+        history = "yes" if source.contract.answers_for_past(source.settings) else "present only"
         rows.append((name, source.provider, source.schedule or "none", next_run, source.shards, history,
                      source.conn_id or "", source.dag_id))
     print_table(("source", "provider", "schedule", "next_run", "shards", "history", "conn_id", "dag_id"),

@@ -21,7 +21,7 @@ command failed (one line on stderr says why), 2 a usage or configuration
 error. ``reconcile`` exits 0 when the checks ran, whatever breaks they found
 (breaks are data). A source or check with a mistake stops only the commands
 that use it; the others print one warning line per mistake and go on, as
-the DAG files do. What each command does is in :mod:`pipeline.commands`.
+the DAG files do. What each command does is in :mod:`cli.commands`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from datetime import datetime
 from extractors.errors import ExtractError
 from extractors.text import one_line
 from loaders.db import DatabaseError
-from pipeline import commands
+from cli import commands
 from pipeline.config import ConfigError
 from reconciliation.incidents import MAX_NAME_CHARS, MAX_NOTE_CHARS
 
