@@ -259,6 +259,8 @@ class FakeServer:
                     pass
 
             def _pad(self, response: Response, fault: Fault) -> None:
+                # Closed after the answer, and said so: a client that reused the
+                # connection would race the close and see a reset no server sent.
                 self.close_connection = True
                 body = response.body
                 parts = _padded(body, fault.size)
@@ -267,18 +269,18 @@ class FakeServer:
                         wbits = {"gzip": 31, "deflate": 15}[fault.encoding]
                         packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
                         self._head(response, [f"Content-Encoding: {fault.encoding}",
-                                              "Transfer-Encoding: chunked"])
+                                              "Transfer-Encoding: chunked", "Connection: close"])
                         for part in parts:
                             self._chunk(packer.compress(part))
                         self._chunk(packer.flush())
                         self._last_chunk()
                     elif fault.chunked:
-                        self._head(response, ["Transfer-Encoding: chunked"])
+                        self._head(response, ["Transfer-Encoding: chunked", "Connection: close"])
                         for part in parts:
                             self._chunk(part)
                         self._last_chunk()
                     else:
-                        self._head(response, [f"Content-Length: {len(body) + fault.size}"])
+                        self._head(response, [f"Content-Length: {len(body) + fault.size}", "Connection: close"])
                         for part in parts:
                             self.wfile.write(part)
                     self.wfile.flush()

@@ -1,9 +1,18 @@
 """Shared fixtures: a real PostgreSQL database, fake providers, Airflow.
 
 PostgreSQL: ``$BALANCES_TEST_DB_URL`` if set, else a private cluster that
-the session starts in a temporary directory and stops at the end.
+the session starts in a temporary directory, the first time a test asks for
+it (``database_url``), and stops at the end.
 Airflow: a throwaway ``AIRFLOW_HOME`` with a SQLite metadata DB, and the
 repository's ``dags/`` folder, configured before Airflow is imported.
+
+Every test that needs a database server (PostgreSQL, or Airflow's metadata
+database), or runs the project as a user would (demo, install, live
+services), is marked ``database`` here at collection, from the fixtures it
+asks for and its markers: ``scripts/test --unit`` runs the others (``-m
+"not database"``), with ``BALANCES_TEST_UNIT`` set, under which asking for
+a database fails the test instead of starting a cluster. Nothing here
+starts or imports a database client until a test asks for one.
 """
 from __future__ import annotations
 
@@ -31,12 +40,8 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["BALANCES_CONFIG"] = str(_SCRATCH / "balances.toml")
 os.environ.pop("BALANCES_DB_URL", None)
 
-import psycopg2  # noqa: E402
 import pytest  # noqa: E402
 
-from loaders.db import connect  # noqa: E402
-from loaders.migrate import upgrade  # noqa: E402
-from devtools import devdb  # noqa: E402
 from pipeline.config import SourceConfig, parse_source  # noqa: E402
 from sandbox.server import FakeServer  # noqa: E402
 
@@ -46,8 +51,31 @@ TABLES = ("balance_history_store", "balance_snapshots", "balance_latest_cache", 
           "balance_movements", "rejected_movements", "movement_runs")
 
 
+UNIT_ONLY = "BALANCES_TEST_UNIT"
+# Fixtures that reach a database server, and markers of tests that run the
+# project's services or commands as a user would (they start their own).
+DATABASE_FIXTURES = {"database_url", "airflow_env"}
+DATABASE_MARKERS = {"airflow", "entry_points", "services"}
+
+
+def needs_database(item) -> bool:
+    return bool(DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(item.get_closest_marker(m) for m in DATABASE_MARKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_database(item):
+            item.add_marker(pytest.mark.database)
+
+
 @pytest.fixture(scope="session")
 def database_url():
+    if os.environ.get(UNIT_ONLY):
+        pytest.fail("this test needs PostgreSQL, and the unit run starts none: it should be marked database")
+    from devtools import devdb
+    from loaders.migrate import upgrade
+
     url = os.environ.get("BALANCES_TEST_DB_URL")
     data_dir = None
     if not url:
@@ -74,6 +102,8 @@ def reset_database(conn) -> None:
 @pytest.fixture
 def db(database_url):
     """A connection to a database with every table empty."""
+    from loaders.db import connect
+
     conn = connect(database_url)
     reset_database(conn)
     yield conn
@@ -83,6 +113,8 @@ def db(database_url):
 @pytest.fixture
 def reader(db):
     """A login in ``balances_reader`` made as an operator makes one for Grafana (``balances reader create``)."""
+    import psycopg2
+
     from loaders.readers import create_reader, drop_reader
 
     name = f"views_test_grafana_{os.getpid()}"
