@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [b1 b2 b3 b4 b5 b6 b7] [--quick]``.
+"""Run the benchmarks: ``python -m bench [b1 ... b8] [--quick]``.
 
 Results print as JSON lines and are saved in bench/results/<name>.json.
 ``--quick`` runs smaller sizes (a smoke test, not the published figures).
@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import b1_load, b2_extract, b3_end_to_end, b4_shards, b5_storage, b6_movements, b7_formance_memory
+from bench import (b1_load, b2_extract, b3_end_to_end, b4_shards, b5_storage, b6_movements, b7_formance_memory,
+                   b8_versus)
 
 FULL = {
     "b1": lambda: b1_load.run(1_000_000, 20_000),
@@ -24,6 +25,7 @@ FULL = {
     "b5": lambda: b5_storage.run_all(),
     "b6": lambda: b6_movements.run((100_000, 1_000_000), 1_000_000),
     "b7": lambda: b7_formance_memory.run((1_000_000, 10_000_000)),
+    "b8": lambda: b8_versus.run((200_000, 1_000_000)),
 }
 QUICK = {
     "b1": lambda: b1_load.run(50_000, 2_000),
@@ -33,6 +35,7 @@ QUICK = {
     "b5": lambda: b5_storage.run_all(quick=True),
     "b6": lambda: b6_movements.run((10_000, 40_000), 50_000),
     "b7": lambda: b7_formance_memory.run((20_000, 200_000)),
+    "b8": lambda: b8_versus.run((10_000, 40_000)),
 }
 
 
@@ -49,7 +52,7 @@ OPT_IN = {"celery": _celery}
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", default=list(FULL),
-                        help="b1 b2 b3 b4 b5 b6 b7 (default: all), or celery (only when named)")
+                        help="b1 ... b8 (default: all), or celery (only when named)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     unknown = set(args.names) - set(FULL) - set(OPT_IN)

@@ -146,19 +146,54 @@ def demo_checks(available: list[str], *, rollforward: bool = False) -> str:
 
 
 def database(cleanup: ExitStack, db_url: str | None) -> str:
-    """The database to use: given, ``$BALANCES_DB_URL``, or the private cluster in ``.pgdata``.
+    """The database to use: given, ``$BALANCES_DB_URL``, or the private cluster in ``.pgdata``; empty.
+
+    The sandboxes are new ledgers every run (a new chain, a new Formance
+    ledger, new mirror-node data), so an earlier run's history of the
+    ``*_sandbox`` sources cannot go on: a movement window from its last
+    snapshot to this run's first would span two ledgers, and a continuity
+    check compare them. The demo's own database (in ``.pgdata``, also when
+    ``.demo/env`` names it) is therefore made afresh, its Airflow metadata
+    with it; any other database is used only if it holds no sandbox history.
 
     A cluster this call starts is registered on ``cleanup``: stopped when
     the run fails (or, for ``--serve``, whenever it ends).
     """
     url = db_url or os.environ.get("BALANCES_DB_URL")
-    if url:
+    if url and not devdb.owns(url):
+        refuse_sandbox_history(url)
         return url
     already = devdb.running_port() is not None
     url = devdb.start()
     if not already:
         cleanup.callback(_stop_cluster)
+    if sandbox_history(url):
+        print("database: the sandboxes are new ledgers each run, so the demo's database starts afresh")
+        url = devdb.recreate()
     return url
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def sandbox_history(url: str) -> list[str]:
+    """The sandbox sources (``<provider>_sandbox``) the database at ``url`` holds snapshots of."""
+    names = [f"{name}_sandbox" for name in apps.available()]
+    with closing(connect(url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('balance_snapshots') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return []
+        cur.execute("SELECT DISTINCT source FROM balance_snapshots WHERE source = ANY(%s) ORDER BY 1", (names,))
+        return [row[0] for row in cur.fetchall()]
+
+
+def refuse_sandbox_history(url: str) -> None:
+    held = sandbox_history(url)
+    if held:
+        raise DemoError(f"{describe_url(url)} holds an earlier demo's history of {', '.join(held)}: the sandboxes"
+                        " are new ledgers every run, so that history cannot go on; give the demo an empty"
+                        " database (or none: it then uses its own in .pgdata)")
 
 
 def _stop_cluster() -> None:

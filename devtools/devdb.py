@@ -124,6 +124,40 @@ def start(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
     return url_for(port, database, data_dir)
 
 
+def owns(url: str, data_dir: Path = DEFAULT_DIR) -> bool:
+    """Whether ``url`` names this cluster's own database (the one :func:`start` returns), running now."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = running_port(Path(data_dir).resolve())
+    return (port is not None and parts.port == port and parts.hostname in ("127.0.0.1", "localhost", "::1")
+            and parts.path.lstrip("/") == DATABASE)
+
+
+def recreate(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
+    """Drop the running cluster's ``database`` and the Airflow metadata beside it (``<name>_airflow``), and
+    create ``database`` again, empty; return its URL."""
+    import psycopg2
+    from psycopg2 import sql
+
+    data_dir = Path(data_dir).resolve()
+    port = running_port(data_dir)
+    if port is None:
+        raise DevDbError(f"the cluster in {data_dir} is not running")
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
+                            password=password(data_dir))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for name in (database + "_airflow", database):
+                # FORCE: sessions a stopped run left open (a dashboard, a psql) would keep it otherwise.
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+    _create_database(port, database, data_dir)
+    return url_for(port, database, data_dir)
+
+
 def _write_secret(path: Path, text: str) -> None:
     """``text`` into ``path``, created 0600 (never readable by others, not even for a moment)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

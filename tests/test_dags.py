@@ -345,3 +345,20 @@ def test_a_provider_without_movements_records_its_windows_not_available(airflow_
     [(status, note)] = fetch(db, "SELECT status, unexplainable->>'*' FROM movement_runs")
     assert status == "not_available" and note.startswith("bitfront offers no movement API")
     assert fetch(db, "SELECT DISTINCT status FROM balance_rollforward") == [("not_available",)]
+
+
+def test_the_demo_uses_a_database_only_without_an_earlier_demos_sandbox_history(db, database_url, serve):
+    """The sandboxes are new ledgers every run: history of an earlier run's sandbox must not go on."""
+    from contextlib import ExitStack
+
+    from devtools import demo, devdb
+    from pipeline.snapshot import take_snapshot
+    from sandbox import hedera
+
+    assert not devdb.owns(database_url)  # the suite's cluster, not the demo's .pgdata
+    with ExitStack() as stack:
+        assert demo.database(stack, database_url) == database_url  # empty: used as it is
+    source = parse_source("hedera_sandbox", dict(hedera.demo_source(serve(hedera.demo_app()).url)))
+    assert take_snapshot(db, source, datetime.now(timezone.utc))["status"] == "published"
+    with ExitStack() as stack, pytest.raises(demo.DemoError, match=r"earlier demo's history of hedera_sandbox"):
+        demo.database(stack, database_url)

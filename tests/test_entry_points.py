@@ -263,6 +263,18 @@ def metadata(url: str, query: str) -> list[tuple]:
         conn.close()
 
 
+def failures(metadata_url: str, logs: Path) -> str:
+    """What failed, for an assertion message: the failed tasks and the last error their logs hold."""
+    tasks = metadata(metadata_url, "SELECT dag_id, task_id, map_index, run_id FROM task_instance"
+                                   " WHERE state IN ('failed', 'upstream_failed') ORDER BY 1, 2")
+    errors = []
+    for log in sorted(logs.glob("dag_id=*/**/attempt=*.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if '"level":"error"' in line]
+        if lines:
+            errors.append(f"{log.relative_to(logs)}: {lines[-1][:800]}")
+    return f"failed tasks: {tasks}\nerrors: " + "\n".join(errors[-6:])
+
+
 def wait_until(predicate, process: subprocess.Popen, deadline: float, what: str):
     while True:
         value = predicate()
@@ -299,7 +311,7 @@ def test_serve_as_typed_then_ctrl_c_stops_everything(clone, home, mark):
                                                   " AND run_type = 'asset_triggered' AND state = 'success'"),
                    serving, deadline, "reconciliation run on the sources' Asset events")
         failed = metadata(metadata_url, "SELECT dag_id, run_id FROM dag_run WHERE state = 'failed'")
-        assert failed == []
+        assert failed == [], failures(metadata_url, clone / ".demo" / "live" / "airflow" / "logs")
         # Every process it started listens on loopback only.
         sockets = listening_sockets(marked_pids(mark))
         assert sockets and all(a.startswith(("127.0.0.1:", "::1:")) for _, a in sockets), sockets

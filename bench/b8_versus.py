@@ -1,0 +1,121 @@
+"""B8: ``balances snapshot`` against a bare crawl and against dlt, on the same pages, in one run.
+
+One fake mirror node (another process, every page rendered up front, so the
+clients are measured and not the fake) serves N accounts, one in seven
+holding two tokens. Three clients read the same pages, each in a fresh
+process, one after the other:
+
+* **bare**: ``requests`` + ``json``, following ``links.next``, keeping
+  nothing: the floor any crawler pays;
+* **ours**: ``balances snapshot`` as a user types it: the snapshot chosen,
+  every page parsed into exact rows, checked, staged with COPY and
+  published into the history in one transaction;
+* **dlt**: dlt's ``rest_api`` source into its postgres destination
+  (``bench/dlt_hedera.py``, in ``.venv-bench`` with dlt pinned; installed
+  on first use).
+
+Wall time and peak resident memory of each process (``wait4``). Targets:
+ours <= 1.3x bare, >= 4x faster than dlt, peak RSS flat and <= 100 MB.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.db import bench_database, reset
+from bench.servers import SNAPSHOT_TS, MirrorProcess
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_VENV = REPO / ".venv-bench"
+DLT = "dlt[postgres]==1.31.0"
+QUERY = f"limit=100&timestamp=lte:{SNAPSHOT_TS}"
+AT = "2023-11-14T22:15:00+00:00"  # after the fake's snapshot
+TOKENS_EVERY = 7
+
+BARE = """
+import json, sys, requests
+base, query = sys.argv[1:3]
+session = requests.Session()
+url, pages, rows = f"{base}/api/v1/balances?{query}", 0, 0
+while url:
+    body = json.loads(session.get(url, timeout=60).content)
+    pages += 1
+    rows += sum(1 + len(b["tokens"]) for b in body["balances"])
+    link = body["links"]["next"]
+    url = base + link if link else None
+print(rows)
+"""
+
+
+def bench_venv() -> Path:
+    """``.venv-bench`` with dlt, made once (and again when the pin changes)."""
+    stamp = BENCH_VENV / ".installed"
+    if not stamp.exists() or stamp.read_text() != DLT:
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", DLT], check=True)
+        stamp.write_text(DLT)
+    return BENCH_VENV / "bin" / "python"
+
+
+def run_one(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB, the child's own rusage) and standard output of one process."""
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child becomes the measured process
+        try:
+            os.chdir(REPO)
+            with open(os.devnull, "rb") as devnull:
+                os.dup2(devnull.fileno(), 0)
+            out = os.open(OUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(out, 1)
+            err = os.open(ERR, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(err, 2)
+            os.execvpe(argv[0], argv, env or os.environ)
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed: {Path(ERR).read_text()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, Path(OUT).read_text()
+
+
+_TMP = Path(tempfile.mkdtemp(prefix="b8-"))
+OUT, ERR = str(_TMP / "out"), str(_TMP / "err")
+
+
+def ours(url: str, db_url: str) -> tuple[float, float, int]:
+    config = _TMP / "sources.toml"
+    config.write_text(f'[sources.b8_hedera]\nprovider = "hedera"\nbase_url = "{url}"\nlimit = 100\n'
+                      'include_tokens = true\nmax_pages = 1000000\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BALANCES_"))}
+    seconds, rss, out = run_one([str(REPO / ".venv" / "bin" / "balances"), "--quiet", "--config", str(config),
+                                 "--db-url", db_url, "snapshot", "b8_hedera", "--at", AT], env)
+    rows = int(next(line.split(":")[1] for line in out.splitlines() if line.strip().startswith("rows:")))
+    return seconds, rss, rows
+
+
+def run(sizes: tuple[int, ...] = (200_000, 1_000_000)) -> dict:
+    python_dlt = bench_venv()
+    db_url = bench_database()
+    results = []
+    for accounts in sizes:
+        reset(db_url)
+        with MirrorProcess(accounts, tokens_every=TOKENS_EVERY, prerender_query=QUERY) as url:
+            run_one([sys.executable, "-c", BARE, url, QUERY])  # warm the fake and the page cache
+            bare_s, bare_mb, bare_out = run_one([sys.executable, "-c", BARE, url, QUERY])
+            ours_s, ours_mb, ours_rows = ours(url, db_url)
+            dlt_s, dlt_mb, dlt_out = run_one([str(python_dlt), str(REPO / "bench" / "dlt_hedera.py"), url,
+                                              QUERY, db_url])
+        rows = int(bare_out.strip())
+        assert ours_rows == rows == int(dlt_out.strip().splitlines()[-1]), (rows, ours_rows, dlt_out[-200:])
+        results.append({"accounts": accounts, "rows": rows,
+                        "bare_s": round(bare_s, 2), "ours_s": round(ours_s, 2), "dlt_s": round(dlt_s, 2),
+                        "ours_vs_bare": round(ours_s / bare_s, 2), "dlt_vs_ours": round(dlt_s / ours_s, 2),
+                        "bare_mb": round(bare_mb), "ours_mb": round(ours_mb), "dlt_mb": round(dlt_mb)})
+    return {"benchmark": "B8 versus a bare crawl and dlt", "results": results,
+            "targets": {"ours_vs_bare": "<= 1.3", "dlt_vs_ours": ">= 4", "ours_mb": "<= 100, flat"}}
