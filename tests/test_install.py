@@ -81,3 +81,8 @@ def test_the_wheel_holds_production_code_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "loaders/migrations/env.py" in names
     assert len([n for n in names if n.startswith("loaders/migrations/versions/")]) >= 13
+    # Every module of the production packages, subpackages included (extractors/evm/ once went missing).
+    shipped = {n for n in names if n.endswith(".py")}
+    source = {str(f.relative_to(REPO)) for top in ("extractors", "loaders", "pipeline", "reconciliation", "cli")
+              for f in (REPO / top).rglob("*.py")}
+    assert source <= shipped, sorted(source - shipped)
