@@ -125,6 +125,8 @@ def test_a_failing_part_stops_everything_the_demo_started(clone, home, mark):
     done = subprocess.run(["scripts/demo"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, tail(done)
     assert "anvil did not start" in done.stderr
+    # A second run: the quickstart's sandboxes were other ledgers, so their history is not continued.
+    assert "the sandboxes are new ledgers each run, so the demo's database starts afresh" in done.stdout
     assert "stopped the PostgreSQL cluster in .pgdata it had started" in done.stderr
     assert not (clone / ".pgdata" / "postmaster.pid").exists()
     assert wait_gone(mark) == []
