@@ -355,8 +355,17 @@ def backfill_hedera(url: str, keys: dict) -> None:
 
     source = parse_source("hedera_sandbox", dict(keys))
     with closing(connect(url)) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT max(as_of) FROM balance_snapshots WHERE source = 'hedera_sandbox'")
+            loaded = cur.fetchone()[0]
+        conn.rollback()
+        # Counted back from the snapshot the DAG loaded, not from the clock: a
+        # quarter hour may have begun since the sandbox made its snapshots,
+        # and "30 minutes ago" would then miss the earliest. A second past the
+        # whole second, as a snapshot's fraction may lie after the run's.
+        latest = (loaded or datetime.now(timezone.utc)).replace(microsecond=0) + timedelta(seconds=1)
         for minutes in (30, 15):
-            at = datetime.now(timezone.utc) - timedelta(minutes=minutes)
+            at = latest - timedelta(minutes=minutes)
             summary = take_snapshot(conn, source, at)
             print(f"backfill hedera_sandbox at {at:%H:%M}: {summary['status']}, "
                   f"snapshot {summary['as_of_raw']}, {summary['rows_inserted']} new rows")

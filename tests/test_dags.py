@@ -362,3 +362,19 @@ def test_the_demo_uses_a_database_only_without_an_earlier_demos_sandbox_history(
     assert take_snapshot(db, source, datetime.now(timezone.utc))["status"] == "published"
     with ExitStack() as stack, pytest.raises(demo.DemoError, match=r"earlier demo's history of hedera_sandbox"):
         demo.database(stack, database_url)
+
+
+def test_the_demo_backfills_the_sandboxs_earlier_snapshots_when_a_quarter_hour_began_since(db, database_url, serve):
+    """The sandbox made its snapshots a quarter hour ago: "30 minutes ago" by the clock would miss the first."""
+    import time
+
+    from devtools import demo
+    from pipeline.snapshot import take_snapshot
+    from sandbox import hedera
+
+    keys = dict(hedera.demo_source(serve(hedera.demo_mirror(int(time.time()) - 900)).url))
+    take_snapshot(db, parse_source("hedera_sandbox", dict(keys)), datetime.now(timezone.utc))  # as the DAG does
+    demo.backfill_hedera(database_url, keys)
+    taken = fetch(db, "SELECT as_of FROM balance_snapshots WHERE source = 'hedera_sandbox' ORDER BY as_of")
+    assert len(taken) == 3
+    assert [(b[0] - a[0]).total_seconds() // 60 for a, b in zip(taken, taken[1:])] == [15, 15]
