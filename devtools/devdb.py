@@ -137,16 +137,13 @@ def owns(url: str, data_dir: Path = DEFAULT_DIR) -> bool:
 def recreate(data_dir: Path = DEFAULT_DIR, *, database: str = DATABASE) -> str:
     """Drop the running cluster's ``database`` and the Airflow metadata beside it (``<name>_airflow``), and
     create ``database`` again, empty; return its URL."""
-    import psycopg2
     from psycopg2 import sql
 
     data_dir = Path(data_dir).resolve()
     port = running_port(data_dir)
     if port is None:
         raise DevDbError(f"the cluster in {data_dir} is not running")
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
-                            password=password(data_dir))
-    conn.autocommit = True
+    conn = _superuser(port, data_dir)
     try:
         with conn.cursor() as cur:
             for name in (database + "_airflow", database):
@@ -274,11 +271,11 @@ def restart(data_dir: Path = DEFAULT_DIR) -> None:
                     str(data_dir / "server.log"), "-w", "-t", "60", "restart"]), "pg_ctl restart")
 
 
-def _create_database(port: int, database: str, data_dir: Path) -> None:
+def _superuser(port: int, data_dir: Path, wait: float = 30):
+    """An autocommit superuser session in the ``postgres`` database, waiting up to ``wait`` s for the server."""
     import psycopg2
-    from psycopg2 import sql
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait
     while True:
         try:
             conn = psycopg2.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
@@ -289,6 +286,13 @@ def _create_database(port: int, database: str, data_dir: Path) -> None:
                 raise
             time.sleep(0.2)
     conn.autocommit = True
+    return conn
+
+
+def _create_database(port: int, database: str, data_dir: Path) -> None:
+    from psycopg2 import sql
+
+    conn = _superuser(port, data_dir)
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
         if cur.fetchone() is None:
