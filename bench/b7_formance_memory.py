@@ -24,6 +24,7 @@ import resource
 import time
 from datetime import datetime, timezone
 
+from extractors.records import PageKind
 from sandbox.server import FakeServer, Request, Response, json_response
 
 LEDGER = "bench"
@@ -101,9 +102,9 @@ def _crawl(url: str, accounts: int, results) -> None:
     started = time.perf_counter()
     rows = pages = 0
     for page in extractor.pages(datetime.now(timezone.utc)):
-        if page.kind == "restart":
+        if page.kind is PageKind.RESTART:
             raise RuntimeError(f"the ledger moved: {page.warnings}")
-        if page.kind != "aggregate":
+        if page.kind is PageKind.BALANCES:
             rows += len(page.rows)
             pages += 1
             if pages == max(1, pages_total // 10):

@@ -6,7 +6,7 @@ the stack gateway or on a standalone ledger); OAuth2 client credentials with
 scopes; assets that carry their scale (``USD/2``); arbitrary-precision,
 possibly negative amounts; and history only in v2 (``pit``), so a v1
 snapshot is the time of the fetch. Each run also reads
-``/aggregate/balances`` into a ``kind="aggregate"`` page, for reconciliation
+``/aggregate/balances`` into a ``PageKind.TOTALS`` page, for reconciliation
 against the per-account sum.
 
 What the real server does that shapes this module (``formancehq/ledger``):
@@ -125,6 +125,7 @@ from extractors.records import (
     MovementPage,
     MovementRow,
     Page,
+    PageKind,
     RecordError,
     Window,
     integer_amount,
@@ -359,7 +360,7 @@ class FormanceExtractor(BaseExtractor):
 
         v2 reads the ledger at ``pit = at``; v1 can only read the present,
         so its snapshot time is when the first page arrived. A v1 crawl that
-        saw the ledger move yields a ``kind="restart"`` page (what was
+        saw the ledger move yields a ``PageKind.RESTART`` page (what was
         yielded so far is void) and reads again.
         """
         if account_range is not None:
@@ -660,7 +661,7 @@ class FormanceExtractor(BaseExtractor):
                     "the v1 API reads live data page by page, so no consistent snapshot could be read. "
                     "Use api = \"v2\" (or \"v2-standalone\"), which reads a point in time, if the server "
                     "offers it, or schedule the source when the ledger is quiet")
-            yield Page(as_of=when, as_of_raw=format_pit(when), kind="restart", warnings=[
+            yield Page(as_of=when, as_of_raw=format_pit(when), kind=PageKind.RESTART, warnings=[
                 f"{self._where()} moved during crawl {attempt} of at most {crawls} "
                 f"({crawl.moved}); reading it again"])
 
@@ -753,7 +754,7 @@ class FormanceExtractor(BaseExtractor):
 
     def _finish(self, crawl: _Crawl, totals: dict, as_of: datetime, as_of_raw: str) -> Page:
         """The aggregate page, once the crawl is known to hold something."""
-        page = Page(as_of=as_of, as_of_raw=as_of_raw, kind="aggregate")
+        page = Page(as_of=as_of, as_of_raw=as_of_raw, kind=PageKind.TOTALS)
         if crawl.rows == 0 and crawl.rejected == 0:
             message = (f"{self._where()} holds no account with a balance ({crawl.accounts} listed); "
                        "a misspelt ledger or filter looks exactly like this")

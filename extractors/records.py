@@ -17,6 +17,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Callable, Iterable, Iterator, TypeVar, get_args, get_type_hints
 
 from extractors.text import safe_text
@@ -269,12 +270,27 @@ class _Records:
         self.rejected.append(Rejection(raw=to_json_text(record), reason=str(reason), code=code))
 
 
+class PageKind(StrEnum):
+    """What a :class:`Page` holds. The run treats each kind the same way whichever provider yields it."""
+
+    # The snapshot's holdings: rows of balance_history.
+    BALANCES = "balances"
+    # The provider's own total of each asset over all its accounts (rows whose
+    # account is ""): kept in aggregate_balances, where the aggregate check
+    # compares them with the sum of the accounts.
+    TOTALS = "totals"
+    # The provider's data moved under the crawl: what this crawl staged is
+    # void, and the extractor reads the snapshot again (rows: none).
+    RESTART = "restart"
+
+
 @dataclass(slots=True)
 class Page(_Records):
     """One provider page, parsed.
 
     ``as_of`` is the provider's snapshot time for this page and ``as_of_raw``
     its exact text (Hedera's has nanoseconds; timestamptz keeps microseconds).
+    ``kind`` says what it holds (:class:`PageKind`).
     """
 
     as_of: datetime
@@ -282,7 +298,11 @@ class Page(_Records):
     rows: list[BalanceRow] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    kind: str = "balances"
+    kind: PageKind = PageKind.BALANCES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, PageKind):
+            self.kind = PageKind(self.kind)  # a kind outside the contract fails here, in the extractor
 
 
 @dataclass(slots=True)

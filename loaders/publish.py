@@ -27,6 +27,16 @@ from loaders.runs import RunStatus
 
 # The row's own columns, as balance_history and staging both have them.
 _STAGED_ROW = sql.SQL(", ").join(sql.Identifier("s", c.name) for c in ROW_COLUMNS)
+# What a holding holds, its key (account, asset) aside: the amounts and how
+# to read them, whichever columns the row contract (BalanceRow) has.
+_VALUE_NAMES = tuple(c.name for c in ROW_COLUMNS if c.name not in ("account", "asset"))
+
+
+def _values(alias: str | None = None) -> sql.Composable:
+    """The value columns, as ``alias.balance, alias.decimals, ...`` (bare without an alias)."""
+    return sql.SQL(", ").join(sql.Identifier(*((alias,) if alias else ()), name) for name in _VALUE_NAMES)
+
+
 # A holding is stored again when any column but its key differs from the
 # previous snapshot (``f`` the new row, ``p`` the previous); numeric
 # equality ignores the scale, which the text of an amount keeps (12.5 is
@@ -150,7 +160,7 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
                 _refuse_duplicates(cur, staged)
         else:
             rows_published, rows_stored = _publish_again(cur, staged, run, held)
-        _publish_aggregates(cur, run, shards)
+        _publish_totals(cur, run, shards)
         cur.execute(
             """
             UPDATE snapshot_runs
@@ -172,10 +182,11 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
     return PublishResult(run_id, RunStatus.PUBLISHED, rows_staged, rows_published, rejected, rows_stored)
 
 
-def _publish_aggregates(cur, run: runs.Run, shards: int) -> None:
+def _publish_totals(cur, run: runs.Run, shards: int) -> None:
+    """The provider's own totals the shards staged, into aggregate_balances."""
     cur.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
-        (staging.SCHEMA, [f"run_{run.run_id}_shard_{n}_aggregate" for n in range(shards)]),
+        (staging.SCHEMA, [staging.totals_table_name(run.run_id, n).strings[-1] for n in range(shards)]),
     )
     for (name,) in cur.fetchall():
         cur.execute(
@@ -214,7 +225,7 @@ def _check_staging_intact(cur, run_id: int, shards: int) -> int:
             raise PublishError(f"run {run_id}: shard {shard} did not finish staging")
         rows, aggregates = recorded[shard]
         found = _count(cur, staging.table_name(run_id, shard))
-        found_aggregates = _count(cur, staging.aggregate_table_name(run_id, shard)) if aggregates else 0
+        found_aggregates = _count(cur, staging.totals_table_name(run_id, shard)) if aggregates else 0
         if (found, found_aggregates) != (rows, aggregates):
             raise PublishError(
                 f"run {run_id}: shard {shard} staged {rows} rows but its staging table now holds "
@@ -288,21 +299,19 @@ def _changes(holdings: sql.Composable, state: sql.Composable) -> sql.Composable:
         """
         WITH d AS MATERIALIZED (
             SELECT coalesce(f.provider, p.provider) AS provider, coalesce(f.account, p.account) AS account,
-                   coalesce(f.asset, p.asset) AS asset, f.balance, f.decimals, f.available_balance,
-                   f.spark_factor, f.account IS NULL AS gone, p.account IS NULL AS new
-              FROM ({}) f
-              FULL JOIN ({}) p ON p.account = f.account AND p.asset = f.asset
-             WHERE f.account IS NULL OR p.account IS NULL OR {}),
+                   coalesce(f.asset, p.asset) AS asset, {f_values},
+                   f.account IS NULL AS gone, p.account IS NULL AS new
+              FROM ({holdings}) f
+              FULL JOIN ({state}) p ON p.account = f.account AND p.asset = f.asset
+             WHERE f.account IS NULL OR p.account IS NULL OR {differ}),
         stored AS (
-            INSERT INTO balance_history_store
-                (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
-            SELECT %(source)s, provider, account, asset, balance, decimals, available_balance, spark_factor,
-                   %(new)s, gone
+            INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of, gone)
+            SELECT %(source)s, provider, account, asset, {values}, %(new)s, gone
               FROM d
             RETURNING 1)
         SELECT (SELECT count(*) FROM stored), count(*) FILTER (WHERE new), count(*) FILTER (WHERE gone) FROM d
         """
-    ).format(holdings, state, _VALUES_DIFFER)
+    ).format(holdings=holdings, state=state, differ=_VALUES_DIFFER, f_values=_values("f"), values=_values())
 
 
 def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int) -> tuple[int, int]:
@@ -328,13 +337,13 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
         if kept is not None:
             holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, params)
         else:
-            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), sql.SQL(_STATE), params)
+            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, params)
     except psycopg2.errors.UniqueViolation:
         # Some holding came twice and was written twice: unless its rows
         # differ (refused here), store the snapshot with one row per holding.
         cur.execute("ROLLBACK TO SAVEPOINT balance_append")
         _refuse_duplicates(cur, staged)
-        state = _staged_rows(kept) if kept is not None else sql.SQL(_STATE)
+        state = _staged_rows(kept) if kept is not None else _STATE
         holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, params)
     cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute("SET LOCAL enable_mergejoin = on")
@@ -372,13 +381,11 @@ def _append_by_join(cur, run: runs.Run, previous, holdings: sql.Composable, stat
         # The month's keyframe: every holding, nothing to compare with.
         cur.execute(sql.SQL(
             """
-            INSERT INTO balance_history_store
-                (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of)
-            SELECT %(source)s, f.provider, f.account, f.asset, f.balance, f.decimals, f.available_balance,
-                   f.spark_factor, %(new)s
-              FROM ({}) f
+            INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of)
+            SELECT %(source)s, f.provider, f.account, f.asset, {f_values}, %(new)s
+              FROM ({holdings}) f
              ORDER BY f.account, f.asset
-            """).format(holdings), params)
+            """).format(holdings=holdings, values=_values(), f_values=_values("f")), params)
         return cur.rowcount, cur.rowcount
     cur.execute(_changes(holdings, state), params)
     stored, new, gone = cur.fetchone()
@@ -403,11 +410,10 @@ def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: 
     cur.execute(sql.SQL(
         """
         CREATE TEMP TABLE balance_changed ON COMMIT DROP AS
-        SELECT p.account, p.asset, f.balance, f.decimals, f.available_balance, f.spark_factor,
-               f.account IS NULL AS gone
-          FROM ({}) p LEFT JOIN ({}) f ON f.account = p.account AND f.asset = p.asset
-         WHERE f.account IS NULL OR {}
-        """).format(kept, staged, _ROW_DIFFERS))
+        SELECT p.account, p.asset, {f_values}, f.account IS NULL AS gone
+          FROM ({kept}) p LEFT JOIN ({staged}) f ON f.account = p.account AND f.asset = p.asset
+         WHERE f.account IS NULL OR {differ}
+        """).format(kept=kept, staged=staged, differ=_ROW_DIFFERS, f_values=_values("f")))
     cur.execute("SELECT count(*) FILTER (WHERE gone) FROM pg_temp.balance_changed")
     gone = cur.fetchone()[0]
     new_table = sql.SQL("")
@@ -417,20 +423,18 @@ def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: 
         cur.execute(sql.SQL(
             """
             CREATE TEMP TABLE balance_new ON COMMIT DROP AS
-            SELECT f.account, f.asset, f.balance, f.decimals, f.available_balance, f.spark_factor, false AS gone
-              FROM ({}) f
-             WHERE NOT EXISTS (SELECT FROM ({}) p WHERE p.account = f.account AND p.asset = f.asset)
-            """).format(staged, kept))
+            SELECT f.account, f.asset, {f_values}, false AS gone
+              FROM ({staged}) f
+             WHERE NOT EXISTS (SELECT FROM ({kept}) p WHERE p.account = f.account AND p.asset = f.asset)
+            """).format(staged=staged, kept=kept, f_values=_values("f")))
         new = cur.rowcount
         new_table = sql.SQL(" UNION ALL SELECT * FROM pg_temp.balance_new")
     cur.execute(sql.SQL(
         """
-        INSERT INTO balance_history_store
-            (source, provider, account, asset, balance, decimals, available_balance, spark_factor, as_of, gone)
-        SELECT %(source)s, %(provider)s, account, asset, balance, decimals, available_balance, spark_factor,
-               %(new)s, gone
-          FROM (SELECT * FROM pg_temp.balance_changed{}) c
-        """).format(new_table), params)
+        INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of, gone)
+        SELECT %(source)s, %(provider)s, account, asset, {values}, %(new)s, gone
+          FROM (SELECT * FROM pg_temp.balance_changed{new_table}) c
+        """).format(values=_values(), new_table=new_table), params)
     stored = cur.rowcount
     cur.execute(sql.SQL("DROP TABLE pg_temp.balance_changed{}").format(
         sql.SQL(", pg_temp.balance_new") if second_pass else sql.SQL("")))
@@ -446,8 +450,8 @@ def _put(cur, source: str, as_of, snapshot: tuple) -> tuple[int, int]:
 
 # The holdings of a source at one snapshot, with the metadata a row has of
 # its own (a rerun's addition), as migration 0010 stores them.
-_STATE = """
-    SELECT r.provider, r.account, r.asset, r.balance, r.decimals, r.available_balance, r.spark_factor,
+_STATE = sql.SQL("""
+    SELECT r.provider, r.account, r.asset, {r_values},
            CASE WHEN r.as_of = %(as_of)s THEN r.as_of_raw END AS as_of_raw,
            CASE WHEN r.as_of = %(as_of)s THEN r.scheduled_for END AS scheduled_for,
            CASE WHEN r.as_of = %(as_of)s THEN r.run_id END AS run_id,
@@ -459,7 +463,7 @@ _STATE = """
                AND h.as_of <= %(as_of)s
              ORDER BY h.account, h.asset, h.as_of DESC) r
      WHERE NOT r.gone
-"""
+""").format(r_values=_values("r"))
 
 
 def _publish_again(cur, staged: sql.Composable, run: runs.Run, held: tuple) -> tuple[int, int]:
@@ -469,7 +473,7 @@ def _publish_again(cur, staged: sql.Composable, run: runs.Run, held: tuple) -> t
     is left alone, one the snapshot lacked is added (with this run as its
     loader); (holdings added, rows stored).
     """
-    cur.execute(sql.SQL("CREATE TEMP TABLE balance_put ON COMMIT DROP AS " + _STATE),
+    cur.execute(sql.SQL("CREATE TEMP TABLE balance_put ON COMMIT DROP AS ") + _STATE,
                 {"source": run.source, "as_of": run.as_of})
     cur.execute("CREATE INDEX ON pg_temp.balance_put (account, asset)")
     cur.execute(

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from psycopg2 import sql
 
-from extractors.records import ROW_COLUMNS, BalanceRow, Column, Rejection
+from extractors.records import ROW_COLUMNS, BalanceRow, Column, PageKind, Rejection
 from loaders import rejections
 
 SCHEMA = "balance_staging"
@@ -47,14 +47,14 @@ def table_name(run_id: int, shard: int) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"run_{int(run_id)}_shard_{int(shard)}")
 
 
-def aggregate_table_name(run_id: int, shard: int) -> sql.Identifier:
-    """Provider-reported totals (Formance aggregates) staged beside the rows."""
+def totals_table_name(run_id: int, shard: int) -> sql.Identifier:
+    """The provider's own totals (a ``PageKind.TOTALS`` page) staged beside the rows, for aggregate_balances."""
     return sql.Identifier(SCHEMA, f"run_{int(run_id)}_shard_{int(shard)}_aggregate")
 
 
 def drop(cur, run_id: int, shard: int) -> None:
     cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
-        table_name(run_id, shard), aggregate_table_name(run_id, shard)))
+        table_name(run_id, shard), totals_table_name(run_id, shard)))
 
 
 def drop_run(cur, run_id: int) -> None:
@@ -232,12 +232,13 @@ class StagingWriter:
             forget_staged(cur, run_id, shard)
         conn.commit()
 
-    def add(self, rows: list[BalanceRow], rejected: list[Rejection] = (), kind: str = "balances") -> None:
-        if kind == "aggregate":
-            self._add_aggregate(rows)
+    def add(self, rows: list[BalanceRow], rejected: list[Rejection] = (),
+            kind: PageKind = PageKind.BALANCES) -> None:
+        if kind is PageKind.TOTALS:
+            self._add_totals(rows)
             rows = []
-        elif kind != "balances":
-            raise ValueError(f"unknown page kind {kind!r}")
+        elif kind is not PageKind.BALANCES:
+            raise ValueError(f"a {kind!r} page has no rows to stage")
         self._copy.add(rows)
         if rejected:
             with self.conn.cursor() as cur:
@@ -246,8 +247,8 @@ class StagingWriter:
             self.conn.commit()
             self.rejected += len(rejected)
 
-    def _add_aggregate(self, rows: list[BalanceRow]) -> None:
-        table = aggregate_table_name(self.run_id, self.shard)
+    def _add_totals(self, rows: list[BalanceRow]) -> None:
+        table = totals_table_name(self.run_id, self.shard)
         with self.conn.cursor() as cur:
             cur.execute(sql.SQL('CREATE UNLOGGED TABLE IF NOT EXISTS {} (asset text COLLATE "C" NOT NULL,'
                                 " balance numeric NOT NULL, decimals smallint)").format(table))

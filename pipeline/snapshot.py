@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from extractors.errors import HistoryUnavailable, NoSnapshotAvailable, SnapshotError, SnapshotInFuture
-from extractors.records import Rejection
+from extractors.records import PageKind, Rejection
 from extractors.text import human_duration, one_line, safe_text
 from extractors.provider import Throttle, close, stats
 from loaders import publish as publishing
@@ -296,7 +296,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
                                           f"{run.scheduled_for.isoformat()}")
             kwargs["snapshot"] = snapshot
         for page in extractor.pages(run.scheduled_for, **kwargs):
-            if page.kind == "restart":
+            if page.kind is PageKind.RESTART:
                 # The provider's data moved under a live crawl: what is staged
                 # is void, and the extractor reads the snapshot again.
                 writer.abort()
@@ -315,7 +315,7 @@ def _crawl(conn, source: SourceConfig, run: runs.Run, shard: int, account_range,
                     raise SnapshotError(
                         f"shard {shard} read snapshot {page.as_of_raw}, another shard read {recorded}"
                     )
-            if page.kind == "balances":  # (an aggregate page's rows belong to no account)
+            if page.kind is PageKind.BALANCES:  # (a totals page's rows belong to no account)
                 page.reject_bad_ids()
             writer.add(page.rows, page.rejected, page.kind)
             warnings.extend(page.warnings)

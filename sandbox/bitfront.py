@@ -23,6 +23,7 @@ from collections import deque
 from decimal import Decimal
 from typing import Any, Callable
 
+from sandbox.live import MovingBook, minute_now
 from sandbox.server import Request, Response, json_response
 
 SANDBOX_KEY = "SBXbitfrontKEY01"
@@ -208,3 +209,29 @@ def demo_source(url: str) -> dict:
 
 DEMO_CONNECTION = ("bitfront_sandbox",
                    f"bitfront://{SANDBOX_KEY}:{SANDBOX_SECRET}@openapi.bitfront.me")
+
+
+# --- live: the demo data moving by the minute, for ``scripts/demo --serve`` ---------------------
+
+
+class LiveBitfront(MovingBook):
+    """The demo wallet with BTC and USDT drifting every minute."""
+
+    def __init__(self, clock: Callable[[], int] = minute_now):
+        super().__init__(demo_app(), clock)
+
+    def advance(self, minute: int, previous: int | None) -> None:
+        wallet = self.app.wallet
+        step = minute % 20
+        btc = Decimal("12.35615") + Decimal(step) / 100
+        usdt = Decimal("1000000000") - Decimal(step * 1234) / 1000
+        for i, record in enumerate(wallet):
+            if record["currency"] == "BTC":
+                wallet[i] = holding("BTC", str(btc), str(btc - 1))
+            elif record["currency"] == "USDT":
+                wallet[i] = holding("USDT", str(usdt), str(usdt - 1000))
+
+
+def live_app() -> LiveBitfront:
+    """The moving demo wallet that ``scripts/demo --serve`` and the live tests serve."""
+    return LiveBitfront()

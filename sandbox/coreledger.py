@@ -20,8 +20,10 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 from urllib.parse import unquote
 
+from sandbox.live import MovingBook, minute_now
 from sandbox.server import Request, Response, json_response
 
 SANDBOX_API_KEY = "teos-sandbox-7f3c9a51d2e84b06"
@@ -289,3 +291,25 @@ def demo_source(url: str) -> dict:
 
 
 DEMO_CONNECTION = ("coreledger_sandbox", f"http://:{SANDBOX_API_KEY}@teosapi.sandbox")
+
+
+# --- live: the demo data moving by the minute, for ``scripts/demo --serve`` ---------------------
+
+
+class LiveCoreLedger(MovingBook):
+    """The demo TEOS book with every GOLD holding moving by the minute."""
+
+    def __init__(self, clock: Callable[[], int] = minute_now):
+        super().__init__(demo_app(), clock)
+        self.base = dict(self.app.balances)
+        self.gold = DEMO_ASSETS[0].id
+
+    def advance(self, minute: int, previous: int | None) -> None:
+        for (address, asset), amount in self.base.items():
+            if asset == self.gold:
+                self.app.balances[(address, asset)] = amount + (minute % 30) * 125
+
+
+def live_app() -> LiveCoreLedger:
+    """The moving demo book that ``scripts/demo --serve`` and the live tests serve."""
+    return LiveCoreLedger()

@@ -525,7 +525,7 @@ def demo_source(url: str) -> dict:
 DEMO_CONNECTION = ("evm_sandbox", f"http://:{DEMO_API_KEY}@evm-sandbox")
 
 
-# --- live: a block a minute, for ``balances demo --serve`` --------------------------------------
+# --- live: a block a minute, for ``scripts/demo --serve`` ---------------------------------------
 
 
 class LiveEvm:

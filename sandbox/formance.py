@@ -149,6 +149,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qsl
 
+from sandbox.live import MINUTE, MovingBook, minute_now, treasury_move
 from sandbox.server import Request, Response, json_response
 
 TOKEN_PATH = "/api/auth/oauth/token"
@@ -940,3 +941,42 @@ def demo_source(url: str) -> dict:
 
 
 DEMO_CONNECTION = ("formance_sandbox", f"http://{DEMO_CLIENT_ID}:{DEMO_CLIENT_SECRET}@formance-sandbox")
+
+
+# --- live: the demo data moving by the minute, for ``scripts/demo --serve`` ---------------------
+
+
+class LiveFormance(MovingBook):
+    """The demo ledger, plus a treasury move every third minute and users paying each other.
+
+    The overdrawn ``users:005`` pays its debt back after ``repay_after``
+    minutes: the continuity check's negative-balance breaks stop there.
+    """
+
+    def __init__(self, *, repay_after: int = 10, clock: Callable[[], int] = minute_now):
+        super().__init__(demo_app(), clock)
+        self.ledger = self.app.ledgers[DEMO_LEDGER]
+        self.started = clock()
+        self.repay_after = repay_after
+        self._repaid = False
+        self._held = 0  # treasury_move already booked
+
+    def advance(self, minute: int, previous: int | None) -> None:
+        start = minute if previous is None else previous + 1
+        for m in range(start, minute + 1):
+            at = datetime.fromtimestamp(m * MINUTE - 1, timezone.utc)
+            delta, self._held = treasury_move(m) - self._held, treasury_move(m)
+            if delta > 0:
+                self.ledger.transfer(at, "world", "treasury:hedera", "HBAR/8", delta)
+            elif delta < 0:
+                self.ledger.transfer(at, "treasury:hedera", "world", "HBAR/8", -delta)
+            self.ledger.transfer(at, "users:001", "users:002", "USD/2", 100 + m % 50)
+            self.ledger.transfer(at, "users:002", "users:001", "USD/2", 100 + (m * 7) % 50)
+            if not self._repaid and m - self.started >= self.repay_after:
+                self.ledger.transfer(at, "world", "users:005", "USD/2", 1_500)
+                self._repaid = True
+
+
+def live_app() -> LiveFormance:
+    """The moving demo ledger that ``scripts/demo --serve`` and the live tests serve."""
+    return LiveFormance()

@@ -82,6 +82,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
+from sandbox.live import HISTORY_MINUTES, MINUTE, MovingBook, minute_now, treasury_move
 from sandbox.server import Request, Response, json_response
 
 ALLOWED = ("account.balance", "account.id", "account.publickey", "limit", "order", "timestamp")
@@ -700,3 +701,103 @@ def demo_source(url: str) -> dict:
 
 
 DEMO_CONNECTION = None
+
+
+# --- live: the demo data moving by the minute, for ``scripts/demo --serve`` ---------------------
+
+
+class LiveHedera(MovingBook):
+    """A mirror node with a balance snapshot every minute, a second before the minute.
+
+    ``page_delay`` seconds per answer: the real mirror node is not instant,
+    and parallel shards then visibly overlap. Each minute's changes are one
+    transaction, half a minute before its snapshot: 0.0.2 (the treasury of
+    this make-believe network, holding what the others do not) pays or
+    receives every account's drift, in HBAR and in 0.0.5001, so the
+    movements explain every snapshot, as on a real network.
+    """
+
+    def __init__(self, accounts: int = 240, *, page_delay: float = 1.0,
+                 clock: Callable[[], int] = minute_now):
+        super().__init__(HederaMirror([], {"0.0.5001": 6, "0.0.5002": 2}), clock)
+        self.accounts = accounts
+        self.page_delay = page_delay
+
+    def __call__(self, request: Request) -> Response:
+        response = super().__call__(request)
+        if request.path == "/api/v1/balances" and self.page_delay:
+            time.sleep(self.page_delay)
+        return response
+
+    # What 0.0.2 and the others hold together: 0.0.2 holds the rest (above 2**53: exact only if
+    # never a float).
+    SUPPLY, TOKEN_SUPPLY = 5_000_000_000_000_000_000, 10**12
+
+    def nums(self) -> list[int]:
+        return sorted(set(range(3, self.accounts + 2)) | {1234})
+
+    def hbar(self, num: int, minute: int) -> int:
+        if num == 1234:
+            return TREASURY_TINYBARS + treasury_move(minute)
+        # Each account drifts on its own rhythm, up and down.
+        return num * 100_000_000 + ((minute * (num % 13 + 1)) % 50) * 1_000_000
+
+    @staticmethod
+    def token(num: int, minute: int) -> int | None:
+        return num * 1_000_000 + (minute * num) % 997 if num % 10 == 0 else None
+
+    def snapshot(self, minute: int):
+        others = sum(self.hbar(n, minute) for n in self.nums())
+        tokens = sum(t for n in self.nums() if (t := self.token(n, minute)) is not None)
+
+        def account(num: int) -> Account:
+            if num == 2:
+                return Account(balance=self.SUPPLY - others, tokens=[("0.0.5001", self.TOKEN_SUPPLY - tokens)])
+            held = self.token(num, minute)
+            return Account(balance=self.hbar(num, minute), tokens=[] if held is None else [("0.0.5001", held)])
+
+        at = minute * MINUTE - 1
+        return Snapshot(f"{at}.{500_000_000 + minute % 1000:09d}", [2, *self.nums()], account)
+
+    def transaction(self, minute: int):
+        """The minute's one transaction: everything that moved since the minute before."""
+        hbar = [(n, self.hbar(n, minute) - self.hbar(n, minute - 1)) for n in self.nums()]
+        hbar = [(n, d) for n, d in hbar if d]
+        token = [("0.0.5001", n, self.token(n, minute) - self.token(n, minute - 1)) for n in self.nums()
+                 if self.token(n, minute) is not None and self.token(n, minute) != self.token(n, minute - 1)]
+        legs = sorted([(2, -sum(d for _, d in hbar)), *hbar])
+        tokens = sorted([("0.0.5001", 2, -sum(d for _, _, d in token)), *token])
+        return Tx(f"{minute * MINUTE - 30}.000000000", 2, transfers=tuple((n, d) for n, d in legs if d),
+                  token_transfers=tuple(t for t in tokens if t[2]))
+
+    def advance(self, minute: int, previous: int | None) -> None:
+        first = minute - HISTORY_MINUTES if previous is None else previous + 1
+        mirror = self.app
+        new = [self.snapshot(m) for m in range(max(first, minute - HISTORY_MINUTES), minute + 1)]
+        mirror.snapshots = (mirror.snapshots + new)[-HISTORY_MINUTES:]
+        mirror.transactions = _LiveTransactions(self, minute)
+
+
+class _LiveTransactions:
+    """A live mirror's transactions up to ``last`` (a minute), one a minute, made when asked for."""
+
+    def __init__(self, live: LiveHedera, last: int) -> None:
+        self.live, self.last = live, last
+
+    def between(self, low: int, high: int, *, descending: bool):
+        nanos = MINUTE * 10**9
+        first, final = max(self.last - HISTORY_MINUTES, low // nanos), min(self.last, high // nanos + 1)
+        minutes = range(final, first - 1, -1) if descending else range(first, final + 1)
+        for minute in minutes:
+            tx = self.live.transaction(minute)
+            if low <= tx.nanos <= high:
+                yield tx
+
+
+# The live mirror answers 50 accounts a page, so each shard takes several pages.
+LIVE_KEYS = {"limit": 50}
+
+
+def live_app() -> LiveHedera:
+    """The moving mirror node that ``scripts/demo --serve`` and the live tests serve."""
+    return LiveHedera()

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Iterator
 
 from extractors.provider import stats
-from extractors.records import Page, Rejection
+from extractors.records import Page, PageKind, Rejection
 from pipeline.snapshot import build_extractor, close_extractor
 from tests.sandboxes import Live, now
 
@@ -35,7 +35,7 @@ class Crawl:
     @property
     def rows(self) -> list[tuple]:
         """Every balance row as a tuple of its columns, sorted: compared whole, whatever the provider."""
-        return sorted(dataclasses.astuple(r) for p in self.pages if p.kind == "balances" for r in p.rows)
+        return sorted(dataclasses.astuple(r) for p in self.pages if p.kind is PageKind.BALANCES for r in p.rows)
 
     @property
     def rejected(self) -> list[Rejection]:
@@ -57,10 +57,10 @@ def crawl(live: Live, at: datetime | None = None) -> Crawl:
             kwargs["snapshot"] = extractor.choose_snapshot(at)
     with _extractor(live, result) as extractor:
         for page in extractor.pages(at, **kwargs):
-            if page.kind == "restart":  # what was read is void: the extractor reads again
+            if page.kind is PageKind.RESTART:  # what was read is void: the extractor reads again
                 result.pages.clear()
                 continue
-            if page.kind == "balances":
+            if page.kind is PageKind.BALANCES:
                 page.reject_bad_ids()
             result.pages.append(page)
     return result

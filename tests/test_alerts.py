@@ -601,11 +601,13 @@ def test_ten_minutes_of_the_live_demo_mail_the_overdrawn_account_once(db, smtp, 
     from devtools.demo import DEMO_CHECKS, demo_alerts, write_sources
     from pipeline.snapshot import take_snapshot
     from sandbox import apps, live
+    from sandbox.formance import LiveFormance
+    from sandbox.hedera import LiveHedera
 
     start = live.minute_now() - 60
     clock = [start]
-    books = {"formance": live.LiveFormance(clock=lambda: clock[0]),
-             "hedera": live.LiveHedera(page_delay=0, clock=lambda: clock[0])}
+    books = {"formance": LiveFormance(clock=lambda: clock[0]),
+             "hedera": LiveHedera(page_delay=0, clock=lambda: clock[0])}
     servers = {name: FakeServer(app).start() for name, app in books.items()}
     try:
         sources = {}

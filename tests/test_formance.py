@@ -15,7 +15,7 @@ from extractors.credentials import Credentials
 from extractors.errors import (HistoryUnavailable, LedgerUnavailable, MalformedResponseError, ProviderError,
                                SnapshotError, SnapshotInFuture, SnapshotMoved)
 from extractors.formance import address_matches, asset_decimals, format_pit, v1_snapshot_raw
-from extractors.records import RecordError
+from extractors.records import PageKind, RecordError
 from extractors.registry import provider
 from pipeline.config import ConfigError
 from pipeline.snapshot import RejectedRecordsError, build_extractor, take_snapshot
@@ -1013,7 +1013,7 @@ def test_25_7_crawl_memory_does_not_grow_with_the_ledger(serve):
         extractor = build_extractor(source)
         tracemalloc.start()
         try:
-            rows = sum(len(page.rows) for page in extractor.pages(now()) if page.kind != "aggregate")
+            rows = sum(len(page.rows) for page in extractor.pages(now()) if page.kind is PageKind.BALANCES)
             peaks[accounts] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

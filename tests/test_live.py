@@ -7,8 +7,9 @@ def test_moving_sandboxes_agree_on_the_treasury_minute_by_minute():
     """The pair the dashboard shows: both books move together, every third minute."""
     from decimal import Decimal
 
-    from sandbox.hedera import TREASURY_TINYBARS
-    from sandbox.live import LiveFormance, LiveHedera, treasury_move
+    from sandbox.formance import LiveFormance
+    from sandbox.hedera import TREASURY_TINYBARS, LiveHedera
+    from sandbox.live import treasury_move
 
     clock = {"minute": 29_000_000}
     hedera = LiveHedera(page_delay=0, clock=lambda: clock["minute"])
