@@ -135,6 +135,10 @@ def _columns(cls: type) -> tuple[Column, ...]:
 # The columns of a history row, in BalanceRow's field order: staging's DDL,
 # its COPY encoder and publish's INSERT are built from these.
 ROW_COLUMNS: tuple[Column, ...] = _columns(BalanceRow)
+# The columns that say how ``balance`` becomes whole units, in the order the
+# database's ``balance_whole_units(amount, ...)`` takes them (migration 0004):
+# a power of ten, else a provider's own divisor. The checks read amounts through them.
+UNIT_COLUMNS: tuple[str, ...] = ("decimals", "spark_factor")
 
 
 # What a movement leg is, in the pipeline's own words (balance_movements.kind).

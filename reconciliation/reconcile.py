@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable
 
 from psycopg2.extras import Json, execute_values
 
+from extractors.records import UNIT_COLUMNS
 from extractors.text import human_duration, safe_text
 from loaders import leases
 from loaders.db import transaction
@@ -71,9 +72,14 @@ log = logging.getLogger(__name__)
 DEFAULT_LOOKBACK = timedelta(days=3)
 
 
-def whole_units(value: str, alias: str, *, spark_factor: bool = True) -> str:
-    """SQL for ``value`` of the row ``alias`` in whole units, exactly (migration 0004's function)."""
-    return f"balance_whole_units({value}, {alias}.decimals, {alias + '.spark_factor' if spark_factor else 'NULL'})"
+def whole_units(value: str, alias: str | None, *, has: tuple[str, ...] = UNIT_COLUMNS) -> str:
+    """SQL for ``value`` in whole units, exactly (migration 0004's ``balance_whole_units``).
+
+    Read with the unit columns of the row ``alias`` (bare names without one);
+    a unit column the row does not have (not in ``has``) counts as NULL.
+    """
+    args = ", ".join((f"{alias}.{c}" if alias else c) if c in has else "NULL" for c in UNIT_COLUMNS)
+    return f"balance_whole_units({value}, {args})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +344,7 @@ def aggregate_breaks(cur, check: AggregateCheck, window_from: datetime, window_t
     cur.execute(
         f"""
         WITH agg AS (
-            SELECT a.as_of, a.asset, sum({whole_units('a.balance', 'a', spark_factor=False)}) AS units
+            SELECT a.as_of, a.asset, sum({whole_units('a.balance', 'a', has=('decimals',))}) AS units
               FROM aggregate_balances a
              WHERE a.source = %(source)s AND a.as_of BETWEEN %(from)s AND %(to)s
              GROUP BY 1, 2
@@ -485,10 +491,10 @@ def rollforward_breaks(cur, check: RollforwardCheck, window_from: datetime,
     checked["unexplained_change"] = checked["movement_without_holding"] = [t for (t,) in cur.fetchall()]
     # Values from SQL, in whole units: each side converted exactly, the difference exact.
     cur.execute(
-        """
+        f"""
         SELECT account, asset, period_start, period_end, status, movements,
-               balance_whole_units(coalesce(closing, 0) - coalesce(opening, 0), decimals, spark_factor),
-               balance_whole_units(inflow - outflow, decimals, spark_factor)
+               {whole_units("coalesce(closing, 0) - coalesce(opening, 0)", None)},
+               {whole_units("inflow - outflow", None)}
           FROM balance_rollforward
          WHERE source = %(source)s AND period_end BETWEEN %(from)s AND %(to)s
            AND status IN ('unexplained', 'movement_without_holding')

@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 
 from devtools.demo import write_sources
+from sandbox.apps import sandbox
 from sandbox.server import Response
 from tests.conftest import REPO, fetch, load_dag
 from tests.sandboxes import PROVIDERS, SECRET_HEADERS, demo_app, start
 
 pytestmark = pytest.mark.airflow
 
-KEYED = [p for p in PROVIDERS if p != "hedera"]  # Hedera's mirror node needs no key
+# The providers whose sandbox takes credentials (a mirror node needs no key: nothing to leak).
+KEYED = [p for p in PROVIDERS if sandbox(p).DEMO_CONNECTION is not None]
 
 
 class Echoing:
