@@ -24,14 +24,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if "BALANCES_TEST_SCRATCH" in os.environ:
+if os.environ.get("BALANCES_TEST_SCRATCH_PID") == str(os.getpid()):
     # Imported a second time (as tests.conftest): keep the first set-up.
     _SCRATCH = Path(os.environ["BALANCES_TEST_SCRATCH"])
 else:
+    # Each process its own: pytest-xdist's workers (scripts/test runs two)
+    # each start their own cluster and Airflow home.
     _SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
     _SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
     atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
     os.environ["BALANCES_TEST_SCRATCH"] = str(_SCRATCH)
+    os.environ["BALANCES_TEST_SCRATCH_PID"] = str(os.getpid())
 PG_DATA = _SCRATCH / "pgdata"
 os.environ["AIRFLOW_HOME"] = str(_SCRATCH / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")

@@ -141,9 +141,9 @@ def _copy_checkout(dest: Path) -> None:
 
 def _add_acme(root: Path) -> None:
     """What the guide says to write, and nothing more."""
-    shutil.copy(TEMPLATES / "extractors_acme.py", root / "extractors" / "acme.py")
-    shutil.copy(TEMPLATES / "sandbox_acme.py", root / "sandbox" / "acme.py")
-    shutil.copy(TEMPLATES / "test_acme.py", root / "tests" / "test_acme.py")
+    shutil.copy(TEMPLATES / "acme_extractor.py", root / "extractors" / "acme.py")
+    shutil.copy(TEMPLATES / "acme_sandbox.py", root / "sandbox" / "acme.py")
+    shutil.copy(TEMPLATES / "acme_tests.py", root / "tests" / "test_acme.py")
     readme = root / "README.md"
     text = readme.read_text()
     readme.write_text(text.replace("\n## Credentials\n", "\n" + (TEMPLATES / "readme_section.md").read_text()
