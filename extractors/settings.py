@@ -1,4 +1,4 @@
-"""What a ``[sources.<name>]`` key may hold: the types provider settings are declared with.
+"""What a key of the sources file may hold: the types a provider's settings are declared with.
 
 A provider declares its own keys as a pydantic model next to its code::
 

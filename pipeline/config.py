@@ -14,6 +14,7 @@ in ``errors``, so the CLI and the DAG files accept exactly the same sources.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import stat
@@ -142,7 +143,7 @@ class SourceConfig:
         would write it: :func:`parse_source` reads it back to an equal SourceConfig.
 
         Credentials are never part of it: a source names its Connection (``conn_id``), and a URL
-        carrying a user or password is refused (:func:`check_url`).
+        carrying a user or password is refused (:func:`extractors.settings.check_url`).
         """
         values = {"provider": self.provider}
         values |= {key: getattr(self, key) for key in SourceKeys.model_fields if key not in RETRY_KEYS}
@@ -313,16 +314,15 @@ def checked(model: type[BaseModel], values: dict[str, Any], where: str, known: I
         raise config_error(exc, where, known) from None
 
 
-_ADAPTERS: dict[Any, TypeAdapter] = {}
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(kind, config=ConfigDict(strict=True))
 
 
 def value_of(kind: Any, value: Any, where: str) -> Any:
     """One value read as ``kind`` (an :mod:`extractors.settings` type), strictly; ConfigError naming ``where``."""
-    adapter = _ADAPTERS.get(kind)
-    if adapter is None:
-        adapter = _ADAPTERS[kind] = TypeAdapter(kind, config=ConfigDict(strict=True))
     try:
-        return adapter.validate_python(unblanked(value))
+        return _adapter(kind).validate_python(unblanked(value))
     except ValidationError as exc:
         raise config_error(exc, where) from None
 
