@@ -23,7 +23,6 @@ import hmac
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator
@@ -36,6 +35,7 @@ from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error, http_retriable, parse_retry_after
 from extractors.paginators import SinglePage
 from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.settings import ProviderSettings, Text, Url
 from extractors.records import (
     BalanceRow,
     Page,
@@ -57,16 +57,11 @@ RETRIABLE_CODES = frozenset({6004, 5000, 5001, 5002})
 _CURRENCY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 
-@dataclass(slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys a BitFront source accepts."""
 
-    base_url: str = "https://openapi.bitfront.me"
-    account: str = "main"
-
-    def __post_init__(self) -> None:
-        if urlsplit(self.base_url).scheme not in ("http", "https"):
-            raise ValueError("base_url", f"{self.base_url!r} is not an http(s) URL")
+    base_url: Url = "https://openapi.bitfront.me"
+    account: Text = "main"
 
 
 def sign(secret: str, nonce: str, timestamp: str, method: str, path: str, query: str = "",

@@ -19,12 +19,14 @@ from typing import Any, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
+from pydantic import ValidationInfo, field_validator
 
 from extractors.credentials import Credentials, require_credentials
 from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import PlannedPages
 from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.settings import Count, OneOrMore, ProviderSettings, Text, Url
 from extractors.records import (
     BalanceRow,
     Page,
@@ -77,42 +79,56 @@ def asset_path(api_version: str, asset_id: str) -> str:
     return f"/odata/v{api_version}/Assets({odata_string(asset_id)})"
 
 
-@dataclass(slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys a CoreLedger source accepts."""
 
-    addresses: list[str]
-    unique_asset_ids: list[str]
-    base_url: str = DEFAULT_BASE_URL
-    api_version: str = "1.1"
-    max_url_length: int = 2000
+    addresses: OneOrMore[Text]
+    unique_asset_ids: OneOrMore[Text]
+    base_url: Url = DEFAULT_BASE_URL
+    api_version: Text = "1.1"
+    max_url_length: Count = 2000
 
-    def __post_init__(self) -> None:
-        self.base_url = self.base_url.rstrip("/")
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("base_url", f"{self.base_url!r} is not an http(s) URL")
-        if "/odata" in parts.path.lower():
-            raise ValueError("base_url", "give the origin only, e.g. https://teosapi.coreledger.net: "
-                                         "the /odata/v<version> part comes from api_version")
-        if not _VERSION.fullmatch(self.api_version):
-            raise ValueError("api_version", f"{self.api_version!r} is not a version such as '1.1'")
-        for key in ("addresses", "unique_asset_ids"):
-            values = getattr(self, key)
-            if not values:
-                raise ValueError(key, "must list at least one value")
-            seen: set[str] = set()
-            for value in values:
-                # Hex addresses and asset ids are case-insensitive.
-                if fold(value) in seen:
-                    raise ValueError(key, f"{value!r} is listed twice")
-                seen.add(fold(value))
-        widest = len(self.base_url + balances_path(
-            self.api_version, [max(self.addresses, key=lambda a: len(odata_string(a)))],
-            [max(self.unique_asset_ids, key=lambda a: len(odata_string(a)))]))
-        if widest > self.max_url_length:
-            raise ValueError("max_url_length", f"{self.max_url_length} is too short: one address and "
-                                               f"one asset already need a {widest}-character URL")
+    @field_validator("addresses", "unique_asset_ids")
+    @classmethod
+    def _each_once(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("must list at least one value")
+        seen: set[str] = set()
+        for value in values:
+            # Hex addresses and asset ids are case-insensitive.
+            if fold(value) in seen:
+                raise ValueError(f"{value!r} is listed twice")
+            seen.add(fold(value))
+        return values
+
+    @field_validator("base_url")
+    @classmethod
+    def _origin_only(cls, base_url: str) -> str:
+        if "/odata" in urlsplit(base_url).path.lower():
+            raise ValueError("give the origin only, e.g. https://teosapi.coreledger.net: "
+                             "the /odata/v<version> part comes from api_version")
+        return base_url.rstrip("/")
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, api_version: str) -> str:
+        if not _VERSION.fullmatch(api_version):
+            raise ValueError(f"{api_version!r} is not a version such as '1.1'")
+        return api_version
+
+    @field_validator("max_url_length")
+    @classmethod
+    def _one_pair_fits(cls, max_url_length: int, info: ValidationInfo) -> int:
+        keys = info.data
+        if not {"addresses", "unique_asset_ids", "base_url", "api_version"} <= set(keys):
+            return max_url_length  # a mistake there is reported on its own
+        widest = len(keys["base_url"] + balances_path(
+            keys["api_version"], [max(keys["addresses"], key=lambda a: len(odata_string(a)))],
+            [max(keys["unique_asset_ids"], key=lambda a: len(odata_string(a)))]))
+        if widest > max_url_length:
+            raise ValueError(f"{max_url_length} is too short: one address and "
+                             f"one asset already need a {widest}-character URL")
+        return max_url_length
 
 
 @dataclass(slots=True, frozen=True)

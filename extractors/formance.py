@@ -100,10 +100,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
+from pydantic import ValidationInfo, field_validator
 
 from extractors.auth import ClientCredentialsAuth
 from extractors.credentials import Credentials
@@ -119,6 +120,7 @@ from extractors.http import HttpClient, RetryPolicy, error_text, http_error
 from extractors.transport import send
 from extractors.paginators import CursorPaginator
 from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.settings import Between, Count, Number, OneOrMore, ProviderSettings, Text, Url
 from extractors.text import safe_text
 from extractors.records import (
     BalanceRow,
@@ -208,48 +210,67 @@ def address_matches(pattern: str, address: str) -> bool:
     return len(wanted) == len(parts) and all(w in ("", p) for w, p in zip(wanted, parts))
 
 
-@dataclass(slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys a Formance source accepts."""
 
-    base_url: str
-    ledger: str
-    api: str = "v1"
-    address: str | None = None
-    page_size: int = 100
+    base_url: Url
+    # First: the checks of page_size and address read it, and a wrong api is the mistake to name.
+    api: Text = "v1"
+    ledger: Text
+    address: Text | None = None
+    # Say so rather than let the server cut a larger page without a word
+    # (the top depends on the API: _page_size_fits_the_api).
+    page_size: Count = 100
     # A ledger (or filter) holding no account is usually a misspelling:
     # the run fails unless the source says an empty snapshot is expected.
     allow_empty: bool = False
     # The OAuth2 scopes asked for; None: the Connection's extra ``scope``, else DEFAULT_SCOPES.
-    scopes: list[str] | None = None
+    scopes: OneOrMore[Text] | None = None
     # A v2 read waits until the server's clock is this many seconds past pit.
-    pit_margin: float = 60.0
+    pit_margin: Annotated[Number, Between(0, MAX_PIT_MARGIN, unit=" seconds")] = 60.0
     # v1: crawls that may each see the ledger's log move before the run fails.
-    max_crawls: int = V1_ATTEMPTS
+    max_crawls: Annotated[Count, Between(1, MAX_CRAWLS)] = V1_ATTEMPTS
 
-    def __post_init__(self) -> None:
-        if self.api not in APIS:
-            raise ValueError("api", f"must be one of {', '.join(APIS)}, got {self.api!r}")
-        if not _LEDGER.fullmatch(self.ledger):
-            raise ValueError("ledger", f"{self.ledger!r} is not a ledger name (letters, digits, _ and -)")
-        top = MAX_PAGE_SIZE[self.api]
-        if not 1 <= self.page_size <= top:
-            # Say so rather than let the server cut it without a word.
-            raise ValueError("page_size", f"must be between 1 and {top} for the {self.api} API, "
-                                          f"got {self.page_size}")
-        if self.address is not None:
-            problem = address_filter_problem(self.address, self.api)
-            if problem:
-                raise ValueError("address", problem)
-        for scope in self.scopes or []:
+    @field_validator("ledger")
+    @classmethod
+    def _ledger_name(cls, ledger: str) -> str:
+        if not _LEDGER.fullmatch(ledger):
+            raise ValueError(f"{ledger!r} is not a ledger name (letters, digits, _ and -)")
+        return ledger
+
+    @field_validator("api")
+    @classmethod
+    def _known_api(cls, api: str) -> str:
+        if api not in APIS:
+            raise ValueError(f"must be one of {', '.join(APIS)}, got {api!r}")
+        return api
+
+    # The checks below read api: a wrong api is reported on its own.
+    @field_validator("address")
+    @classmethod
+    def _filter_every_server_reads_alike(cls, address: str | None, info: ValidationInfo) -> str | None:
+        api = info.data.get("api")
+        problem = address_filter_problem(address, api) if address is not None and api is not None else None
+        if problem:
+            raise ValueError(problem)
+        return address
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size_fits_the_api(cls, page_size: int, info: ValidationInfo) -> int:
+        api = info.data.get("api")
+        if api is not None and not 1 <= page_size <= MAX_PAGE_SIZE[api]:
+            raise ValueError(f"must be between 1 and {MAX_PAGE_SIZE[api]} for the {api} API, got {page_size}")
+        return page_size
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, scopes: list[str] | None) -> list[str] | None:
+        for scope in scopes or []:
             if not _SCOPE.fullmatch(scope):
-                raise ValueError("scopes", f"{scope!r} is not an OAuth2 scope (printable ASCII, no spaces "
-                                           "or quotes; list each scope on its own)")
-        if not 1 <= self.max_crawls <= MAX_CRAWLS:
-            raise ValueError("max_crawls", f"must be between 1 and {MAX_CRAWLS}, got {self.max_crawls}")
-        if not 0 <= self.pit_margin <= MAX_PIT_MARGIN:
-            raise ValueError("pit_margin", f"must be between 0 and {MAX_PIT_MARGIN:g} seconds, "
-                                           f"got {self.pit_margin:g}")
+                raise ValueError(f"{scope!r} is not an OAuth2 scope (printable ASCII, no spaces "
+                                 "or quotes; list each scope on its own)")
+        return scopes
 
 
 def has_history(settings: Settings) -> bool:

@@ -38,7 +38,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
+
+from pydantic import field_validator
 
 from extractors.errors import (
     MalformedResponseError,
@@ -50,6 +52,7 @@ from extractors.credentials import Credentials
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import NextLinkPaginator, check_page_cap
 from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.settings import Between, Count, OneOrMore, ProviderSettings, Text, Url
 from extractors.records import (
     BalanceRow,
     MovementPage,
@@ -118,7 +121,7 @@ class AccountExpression:
 
 
 def parse_account_expression(text: str) -> AccountExpression:
-    """``0.0.98``, ``eq:0.0.98``, ``gte:0.0.1000``, ... as the ids they cover.
+    """``0.0.98``, ``eq:0.0.98``, ``gte:0.0.1000``, ... as the ids they cover; ValueError otherwise.
 
     Short forms mean shard 0, realm 0, as on every public network (the node
     fills in its own shard and realm; an encoded number equals the num there).
@@ -127,17 +130,15 @@ def parse_account_expression(text: str) -> AccountExpression:
     if not match:
         if text.startswith("ne:"):
             raise ValueError(
-                "account_ids",
                 f"{text!r}: the mirror node cannot page through 'ne:' (its next link repeats the "
                 "request); list the ranges on either side instead, e.g. 'lt:0.0.98', 'gt:0.0.98'",
             )
         raise ValueError(
-            "account_ids",
             f"{text!r} is not an account.id expression such as '0.0.98' or 'gte:0.0.1000'",
         )
     op, shard, realm, num = match[1] or "eq", int(match[2] or 0), int(match[3] or 0), int(match[4])
     if shard >= 2**_SHARD_BITS or realm >= 2**_REALM_BITS or num >= 2**_NUM_BITS:
-        raise ValueError("account_ids", f"{text!r}: shard, realm or num out of range for an entity id")
+        raise ValueError(f"{text!r}: shard, realm or num out of range for an entity id")
     encoded = encode_id(shard, realm, num)
     low, high = {
         "eq": (encoded, encoded),
@@ -147,26 +148,30 @@ def parse_account_expression(text: str) -> AccountExpression:
         "gte": (encoded, MAX_ENCODED_ID),
     }[op]
     if low > high:
-        raise ValueError("account_ids", f"{text!r} matches no possible account id")
+        raise ValueError(f"{text!r} matches no possible account id")
     return AccountExpression(text, low, high)
 
 
-@dataclass(slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys a Hedera source accepts."""
 
-    base_url: str
-    account_ids: list[str] = field(default_factory=list)
-    limit: int = 100
+    base_url: Url
+    account_ids: OneOrMore[Text] = []
+    # The mirror node silently cuts larger limits to 100; say so instead.
+    limit: Annotated[Count, Between(1, MAX_LIMIT)] = 100
     include_tokens: bool = True
-    api_key_header: str = "x-api-key"
+    api_key_header: Text = "x-api-key"
 
-    def __post_init__(self) -> None:
-        for expr in self.account_ids:
+    def __init__(self, base_url: str | None = None, /, **keys: Any) -> None:
+        # Settings("https://node", ...) reads as well as Settings(base_url=...).
+        super().__init__(**keys if base_url is None else {"base_url": base_url, **keys})
+
+    @field_validator("account_ids")
+    @classmethod
+    def _expressions(cls, account_ids: list[str]) -> list[str]:
+        for expr in account_ids:
             parse_account_expression(expr)
-        if not 1 <= self.limit <= MAX_LIMIT:
-            # The mirror node silently cuts larger limits to 100; say so instead.
-            raise ValueError("limit", f"must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        return account_ids
 
     def expressions(self) -> list[AccountExpression]:
         return [parse_account_expression(expr) for expr in self.account_ids]

@@ -114,8 +114,12 @@ class Provider:
 
     Attributes:
         name: the ``provider = "..."`` of a source; also the module's name.
-        settings: the dataclass of the provider's own ``[sources.<name>]`` keys;
-            its ``__post_init__`` raises ``ValueError(field, message)`` on a bad value.
+        settings: the pydantic model of the provider's own ``[sources.<name>]`` keys
+            (a :class:`~extractors.settings.ProviderSettings`): its field types and
+            ranges say what each key holds, its ``field_validator``\ s raise
+            ``ValueError(message)`` on what types cannot say. A plain dataclass is
+            read through a model made from its fields
+            (:func:`~extractors.settings.settings_model`).
         build: ``build(settings, credentials, policy, *, max_pages, throttle)``
             makes the extractor; ``throttle`` goes to its :class:`HttpClient`.
         extractor: the class ``build`` makes (a :class:`BaseExtractor`): the

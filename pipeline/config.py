@@ -1,34 +1,41 @@
 """The sources file: one TOML document, ``[sources.<name>]`` tables.
 
-Keys every source accepts are read here; every other key belongs to the
-provider and is checked against the provider's settings dataclass. Any
-mistake is reported on one line as ``sources.<name>.<field>: what is
-wrong``. Every number is finite and inside a documented range, every
-``*_url`` is http(s) with a host, a schedule fires at most once a minute
-and at least once a year. A source with a mistake does not stop the
+Keys every source accepts are the :class:`SourceKeys` model here; every
+other key belongs to the provider and is checked by the provider's
+``Settings`` model (:mod:`extractors.settings`). Both are pydantic models,
+strict and closed; their first mistake is reported on one line as
+``sources.<name>.<field>: what is wrong`` (:func:`config_error`), never as
+pydantic's own text. Every number is finite and inside a documented range,
+every ``*_url`` is http(s) with a host, a schedule fires at most once a
+minute and at least once a year. A source with a mistake does not stop the
 others: :func:`load_config` keeps it out of ``sources`` and keeps its error
 in ``errors``, so the CLI and the DAG files accept exactly the same sources.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import os
 import re
 import stat
 import tomllib
-import types
-import typing
-import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from extractors.http import RetryPolicy
-from extractors.redaction import redact_url
+from extractors.settings import (  # noqa: F401  (utc_time is used from here too)
+    Finite,
+    Range,
+    Text,
+    Time,
+    settings_model,
+    unblanked,
+    utc_time,
+)
 from extractors.text import did_you_mean, one_line
 from extractors import registry
 from extractors.provider import Provider
@@ -66,10 +73,6 @@ MAX_DEFAULT_TASK_TIMEOUT = timedelta(hours=6)
 DEFAULT_SCHEDULE = "@hourly"
 DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 START_DATE_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2200, 1, 1, tzinfo=timezone.utc))
-# Any time a run or the config names, once in UTC: from the epoch to the
-# end of year 9999 (Python reads no later time back from PostgreSQL: a
-# stored run in year 10000 broke every 'balances runs').
-TIME_RANGE = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime.max.replace(tzinfo=timezone.utc))
 
 
 def pool_name(provider: str) -> str:
@@ -95,21 +98,6 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
-
-
-def utc_time(value: datetime) -> datetime:
-    """``value`` in UTC (a time without offset is taken as UTC); ValueError unless it lies in
-    :data:`TIME_RANGE` once normalised (``9999-12-31T23:59:59-01:00`` is in year 10000)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    low, high = TIME_RANGE
-    try:
-        utc = value.astimezone(timezone.utc)
-    except OverflowError:
-        utc = None
-    if utc is None or not low <= utc <= high:
-        raise ValueError(f"{value.isoformat()} is outside {low:%Y-%m-%d} to {high:%Y-%m-%d} in UTC")
-    return utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +143,14 @@ class SourceConfig:
         would write it: :func:`parse_source` reads it back to an equal SourceConfig.
 
         Credentials are never part of it: a source names its Connection (``conn_id``), and a URL
-        carrying a user or password is refused (:func:`check_url`).
+        carrying a user or password is refused (:func:`extractors.settings.check_url`).
         """
         values = {"provider": self.provider}
-        values |= {key: getattr(self, key) for key in _COMMON if key != "provider"}
+        values |= {key: getattr(self, key) for key in SourceKeys.model_fields if key not in RETRY_KEYS}
         if values["schedule"] is None:
             values["schedule"] = "none"
-        values |= {key: getattr(self.retry, attr) for key, attr in _RETRY.items()}
-        values |= {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings)}
+        values |= {key: getattr(self.retry, key) for key in RETRY_KEYS}
+        values |= settings_values(self.settings)
         # TOML has no null: a key left unset is one whose default is None.
         return {key: value for key, value in values.items() if value is not None}
 
@@ -180,9 +168,8 @@ def source_from_record(name: str, record: dict[str, Any]) -> SourceConfig:
 def table_from_record(record: dict[str, Any]) -> dict[str, Any]:
     """A kept :meth:`SourceConfig.record` as its TOML table again (times as datetimes)."""
     table = dict(record)
-    for key, kind in _COMMON.items():
-        if kind is datetime and isinstance(table.get(key), str):
-            table[key] = datetime.fromisoformat(table[key])
+    if isinstance(table.get("start_date"), str):
+        table["start_date"] = datetime.fromisoformat(table["start_date"])
     return table
 
 
@@ -227,86 +214,117 @@ class Config:
                               f" (configured: {known})") from None
 
 
-# Keys that every source accepts, with the type they must have.
-_COMMON: dict[str, type] = {
-    "provider": str,
-    "schedule": str,
-    "conn_id": str,
-    "start_date": datetime,
-    "catchup": bool,
-    "max_rejected": int,
-    "max_pages": int,
-    "shards": int,
-    "task_retries": int,
-    "task_retry_delay": float,
-    "task_timeout": float,
-    "rate_limit": float,
-    "max_snapshot_age": float,
-}
-# Keys that tune retries, mapped onto RetryPolicy fields.
-_RETRY: dict[str, str] = {
-    "max_attempts": "max_attempts",
-    "backoff_base": "backoff_base",
-    "backoff_cap": "backoff_cap",
-    "max_retry_after": "max_retry_after",
-    "max_total_wait": "max_total_wait",
-    "connect_timeout": "connect_timeout",
-    "read_timeout": "read_timeout",
-    "request_deadline": "request_deadline",
-    "max_response_bytes": "max_response_bytes",
-}
-# Every key a source accepts whatever its provider.
-SHARED_KEYS = (*_COMMON, *_RETRY)
-
-
-
-
-@dataclass(frozen=True, slots=True)
-class Range:
-    """Where a number may lie; ``low_open`` excludes ``low`` itself."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    unit: str = ""
-
-    def check(self, value: float | int, where: str) -> None:
-        if self.low_open and value <= self.low or value < self.low or value > self.high:
-            low = f"more than {_number(self.low)}" if self.low_open else f"at least {_number(self.low)}"
-            raise ConfigError(f"{where}: must be {low} and at most {_number(self.high)}{self.unit},"
-                              f" got {_number(value)}")
-
-
-def _number(value: float | int) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 2**63 else repr(value)
-
-
 _SECONDS = " (seconds)"
-# The range of every number a source accepts, by key. A number not listed
-# here (a provider setting, a key added later) gets DEFAULT_RANGE.
-RANGES: dict[str, Range] = {
-    "max_rejected": Range(0, 1_000_000_000),
-    "max_pages": Range(1, 10_000_000),
-    "shards": Range(1, MAX_SHARDS),
-    "task_retries": Range(0, 100),
-    "task_retry_delay": Range(0, 86_400, unit=_SECONDS),
-    "task_timeout": Range(10, 7 * 86_400, unit=_SECONDS),
-    "rate_limit": Range(0, 10_000, low_open=True, unit=" (requests per second)"),
-    "max_snapshot_age": Range(60, 366 * 86_400, unit=_SECONDS),
-    "max_attempts": Range(1, 100),
-    "backoff_base": Range(0, 3_600, unit=_SECONDS),
-    "backoff_cap": Range(0, 3_600, unit=_SECONDS),
-    "max_retry_after": Range(0, 86_400, unit=_SECONDS),
-    "max_total_wait": Range(0, 86_400, unit=_SECONDS),
-    "connect_timeout": Range(0, 3_600, low_open=True, unit=_SECONDS),
-    "read_timeout": Range(0, 3_600, low_open=True, unit=_SECONDS),
-    "request_deadline": Range(0, 3_600, low_open=True, unit=_SECONDS),
+
+
+def _seconds(low: float, high: float, *, low_open: bool = False) -> Any:
+    return Annotated[Finite, Range(low, high, low_open=low_open, unit=_SECONDS)]
+
+
+class SourceKeys(BaseModel):
+    """The keys every source accepts, whatever its provider, each with its range.
+
+    A key left out stays unset (:attr:`model_fields_set`): the default is
+    :class:`SourceConfig`'s (``task_timeout``'s follows the schedule), or
+    :class:`~extractors.http.RetryPolicy`'s for the keys of :data:`RETRY_KEYS`.
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    provider: Text
+    schedule: Text | None = None
+    conn_id: Text | None = None
+    start_date: Time | None = None
+    catchup: bool | None = None
+    max_rejected: Annotated[int, Range(0, 1_000_000_000)] | None = None
+    max_pages: Annotated[int, Range(1, 10_000_000)] | None = None
+    shards: Annotated[int, Range(1, MAX_SHARDS)] | None = None
+    task_retries: Annotated[int, Range(0, 100)] | None = None
+    task_retry_delay: _seconds(0, 86_400) | None = None
+    task_timeout: _seconds(10, 7 * 86_400) | None = None
+    rate_limit: Annotated[Finite, Range(0, 10_000, low_open=True, unit=" (requests per second)")] | None = None
+    max_snapshot_age: _seconds(60, 366 * 86_400) | None = None
+    # The retry policy (extractors.http.RetryPolicy, field for field).
+    max_attempts: Annotated[int, Range(1, 100)] | None = None
+    backoff_base: _seconds(0, 3_600) | None = None
+    backoff_cap: _seconds(0, 3_600) | None = None
+    max_retry_after: _seconds(0, 86_400) | None = None
+    max_total_wait: _seconds(0, 86_400) | None = None
+    connect_timeout: _seconds(0, 3_600, low_open=True) | None = None
+    read_timeout: _seconds(0, 3_600, low_open=True) | None = None
+    request_deadline: _seconds(0, 3_600, low_open=True) | None = None
     # 1 KiB holds the smallest error body; past 1 GiB one page would not fit a worker.
-    "max_response_bytes": Range(1_024, 1 << 30, unit=" (bytes)"),
+    max_response_bytes: Annotated[int, Range(1_024, 1 << 30, unit=" (bytes)")] | None = None
+
+
+RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryPolicy))
+# Every key a source accepts whatever its provider.
+SHARED_KEYS = tuple(SourceKeys.model_fields)
+
+
+def settings_values(settings: Any) -> dict[str, Any]:
+    """A provider's settings, key by key, as the source's table writes them."""
+    if isinstance(settings, BaseModel):
+        return {key: getattr(settings, key) for key in type(settings).model_fields}
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+# What a value of the wrong TOML type should have been, by pydantic's error type.
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a non-empty string",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "datetime_type": "a date or date-time",
 }
-# Counts, sizes and seconds are never negative, and past 2**31 - 1 a
-# number is a typo, not a setting.
-DEFAULT_RANGE = Range(0, 2**31 - 1)
+
+
+def config_error(exc: ValidationError, where: str, known: Iterable[str] = ()) -> ConfigError:
+    """The first mistake pydantic found, as one line naming the key: ``<where>.<key>: what is wrong``.
+
+    An unknown key comes first (the alphabetically first), with the keys
+    ``known`` there and the nearest of them. Our own checks raise
+    ``ValueError(message)``: the message is shown as it is; pydantic's text
+    is never shown.
+    """
+    errors = exc.errors(include_url=False)
+    unknown = sorted((e for e in errors if e["type"] == "extra_forbidden"), key=lambda e: str(e["loc"]))
+    error = (unknown or errors)[0]
+    at = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key, known = str(error["loc"][-1]), sorted(known)
+        return ConfigError(f"{at}: unknown key{did_you_mean(key, known)} (known: {', '.join(known)})")
+    if kind == "missing":
+        return ConfigError(f"{at}: missing (required for this provider)")
+    if kind in _EXPECTED:
+        return ConfigError(f"{at}: expected {_EXPECTED[kind]}, got {error['input']!r}")
+    if kind in ("value_error", "assertion_error"):
+        return ConfigError(f"{at}: {error['ctx']['error']}")
+    return ConfigError(f"{at}: {error['msg']}")
+
+
+def checked(model: type[BaseModel], values: dict[str, Any], where: str, known: Iterable[str] = ()) -> Any:
+    """``model`` made from ``values``; ConfigError on the first mistake (:func:`config_error`)."""
+    try:
+        return model.model_validate(unblanked(values))
+    except ValidationError as exc:
+        raise config_error(exc, where, known) from None
+
+
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(kind, config=ConfigDict(strict=True))
+
+
+def value_of(kind: Any, value: Any, where: str) -> Any:
+    """One value read as ``kind`` (an :mod:`extractors.settings` type), strictly; ConfigError naming ``where``."""
+    try:
+        return _adapter(kind).validate_python(unblanked(value))
+    except ValidationError as exc:
+        raise config_error(exc, where) from None
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -410,20 +428,10 @@ def parse_source(name: str, table: Any) -> SourceConfig:
     """One ``[sources.<name>]`` table as a SourceConfig; ConfigError on the first mistake."""
     where = f"sources.{name}"
     provider = named_table("sources", name, table, "provider", registry.names())
-    retry_types = typing.get_type_hints(RetryPolicy)
-    common: dict[str, Any] = {}
-    retry: dict[str, Any] = {}
-    rest: dict[str, Any] = {}
-    for key, value in table.items():
-        if key in _COMMON:
-            value = common[key] = coerce(value, _COMMON[key], f"{where}.{key}")
-        elif key in _RETRY:
-            value = retry[_RETRY[key]] = coerce(value, retry_types.get(_RETRY[key], float), f"{where}.{key}")
-        else:
-            rest[key] = value
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            RANGES.get(key, DEFAULT_RANGE).check(value, f"{where}.{key}")
+    keys = checked(SourceKeys, {k: v for k, v in table.items() if k in SourceKeys.model_fields}, where)
+    common = keys.model_dump(exclude_unset=True)
+    retry = {key: common.pop(key) for key in RETRY_KEYS if key in common}
+    rest = {k: v for k, v in table.items() if k not in SourceKeys.model_fields}
     common.pop("provider")
     start_date = common.get("start_date", DEFAULT_START_DATE)
     low, high = START_DATE_RANGE
@@ -444,11 +452,8 @@ def parse_source(name: str, table: Any) -> SourceConfig:
     if common.get("shards", 1) > 1 and not contract.shardable:
         raise ConfigError(f"{where}.shards: {provider} sources cannot be sharded (one request answers all)")
     settings = build_settings(contract.settings, rest, where)
-    try:
-        policy = RetryPolicy(**retry)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return SourceConfig(name=name, provider=provider, settings=settings, retry=policy, contract=contract, **common)
+    return SourceConfig(name=name, provider=provider, settings=settings, retry=RetryPolicy(**retry),
+                        contract=contract, **common)
 
 
 def default_task_timeout(interval: timedelta | None) -> timedelta:
@@ -521,130 +526,16 @@ def schedule_interval(schedule: str | None, start: datetime, where: str) -> time
 
 
 def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate a provider's settings dataclass from its TOML keys."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        key = sorted(unknown)[0]
-        known = sorted({*fields, *SHARED_KEYS})
-        raise ConfigError(f"{where}.{key}: unknown key{did_you_mean(key, known)} "
-                          f"(known: {', '.join(known)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in values:
-            value = kwargs[name] = coerce(values[name], hints[name], f"{where}.{name}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                RANGES.get(name, DEFAULT_RANGE).check(value, f"{where}.{name}")
-            # Every provider URL (base_url, an RPC or token URL) is checked
-            # here once, whatever the provider module checks itself.
-            if name == "url" or name.endswith("_url"):
-                check_url(value, f"{where}.{name}")
-            elif name.endswith("_urls") and isinstance(value, list):
-                for i, url in enumerate(value):
-                    check_url(url, f"{where}.{name}[{i}]")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{name}: missing (required for this provider)")
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        if len(exc.args) == 2:
-            raise ConfigError(f"{where}.{exc.args[0]}: {exc.args[1]}") from None
-        raise ConfigError(f"{where}: {exc}") from None
+    """A provider's settings from its TOML keys, checked by its model (:func:`~extractors.settings.settings_model`).
 
-
-_URL_TEXT = re.compile(r"[!-~]{1,2000}")  # printable ASCII, no spaces
-
-
-def check_url(url: Any, where: str) -> None:
-    """An http(s) URL with a host and no query or fragment, else ConfigError.
-
-    Anything else (``file:``, a bare path, a host-less ``http:///x``) would
-    fail at run time at best, and read local files at worst.
+    ``cls`` is the provider's pydantic model, or a plain dataclass, read
+    through a model made from its fields and returned as ``cls``.
     """
-    if not isinstance(url, str):
-        return
-    if not _URL_TEXT.fullmatch(url):
-        raise ConfigError(f"{where}: {ascii(redact_url(url))} is not a URL (printable ASCII, no spaces)")
-    parts = urlsplit(url)
-    try:
-        parts.port
-    except ValueError:
-        raise ConfigError(f"{where}: {redact_url(url)!r} has an invalid port") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise ConfigError(f"{where}: {redact_url(url)!r} must not have a query or fragment")
-    if "@" in parts.netloc:
-        # The URL is kept with every run (snapshot_runs.config): no secret may ride in it.
-        raise ConfigError(f"{where}: {redact_url(url)!r} carries a user or password: put credentials in the"
-                          " source's Connection (conn_id)")
-
-
-# A tolerance as written: plain ASCII decimal, optional short exponent.
-_DECIMAL_TEXT = re.compile(r"[-+]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][-+]?[0-9]{1,3})?")
-
-
-def coerce(value: Any, kind: Any, where: str) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if len(options) == 1:
-            return coerce(value, options[0], where)
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # TOML has inf and nan; neither is a timeout, a delay or a rate.
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-            try:
-                return float(value)
-            except OverflowError:
-                raise ConfigError(f"{where}: {value} is out of range") from None
-    elif kind is str:
-        if isinstance(value, str) and value.strip():
-            value = value.strip()
-            if any(unicodedata.category(c) == "Cc" for c in value):
-                raise ConfigError(f"{where}: {value!r} contains a control character")
-            return value
-    elif kind is Decimal:
-        # Tolerances are money: only strings or integers, never TOML floats.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return Decimal(value)
-        if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value.strip()):
-            try:
-                return Decimal(value.strip())
-            except InvalidOperation:
-                pass
-    elif kind is datetime:
-        if hasattr(value, "year"):  # a TOML date-time, or a date
-            if not isinstance(value, datetime):
-                value = datetime(value.year, value.month, value.day)
-            try:
-                return utc_time(value)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-    elif kind is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
-                Decimal: "a decimal written as a string", datetime: "a date or date-time",
-                dict: "a table"}.get(kind, str(kind))
-    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    model = settings_model(cls)
+    settings = checked(model, values, where, known={*model.model_fields, *SHARED_KEYS})
+    if model is cls:
+        return settings
+    return cls(**settings_values(settings))
 
 
 

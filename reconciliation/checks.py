@@ -43,16 +43,17 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, Union
 
+from extractors.settings import DecimalText, OneOrMore, Text
 from pipeline.config import (  # noqa: F401  (parse_duration is used from here too)
     Config,
     ConfigError,
     SourceConfig,
-    coerce,
     cron_of,
     duration_key,
     named_table,
     parse_duration,
     schedule_times,
+    value_of,
 )
 
 # Whole units; beyond these a tolerance is a typo, and NUMERIC columns
@@ -240,7 +241,7 @@ def _names(table: dict, key: str, where: str) -> tuple[str, ...] | None:
     names = table.get(key)
     if names is None:
         return None
-    names = tuple(coerce(names, list[str], f"{where}.{key}"))
+    names = tuple(value_of(OneOrMore[Text], names, f"{where}.{key}"))
     if not names:
         raise ConfigError(f"{where}.{key}: empty list (leave the key out to check every {key[:-1]})")
     return names
@@ -254,7 +255,7 @@ def _required(table: dict, key: str, where: str) -> Any:
 
 def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
             broken_sources: dict[str, str] | None = None) -> SourceConfig:
-    name = coerce(_required(table, key, where), str, f"{where}.{key}")
+    name = value_of(Text, _required(table, key, where), f"{where}.{key}")
     if broken_sources and name in broken_sources:
         raise ConfigError(f"{where}.{key}: source {name!r} has a mistake in its [sources.{name}] table")
     if name not in sources:
@@ -265,19 +266,19 @@ def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
 
 def _holding(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
              broken_sources: dict[str, str] | None = None) -> Holding:
-    spec = coerce(_required(table, key, where), dict, f"{where}.{key}")
+    spec = value_of(dict, _required(table, key, where), f"{where}.{key}")
     where = f"{where}.{key}"
     unknown = set(spec) - {"source", "account", "asset"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: account, asset, source)")
     source = _source(spec, "source", where, sources, broken_sources)
     return Holding(source=source.name,
-                   account=coerce(_required(spec, "account", where), str, f"{where}.account"),
-                   asset=coerce(_required(spec, "asset", where), str, f"{where}.asset"))
+                   account=value_of(Text, _required(spec, "account", where), f"{where}.account"),
+                   asset=value_of(Text, _required(spec, "asset", where), f"{where}.asset"))
 
 
 def _tolerance(table: dict, key: str, where: str) -> Decimal:
-    value = coerce(table.get(key, "0"), Decimal, f"{where}.{key}")
+    value = value_of(DecimalText, table.get(key, "0"), f"{where}.{key}")
     if not value.is_finite() or value < 0:
         raise ConfigError(f"{where}.{key}: must be a finite decimal of at least 0, got {table[key]!r}")
     high = Decimal(1) if key == "rel_tolerance" else MAX_TOLERANCE
@@ -290,7 +291,7 @@ def _allow_negative(value: Any, where: str) -> bool | tuple[str, ...]:
     if isinstance(value, bool):
         return value
     if isinstance(value, list):
-        return tuple(coerce(value, list[str], f"{where}.allow_negative"))
+        return tuple(value_of(OneOrMore[Text], value, f"{where}.allow_negative"))
     raise ConfigError(f"{where}.allow_negative: expected true, false or a list of accounts, got {value!r}")
 
 

@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from pydantic import field_validator
 from eth_abi import encode as abi_encode
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
@@ -81,6 +82,7 @@ from extractors.http import (
 )
 from extractors.paginators import check_page_cap
 from extractors.provider import BaseExtractor, Provider, Throttle
+from extractors.settings import Between, Count, OneOrMore, ProviderSettings, Text, Url
 from extractors.records import BalanceRow, Page, RecordError, Rejection, shown, to_json_text
 from extractors.evm.movements import MovementReader
 from extractors.evm.rpc import (  # noqa: F401  (quantity and decode_word are read from here too)
@@ -117,73 +119,99 @@ _HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 _ASSET = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,31}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 
-def checksum_address(text: Any, where: str) -> str:
-    """The EIP-55 form of an address; ``ValueError(where, ...)`` unless it is one.
+def checksum_address(text: Any, where: str | None = None) -> str:
+    """The EIP-55 form of an address; ValueError unless it is one (its message starts ``<where>: ``
+    when ``where`` names the address).
 
     All lower or all upper case carries no checksum; mixed case must be the
     EIP-55 checksum, which catches a mistyped character.
     """
+    said = f"{where}: " if where else ""
     if not isinstance(text, str) or not _ADDRESS.fullmatch(text):
-        raise ValueError(where, f"{text!r} is not an address (0x and 40 hex digits)")
+        raise ValueError(f"{said}{text!r} is not an address (0x and 40 hex digits)")
     checksummed = to_checksum_address(text)
     digits = text[2:]
     if digits != digits.lower() and digits != digits.upper() and text != checksummed:
-        raise ValueError(where, f"{text!r} fails its EIP-55 checksum (mixed case must be exactly "
-                                f"{checksummed!r}): a character is mistyped")
+        raise ValueError(f"{said}{text!r} fails its EIP-55 checksum (mixed case must be exactly "
+                         f"{checksummed!r}): a character is mistyped")
     return checksummed
 
 
-@dataclass(slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys an EVM source accepts."""
 
-    rpc_url: str
-    chain_id: int
-    addresses: list[str]
-    tokens: list[str] = field(default_factory=list)
-    native_asset: str = "ETH"
-    confirmations: int = 12
-    max_batch: int = 100
+    rpc_url: Url
+    chain_id: Count
+    addresses: OneOrMore[Text]
+    tokens: OneOrMore[Text] = []
+    native_asset: Text = "ETH"
+    confirmations: Annotated[Count, Between(0, MAX_CONFIRMATIONS)] = 12
+    max_batch: Annotated[Count, Between(1, MAX_BATCH)] = 100
     # Where a Connection's API key goes: "path" (appended to rpc_url's path,
     # as Infura and Alchemy take it) or "header" (named by api_key_header).
-    api_key_in: str = "path"
-    api_key_header: str = "x-api-key"
+    api_key_in: Text = "path"
+    api_key_header: Text = "x-api-key"
     # Movements: how native moves are read ("auto": the first the node offers), and the most
     # blocks one eth_getLogs or trace_filter asks for (a range the node refuses is halved).
-    traces: str = "auto"
-    logs_block_range: int = 1000
+    traces: Text = "auto"
+    logs_block_range: Annotated[Count, Between(1, MAX_LOGS_BLOCK_RANGE, grouped=True)] = 1000
 
-    def __post_init__(self) -> None:
-        if self.chain_id < 1:
-            raise ValueError("chain_id", f"must be a chain id (1 for Ethereum mainnet), got {self.chain_id}")
-        if not self.addresses:
-            raise ValueError("addresses", "list at least one account to snapshot")
-        self.addresses = _unique(self.addresses, "addresses")
-        self.tokens = _unique(self.tokens, "tokens")
-        if not _ASSET.fullmatch(self.native_asset):
-            raise ValueError("native_asset", f"{self.native_asset!r} is not an asset code (a letter, then up to "
-                                             "31 letters, digits, '.', '_' or '-')")
-        if not 0 <= self.confirmations <= MAX_CONFIRMATIONS:
-            raise ValueError("confirmations", f"must be between 0 and {MAX_CONFIRMATIONS}, got {self.confirmations}")
-        if not 1 <= self.max_batch <= MAX_BATCH:
-            raise ValueError("max_batch", f"must be between 1 and {MAX_BATCH}, got {self.max_batch}")
-        if self.api_key_in not in ("path", "header"):
-            raise ValueError("api_key_in", f"must be 'path' or 'header', got {self.api_key_in!r}")
-        if not _HEADER_NAME.fullmatch(self.api_key_header):
-            raise ValueError("api_key_header", f"{self.api_key_header!r} is not an HTTP header name")
-        if self.traces not in TRACES:
-            raise ValueError("traces", f"must be one of {', '.join(TRACES)}, got {self.traces!r}")
-        if not 1 <= self.logs_block_range <= MAX_LOGS_BLOCK_RANGE:
-            raise ValueError("logs_block_range", f"must be between 1 and {MAX_LOGS_BLOCK_RANGE:,}, "
-                                                 f"got {self.logs_block_range}")
+    @field_validator("chain_id")
+    @classmethod
+    def _chain_id(cls, chain_id: int) -> int:
+        if chain_id < 1:
+            raise ValueError(f"must be a chain id (1 for Ethereum mainnet), got {chain_id}")
+        return chain_id
+
+    @field_validator("addresses")
+    @classmethod
+    def _some_addresses(cls, addresses: list[str]) -> list[str]:
+        if not addresses:
+            raise ValueError("list at least one account to snapshot")
+        return _unique(addresses)
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, tokens: list[str]) -> list[str]:
+        return _unique(tokens)
+
+    @field_validator("native_asset")
+    @classmethod
+    def _asset_code(cls, native_asset: str) -> str:
+        if not _ASSET.fullmatch(native_asset):
+            raise ValueError(f"{native_asset!r} is not an asset code (a letter, then up to "
+                             "31 letters, digits, '.', '_' or '-')")
+        return native_asset
+
+    @field_validator("api_key_in")
+    @classmethod
+    def _api_key_in(cls, api_key_in: str) -> str:
+        if api_key_in not in ("path", "header"):
+            raise ValueError(f"must be 'path' or 'header', got {api_key_in!r}")
+        return api_key_in
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _header_name(cls, api_key_header: str) -> str:
+        if not _HEADER_NAME.fullmatch(api_key_header):
+            raise ValueError(f"{api_key_header!r} is not an HTTP header name")
+        return api_key_header
+
+    @field_validator("traces")
+    @classmethod
+    def _traces(cls, traces: str) -> str:
+        if traces not in TRACES:
+            raise ValueError(f"must be one of {', '.join(TRACES)}, got {traces!r}")
+        return traces
 
 
-def _unique(values: list[str], key: str) -> list[str]:
+def _unique(values: list[str]) -> list[str]:
+    """The addresses in their EIP-55 form, each once; ValueError naming one listed twice."""
     found: list[str] = []
     for text in values:
-        address = checksum_address(text, key)
+        address = checksum_address(text)
         if address in found:
-            raise ValueError(key, f"{text!r} is listed twice")
+            raise ValueError(f"{text!r} is listed twice")
         found.append(address)
     return found
 
