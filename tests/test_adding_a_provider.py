@@ -174,7 +174,7 @@ def test_a_sixth_provider_is_its_module_sandbox_tests_and_docs(tmp_path, databas
 
     # The shared suites take the new provider up by themselves; its own test passes.
     suites = ["tests/test_acme.py", "tests/test_dags.py", "tests/test_faults.py", "tests/test_hostile_input.py",
-              "tests/test_secrets.py", "tests/test_provider_contract.py"]
+              "tests/test_secrets.py", "tests/test_provider_contract.py", "tests/test_provider_settings.py"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-k", "acme or providers_are_the_modules", *suites],
                          cwd=root, env={**env, "BALANCES_TEST_DB_URL": database_url}, capture_output=True,

@@ -9,7 +9,6 @@ holding at once, as of the server's ``as_of``; amounts are decimal strings.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -18,16 +17,16 @@ from extractors.http import HttpClient
 from extractors.paginators import SinglePage
 from extractors.provider import BaseExtractor, Provider, Throttle
 from extractors.records import BalanceRow, Page, RecordError, decimal_amount, require
+from extractors.settings import ProviderSettings, Url
 
 HOLDINGS_PATH = "/v1/holdings"
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(ProviderSettings):
     """The ``[sources.<name>]`` keys an Acme source accepts."""
 
-    base_url: str
+    base_url: Url
 
 
 class AcmeExtractor(BaseExtractor):
