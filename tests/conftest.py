@@ -66,10 +66,19 @@ def needs_database(item) -> bool:
                 or any(item.get_closest_marker(m) for m in DATABASE_MARKERS))
 
 
+# The slowest files first: scripts/test's two workers take files in this
+# order, so the long ones (a fresh clone and the demo, installs, Superset)
+# start at once rather than leave one worker running them alone at the end.
+SLOWEST_FIRST = ("test_entry_points.py", "test_install.py", "test_dashboard.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if needs_database(item):
             item.add_marker(pytest.mark.database)
+    # Stable: each file keeps its own order (the entry-point tests share one clone, in file order).
+    items.sort(key=lambda item: SLOWEST_FIRST.index(item.path.name) if item.path.name in SLOWEST_FIRST
+               else len(SLOWEST_FIRST))
 
 
 @pytest.fixture(scope="session")
