@@ -93,6 +93,9 @@ def ours(url: str, db_url: str) -> tuple[float, float, int]:
     config.write_text(f'[sources.b8_hedera]\nprovider = "hedera"\nbase_url = "{url}"\nlimit = 100\n'
                       'include_tokens = true\nmax_pages = 1000000\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "BALANCES_"))}
+    # The console script's directory, not the checkout, is first on its path: name the checkout, so a
+    # worktree sharing another checkout's venv (an editable install) measures its own code.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     seconds, rss, out = run_one([str(REPO / ".venv" / "bin" / "balances"), "--quiet", "--config", str(config),
                                  "--db-url", db_url, "snapshot", "b8_hedera", "--at", AT], env)
     rows = int(next(line.split(":")[1] for line in out.splitlines() if line.strip().startswith("rows:")))

@@ -99,6 +99,12 @@ def id_text(encoded: int) -> str:
 
 def parse_account_id(text: Any) -> int | None:
     """The encoded id of a ``shard.realm.num`` the node sent, or None."""
+    if text.__class__ is str and text.startswith("0.0."):
+        # Shard 0, realm 0, as every id of the public networks: its num is the encoded id.
+        num = text[4:]
+        if 0 < len(num) <= 10 and num.isascii() and num.isdigit():
+            num = int(num)
+            return num if num < 2**_NUM_BITS else None
     if not isinstance(text, str) or not _ENTITY_ID.fullmatch(text):
         return None
     shard, realm, num = map(int, text.split("."))
@@ -504,24 +510,42 @@ class HederaExtractor(BaseExtractor):
         return page, len(balances)
 
     def _parse_account(self, record: Any, page: Page) -> int:
-        """The record's rows onto ``page``; its encoded account id."""
-        account = require(record, "account")
+        """The record's rows onto ``page``; its encoded account id.
+
+        The common case (an object whose fields are what the node sends) is
+        read with as few operations as possible: a million accounts pass
+        here. Anything else takes the general readers, which say what is wrong.
+        """
+        if record.__class__ is dict and "account" in record and "balance" in record and "tokens" in record:
+            account, tinybars, tokens = record["account"], record["balance"], record["tokens"]
+        else:
+            account, tinybars, tokens = require(record, "account"), None, None
         encoded = parse_account_id(account)
         if encoded is None:
             raise RecordError(f"account {account!r} is not a shard.realm.num id")
-        tinybars = integer_amount(require(record, "balance"), "balance", minimum=0, maximum=INT64_MAX)
+        if tinybars.__class__ is not int or not 0 <= tinybars <= INT64_MAX:
+            tinybars = integer_amount(require(record, "balance"), "balance", minimum=0, maximum=INT64_MAX)
         rows = [BalanceRow(account, HBAR, tinybars, HBAR_DECIMALS)]
         # Absent is not empty: a record without its tokens list would silently drop holdings.
-        tokens = require(record, "tokens")
-        if not isinstance(tokens, list):
-            raise RecordError(f"tokens is {type(tokens).__name__}, expected a list")
-        if self.settings.include_tokens:
+        if tokens is None:
+            tokens = require(record, "tokens")
+        if tokens.__class__ is not list:
+            if not isinstance(tokens, list):
+                raise RecordError(f"tokens is {type(tokens).__name__}, expected a list")
+        if self.settings.include_tokens and tokens:
+            known = self._decimals
             for token in tokens:
-                token_id = require(token, "token_id")
-                if parse_account_id(token_id) is None:
-                    raise RecordError(f"token_id {token_id!r} is not a shard.realm.num id")
-                amount = integer_amount(require(token, "balance"), f"balance of token {token_id}",
-                                        minimum=0, maximum=INT64_MAX)
+                if token.__class__ is dict and "token_id" in token and "balance" in token:
+                    token_id, amount = token["token_id"], token["balance"]
+                else:
+                    token_id, amount = require(token, "token_id"), None
+                # A token id seen before on this run was checked then (and its decimals looked up).
+                if token_id.__class__ is not str or token_id not in known:
+                    if parse_account_id(token_id) is None:
+                        raise RecordError(f"token_id {token_id!r} is not a shard.realm.num id")
+                if amount.__class__ is not int or not 0 <= amount <= INT64_MAX:
+                    amount = integer_amount(require(token, "balance"), f"balance of token {token_id}",
+                                            minimum=0, maximum=INT64_MAX)
                 rows.append(BalanceRow(account, token_id, amount, self.token_decimals(token_id)))
             if len(tokens) >= TOKENS_LISTED_AT_MOST:
                 page.warnings.append(

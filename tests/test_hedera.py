@@ -794,3 +794,14 @@ def test_a_page_the_node_ends_early_with_a_link_does_not_end_the_window(db, serv
     server = serve(bound)
     summaries = load_all(db, hedera_source(server), (T1, T2))
     assert [(s["status"], s["movements"]) for s in summaries] == [("published", 8)]
+
+
+@pytest.mark.parametrize("text, encoded", [
+    ("0.0.98", 98), ("0.0.0098", 98), ("0.0.9999999999", 9999999999), ("0.0.12345678901", None), ("0.0.", None),
+    ("0.0.\u0665", None), ("0.0.1a", None), ("0.0.+5", None), ("0.0. 5", None), ("0.0.5\n", None),
+    ("1.2.3", (1 << 54) | (2 << 38) | 3), ("0.1.3", (1 << 38) | 3), ("1024.0.1", None), (98, None),
+])
+def test_account_ids_read_by_the_shortcut_and_the_pattern_alike(text, encoded):
+    from extractors.hedera import parse_account_id
+
+    assert parse_account_id(text) == encoded

@@ -121,6 +121,15 @@ def test_the_records_layer_rejects_unsafe_ids_for_every_provider(account, asset,
     assert id_problem("x" * 512, "account") is None and id_problem("é" * 256, "account") is None
 
 
+@pytest.mark.parametrize("account", ["0.0.1", "x" * 512, "x" * 513, "a b", "del\x7f", "é", "\u00a0", "", 5, None])
+def test_a_page_of_plain_ids_is_judged_as_each_id_alone(account):
+    # reject_bad_ids checks a page of printable ASCII ids at once; the verdict must be id_problem's.
+    page = Page(as_of=datetime.now(timezone.utc), as_of_raw="t",
+                rows=[BalanceRow("0.0.2", "HBAR", 1), BalanceRow(account, "HBAR", 2)])
+    page.reject_bad_ids()
+    assert len(page.rows) == (2 if id_problem(account, "account") is None else 1)
+
+
 # -- surfaces -------------------------------------------------------------------------------------
 
 def test_views_give_the_id_back_exactly_as_data(db, reader):

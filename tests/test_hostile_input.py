@@ -196,6 +196,23 @@ def test_a_key_twice_in_one_object_is_refused_at_parse():
     assert parse_json('[{"a": 1}, {"a": 2}]') == [{"a": 1}, {"a": 2}]  # across objects is fine
 
 
+@pytest.mark.parametrize("text", [
+    '{"a":1,"a":2}', '{"a" : 1, "a":2}', '{"a":1,"a"\n:2}', '[{"a":":"},{"b":1,"b":2}]',
+    '{"x":{"k":1,"k":2}}', '{"a\\"":1,"a\\"":2}', '{"\\u0061":1,"a":2}', '{"a":"\\":","a":2}',
+])
+def test_a_key_twice_is_found_however_the_text_is_written(text):
+    # Keys are first counted, not hooked (jsonbody._keys_written): no way of writing one defeats the count.
+    for body in (text, text.encode(), text.encode("utf-16"), b"\xef\xbb\xbf" + text.encode()):
+        with pytest.raises(DuplicateKeyError):
+            parse_json(body)
+
+
+def test_strings_that_look_like_keys_decode_as_written():
+    text = '{"a":":","b":"\\":","c" :[{":":":"}], "d":1.5}'
+    assert parse_json(text) == parse_json(text.encode()) == {"a": ":", "b": '":', "c": [{":": ":"}],
+                                                             "d": Decimal("1.5")}
+
+
 def test_duplicate_balance_in_a_hedera_page_fails_the_run_instead_of_picking_one(db, serve):
     app = Rewriting(demo_app("hedera"), "/api/v1/balances", rb'"balance":([0-9]+)', rb'"balance":5,"balance":\1')
     live = start("hedera", serve, app=app)
