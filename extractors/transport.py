@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from requests.cookies import extract_cookies_to_jar
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -297,6 +298,48 @@ def connection_failure(exc: BaseException, url: str, url_key: str = "base_url") 
     return TransportError(f"{type(exc).__name__} talking to {where}")
 
 
+# What a session holds by default (Session.__init__), and what new_session() sets.
+_PLAIN_HOOKS = {"response": []}
+
+
+def _plain_get(session: requests.Session, method: str, url: str, params: Any = None, headers: Any = None,
+               json: Any = None, auth: Any = None, **kwargs: Any) -> requests.Response | None:
+    """``session.request(method, url, stream=True, ...)`` for a GET that brings nothing of its own; None otherwise.
+
+    Every page of a crawl is such a request, and ``Session.request`` spends
+    about as long merging settings there are none of (cookies, hooks,
+    proxies, the environment, the request's own headers and auth; requests
+    2.34 checks several of them against runtime protocols) as the adapter,
+    urllib3 and ``http.client`` spend sending it. This prepares the request as it would (the method,
+    the URL with its params, the session's headers validated, credentials in
+    the URL) and hands it to the same adapter, which sends it and builds the
+    response, raising the same exceptions. Cookies a response sets are kept
+    on the session as ``Session.send`` keeps them. Redirects are never
+    followed here, so a redirect's body is read within ``max_bytes`` like
+    any other (``Session.send`` read it whole, to prepare the request it
+    would have followed with). Any other request, or a session with settings
+    of its own beyond headers, takes ``session.request``.
+    """
+    if (method != "GET" or headers is not None or json is not None or auth is not None or session.auth is not None
+            or session.trust_env or session.params or session.proxies or session.cookies
+            or session.hooks != _PLAIN_HOOKS or None in session.headers.values()
+            or kwargs.keys() - {"timeout", "allow_redirects"} or kwargs.get("allow_redirects", True)):
+        return None
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(method)
+    prepared.prepare_url(url, params)
+    prepared.prepare_headers(session.headers)
+    prepared.prepare_body({}, None, None)
+    prepared.prepare_auth(None, url)
+    prepared.prepare_hooks({})
+    adapter = session.get_adapter(prepared.url)
+    response = adapter.send(prepared, stream=True, timeout=kwargs.get("timeout"), verify=session.verify,
+                            cert=session.cert, proxies={})
+    if "Set-Cookie" in response.headers or "Set-Cookie2" in response.headers:
+        extract_cookies_to_jar(session.cookies, prepared, response.raw)
+    return response
+
+
 def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
          url_key: str = "base_url", **kwargs: Any) -> requests.Response:
     """One request, connect to last byte within ``deadline`` seconds, body within ``max_bytes``.
@@ -308,7 +351,9 @@ def send(session: requests.Session, method: str, url: str, *, deadline: float, m
     """
     with Deadline(deadline) as watch:
         try:
-            response = session.request(method, url, stream=True, **kwargs)
+            response = _plain_get(session, method, url, **kwargs)
+            if response is None:  # (not "or": a Response of an error status is false)
+                response = session.request(method, url, stream=True, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if watch.expired:
                 raise _deadline_error(watch, redact_url(url)) from None

@@ -22,8 +22,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import requests
 
-from extractors.errors import DeadlineExceeded, ExtractError, MalformedResponseError, ResponseTooLarge
+from extractors.errors import (DeadlineExceeded, ExtractError, MalformedResponseError, ProviderError,
+                               ResponseTooLarge)
 from extractors.http import HttpClient, RetryPolicy, error_text
 from extractors.jsonbody import DuplicateKeyError, parse_json
 from extractors.records import (
@@ -377,6 +379,48 @@ def test_the_cap_is_per_source(serve):
     with pytest.raises(ResponseTooLarge, match="max_response_bytes = 4096"):
         small.get_json("/")
     assert HttpClient(server.url, policy=RetryPolicy(max_response_bytes=8192)).get_json("/")["pad"]
+
+
+# --- a crawl's GETs skip Session.request (transport._plain_get): nothing else may change ----------
+
+def test_a_plain_get_reaches_the_server_as_the_session_would_send_it(serve):
+    server = serve(lambda request: json_response({"ok": 1}))
+    client = HttpClient(server.url, headers={"X-Api-Key": "k3y-for-test"})
+    client.get_json("/api/v1/a b", [("limit", 100), ("timestamp", "lte:1.2"), ("account.id", "gte:0.0.5")])
+    client.get_json(f"{server.url}/api/v1/next?x=%2F&y=a b")
+    ours = list(server.requests)
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update(client.session.headers)
+    session.get(server.url + "/api/v1/a b", params=[("limit", 100), ("timestamp", "lte:1.2"),
+                                                     ("account.id", "gte:0.0.5")])
+    session.get(f"{server.url}/api/v1/next?x=%2F&y=a b")
+    theirs = list(server.requests)[2:]
+    assert [(r.method, r.path, r.raw_query, r.headers) for r in ours] == \
+        [(r.method, r.path, r.raw_query, r.headers) for r in theirs]
+
+
+def test_a_cookie_a_provider_sets_is_sent_back_as_the_session_would(serve):
+    server = serve(lambda request: Response(200, b"{}", headers={"Set-Cookie": "visit=1; Path=/"})
+                   if request.path == "/first" else json_response({"cookie": request.header("cookie")}))
+    client = HttpClient(server.url)
+    client.get_json("/first")
+    assert client.get_json("/second") == {"cookie": "visit=1"}
+
+
+def test_a_redirect_is_refused_and_never_followed(serve):
+    server = serve(lambda request: Response(302, b"x" * 100, headers={"Location": "/elsewhere"}))
+    with pytest.raises(ProviderError, match="HTTP 302 redirect .* is not followed"):
+        HttpClient(server.url).get_json("/")
+    assert [r.path for r in server.requests] == ["/"]
+
+
+def test_an_error_status_is_answered_once_per_attempt(serve):
+    # A Response of an error status is false: it must not send the request again.
+    server = serve(lambda request: Response(404, b'{"message": "no"}'))
+    with pytest.raises(ProviderError, match="HTTP 404"):
+        HttpClient(server.url).get_json("/missing")
+    assert len(server.requests) == 1
 
 
 # --- time: a deadline for the whole request ---------------------------------
