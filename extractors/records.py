@@ -158,6 +158,42 @@ def _columns(cls: type) -> tuple[Column, ...]:
     return tuple(columns)
 
 
+def _quick_init(cls: type) -> type:
+    """``cls`` (a frozen dataclass with slots) with an ``__init__`` that fills each slot through its descriptor.
+
+    The one dataclasses writes goes through ``object.__setattr__`` by name for
+    every field: 1.2 us a row, as much as reading the record it comes from.
+    Setting each slot's descriptor directly does the same (the instance
+    stays frozen: only ``__init__`` writes) in half the time. Same
+    parameters, defaults and annotations.
+    """
+    params, body, names = [], [], {}
+    for f in fields(cls):
+        if f.default_factory is not MISSING or not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: only plain fields, with or without a default")
+        names[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            names[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        body.append(f"        _set_{f.name}(self, {f.name})")
+    source = (f"def make({', '.join(names)}):\n"
+              f"    def __init__(self, {', '.join(params)}) -> None:\n" + "\n".join(body) + "\n"
+              "    return __init__\n")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<__init__ of {cls.__name__}>", "exec"), namespace)
+    init = namespace["make"](**names)
+    init.__qualname__ = f"{cls.__name__}.__init__"
+    init.__annotations__ = {**cls.__init__.__annotations__}
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init
+    return cls
+
+
+_quick_init(BalanceRow)
+
+
 # The columns of a history row, in BalanceRow's field order: staging's DDL,
 # its COPY encoder and publish's INSERT are built from these.
 ROW_COLUMNS: tuple[Column, ...] = _columns(BalanceRow)
@@ -201,6 +237,7 @@ class MovementRow:
     counterparty: str | None = _column("text", None)
 
 
+_quick_init(MovementRow)
 MOVEMENT_COLUMNS: tuple[Column, ...] = _columns(MovementRow)
 
 
