@@ -483,11 +483,18 @@ def schedule_times(cron: str, start: datetime, count: int = _SCHEDULE_SAMPLE) ->
     after the one before (croniter then stops looking instead of searching
     ahead for decades).
     """
+    return list(_schedule_times(cron, start, count))
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_times(cron: str, start: datetime, count: int) -> tuple[datetime, ...]:
+    # Remembered: a source's schedule is checked each time its configuration is read (a snapshot
+    # reads it twice: from the file, then as the run recorded it), 30 ms each.
     from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 
     try:
         it = croniter(cron, start, max_years_between_matches=1)
-        return [it.get_next(datetime) for _ in range(count)]
+        return tuple(it.get_next(datetime) for _ in range(count))
     except CroniterBadDateError:
         raise ValueError(f"{cron!r} never fires, or fires less often than once a year") from None
     except (CroniterBadCronError, ValueError, KeyError, IndexError) as exc:
