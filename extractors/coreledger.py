@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -26,7 +26,7 @@ from extractors.errors import MalformedResponseError, ProviderError
 from extractors.http import HttpClient, error_text, http_error
 from extractors.paginators import PlannedPages
 from extractors.provider import BaseExtractor, Provider, Throttle
-from extractors.settings import Count, OneOrMore, ProviderSettings, Text, Url
+from extractors.settings import Count, Matching, OneOrMore, ProviderSettings, Text, Url
 from extractors.records import (
     BalanceRow,
     Page,
@@ -85,7 +85,7 @@ class Settings(ProviderSettings):
     addresses: OneOrMore[Text]
     unique_asset_ids: OneOrMore[Text]
     base_url: Url = DEFAULT_BASE_URL
-    api_version: Text = "1.1"
+    api_version: Annotated[Text, Matching(_VERSION, "a version such as '1.1'")] = "1.1"
     max_url_length: Count = 2000
 
     @field_validator("addresses", "unique_asset_ids")
@@ -108,13 +108,6 @@ class Settings(ProviderSettings):
             raise ValueError("give the origin only, e.g. https://teosapi.coreledger.net: "
                              "the /odata/v<version> part comes from api_version")
         return base_url.rstrip("/")
-
-    @field_validator("api_version")
-    @classmethod
-    def _version(cls, api_version: str) -> str:
-        if not _VERSION.fullmatch(api_version):
-            raise ValueError(f"{api_version!r} is not a version such as '1.1'")
-        return api_version
 
     @field_validator("max_url_length")
     @classmethod

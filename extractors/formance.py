@@ -120,7 +120,7 @@ from extractors.http import HttpClient, RetryPolicy, error_text, http_error
 from extractors.transport import send
 from extractors.paginators import CursorPaginator
 from extractors.provider import BaseExtractor, Provider, Throttle
-from extractors.settings import Between, Count, Number, OneOrMore, ProviderSettings, Text, Url
+from extractors.settings import Between, Count, Matching, Number, OneOf, OneOrMore, ProviderSettings, Text, Url
 from extractors.text import safe_text
 from extractors.records import (
     BalanceRow,
@@ -215,8 +215,8 @@ class Settings(ProviderSettings):
 
     base_url: Url
     # First: the checks of page_size and address read it, and a wrong api is the mistake to name.
-    api: Text = "v1"
-    ledger: Text
+    api: Annotated[Text, OneOf(*APIS)] = "v1"
+    ledger: Annotated[Text, Matching(_LEDGER, "a ledger name (letters, digits, _ and -)")]
     address: Text | None = None
     # Say so rather than let the server cut a larger page without a word
     # (the top depends on the API: _page_size_fits_the_api).
@@ -230,20 +230,6 @@ class Settings(ProviderSettings):
     pit_margin: Annotated[Number, Between(0, MAX_PIT_MARGIN, unit=" seconds")] = 60.0
     # v1: crawls that may each see the ledger's log move before the run fails.
     max_crawls: Annotated[Count, Between(1, MAX_CRAWLS)] = V1_ATTEMPTS
-
-    @field_validator("ledger")
-    @classmethod
-    def _ledger_name(cls, ledger: str) -> str:
-        if not _LEDGER.fullmatch(ledger):
-            raise ValueError(f"{ledger!r} is not a ledger name (letters, digits, _ and -)")
-        return ledger
-
-    @field_validator("api")
-    @classmethod
-    def _known_api(cls, api: str) -> str:
-        if api not in APIS:
-            raise ValueError(f"must be one of {', '.join(APIS)}, got {api!r}")
-        return api
 
     # The checks below read api: a wrong api is reported on its own.
     @field_validator("address")

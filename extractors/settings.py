@@ -89,6 +89,41 @@ class Between:
         return core_schema.no_info_after_validator_function(self.check, handler(source))
 
 
+class OneOf:
+    """Text that is one of ``choices``: ``Annotated[Text, OneOf("path", "header")]``."""
+
+    __slots__ = ("choices",)
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+
+    def check(self, value: str) -> str:
+        if value not in self.choices:
+            listed = (" or ".join(repr(c) for c in self.choices) if len(self.choices) == 2
+                      else "one of " + ", ".join(self.choices))
+            raise ValueError(f"must be {listed}, got {value!r}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Matching:
+    """Text the whole of which matches ``pattern``, else "'x' is not ``what``"."""
+
+    pattern: re.Pattern
+    what: str
+
+    def check(self, value: str) -> str:
+        if not self.pattern.fullmatch(value):
+            raise ValueError(f"{value!r} is not {self.what}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
 def _text(value: str) -> str:
     if not value.strip():
         raise ValueError(f"expected a non-empty string, got {value!r}")

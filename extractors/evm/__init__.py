@@ -82,7 +82,7 @@ from extractors.http import (
 )
 from extractors.paginators import check_page_cap
 from extractors.provider import BaseExtractor, Provider, Throttle
-from extractors.settings import Between, Count, OneOrMore, ProviderSettings, Text, Url
+from extractors.settings import Between, Count, Matching, OneOf, OneOrMore, ProviderSettings, Text, Url
 from extractors.records import BalanceRow, Page, RecordError, Rejection, shown, to_json_text
 from extractors.evm.movements import MovementReader
 from extractors.evm.rpc import (  # noqa: F401  (quantity and decode_word are read from here too)
@@ -149,11 +149,11 @@ class Settings(ProviderSettings):
     max_batch: Annotated[Count, Between(1, MAX_BATCH)] = 100
     # Where a Connection's API key goes: "path" (appended to rpc_url's path,
     # as Infura and Alchemy take it) or "header" (named by api_key_header).
-    api_key_in: Text = "path"
-    api_key_header: Text = "x-api-key"
+    api_key_in: Annotated[Text, OneOf("path", "header")] = "path"
+    api_key_header: Annotated[Text, Matching(_HEADER_NAME, "an HTTP header name")] = "x-api-key"
     # Movements: how native moves are read ("auto": the first the node offers), and the most
     # blocks one eth_getLogs or trace_filter asks for (a range the node refuses is halved).
-    traces: Text = "auto"
+    traces: Annotated[Text, OneOf(*TRACES)] = "auto"
     logs_block_range: Annotated[Count, Between(1, MAX_LOGS_BLOCK_RANGE, grouped=True)] = 1000
 
     @field_validator("chain_id")
@@ -183,26 +183,6 @@ class Settings(ProviderSettings):
                              "31 letters, digits, '.', '_' or '-')")
         return native_asset
 
-    @field_validator("api_key_in")
-    @classmethod
-    def _api_key_in(cls, api_key_in: str) -> str:
-        if api_key_in not in ("path", "header"):
-            raise ValueError(f"must be 'path' or 'header', got {api_key_in!r}")
-        return api_key_in
-
-    @field_validator("api_key_header")
-    @classmethod
-    def _header_name(cls, api_key_header: str) -> str:
-        if not _HEADER_NAME.fullmatch(api_key_header):
-            raise ValueError(f"{api_key_header!r} is not an HTTP header name")
-        return api_key_header
-
-    @field_validator("traces")
-    @classmethod
-    def _traces(cls, traces: str) -> str:
-        if traces not in TRACES:
-            raise ValueError(f"must be one of {', '.join(TRACES)}, got {traces!r}")
-        return traces
 
 
 def _unique(values: list[str]) -> list[str]:
