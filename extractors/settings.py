@@ -10,9 +10,10 @@ The model does all the checking: TOML types are taken strictly (``true`` is
 no integer, ``"10"`` no number), every number lies in a range, every
 ``*_url`` is http(s) with a host, and an unknown key is refused. A check
 the types cannot say is a ``field_validator`` raising ``ValueError(message)``
-on the key it is about. Every message is one phrase; ``pipeline.config``
-reads pydantic's error (where, what kind, the value) and writes it as the
-one-line ``sources.<name>.<key>: ...`` a user sees.
+on the key it is about; one that spans keys is a ``model_validator`` raising
+:class:`KeyMistake` naming the key. Every message is one phrase;
+``pipeline.config`` reads pydantic's error (where, what kind, the value) and
+writes it as the one-line ``sources.<name>.<key>: ...`` a user sees.
 """
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ class ProviderSettings(BaseModel):
     """
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid", validate_default=True)
+
+
+class KeyMistake(ValueError):
+    """A mistake a check across keys (a ``model_validator``) finds, about one key.
+
+    pydantic places a model validator's error on the whole table; ``key``
+    puts the message where the user has to look.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def number_text(value: float | int) -> str:

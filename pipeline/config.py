@@ -1,9 +1,11 @@
-"""The sources file: one TOML document, ``[sources.<name>]`` tables.
+"""The sources file: one TOML document, ``[sources.<name>]`` tables, ``[alerts]``.
 
 Keys every source accepts are the :class:`SourceKeys` model here; every
 other key belongs to the provider and is checked by the provider's
-``Settings`` model (:mod:`extractors.settings`). Both are pydantic models,
-strict and closed; their first mistake is reported on one line as
+``Settings`` model (:mod:`extractors.settings`); ``[alerts]`` is the
+:class:`AlertsConfig` model (and each ``[checks.<name>]`` a model of
+:mod:`reconciliation.checks`). All are pydantic models, strict and closed;
+their first mistake is reported on one line as
 ``sources.<name>.<field>: what is wrong`` (:func:`config_error`), never as
 pydantic's own text. Every number is finite and inside a documented range,
 every ``*_url`` is http(s) with a host, a schedule fires at most once a
@@ -24,11 +26,12 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from extractors.http import RetryPolicy
 from extractors.settings import (  # noqa: F401  (utc_time is used from here too)
     Finite,
+    KeyMistake,
     Range,
     Text,
     Time,
@@ -221,6 +224,11 @@ def _seconds(low: float, high: float, *, low_open: bool = False) -> Any:
     return Annotated[Finite, Range(low, high, low_open=low_open, unit=_SECONDS)]
 
 
+# A table of the file as a model: TOML types taken strictly, no key it does
+# not declare, never changed once read.
+STRICT_TABLE = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
 class SourceKeys(BaseModel):
     """The keys every source accepts, whatever its provider, each with its range.
 
@@ -229,7 +237,7 @@ class SourceKeys(BaseModel):
     :class:`~extractors.http.RetryPolicy`'s for the keys of :data:`RETRY_KEYS`.
     """
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    model_config = STRICT_TABLE
 
     provider: Text
     schedule: Text | None = None
@@ -277,41 +285,66 @@ _EXPECTED = {
     "string_type": "a non-empty string",
     "list_type": "a list",
     "dict_type": "a table",
+    "model_type": "a table",
     "datetime_type": "a date or date-time",
 }
 
 
-def config_error(exc: ValidationError, where: str, known: Iterable[str] = ()) -> ConfigError:
+def config_error(exc: ValidationError, where: str, known: Iterable[str] = (), *,
+                 model: type[BaseModel] | None = None, unknown: str = "unknown key",
+                 missing: str = "missing") -> ConfigError:
     """The first mistake pydantic found, as one line naming the key: ``<where>.<key>: what is wrong``.
 
-    An unknown key comes first (the alphabetically first), with the keys
-    ``known`` there and the nearest of them. Our own checks raise
-    ``ValueError(message)``: the message is shown as it is; pydantic's text
-    is never shown.
+    An unknown key comes first (the alphabetically first), said as
+    ``unknown``, with the keys ``known`` there (by default, the fields of
+    ``model``) and the nearest of them; in a table inside the table (a
+    pair check's ``left``), as plain "unknown key" with that table's own
+    fields. A required key left out is said as ``missing``. Our own checks
+    raise ``ValueError(message)`` (:class:`~extractors.settings.KeyMistake`
+    when a check across keys is about one of them): the message is shown as
+    it is; pydantic's text is never shown.
     """
     errors = exc.errors(include_url=False)
-    unknown = sorted((e for e in errors if e["type"] == "extra_forbidden"), key=lambda e: str(e["loc"]))
-    error = (unknown or errors)[0]
+    extra = sorted((e for e in errors if e["type"] == "extra_forbidden"), key=lambda e: str(e["loc"]))
+    error = (extra or errors)[0]
     at = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
-        key, known = str(error["loc"][-1]), sorted(known)
-        return ConfigError(f"{at}: unknown key{did_you_mean(key, known)} (known: {', '.join(known)})")
+        *inside, key = error["loc"]
+        if inside:
+            unknown, known = "unknown key", _fields_at(model, inside)
+        known = sorted(known or _fields_at(model, []))
+        return ConfigError(f"{at}: {unknown}{did_you_mean(str(key), known)} (known: {', '.join(known)})")
     if kind == "missing":
-        return ConfigError(f"{at}: missing (required for this provider)")
+        return ConfigError(f"{at}: {missing}")
     if kind in _EXPECTED:
         return ConfigError(f"{at}: expected {_EXPECTED[kind]}, got {error['input']!r}")
     if kind in ("value_error", "assertion_error"):
-        return ConfigError(f"{at}: {error['ctx']['error']}")
+        mistake = error["ctx"]["error"]
+        if isinstance(mistake, KeyMistake):
+            at = f"{at}.{mistake.key}"
+        return ConfigError(f"{at}: {mistake}")
     return ConfigError(f"{at}: {error['msg']}")
 
 
-def checked(model: type[BaseModel], values: dict[str, Any], where: str, known: Iterable[str] = ()) -> Any:
-    """``model`` made from ``values``; ConfigError on the first mistake (:func:`config_error`)."""
+def _fields_at(model: type[BaseModel] | None, path: list) -> tuple[str, ...]:
+    """The keys of the table at ``path`` inside ``model`` (none when it is no model)."""
+    for part in path:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        inner = field.annotation if field is not None else None
+        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return tuple(model.model_fields) if model is not None else ()
+
+
+def checked(model: type[BaseModel], values: dict[str, Any], where: str, known: Iterable[str] = (), *,
+            context: dict[str, Any] | None = None, **wording: str) -> Any:
+    """``model`` made from ``values``; ConfigError on the first mistake (:func:`config_error`, which
+    ``wording`` is passed to). ``context`` is what validators need beyond the table (the sources a
+    check may name)."""
     try:
-        return model.model_validate(unblanked(values))
+        return model.model_validate(unblanked(values), context=context)
     except ValidationError as exc:
-        raise config_error(exc, where, known) from None
+        raise config_error(exc, where, known, model=model, **wording) from None
 
 
 @functools.cache
@@ -539,7 +572,8 @@ def build_settings(cls: type, values: dict[str, Any], where: str) -> Any:
     through a model made from its fields and returned as ``cls``.
     """
     model = settings_model(cls)
-    settings = checked(model, values, where, known={*model.model_fields, *SHARED_KEYS})
+    settings = checked(model, values, where, known={*model.model_fields, *SHARED_KEYS},
+                       missing="missing (required for this provider)")
     if model is cls:
         return settings
     return cls(**settings_values(settings))
@@ -574,35 +608,102 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def duration_key(value: Any, where: str, *, zero: bool = False) -> timedelta:
-    """A duration key's value; with ``zero``, ``"0"`` (none) is accepted too."""
+def _duration(value: Any, *, zero: bool) -> timedelta:
+    if isinstance(value, timedelta):  # a default, or one made in code
+        return value
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a duration written as a string such as \"1h\", got {value!r}")
+        raise ValueError(f"expected a duration written as a string such as \"1h\", got {value!r}")
     if zero and value.strip() == "0":
         return timedelta(0)
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    duration = parse_duration(value)
     if duration <= timedelta(0) and not zero:
-        raise ConfigError(f"{where}: must be longer than zero")
+        raise ValueError("must be longer than zero")
     return duration
+
+
+# A duration key: "90s", "1h30m", ...; longer than zero.
+Duration = Annotated[timedelta, BeforeValidator(lambda value: _duration(value, zero=False))]
+# A duration key that may be "0" (none, never).
+DurationOrZero = Annotated[timedelta, BeforeValidator(lambda value: _duration(value, zero=True))]
 
 
 # -- the [alerts] table (sent by reconciliation.alerts) -----------------------------
 
 DEFAULT_REMIND_EVERY = timedelta(hours=24)
+_NO_SMTP = "missing (the Airflow SMTP Connection that sends alerts; or slack_conn_id alone)"
+# An address as it may stand in a mail header: local@domain, printable ASCII,
+# no space, no CR/LF (a header line break in 'to' made every alert fail, and
+# could add headers), none of the characters that separate addresses.
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HEADER_TEXT = re.compile(r"[^\x00-\x1f\x7f]{0,100}")
 
 
-@dataclass(frozen=True, slots=True)
-class AlertsConfig:
-    smtp_conn_id: str | None
-    to: tuple[str, ...] = ()
-    from_email: str | None = None
-    subject_prefix: str = "[balances]"
-    slack_conn_id: str | None = None
-    remind_every: timedelta = DEFAULT_REMIND_EVERY
-    flap_window: timedelta = timedelta(0)
+def _address(value: Any) -> str:
+    # Checked as it is read, so that an alert never fails on it.
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value) or len(value) > 254:
+        raise ValueError(f"{value!r} is not an e-mail address (local@domain, ASCII, no spaces or line breaks)")
+    return value
+
+
+def _recipients(value: Any) -> Any:
+    if isinstance(value, str):  # one recipient may be written alone
+        value = [value]
+    if isinstance(value, list) and value:
+        return tuple(value)
+    if isinstance(value, tuple):  # the default, or one made in code
+        return value
+    raise ValueError(f"expected one or more e-mail addresses, got {value!r}")
+
+
+def _slack_conn_id(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected an Airflow Connection id, got {value!r}")
+    return value
+
+
+def _smtp_conn_id(value: Any) -> str:
+    # A blank id is no Connection: said as for a missing one.
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(_NO_SMTP)
+    return value
+
+
+def _subject_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _HEADER_TEXT.fullmatch(value):
+        raise ValueError(f"expected at most 100 printable characters, got {value!r}")
+    return value
+
+
+EmailAddress = Annotated[str, BeforeValidator(_address)]
+
+
+class AlertsConfig(BaseModel):
+    """The ``[alerts]`` table: where incidents are announced, and how often.
+
+    Mail (``smtp_conn_id`` and ``to``), Slack (``slack_conn_id``), or both;
+    ``smtp_conn_id`` may be left out only for Slack alone. Fields are
+    checked in the order of the table as documented, so the first mistake
+    reported is the first a reader meets.
+    """
+
+    model_config = STRICT_TABLE
+
+    slack_conn_id: Annotated[str, BeforeValidator(_slack_conn_id)] | None = None
+    smtp_conn_id: Annotated[str, BeforeValidator(_smtp_conn_id)] | None = None
+    to: Annotated[tuple[EmailAddress, ...], BeforeValidator(_recipients)] = ()
+    from_email: EmailAddress | None = None
+    subject_prefix: Annotated[str, BeforeValidator(_subject_prefix)] = "[balances]"
+    remind_every: DurationOrZero = DEFAULT_REMIND_EVERY
+    flap_window: DurationOrZero = timedelta(0)
+
+    @model_validator(mode="after")
+    def _mail_or_slack(self) -> AlertsConfig:
+        if self.smtp_conn_id is None and (self.slack_conn_id is None or "to" in self.model_fields_set):
+            raise KeyMistake("smtp_conn_id", _NO_SMTP)
+        if self.smtp_conn_id is not None and not self.to:
+            raise KeyMistake("to", "expected one or more e-mail addresses, got None")
+        return self
 
     @property
     def channels(self) -> list[str]:
@@ -616,60 +717,13 @@ class AlertsConfig:
                                                   ("slack_conn_id", self.slack_conn_id)) if conn_id}
 
 
-_KEYS = {"smtp_conn_id", "to", "from_email", "subject_prefix", "slack_conn_id", "remind_every", "flap_window"}
-
-
 def parse_alerts(table: Any) -> AlertsConfig | None:
     """The ``[alerts]`` table; None when the file has none. Mistakes name ``alerts.<key>``."""
     if table is None:
         return None
     if not isinstance(table, dict):
         raise ConfigError("alerts: must be a table")
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"alerts.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
-    slack = table.get("slack_conn_id")
-    if slack is not None and (not isinstance(slack, str) or not slack.strip()):
-        raise ConfigError(f"alerts.slack_conn_id: expected an Airflow Connection id, got {slack!r}")
-    conn_id = table.get("smtp_conn_id")
-    to, sender = (), None
-    if conn_id is not None or slack is None or "to" in table:
-        if not isinstance(conn_id, str) or not conn_id.strip():
-            raise ConfigError("alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts;"
-                              " or slack_conn_id alone)")
-        to = table.get("to")
-        if isinstance(to, str):
-            to = [to]
-        if not isinstance(to, list) or not to:
-            raise ConfigError(f"alerts.to: expected one or more e-mail addresses, got {to!r}")
-        to = [email_address(a, f"alerts.to[{i}]") for i, a in enumerate(to)]
-        sender = table.get("from_email")
-        if sender is not None:
-            sender = email_address(sender, "alerts.from_email")
-    prefix = table.get("subject_prefix", "[balances]")
-    if not isinstance(prefix, str) or not _HEADER_TEXT.fullmatch(prefix):
-        raise ConfigError(f"alerts.subject_prefix: expected at most 100 printable characters, got {prefix!r}")
-    return AlertsConfig(smtp_conn_id=conn_id.strip() if conn_id else None, to=tuple(a.strip() for a in to),
-                        from_email=sender, subject_prefix=prefix, slack_conn_id=slack.strip() if slack else None,
-                        remind_every=duration_key(table.get("remind_every", "24h"), "alerts.remind_every",
-                                                  zero=True),
-                        flap_window=duration_key(table.get("flap_window", "0"), "alerts.flap_window", zero=True))
-
-
-# An address as it may stand in a mail header: local@domain, printable ASCII,
-# no space, no CR/LF (a header line break in 'to' made every alert fail, and
-# could add headers), none of the characters that separate addresses.
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-_HEADER_TEXT = re.compile(r"[^\x00-\x1f\x7f]{0,100}")
-
-
-def email_address(value: Any, where: str) -> str:
-    """A mail address checked as it is read, so an alert never fails on it (ConfigError naming ``where``)."""
-    if not isinstance(value, str) or not _ADDRESS.fullmatch(value.strip()) or len(value.strip()) > 254:
-        raise ConfigError(f"{where}: {value!r} is not an e-mail address (local@domain, ASCII, no spaces or "
-                          "line breaks)")
-    return value.strip()
+    return checked(AlertsConfig, table, "alerts")
 
 
 def config_error_dag(dag_id: str, errors: list[str]):

@@ -32,7 +32,9 @@ Four kinds of check::
 Tolerances are decimals written as strings (never TOML floats: they are
 money), at most 10^30 (``rel_tolerance`` at most 1) and at least 10^-30
 apart from zero; durations are ``90s``, ``15m``, ``1h``, ``2d`` or sums
-like ``1h30m``, at most 366 days. Every mistake is reported on one line as
+like ``1h30m``, at most 366 days. Each kind's keys are a pydantic model
+(:data:`KINDS`), strict and closed like the sources' (:mod:`pipeline.config`);
+``kind`` picks the model. Every mistake is reported on one line as
 ``checks.<name>.<key>: what is wrong``; a check that names a source with a
 mistake has a mistake too.
 """
@@ -41,19 +43,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ValidationInfo, WrapValidator, field_validator
+from pydantic_core import core_schema
 
 from extractors.settings import DecimalText, OneOrMore, Text
 from pipeline.config import (  # noqa: F401  (parse_duration is used from here too)
+    STRICT_TABLE,
     Config,
     ConfigError,
+    Duration,
     SourceConfig,
+    checked,
     cron_of,
-    duration_key,
     named_table,
     parse_duration,
     schedule_times,
-    value_of,
 )
 
 # Whole units; beyond these a tolerance is a typo, and NUMERIC columns
@@ -153,12 +159,151 @@ class RollforwardCheck:
 
 Check = Union[PairCheck, AggregateCheck, ContinuityCheck, RollforwardCheck]
 
-_KEYS: dict[str, set[str]] = {
-    "pair": {"kind", "left", "right", "abs_tolerance", "rel_tolerance", "max_skew"},
-    "aggregate": {"kind", "source", "assets", "abs_tolerance"},
-    "continuity": {"kind", "source", "allow_negative", "max_staleness"},
-    "rollforward": {"kind", "source", "accounts", "assets", "tolerance"},
+# -- the keys of each kind of check, as the file writes them ----------------------
+
+
+def _configured(name: str, info: ValidationInfo) -> str:
+    # The sources the check may name come with the table (checked(..., context=)).
+    broken, sources = info.context["broken_sources"], info.context["sources"]
+    if name in broken:
+        raise ValueError(f"source {name!r} has a mistake in its [sources.{name}] table")
+    if name not in sources:
+        raise ValueError(f"unknown source {name!r} (configured: {', '.join(sorted(sources)) or 'none'})")
+    return name
+
+
+def _within(high: Decimal) -> WrapValidator:
+    """A tolerance from 0 to ``high``; a non-zero one no closer to 0 than MIN_TOLERANCE."""
+    def check(value: Any, decimal: Any) -> Decimal:
+        tolerance = decimal(value)
+        if not tolerance.is_finite() or tolerance < 0:
+            raise ValueError(f"must be a finite decimal of at least 0, got {value!r}")
+        if tolerance > high or 0 < tolerance < MIN_TOLERANCE:
+            raise ValueError(f"must be 0 or between {MIN_TOLERANCE} and {high}, got {value!r}")
+        return tolerance
+    return WrapValidator(check)
+
+
+class _Negatives:
+    """``allow_negative``: true, false, or the accounts that may go negative."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        # Not a union: pydantic would name its members in an item's location
+        # (allow_negative.list[...][1]); a list is read as a list, anything else refused.
+        return core_schema.no_info_wrap_validator_function(self.read, handler.generate_schema(list[Text]))
+
+    @staticmethod
+    def read(value: Any, accounts: Any) -> bool | tuple[str, ...]:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, list):
+            return tuple(accounts(value))
+        raise ValueError(f"expected true, false or a list of accounts, got {value!r}")
+
+
+# A source of the config, without a mistake.
+SourceName = Annotated[Text, AfterValidator(_configured)]
+# Whole units.
+Tolerance = Annotated[DecimalText, _within(MAX_TOLERANCE)]
+# A fraction of the larger side.
+Fraction = Annotated[DecimalText, _within(Decimal(1))]
+
+
+class HoldingKeys(BaseModel):
+    """One side of a pair check: ``{ source = ..., account = ..., asset = ... }``."""
+
+    model_config = STRICT_TABLE
+
+    source: SourceName
+    account: Text
+    asset: Text
+
+
+class _CheckKeys(BaseModel):
+    model_config = STRICT_TABLE
+
+    @field_validator("accounts", "assets", check_fields=False)
+    @classmethod
+    def _a_filter_names_something(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # An empty filter would check nothing: more likely a mistake than meant.
+        if names == []:
+            raise ValueError(f"empty list (leave the key out to check every {info.field_name[:-1]})")
+        return names
+
+    def check(self, name: str, sources: dict[str, SourceConfig]) -> Check:
+        """The check these keys describe, named ``name``, on ``sources`` (those the keys were read with)."""
+        raise NotImplementedError
+
+
+class PairKeys(_CheckKeys):
+    kind: Literal["pair"]
+    left: HoldingKeys
+    right: HoldingKeys
+    max_skew: Duration
+    abs_tolerance: Tolerance = Decimal(0)
+    rel_tolerance: Fraction = Decimal(0)
+
+    def check(self, name: str, sources: dict[str, SourceConfig]) -> PairCheck:
+        return PairCheck(name=name, left=Holding(**self.left.model_dump()), right=Holding(**self.right.model_dump()),
+                         max_skew=self.max_skew, abs_tolerance=self.abs_tolerance,
+                         rel_tolerance=self.rel_tolerance)
+
+
+class AggregateKeys(_CheckKeys):
+    kind: Literal["aggregate"]
+    source: SourceName
+    assets: OneOrMore[Text] | None = None
+    abs_tolerance: Tolerance = Decimal(0)
+
+    def check(self, name: str, sources: dict[str, SourceConfig]) -> AggregateCheck:
+        return AggregateCheck(name=name, source=self.source, assets=_tuple(self.assets),
+                              abs_tolerance=self.abs_tolerance)
+
+
+class ContinuityKeys(_CheckKeys):
+    kind: Literal["continuity"]
+    source: SourceName
+    max_staleness: Duration | None = None
+    allow_negative: Annotated[bool | tuple[str, ...], _Negatives()] = False
+
+    def check(self, name: str, sources: dict[str, SourceConfig]) -> ContinuityCheck:
+        source = sources[self.source]
+        cron = cron_of(source.schedule)
+        max_staleness = self.max_staleness
+        if max_staleness is None and cron is None:
+            raise ConfigError(f"checks.{name}.max_staleness: required: source {source.name!r} has no recurring "
+                              "schedule to derive it from")
+        if max_staleness is None:
+            max_staleness = 2 * longest_interval(cron, source.start_date)
+        return ContinuityCheck(name=name, source=source.name, max_staleness=max_staleness, cron=cron,
+                               start_date=source.start_date, allow_negative=self.allow_negative)
+
+
+class RollforwardKeys(_CheckKeys):
+    kind: Literal["rollforward"]
+    source: SourceName
+    accounts: OneOrMore[Text] | None = None
+    assets: OneOrMore[Text] | None = None
+    tolerance: Tolerance = Decimal(0)
+
+    def check(self, name: str, sources: dict[str, SourceConfig]) -> RollforwardCheck:
+        source = sources[self.source]
+        return RollforwardCheck(name=name, source=source.name, provider=source.provider,
+                                accounts=_tuple(self.accounts), assets=_tuple(self.assets), tolerance=self.tolerance,
+                                available=source.contract.offers_movements(source.settings))
+
+
+# The keys of each kind of check: ``kind`` picks the model a table is read with.
+KINDS: dict[str, type[_CheckKeys]] = {
+    "pair": PairKeys,
+    "aggregate": AggregateKeys,
+    "continuity": ContinuityKeys,
+    "rollforward": RollforwardKeys,
 }
+
+
+def _tuple(names: list[str] | None) -> tuple[str, ...] | None:
+    return None if names is None else tuple(names)
 
 
 def load_checks(config: Config, names: list[str] | None = None) -> dict[str, Check]:
@@ -199,100 +344,11 @@ def parse_checks(tables: dict[str, Any], sources: dict[str, SourceConfig]) -> di
 
 def parse_check(name: str, table: Any, sources: dict[str, SourceConfig],
                 broken_sources: dict[str, str] | None = None) -> Check:
-    where = f"checks.{name}"
-    kind = named_table("checks", name, table, "kind", list(_KEYS))
-    unknown = set(table) - _KEYS[kind]
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(f"{where}.{key}: unknown key for a {kind} check (known: {', '.join(sorted(_KEYS[kind]))})")
-    if kind == "pair":
-        return PairCheck(
-            name=name,
-            left=_holding(table, "left", where, sources, broken_sources),
-            right=_holding(table, "right", where, sources, broken_sources),
-            max_skew=duration_key(_required(table, "max_skew", where), f"{where}.max_skew"),
-            abs_tolerance=_tolerance(table, "abs_tolerance", where),
-            rel_tolerance=_tolerance(table, "rel_tolerance", where),
-        )
-    source = _source(table, "source", where, sources, broken_sources)
-    if kind == "aggregate":
-        return AggregateCheck(name=name, source=source.name, assets=_names(table, "assets", where),
-                              abs_tolerance=_tolerance(table, "abs_tolerance", where))
-    if kind == "rollforward":
-        return RollforwardCheck(name=name, source=source.name, provider=source.provider,
-                                accounts=_names(table, "accounts", where), assets=_names(table, "assets", where),
-                                tolerance=_tolerance(table, "tolerance", where),
-                                available=source.contract.offers_movements(source.settings))
-    cron = cron_of(source.schedule)
-    if "max_staleness" in table:
-        max_staleness = duration_key(table["max_staleness"], f"{where}.max_staleness")
-    elif cron is None:
-        raise ConfigError(f"{where}.max_staleness: required: source {source.name!r} has no recurring "
-                          "schedule to derive it from")
-    else:
-        max_staleness = 2 * longest_interval(cron, source.start_date)
-    return ContinuityCheck(name=name, source=source.name, max_staleness=max_staleness, cron=cron,
-                           start_date=source.start_date,
-                           allow_negative=_allow_negative(table.get("allow_negative", False), where))
-
-
-def _names(table: dict, key: str, where: str) -> tuple[str, ...] | None:
-    """An optional filter: a non-empty list of names, or None (everything)."""
-    names = table.get(key)
-    if names is None:
-        return None
-    names = tuple(value_of(OneOrMore[Text], names, f"{where}.{key}"))
-    if not names:
-        raise ConfigError(f"{where}.{key}: empty list (leave the key out to check every {key[:-1]})")
-    return names
-
-
-def _required(table: dict, key: str, where: str) -> Any:
-    if key not in table:
-        raise ConfigError(f"{where}.{key}: missing")
-    return table[key]
-
-
-def _source(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
-            broken_sources: dict[str, str] | None = None) -> SourceConfig:
-    name = value_of(Text, _required(table, key, where), f"{where}.{key}")
-    if broken_sources and name in broken_sources:
-        raise ConfigError(f"{where}.{key}: source {name!r} has a mistake in its [sources.{name}] table")
-    if name not in sources:
-        known = ", ".join(sorted(sources)) or "none"
-        raise ConfigError(f"{where}.{key}: unknown source {name!r} (configured: {known})")
-    return sources[name]
-
-
-def _holding(table: dict, key: str, where: str, sources: dict[str, SourceConfig],
-             broken_sources: dict[str, str] | None = None) -> Holding:
-    spec = value_of(dict, _required(table, key, where), f"{where}.{key}")
-    where = f"{where}.{key}"
-    unknown = set(spec) - {"source", "account", "asset"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: account, asset, source)")
-    source = _source(spec, "source", where, sources, broken_sources)
-    return Holding(source=source.name,
-                   account=value_of(Text, _required(spec, "account", where), f"{where}.account"),
-                   asset=value_of(Text, _required(spec, "asset", where), f"{where}.asset"))
-
-
-def _tolerance(table: dict, key: str, where: str) -> Decimal:
-    value = value_of(DecimalText, table.get(key, "0"), f"{where}.{key}")
-    if not value.is_finite() or value < 0:
-        raise ConfigError(f"{where}.{key}: must be a finite decimal of at least 0, got {table[key]!r}")
-    high = Decimal(1) if key == "rel_tolerance" else MAX_TOLERANCE
-    if value > high or 0 < value < MIN_TOLERANCE:
-        raise ConfigError(f"{where}.{key}: must be 0 or between {MIN_TOLERANCE} and {high}, got {table[key]!r}")
-    return value
-
-
-def _allow_negative(value: Any, where: str) -> bool | tuple[str, ...]:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, list):
-        return tuple(value_of(OneOrMore[Text], value, f"{where}.allow_negative"))
-    raise ConfigError(f"{where}.allow_negative: expected true, false or a list of accounts, got {value!r}")
+    """One ``[checks.<name>]`` table as its check; ConfigError on the first mistake."""
+    kind = named_table("checks", name, table, "kind", list(KINDS))
+    keys = checked(KINDS[kind], table, f"checks.{name}", unknown=f"unknown key for a {kind} check",
+                   context={"sources": sources, "broken_sources": broken_sources or {}})
+    return keys.check(name, sources)
 
 
 def fire_times(cron: str, start: datetime, end: datetime) -> list[datetime]:

@@ -228,6 +228,29 @@ def test_alerts_config_mistakes_name_the_key(table, message):
     assert str(caught.value).startswith(message)
 
 
+@pytest.mark.parametrize("table, message", [
+    ('[alerts]\nsmtp_conn_id = "s"\nto = ["ops@example.com", "ops at example.com"]',
+     "alerts.to[1]: 'ops at example.com' is not an e-mail address (local@domain, ASCII, no spaces or line breaks)"),
+    ('[alerts]\nsmtp_conn_id = "s"\nto = ["ops@example.com"]\nfrom_email = 3',
+     "alerts.from_email: 3 is not an e-mail address (local@domain, ASCII, no spaces or line breaks)"),
+    ('[alerts]\nsmtp_conn_id = "s"', "alerts.to: expected one or more e-mail addresses, got None"),
+    ('[alerts]\nslack_conn_id = "s"\nremind_every = "1 day"',
+     "alerts.remind_every: '1 day' is not a duration such as 90s, 15m, 1h or 2d"),
+    ('[alerts]\nslack_conn_id = "s"\nflap_window = "400d"', "alerts.flap_window: '400d' is longer than 366 days"),
+    ('[alerts]\nslack_conn_id = "s"\nflap_window = 0',
+     'alerts.flap_window: expected a duration written as a string such as "1h", got 0'),
+    ('[alerts]\nslack_conn_id = "s"\nremind_evry = "1h"',
+     "alerts.remind_evry: unknown key (did you mean 'remind_every'?) (known: flap_window, from_email, remind_every,"
+     " slack_conn_id, smtp_conn_id, subject_prefix, to)"),
+    ('[alerts]\nsmtp_conn_id = " "\nto = ["ops@example.com"]',
+     "alerts.smtp_conn_id: missing (the Airflow SMTP Connection that sends alerts; or slack_conn_id alone)"),
+])
+def test_an_alerts_mistake_is_exactly_one_line(table, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(table))
+    assert str(caught.value) == message
+
+
 def test_alerts_settings_and_their_defaults():
     slack_only = config_of('[alerts]\nslack_conn_id = "slack_alerts"').alerts
     assert (slack_only.channels, slack_only.to, slack_only.remind_every, slack_only.flap_window) == \

@@ -132,6 +132,21 @@ def test_cli_names_a_broken_source_name_or_check_in_one_line(capsys, tmp_path):
     assert "checks.bad_gaps.source: source 'bad0' has a mistake" in one_config_error(code, err)
 
 
+def test_cli_check_lists_a_check_and_alerts_mistake_one_line_each_and_exits_2(capsys, tmp_path):
+    path = tmp_path / "sources.toml"
+    path.write_text(GOOD + '\n[checks.totals]\nkind = "aggregate"\nsource = "good"\ncolour = "red"\n'
+                           '\n[alerts]\nslack_conn_id = "slack_alerts"\nflap_window = "5 minutes"\n')
+    code, out, _ = cli(capsys, "--config", str(path), "check")
+    assert code == 2
+    assert "  error  checks.totals.colour: unknown key for a aggregate check (known: abs_tolerance, assets, kind," \
+           " source)\n" in out
+    assert "  error  alerts.flap_window: '5 minutes' is not a duration such as 90s, 15m, 1h or 2d\n" in out
+    code, _, err = cli(capsys, "--config", str(path), "reconcile")
+    assert err == "balances: config error: checks.totals.colour: unknown key for a aggregate check (known:" \
+                  " abs_tolerance, assets, kind, source)\n"
+    assert code == 2
+
+
 def test_every_task_has_an_execution_timeout_derived_from_the_schedule(tmp_path):
     write_config(GOOD + '''
 [sources.minutely]

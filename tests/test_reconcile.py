@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from reconciliation.checks import load_checks, parse_checks, parse_duration
+from reconciliation.checks import KINDS, load_checks, parse_checks, parse_duration
 from pipeline.config import ConfigError, parse_config, parse_source
 from reconciliation.reconcile import reconcile
 from tests.conftest import REPO, fetch, load_dag, write_config
@@ -280,6 +280,54 @@ def test_config_errors_name_the_check_and_key(table, message):
     with pytest.raises(ConfigError) as caught:
         parse_checks({"c": table}, SOURCES)
     assert message in str(caught.value)
+
+
+# The smallest table of each kind, and the key it cannot do without.
+SMALLEST = {"pair": (PAIR_TABLE, "max_skew"),
+            "aggregate": ({"kind": "aggregate", "source": "s"}, "source"),
+            "continuity": ({"kind": "continuity", "source": "s"}, "source"),
+            "rollforward": ({"kind": "rollforward", "source": "s"}, "source")}
+KEYS = {"pair": "abs_tolerance, kind, left, max_skew, rel_tolerance, right",
+        "aggregate": "abs_tolerance, assets, kind, source",
+        "continuity": "allow_negative, kind, max_staleness, source",
+        "rollforward": "accounts, assets, kind, source, tolerance"}
+
+
+def test_every_kind_of_check_is_known():
+    assert sorted(KINDS) == sorted(SMALLEST) == sorted(KEYS)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALLEST))
+def test_each_kind_refuses_an_unknown_key_and_a_missing_one_in_one_line(kind):
+    table, required = SMALLEST[kind]
+    assert parse_checks({"c": table}, SOURCES)["c"].kind == kind
+    with pytest.raises(ConfigError) as caught:
+        parse_checks({"c": {**table, "colour": "red"}}, SOURCES)
+    assert str(caught.value) == f"checks.c.colour: unknown key for a {kind} check (known: {KEYS[kind]})"
+    with pytest.raises(ConfigError) as caught:
+        parse_checks({"c": {k: v for k, v in table.items() if k != required}}, SOURCES)
+    assert str(caught.value) == f"checks.c.{required}: missing"
+
+
+@pytest.mark.parametrize("table, message", [
+    ({**PAIR_TABLE, "left": {"source": "s", "account": "a", "asset": "X", "assets": "Y"}},
+     "checks.c.left.assets: unknown key (did you mean 'asset'?) (known: account, asset, source)"),
+    ({**PAIR_TABLE, "right": "s"}, "checks.c.right: expected a table, got 's'"),
+    ({**PAIR_TABLE, "max_skew": 60}, 'checks.c.max_skew: expected a duration written as a string such as "1h", got 60'),
+    ({**PAIR_TABLE, "rel_tolerance": "2"}, "checks.c.rel_tolerance: must be 0 or between 1E-30 and 1, got '2'"),
+    ({"kind": "aggregate", "source": "s", "asets": ["X"]},
+     "checks.c.asets: unknown key for a aggregate check (did you mean 'assets'?) "
+     "(known: abs_tolerance, assets, kind, source)"),
+    ({"kind": "aggregate", "source": "s", "assets": []},
+     "checks.c.assets: empty list (leave the key out to check every asset)"),
+    ({"kind": "continuity", "source": "s", "allow_negative": ["world", 2]},
+     "checks.c.allow_negative[1]: expected a non-empty string, got 2"),
+    ({"kind": "rollforward", "source": 7}, "checks.c.source: expected a non-empty string, got 7"),
+])
+def test_a_check_mistake_is_exactly_one_line(table, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_checks({"c": table}, SOURCES)
+    assert str(caught.value) == message
 
 
 def test_a_rollforward_check_reads_its_filters_and_whether_the_provider_offers_movements():
