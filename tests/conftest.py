@@ -28,7 +28,7 @@ if os.environ.get("BALANCES_TEST_SCRATCH_PID") == str(os.getpid()):
     # Imported a second time (as tests.conftest): keep the first set-up.
     _SCRATCH = Path(os.environ["BALANCES_TEST_SCRATCH"])
 else:
-    # Each process its own: pytest-xdist's workers (scripts/test runs two)
+    # Each process its own: pytest-xdist's workers (scripts/test runs four)
     # each start their own cluster and Airflow home.
     _SCRATCH = Path(tempfile.mkdtemp(prefix="balances-tests-"))
     _SCRATCH.chmod(0o755)  # as root, the cluster runs as 'postgres' and must reach its data dir
@@ -66,7 +66,7 @@ def needs_database(item) -> bool:
                 or any(item.get_closest_marker(m) for m in DATABASE_MARKERS))
 
 
-# The slowest files first: scripts/test's two workers take files in this
+# The slowest files first: scripts/test's workers take files in this
 # order, so the long ones (a fresh clone and the demo, installs, Superset)
 # start at once rather than leave one worker running them alone at the end.
 SLOWEST_FIRST = ("test_entry_points.py", "test_install.py", "test_dashboard.py")
