@@ -62,8 +62,24 @@ def number_text(value: float | int) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 2**63 else repr(value)
 
 
+class Check:
+    """A check a field's value meets after its type's own: ``Annotated[Count, Between(1, 100)]``.
+
+    A subclass says what is wrong in ``check``: a ValueError of one phrase,
+    which the message builder puts after the key.
+    """
+
+    __slots__ = ()
+
+    def check(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class Range:
+class Range(Check):
     """Where a number may lie (``low_open`` excludes ``low``): ``Annotated[int, Range(1, 64)]``."""
 
     low: float
@@ -78,12 +94,9 @@ class Range:
                              f"got {number_text(value)}")
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Between:
+class Between(Check):
     """A provider's own limit inside a number's range (both ends included): what its API allows."""
 
     low: int | float
@@ -98,11 +111,8 @@ class Between:
                              f"got {number_text(value)}")
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
 
-
-class OneOf:
+class OneOf(Check):
     """Text that is one of ``choices``: ``Annotated[Text, OneOf("path", "header")]``."""
 
     __slots__ = ("choices",)
@@ -117,12 +127,9 @@ class OneOf:
             raise ValueError(f"must be {listed}, got {value!r}")
         return value
 
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Matching:
+class Matching(Check):
     """Text the whole of which matches ``pattern``, else "'x' is not ``what``"."""
 
     pattern: re.Pattern
@@ -132,9 +139,6 @@ class Matching:
         if not self.pattern.fullmatch(value):
             raise ValueError(f"{value!r} is not {self.what}")
         return value
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
 
 
 def _text(value: str) -> str:
