@@ -529,9 +529,8 @@ class HederaExtractor(BaseExtractor):
         # Absent is not empty: a record without its tokens list would silently drop holdings.
         if tokens is None:
             tokens = require(record, "tokens")
-        if tokens.__class__ is not list:
-            if not isinstance(tokens, list):
-                raise RecordError(f"tokens is {type(tokens).__name__}, expected a list")
+        if not isinstance(tokens, list):
+            raise RecordError(f"tokens is {type(tokens).__name__}, expected a list")
         if self.settings.include_tokens and tokens:
             known = self._decimals
             for token in tokens:

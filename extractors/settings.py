@@ -35,6 +35,11 @@ from pydantic_core import core_schema
 from extractors.redaction import redact_url
 
 
+# A table of the file as a model: TOML types taken strictly, no key it does
+# not declare, never changed once read.
+STRICT_TABLE = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
 class ProviderSettings(BaseModel):
     """The base of every provider's ``Settings``: strict, frozen, no key it does not declare.
 
@@ -42,7 +47,7 @@ class ProviderSettings(BaseModel):
     ``field_validator`` reading ``info.data``) runs whichever keys were set.
     """
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(**STRICT_TABLE, validate_default=True)
 
 
 class KeyMistake(ValueError):

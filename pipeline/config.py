@@ -26,12 +26,13 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ValidationError, model_validator
 
 from extractors.http import RetryPolicy
 from extractors.settings import (  # noqa: F401  (utc_time is used from here too)
     Finite,
     KeyMistake,
+    STRICT_TABLE,
     Range,
     Text,
     Time,
@@ -224,11 +225,6 @@ def _seconds(low: float, high: float, *, low_open: bool = False) -> Any:
     return Annotated[Finite, Range(low, high, low_open=low_open, unit=_SECONDS)]
 
 
-# A table of the file as a model: TOML types taken strictly, no key it does
-# not declare, never changed once read.
-STRICT_TABLE = ConfigDict(strict=True, frozen=True, extra="forbid")
-
-
 class SourceKeys(BaseModel):
     """The keys every source accepts, whatever its provider, each with its range.
 
@@ -345,19 +341,6 @@ def checked(model: type[BaseModel], values: dict[str, Any], where: str, known: I
         return model.model_validate(unblanked(values), context=context)
     except ValidationError as exc:
         raise config_error(exc, where, known, model=model, **wording) from None
-
-
-@functools.cache
-def _adapter(kind: Any) -> TypeAdapter:
-    return TypeAdapter(kind, config=ConfigDict(strict=True))
-
-
-def value_of(kind: Any, value: Any, where: str) -> Any:
-    """One value read as ``kind`` (an :mod:`extractors.settings` type), strictly; ConfigError naming ``where``."""
-    try:
-        return _adapter(kind).validate_python(unblanked(value))
-    except ValidationError as exc:
-        raise config_error(exc, where) from None
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:

@@ -48,9 +48,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import AfterValidator, BaseModel, ValidationInfo, WrapValidator, field_validator
 from pydantic_core import core_schema
 
-from extractors.settings import DecimalText, OneOrMore, Text
+from extractors.settings import STRICT_TABLE, DecimalText, OneOrMore, Text
 from pipeline.config import (  # noqa: F401  (parse_duration is used from here too)
-    STRICT_TABLE,
     Config,
     ConfigError,
     Duration,

@@ -16,7 +16,7 @@ import pytest
 from cli.main import main
 from extractors import registry
 from extractors.settings import ProviderSettings
-from pipeline.config import SHARED_KEYS, ConfigError, SourceKeys, parse_source, value_of
+from pipeline.config import SHARED_KEYS, ConfigError, SourceKeys, parse_source
 from tests.sandboxes import PROVIDERS, source_keys
 
 URL = "http://127.0.0.1:9"
@@ -133,19 +133,6 @@ def test_a_model_made_in_code_is_checked_as_given():
     with pytest.raises(pydantic.ValidationError):
         Settings(base_url=f" {URL}")  # only the file reader trims
     assert Settings(URL) == Settings(base_url=URL)
-
-
-def test_one_value_of_a_check_is_read_the_same_way():
-    from decimal import Decimal
-
-    from extractors.settings import DecimalText, OneOrMore, Text
-
-    assert value_of(OneOrMore[Text], " a ", "checks.c.assets") == ["a"]
-    assert value_of(DecimalText, " 0.5 ", "checks.c.tolerance") == Decimal("0.5")
-    with pytest.raises(ConfigError, match=r"^checks\.c\.assets\[1\]: expected a non-empty string, got 2$"):
-        value_of(OneOrMore[Text], ["a", 2], "checks.c.assets")
-    with pytest.raises(ConfigError, match=r"^checks\.c\.left: expected a table, got 'x'$"):
-        value_of(dict, "x", "checks.c.left")
 
 
 def test_the_cli_exits_2_on_a_providers_mistake_in_one_line(capsys, tmp_path):
