@@ -34,7 +34,7 @@ from extractors.jsonbody import DuplicateKeyError, parse_json
 from extractors.paginators import Paginator
 from extractors.redaction import mask, redact_url, request_secrets, same_origin
 from extractors.text import one_line, safe_text
-from extractors.transport import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REQUEST_DEADLINE, new_session, send
+from extractors.transport import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REQUEST_DEADLINE, new_session, send, send_ahead
 
 log = logging.getLogger(__name__)
 
@@ -369,12 +369,44 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         json_body: Any = None,
     ) -> Iterator[Any]:
-        """Yield each page's decoded body, following ``paginator`` to the end."""
+        """Yield each page's decoded body, following ``paginator`` to the end.
+
+        The next page's request is known once a page is decoded, so it is
+        sent before the page is yielded (:meth:`_send_ahead`): the server
+        answers it while the caller works on this one. A stop rule that
+        refuses the next page still fails after the caller has had this one.
+        """
         target, query = path, params
+        data = self.get_json(target, query, headers=headers, json_body=json_body)
         while True:
-            data = self.get_json(target, query, headers=headers, json_body=json_body)
+            refused = None
+            try:
+                paginator.update_state(data)
+                if paginator.has_next:
+                    target, query = paginator.next_request(target, query)
+                    self._send_ahead(target, query, headers, json_body)
+            except Exception as exc:  # noqa: BLE001 -- raised below, once the page is used
+                refused = exc
             yield data
-            paginator.update_state(data)
+            if refused is not None:
+                raise refused
             if not paginator.has_next:
                 return
-            target, query = paginator.next_request(target, query)
+            data = self.get_json(target, query, headers=headers, json_body=json_body)
+
+    def _send_ahead(self, path_or_url: str, params: Params, headers, json_body) -> None:
+        """Put the next page's GET on the wire now, if it is plain and its connection idle (transport.send_ahead).
+
+        Not under a throttle, whose token is taken when the request is made,
+        nor with auth, headers or a body of its own: those requests go out
+        when their turn comes, as before.
+        """
+        if self.throttle is not None or headers is not None or json_body is not None or self.auth is not None:
+            return
+        try:
+            url = self.url_for(path_or_url)
+        except ExtractError:
+            return  # get_json raises it, in its turn
+        policy = self.policy
+        send_ahead(self.session, "GET", url, params=params, timeout=(policy.connect_timeout, policy.read_timeout),
+                   allow_redirects=False)

@@ -27,6 +27,7 @@ from requests.adapters import HTTPAdapter
 from requests.cookies import extract_cookies_to_jar
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.url import _encode_target
 
 from extractors.errors import (DeadlineExceeded, ExtractError, MalformedResponseError, ResponseTooLarge,
                                TransportError)
@@ -159,23 +160,91 @@ def _attach(conn: HTTPConnection) -> None:
         deadline.attach(conn)
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
+class _SentAheadMixin:
+    """A connection that reports to the current :class:`Deadline` and may carry a request sent ahead.
+
+    :func:`send_ahead` writes a request on an idle keep-alive connection
+    and notes the call; its pool holds the connection aside
+    (:class:`_ParkingMixin`). When the same request comes through the
+    usual path (``Session``, adapter, urllib3), it is not written again:
+    its answer is the next on the wire and is read as any other, with the
+    same timeouts, deadline and errors. Any other request on it closes the
+    connection first (the answer due would be the wrong one) and goes out
+    on a new one.
+    """
+
+    _ahead: tuple | None = None
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
         _attach(self)
-        super().request(*args, **kwargs)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead == _call(method, url, body, headers, kwargs):
+                return  # already sent: its answer is next on this connection
+            self.close()
+        super().request(method, url, body=body, headers=headers, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self)
-        super().request(*args, **kwargs)
+def _call(method: str, url: str, body: Any, headers: Any, kwargs: dict) -> tuple:
+    return method, url, body, tuple((headers or {}).items()), tuple(sorted(kwargs.items()))
 
 
-class _WatchedHTTPPool(HTTPConnectionPool):
+class _WatchedHTTPConnection(_SentAheadMixin, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_SentAheadMixin, HTTPSConnection):
+    pass
+
+
+class _ParkingMixin:
+    """A pool that holds aside the connection carrying a request sent ahead until that request comes.
+
+    Other requests meanwhile (a crawl looking up a token while it reads a
+    page) take other connections, so the answer waiting on the parked one
+    is neither lost nor read as theirs. A session, like ``requests``'
+    own, is used by one thread at a time.
+    """
+
+    _parked: _SentAheadMixin | None = None
+    _taking: _SentAheadMixin | None = None
+
+    def park(self, conn: _SentAheadMixin) -> None:
+        self.unpark()
+        self._parked = conn
+
+    def unpark(self) -> None:
+        """Close a connection whose request sent ahead was not wanted after all: its answer is never read."""
+        conn, self._parked = self._parked, None
+        if conn is not None:
+            conn.close()
+            self._put_conn(conn)
+
+    def urlopen(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        parked = self._parked
+        if parked is not None and url.startswith("/") and parked._ahead[:2] == (method, _encode_target(url)):
+            self._parked, self._taking = None, parked
+        try:
+            return super().urlopen(method, url, *args, **kwargs)
+        finally:
+            if self._taking is not None:  # failed before it took a connection
+                self._parked, self._taking = self._taking, None
+                self.unpark()
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn, self._taking = self._taking, None
+        return conn if conn is not None else super()._get_conn(timeout)
+
+    def close(self) -> None:
+        self.unpark()
+        super().close()
+
+
+class _WatchedHTTPPool(_ParkingMixin, HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_ParkingMixin, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
@@ -302,23 +371,18 @@ def connection_failure(exc: BaseException, url: str, url_key: str = "base_url") 
 _PLAIN_HOOKS = {"response": []}
 
 
-def _plain_get(session: requests.Session, method: str, url: str, params: Any = None, headers: Any = None,
-               json: Any = None, auth: Any = None, **kwargs: Any) -> requests.Response | None:
-    """``session.request(method, url, stream=True, ...)`` for a GET that brings nothing of its own; None otherwise.
+def _plain_request(session: requests.Session, method: str, url: str, params: Any = None, headers: Any = None,
+                   json: Any = None, auth: Any = None, **kwargs: Any) -> requests.PreparedRequest | None:
+    """The request ``session.request`` would send for a GET that brings nothing of its own; None otherwise.
 
     Every page of a crawl is such a request, and ``Session.request`` spends
     about as long merging settings there are none of (cookies, hooks,
     proxies, the environment, the request's own headers and auth; requests
     2.34 checks several of them against runtime protocols) as the adapter,
-    urllib3 and ``http.client`` spend sending it. This prepares the request as it would (the method,
-    the URL with its params, the session's headers validated, credentials in
-    the URL) and hands it to the same adapter, which sends it and builds the
-    response, raising the same exceptions. Cookies a response sets are kept
-    on the session as ``Session.send`` keeps them. Redirects are never
-    followed here, so a redirect's body is read within ``max_bytes`` like
-    any other (``Session.send`` read it whole, to prepare the request it
-    would have followed with). Any other request, or a session with settings
-    of its own beyond headers, takes ``session.request``.
+    urllib3 and ``http.client`` spend sending it. This prepares it as it
+    would: the method, the URL with its params, the session's headers
+    validated, credentials in the URL. Any other request, or a session with
+    settings of its own beyond headers, takes ``session.request``.
     """
     if (method != "GET" or headers is not None or json is not None or auth is not None or session.auth is not None
             or session.trust_env or session.params or session.proxies or session.cookies
@@ -332,12 +396,74 @@ def _plain_get(session: requests.Session, method: str, url: str, params: Any = N
     prepared.prepare_body({}, None, None)
     prepared.prepare_auth(None, url)
     prepared.prepare_hooks({})
+    return prepared
+
+
+def _plain_get(session: requests.Session, method: str, url: str, **kwargs: Any) -> requests.Response | None:
+    """``session.request(method, url, stream=True, ...)`` for a plain GET (:func:`_plain_request`); None otherwise.
+
+    The prepared request goes to the same adapter, which sends it and builds
+    the response, raising the same exceptions. Cookies a response sets are
+    kept on the session as ``Session.send`` keeps them. Redirects are never
+    followed here, so a redirect's body is read within ``max_bytes`` like
+    any other (``Session.send`` read it whole, to prepare the request it
+    would have followed with).
+    """
+    prepared = _plain_request(session, method, url, **kwargs)
+    if prepared is None:
+        return None
     adapter = session.get_adapter(prepared.url)
     response = adapter.send(prepared, stream=True, timeout=kwargs.get("timeout"), verify=session.verify,
                             cert=session.cert, proxies={})
     if "Set-Cookie" in response.headers or "Set-Cookie2" in response.headers:
         extract_cookies_to_jar(session.cookies, prepared, response.raw)
     return response
+
+
+def send_ahead(session: requests.Session, method: str, url: str, **kwargs: Any) -> bool:
+    """Write a plain GET now, on the session's idle keep-alive connection; :func:`send` reads its answer later.
+
+    A crawl knows the next page's link as soon as a page is decoded, and
+    then spends as long turning the page into rows as the server spends
+    answering the next request: sent here, the two overlap, with no thread.
+    The same call to :func:`send` afterwards does not write the request
+    again (:class:`_SentAheadMixin`); it reads the answer exactly as it
+    would have, under its deadline, caps and error mapping, so nothing but
+    the moment of sending changes.
+
+    Only a plain GET (:func:`_plain_request`) on a connection that is
+    already open and idle is sent ahead; anything else, or any failure
+    here, returns False and leaves the request to :func:`send`, which
+    sends it as usual. (A GET sent ahead and then not wanted, because the
+    crawl stopped, was asked for once and is never read.)
+    """
+    try:
+        prepared = _plain_request(session, method, url, **kwargs)
+        if prepared is None:
+            return False
+        adapter = session.get_adapter(prepared.url)
+        pool = adapter.get_connection_with_tls_context(prepared, session.verify, proxies={}, cert=session.cert)
+    except Exception:  # the request goes out through send(), which names what is wrong with it
+        return False
+    if not isinstance(pool, _ParkingMixin):
+        return False
+    pool.unpark()
+    conn = pool._get_conn()
+    try:
+        if conn.sock is None or not conn.is_connected:
+            pool._put_conn(conn)
+            return False  # connecting is send()'s, with its timeouts and messages
+        call = (method, _encode_target(adapter.request_url(prepared, {})), None, prepared.headers,
+                {"chunked": False, "preload_content": False, "decode_content": False,
+                 "enforce_content_length": True})
+        conn.request(*call[:2], body=None, headers=call[3], **call[4])
+    except Exception:
+        conn.close()  # whatever was written, send() starts afresh on a new connection
+        pool._put_conn(conn)
+        return False
+    conn._ahead = _call(*call)
+    pool.park(conn)
+    return True
 
 
 def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
