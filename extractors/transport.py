@@ -11,6 +11,7 @@ TLS, timeout). Retrying is not decided here: :mod:`extractors.http` does it.
 from __future__ import annotations
 
 import heapq
+import http.client
 import itertools
 import math
 import os
@@ -18,6 +19,7 @@ import re
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
@@ -160,91 +162,23 @@ def _attach(conn: HTTPConnection) -> None:
         deadline.attach(conn)
 
 
-class _SentAheadMixin:
-    """A connection that reports to the current :class:`Deadline` and may carry a request sent ahead.
-
-    :func:`send_ahead` writes a request on an idle keep-alive connection
-    and notes the call; its pool holds the connection aside
-    (:class:`_ParkingMixin`). When the same request comes through the
-    usual path (``Session``, adapter, urllib3), it is not written again:
-    its answer is the next on the wire and is read as any other, with the
-    same timeouts, deadline and errors. Any other request on it closes the
-    connection first (the answer due would be the wrong one) and goes out
-    on a new one.
-    """
-
-    _ahead: tuple | None = None
-
-    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
         _attach(self)
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            if ahead == _call(method, url, body, headers, kwargs):
-                return  # already sent: its answer is next on this connection
-            self.close()
-        super().request(method, url, body=body, headers=headers, **kwargs)
+        super().request(*args, **kwargs)
 
 
-def _call(method: str, url: str, body: Any, headers: Any, kwargs: dict) -> tuple:
-    return method, url, body, tuple((headers or {}).items()), tuple(sorted(kwargs.items()))
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)
+        super().request(*args, **kwargs)
 
 
-class _WatchedHTTPConnection(_SentAheadMixin, HTTPConnection):
-    pass
-
-
-class _WatchedHTTPSConnection(_SentAheadMixin, HTTPSConnection):
-    pass
-
-
-class _ParkingMixin:
-    """A pool that holds aside the connection carrying a request sent ahead until that request comes.
-
-    Other requests meanwhile (a crawl looking up a token while it reads a
-    page) take other connections, so the answer waiting on the parked one
-    is neither lost nor read as theirs. A session, like ``requests``'
-    own, is used by one thread at a time.
-    """
-
-    _parked: _SentAheadMixin | None = None
-    _taking: _SentAheadMixin | None = None
-
-    def park(self, conn: _SentAheadMixin) -> None:
-        self.unpark()
-        self._parked = conn
-
-    def unpark(self) -> None:
-        """Close a connection whose request sent ahead was not wanted after all: its answer is never read."""
-        conn, self._parked = self._parked, None
-        if conn is not None:
-            conn.close()
-            self._put_conn(conn)
-
-    def urlopen(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        parked = self._parked
-        if parked is not None and url.startswith("/") and parked._ahead[:2] == (method, _encode_target(url)):
-            self._parked, self._taking = None, parked
-        try:
-            return super().urlopen(method, url, *args, **kwargs)
-        finally:
-            if self._taking is not None:  # failed before it took a connection
-                self._parked, self._taking = self._taking, None
-                self.unpark()
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        conn, self._taking = self._taking, None
-        return conn if conn is not None else super()._get_conn(timeout)
-
-    def close(self) -> None:
-        self.unpark()
-        super().close()
-
-
-class _WatchedHTTPPool(_ParkingMixin, HTTPConnectionPool):
+class _WatchedHTTPPool(HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
 
-class _WatchedHTTPSPool(_ParkingMixin, HTTPSConnectionPool):
+class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
@@ -257,9 +191,43 @@ class _WatchedAdapter(HTTPAdapter):
                                                    "https": _WatchedHTTPSPool}
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """A GET written ahead of its turn (:func:`send_ahead`), on a connection held out of its pool."""
+
+    key: tuple  # what the request was: send() reads it only for the very same one
+    prepared: requests.PreparedRequest
+    pool: HTTPConnectionPool
+    conn: HTTPConnection
+
+    def drop(self) -> None:
+        """Not wanted after all (the crawl stopped): its answer is never read, so its connection goes."""
+        self.conn.close()
+        self.pool._put_conn(self.conn)
+
+
+class _Session(requests.Session):
+    """A ``requests.Session`` that may hold one request sent ahead (:func:`send_ahead`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ahead: _Ahead | None = None
+        self.pools: dict[tuple, HTTPConnectionPool] = {}  # by origin, for send_ahead
+
+    def drop_ahead(self) -> None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.drop()
+
+    def close(self) -> None:
+        self.drop_ahead()
+        self.pools.clear()
+        super().close()
+
+
 def new_session() -> requests.Session:
     """A session whose requests :func:`send` can bound, ignoring the environment."""
-    session = requests.Session()
+    session = _Session()
     # Proxies or netrc credentials from the environment must not leak in.
     session.trust_env = False
     adapter = _WatchedAdapter()
@@ -420,50 +388,97 @@ def _plain_get(session: requests.Session, method: str, url: str, **kwargs: Any) 
     return response
 
 
+def _ahead_key(method: str, url: str, kwargs: dict) -> tuple:
+    params = kwargs.get("params")
+    return (method, url, tuple(params) if isinstance(params, list) else params, kwargs.get("timeout"),
+            kwargs.get("headers"), kwargs.get("json"), kwargs.get("auth"), kwargs.get("allow_redirects"))
+
+
 def send_ahead(session: requests.Session, method: str, url: str, **kwargs: Any) -> bool:
     """Write a plain GET now, on the session's idle keep-alive connection; :func:`send` reads its answer later.
 
     A crawl knows the next page's link as soon as a page is decoded, and
     then spends as long turning the page into rows as the server spends
     answering the next request: sent here, the two overlap, with no thread.
-    The same call to :func:`send` afterwards does not write the request
-    again (:class:`_SentAheadMixin`); it reads the answer exactly as it
-    would have, under its deadline, caps and error mapping, so nothing but
-    the moment of sending changes.
+    :func:`send`, called afterwards with the very same request, does not
+    write it again: it reads the answer from that connection under its own
+    deadline, body cap and error mapping, as the adapter would have.
+    Other requests meanwhile (a crawl looking up a token while it reads a
+    page) take other connections from the pool.
 
-    Only a plain GET (:func:`_plain_request`) on a connection that is
-    already open and idle is sent ahead; anything else, or any failure
-    here, returns False and leaves the request to :func:`send`, which
-    sends it as usual. (A GET sent ahead and then not wanted, because the
-    crawl stopped, was asked for once and is never read.)
+    Only a plain GET (:func:`_plain_request`) on a session from
+    :func:`new_session` whose connection to the origin is open and idle is
+    sent ahead; anything else, or any failure here, returns False and
+    leaves the request to :func:`send`, which sends it as usual. One
+    request at most is ahead; one not wanted after all (the crawl stopped)
+    is never read, and its connection is closed.
     """
+    if not isinstance(session, _Session):
+        return False
+    session.drop_ahead()
     try:
         prepared = _plain_request(session, method, url, **kwargs)
         if prepared is None:
             return False
-        adapter = session.get_adapter(prepared.url)
-        pool = adapter.get_connection_with_tls_context(prepared, session.verify, proxies={}, cert=session.cert)
+        parts = urlsplit(prepared.url)
+        origin = (parts.scheme, parts.netloc, session.verify, session.cert)
+        pool = session.pools.get(origin)
+        if pool is None or pool.pool is None:  # (None once the pool manager closed it)
+            adapter = session.get_adapter(prepared.url)
+            pool = adapter.get_connection_with_tls_context(prepared, session.verify, proxies={}, cert=session.cert)
+            if not isinstance(pool, (_WatchedHTTPPool, _WatchedHTTPSPool)):
+                return False
+            session.pools[origin] = pool
+        path = _encode_target(prepared.path_url)
     except Exception:  # the request goes out through send(), which names what is wrong with it
         return False
-    if not isinstance(pool, _ParkingMixin):
-        return False
-    pool.unpark()
     conn = pool._get_conn()
     try:
         if conn.sock is None or not conn.is_connected:
             pool._put_conn(conn)
             return False  # connecting is send()'s, with its timeouts and messages
-        call = (method, _encode_target(adapter.request_url(prepared, {})), None, prepared.headers,
-                {"chunked": False, "preload_content": False, "decode_content": False,
-                 "enforce_content_length": True})
-        conn.request(*call[:2], body=None, headers=call[3], **call[4])
+        conn.request(method, path, body=None, headers=prepared.headers, chunked=False, preload_content=False,
+                      decode_content=False, enforce_content_length=True)
     except Exception:
         conn.close()  # whatever was written, send() starts afresh on a new connection
         pool._put_conn(conn)
         return False
-    conn._ahead = _call(*call)
-    pool.park(conn)
+    session.ahead = _Ahead(_ahead_key(method, url, kwargs), prepared, pool, conn)
     return True
+
+
+def _read_ahead(session: requests.Session, method: str, url: str, kwargs: dict) -> requests.Response | None:
+    """The answer to the request :func:`send_ahead` wrote, if this is that request; None otherwise.
+
+    Read as urllib3 and the adapter read any answer (the connection goes
+    back to its pool once the body is read), and failing as they fail: a
+    timeout as ``requests.ReadTimeout``, a dropped connection as
+    ``requests.ConnectionError``.
+    """
+    ahead = getattr(session, "ahead", None)
+    if ahead is None or ahead.key != _ahead_key(method, url, kwargs):
+        return None
+    session.ahead = None
+    conn, pool = ahead.conn, ahead.pool
+    timeout = kwargs.get("timeout")
+    read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
+    try:
+        _attach(conn)
+        conn.timeout = read_timeout
+        raw = conn.getresponse()
+    except BaseException as exc:
+        ahead.drop()
+        if isinstance(exc, TimeoutError):
+            raise requests.ReadTimeout(urllib3.exceptions.ReadTimeoutError(
+                pool, ahead.prepared.path_url, f"Read timed out. (read timeout={read_timeout})")) from None
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            raise requests.ConnectionError(urllib3.exceptions.ProtocolError("Connection aborted.", exc)) from None
+        raise
+    raw._connection, raw._pool = conn, pool  # back to the pool once read, as urllib3 does
+    response = session.get_adapter(ahead.prepared.url).build_response(ahead.prepared, raw)
+    if "Set-Cookie" in response.headers or "Set-Cookie2" in response.headers:
+        extract_cookies_to_jar(session.cookies, ahead.prepared, response.raw)
+    return response
 
 
 def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,
@@ -477,8 +492,10 @@ def send(session: requests.Session, method: str, url: str, *, deadline: float, m
     """
     with Deadline(deadline) as watch:
         try:
-            response = _plain_get(session, method, url, **kwargs)
+            response = _read_ahead(session, method, url, kwargs)
             if response is None:  # (not "or": a Response of an error status is false)
+                response = _plain_get(session, method, url, **kwargs)
+            if response is None:
                 response = session.request(method, url, stream=True, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if watch.expired:
