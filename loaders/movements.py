@@ -360,12 +360,13 @@ class MovementWriter:
             self.rejected += len(rejected)
 
     def close(self) -> None:
-        self._copy.flush()
+        self._copy.finish()
         with self.conn.cursor() as cur:
             staging.record_staged(cur, self.run_id, self.shard, self.rows, 0, RUNS)
         self.conn.commit()
 
     def abort(self) -> None:
+        self._copy.discard()
         self.conn.rollback()
         with self.conn.cursor() as cur:
             cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_name(self.run_id, self.shard)))

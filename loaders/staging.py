@@ -15,6 +15,8 @@ publish can tell a finished shard from one emptied by a crash.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from decimal import Decimal
 from typing import Callable, Iterable
 
@@ -22,6 +24,7 @@ from psycopg2 import sql
 
 from extractors.records import ROW_COLUMNS, BalanceRow, Column, PageKind, Rejection
 from loaders import rejections
+from loaders.db import reconnect_like
 
 SCHEMA = "balance_staging"
 COLUMNS = tuple(c.name for c in ROW_COLUMNS)
@@ -173,20 +176,29 @@ def encode(rows: Iterable[BalanceRow]) -> str:
 
 
 class CopyBuffer:
-    """Rows encoded as they come and COPYed into ``table`` once ``FLUSH_BYTES`` of them wait.
+    """Rows encoded as they come and COPYed into ``table`` in batches of ``FLUSH_BYTES``, behind the crawl.
 
-    Each flush commits: a crawl holds at most a few MB of rows, whatever its size.
+    PostgreSQL takes about as long to take in a batch (parsing every
+    number, writing the pages) as the crawl takes to read it: COPYed from
+    the crawl's own thread, the crawl would wait that long each time. So a
+    batch filled while the crawl goes on is handed to :class:`_Copier`,
+    which COPYs and commits it on a connection of its own while the crawl
+    reads on; at most one batch waits for it, so memory stays at a few MB.
+    Its failure is raised here, at the next batch or at :meth:`finish`.
+    The last batch, and a crawl too small to fill one, is COPYed on the
+    crawl's connection: no second connection for a small crawl.
     """
 
     def __init__(self, conn, table: sql.Composable, columns: tuple[Column, ...],
                  encode: Callable[[Iterable], str]) -> None:
         self.conn = conn
-        self.table = table
-        self.names = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        self.statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table, sql.SQL(", ").join(sql.Identifier(c.name) for c in columns))
         self.encode = encode
         self.rows = 0
         self._buffer: list[str] = []
         self._size = 0
+        self._copier: _Copier | None = None
 
     def add(self, rows: list) -> None:
         if not rows:
@@ -196,25 +208,88 @@ class CopyBuffer:
         self._size += len(chunk)
         self.rows += len(rows)
         if self._size >= FLUSH_BYTES:
-            self.flush()
+            if self._copier is None:
+                self._copier = _Copier(self.conn, self.statement)
+            self._copier.put(self._take())
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        data = io.BytesIO("".join(self._buffer).encode("utf-8"))
+    def _take(self) -> bytes:
+        data = "".join(self._buffer).encode("utf-8")
         self._buffer.clear()
         self._size = 0
-        with self.conn.cursor() as cur:
-            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN").format(self.table, self.names), data,
-                            size=1 << 20)
-        self.conn.commit()
+        return data
+
+    def finish(self) -> None:
+        """Every row added so far is in the table, committed."""
+        if self._copier is not None:
+            copier, self._copier = self._copier, None
+            copier.close()  # raises what failed in it
+        if self._buffer:
+            with self.conn.cursor() as cur:
+                cur.copy_expert(self.statement, io.BytesIO(self._take()), size=1 << 20)
+            self.conn.commit()
+
+    def discard(self) -> None:
+        """Stop copying (the rows are being thrown away): whatever failed in the copier no longer matters."""
+        self._buffer.clear()
+        self._size = 0
+        if self._copier is not None:
+            copier, self._copier = self._copier, None
+            copier.close(quietly=True)
+
+
+class _Copier:
+    """One thread COPYing batches into a staging table on its own connection, each committed.
+
+    Its own connection, never the crawl's: the crawl's transactions (the
+    snapshot chosen under a row lock, rejected records) must not be
+    committed or blocked by a COPY running beside them.
+    """
+
+    def __init__(self, like, statement: sql.Composable) -> None:
+        self._conn = reconnect_like(like, application_name="balances-staging")
+        self._statement = statement.as_string(self._conn)
+        self._batches: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="staging-copy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._batches.get()) is not None:
+            if self._error is None:
+                try:
+                    with self._conn.cursor() as cur:
+                        cur.copy_expert(self._statement, io.BytesIO(data), size=1 << 20)
+                    self._conn.commit()
+                except BaseException as exc:  # raised in the crawl's thread
+                    self._error = exc
+
+    def put(self, data: bytes) -> None:
+        self._raise()
+        self._batches.put(data)
+
+    def close(self, *, quietly: bool = False) -> None:
+        """Wait for the batches handed over, then close; raise what failed unless ``quietly``."""
+        self._batches.put(None)
+        self._thread.join()
+        try:
+            self._conn.close()
+        except Exception:
+            pass
+        if not quietly:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 class StagingWriter:
     """Buffers encoded rows and COPYs them in batches into one staging table.
 
-    Rejections go into ``rejected_records`` through the same connection, so
-    a crawl needs one connection and holds at most ``FLUSH_BYTES`` of rows.
+    Rejections go into ``rejected_records`` through the crawl's connection;
+    a crawl holds at most three batches of ``FLUSH_BYTES`` of rows, and a
+    crawl larger than one batch COPYs through a second connection
+    (:class:`CopyBuffer`).
     """
 
     def __init__(self, conn, run_id: int, shard: int) -> None:
@@ -264,7 +339,7 @@ class StagingWriter:
         return self._copy.rows
 
     def flush(self) -> None:
-        self._copy.flush()
+        self._copy.finish()
 
     def close(self) -> None:
         """Flush: the shard's rows are staged, still unpublished."""
@@ -275,6 +350,7 @@ class StagingWriter:
 
     def abort(self) -> None:
         """Throw the shard's staged rows away (its rejections stay recorded)."""
+        self._copy.discard()
         self.conn.rollback()
         with self.conn.cursor() as cur:
             drop(cur, self.run_id, self.shard)

@@ -1,0 +1,110 @@
+"""Staging COPYs full batches behind the crawl, on a connection of its own (loaders.staging.CopyBuffer).
+
+What may change is only who waits for PostgreSQL: every row must still be
+staged exactly once, a batch that fails must fail the crawl, and a crawl
+thrown away must leave nothing behind.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import psycopg2
+import pytest
+
+from extractors.records import BalanceRow
+from loaders import runs, staging
+from loaders.db import connect
+from loaders.staging import StagingWriter, table_name
+from pipeline.snapshot import take_snapshot
+from tests.conftest import fetch, make_source
+from tests.hedera_data import BIG, T3, book, mirror
+
+AS_OF = datetime(2026, 11, 2, tzinfo=timezone.utc)
+BATCH = 2048  # bytes: a few dozen rows a batch
+
+
+def page(first: int, size: int = 40) -> list[BalanceRow]:
+    return [BalanceRow(f"0.0.{n}", "HBAR", BIG + n, 8) for n in range(first, first + size)]
+
+
+def copiers(conn) -> int:
+    rows = fetch(conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'balances-staging'")
+    conn.commit()
+    return rows[0][0]
+
+
+def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connection(db, monkeypatch):
+    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
+    run_id = runs.start_run(db, "copied", "hedera", AS_OF)
+    writer = StagingWriter(db, run_id, 0)
+    for first in range(0, 4000, 40):
+        writer.add(page(first))
+    assert copiers(db) == 1  # the batches so far went through it
+    writer.close()
+    assert copiers(db) == 0
+    staged = fetch(db, f"SELECT account, balance FROM {table_name(run_id, 0).as_string(db)}")
+    assert len(staged) == 4000
+    assert Counter(a for a, _ in staged) == Counter(f"0.0.{n}" for n in range(4000))
+    assert sum(b for _, b in staged) == sum(Decimal(BIG + n) for n in range(4000))
+    assert staging.staged_counts(db.cursor(), run_id)[0][0] == 4000
+
+
+def test_a_small_crawl_opens_no_second_connection(db, monkeypatch):
+    run_id = runs.start_run(db, "small", "hedera", AS_OF)
+    writer = StagingWriter(db, run_id, 0)
+    writer.add(page(0))
+    writer.close()
+    assert copiers(db) == 0
+    assert fetch(db, f"SELECT count(*) FROM {table_name(run_id, 0).as_string(db)}") == [(40,)]
+
+
+def test_a_batch_that_fails_fails_the_crawl_and_abort_still_cleans_up(db, database_url, monkeypatch):
+    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
+    run_id = runs.start_run(db, "broken", "hedera", AS_OF)
+    writer = StagingWriter(db, run_id, 0)
+    writer.add(page(0))
+    writer.add(page(40))  # the copier has started
+    other = connect(database_url)
+    with other.cursor() as cur:  # the staging table goes from under it
+        cur.execute(f"DROP TABLE {table_name(run_id, 0).as_string(other)}")
+    other.commit()
+    other.close()
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        for first in range(80, 4000, 40):
+            writer.add(page(first))
+        writer.close()
+    writer.abort()  # quiet: the failure is already raised
+    assert copiers(db) == 0
+    assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
+
+
+def test_a_crawl_thrown_away_mid_batch_stops_its_copier_and_drops_the_table(db, monkeypatch):
+    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
+    run_id = runs.start_run(db, "aborted", "hedera", AS_OF)
+    writer = StagingWriter(db, run_id, 0)
+    for first in range(0, 400, 40):
+        writer.add(page(first))
+    writer.abort()
+    assert copiers(db) == 0
+    assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
+
+
+def test_a_snapshot_crawled_ahead_and_copied_behind_holds_what_the_mirror_holds(db, serve, monkeypatch):
+    # No rate limit, so each next page is asked for ahead; batches of 2 KB, so most go through the copier.
+    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
+    server = serve(mirror(accounts=3000))
+    source = make_source("ahead", provider="hedera", base_url=server.url, limit=50)
+    take_snapshot(db, source, datetime(2023, 11, 14, 23, 0, tzinfo=timezone.utc))
+    expected = {}
+    for num, account in book(3, 3000).items():
+        expected[(f"0.0.{num}", "HBAR")] = account.balance
+        for token, amount in account.tokens:
+            expected[(f"0.0.{num}", token)] = amount
+    stored = {(a, t): b for a, t, b in fetch(db, "SELECT account, asset, balance FROM balance_history"
+                                                 " WHERE source = 'ahead'")}
+    assert stored == expected
+    assert fetch(db, "SELECT as_of_raw, status FROM snapshot_runs") == [(T3, "published")]
+    pages = Counter(r.raw_query for r in server.requests if r.path == "/api/v1/balances")
+    assert max(pages.values()) == 1, "a page was asked for twice"
