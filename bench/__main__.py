@@ -35,7 +35,7 @@ QUICK = {
     "b5": lambda: b5_storage.run_all(quick=True),
     "b6": lambda: b6_movements.run((10_000, 40_000), 50_000),
     "b7": lambda: b7_formance_memory.run((20_000, 200_000)),
-    "b8": lambda: b8_versus.run((10_000, 40_000)),
+    "b8": lambda: b8_versus.run((10_000, 40_000), (2, 2)),
 }
 
 
