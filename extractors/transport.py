@@ -430,9 +430,9 @@ def send_ahead(session: requests.Session, method: str, url: str, **kwargs: Any) 
                 return False
             session.pools[origin] = pool
         path = _encode_target(prepared.path_url)
+        conn = pool._get_conn()
     except Exception:  # the request goes out through send(), which names what is wrong with it
         return False
-    conn = pool._get_conn()
     try:
         if conn.sock is None or not conn.is_connected:
             pool._put_conn(conn)

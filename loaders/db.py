@@ -70,11 +70,17 @@ def connect(url: str, *, application_name: str = "balance-snapshots",
 
 
 def reconnect_like(conn, *, application_name: str) -> psycopg2.extensions.connection:
-    """A second connection with the same server and credentials as ``conn``."""
-    info = conn.info
-    return psycopg2.connect(host=info.host, port=info.port, dbname=info.dbname, user=info.user,
-                            password=info.password or None, application_name=application_name,
-                            connect_timeout=10, options=session_options())
+    """A second connection with the same server, credentials and TLS settings as ``conn``.
+
+    Every connection parameter ``conn`` was opened with is kept (``sslmode``,
+    ``sslrootcert`` and the rest: a second connection must not be less
+    protected than the first); the password, which libpq does not list
+    with them, is taken from the connection.
+    """
+    params = dict(conn.info.dsn_parameters)
+    params.update(password=conn.info.password or None, application_name=application_name,
+                  connect_timeout=10, options=session_options())
+    return psycopg2.connect(**params)
 
 
 def describe_url(url: str) -> str:

@@ -18,7 +18,7 @@ from loaders import runs, staging
 from loaders.db import connect
 from loaders.staging import StagingWriter, table_name
 from pipeline.snapshot import take_snapshot
-from tests.conftest import fetch, make_source
+from tests.conftest import fetch, make_source, wait_for
 from tests.hedera_data import BIG, T3, book, mirror
 
 AS_OF = datetime(2026, 11, 2, tzinfo=timezone.utc)
@@ -35,6 +35,11 @@ def copiers(conn) -> int:
     return rows[0][0]
 
 
+def no_copier_left(conn) -> None:
+    # A closed connection's backend leaves pg_stat_activity a moment after the client closed it.
+    wait_for(lambda: copiers(conn) == 0, timeout=10, what="the copier's connection to close")
+
+
 def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connection(db, monkeypatch):
     monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
     run_id = runs.start_run(db, "copied", "hedera", AS_OF)
@@ -43,7 +48,7 @@ def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connecti
         writer.add(page(first))
     assert copiers(db) == 1  # the batches so far went through it
     writer.close()
-    assert copiers(db) == 0
+    no_copier_left(db)
     staged = fetch(db, f"SELECT account, balance FROM {table_name(run_id, 0).as_string(db)}")
     assert len(staged) == 4000
     assert Counter(a for a, _ in staged) == Counter(f"0.0.{n}" for n in range(4000))
@@ -52,6 +57,7 @@ def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connecti
 
 
 def test_a_small_crawl_opens_no_second_connection(db, monkeypatch):
+    no_copier_left(db)  # none left closing by an earlier test
     run_id = runs.start_run(db, "small", "hedera", AS_OF)
     writer = StagingWriter(db, run_id, 0)
     writer.add(page(0))
@@ -76,7 +82,7 @@ def test_a_batch_that_fails_fails_the_crawl_and_abort_still_cleans_up(db, databa
             writer.add(page(first))
         writer.close()
     writer.abort()  # quiet: the failure is already raised
-    assert copiers(db) == 0
+    no_copier_left(db)
     assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
 
 
@@ -87,7 +93,7 @@ def test_a_crawl_thrown_away_mid_batch_stops_its_copier_and_drops_the_table(db, 
     for first in range(0, 400, 40):
         writer.add(page(first))
     writer.abort()
-    assert copiers(db) == 0
+    no_copier_left(db)
     assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
 
 
@@ -108,3 +114,21 @@ def test_a_snapshot_crawled_ahead_and_copied_behind_holds_what_the_mirror_holds(
     assert fetch(db, "SELECT as_of_raw, status FROM snapshot_runs") == [(T3, "published")]
     pages = Counter(r.raw_query for r in server.requests if r.path == "/api/v1/balances")
     assert max(pages.values()) == 1, "a page was asked for twice"
+
+
+def test_the_second_connection_is_opened_with_the_first_ones_settings(database_url, monkeypatch):
+    # TLS and the rest as the first connection got them (here from libpq's environment), not libpq's defaults.
+    from loaders.db import reconnect_like
+
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    first = connect(database_url)
+    monkeypatch.delenv("PGSSLMODE")
+    second = reconnect_like(first, application_name="balances-staging")
+    try:
+        assert first.info.dsn_parameters["sslmode"] == "disable"
+        assert second.info.dsn_parameters["sslmode"] == "disable"
+        assert second.info.dsn_parameters["application_name"] == "balances-staging"
+        assert fetch(second, "SHOW statement_timeout") == fetch(first, "SHOW statement_timeout")
+    finally:
+        first.close()
+        second.close()
