@@ -7,6 +7,7 @@ connection, or that a throttle paces, is sent in its turn as before.
 """
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 
@@ -15,7 +16,7 @@ import pytest
 from extractors.errors import ProviderError
 from extractors.http import HttpClient, RetryPolicy
 from extractors.paginators import NextLinkPaginator
-from sandbox.server import Fault, Response, json_response
+from sandbox.server import FakeServer, Fault, Response, json_response
 
 PAGES = 5
 
@@ -142,3 +143,25 @@ def test_a_page_sent_ahead_that_trickles_fails_at_the_request_deadline(serve):
     with pytest.raises(Exception, match="request_deadline = 1.5s"):
         crawl(client, each=lambda data: started.set())
     assert started.is_set()
+
+
+def test_over_tls_each_next_page_is_sent_ahead_and_read_as_its_own(tmp_path):
+    from tests.test_alerts import self_signed
+
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = FakeServer(pages_app)
+    server._httpd.socket = context.wrap_socket(server._httpd.socket, server_side=True)
+    server.start()
+    try:
+        client = HttpClient(f"https://127.0.0.1:{server.port}")
+        client.session.verify = str(cert)
+        early = []
+        seen = crawl(client, each=lambda data: early.append(
+            wait_for(lambda: len(asked(server)) > data["n"], 2) or data["n"] == PAGES))
+        assert seen == list(range(1, PAGES + 1))
+        assert all(early), early
+        assert asked(server) == [f"n={n}" for n in range(1, PAGES + 1)]
+    finally:
+        server.stop()
