@@ -40,12 +40,22 @@ def no_copier_left(conn) -> None:
     wait_for(lambda: copiers(conn) == 0, timeout=10, what="the copier's connection to close")
 
 
-def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connection(db, monkeypatch):
+def staged_in_batches(db, monkeypatch, source: str, rows: int) -> tuple[int, StagingWriter]:
+    """A run of ``source`` whose writer was given ``rows`` rows, 40 a page, in batches of BATCH bytes."""
     monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
-    run_id = runs.start_run(db, "copied", "hedera", AS_OF)
+    run_id = runs.start_run(db, source, "hedera", AS_OF)
     writer = StagingWriter(db, run_id, 0)
-    for first in range(0, 4000, 40):
+    for first in range(0, rows, 40):
         writer.add(page(first))
+    return run_id, writer
+
+
+def dropped(db, run_id: int) -> bool:
+    return fetch(db, "SELECT to_regclass(%s) IS NULL", (table_name(run_id, 0).as_string(db),)) == [(True,)]
+
+
+def test_rows_past_one_batch_are_staged_exactly_once_through_the_second_connection(db, monkeypatch):
+    run_id, writer = staged_in_batches(db, monkeypatch, "copied", 4000)
     assert copiers(db) == 1  # the batches so far went through it
     writer.close()
     no_copier_left(db)
@@ -67,11 +77,7 @@ def test_a_small_crawl_opens_no_second_connection(db, monkeypatch):
 
 
 def test_a_batch_that_fails_fails_the_crawl_and_abort_still_cleans_up(db, database_url, monkeypatch):
-    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
-    run_id = runs.start_run(db, "broken", "hedera", AS_OF)
-    writer = StagingWriter(db, run_id, 0)
-    writer.add(page(0))
-    writer.add(page(40))  # the copier has started
+    run_id, writer = staged_in_batches(db, monkeypatch, "broken", 80)  # the copier has started
     other = connect(database_url)
     with other.cursor() as cur:  # the staging table goes from under it
         cur.execute(f"DROP TABLE {table_name(run_id, 0).as_string(other)}")
@@ -83,18 +89,14 @@ def test_a_batch_that_fails_fails_the_crawl_and_abort_still_cleans_up(db, databa
         writer.close()
     writer.abort()  # quiet: the failure is already raised
     no_copier_left(db)
-    assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
+    assert dropped(db, run_id)
 
 
 def test_a_crawl_thrown_away_mid_batch_stops_its_copier_and_drops_the_table(db, monkeypatch):
-    monkeypatch.setattr(staging, "FLUSH_BYTES", BATCH)
-    run_id = runs.start_run(db, "aborted", "hedera", AS_OF)
-    writer = StagingWriter(db, run_id, 0)
-    for first in range(0, 400, 40):
-        writer.add(page(first))
+    run_id, writer = staged_in_batches(db, monkeypatch, "aborted", 400)
     writer.abort()
     no_copier_left(db)
-    assert fetch(db, "SELECT to_regclass(%s)", (table_name(run_id, 0).as_string(db),)) == [(None,)]
+    assert dropped(db, run_id)
 
 
 def test_a_snapshot_crawled_ahead_and_copied_behind_holds_what_the_mirror_holds(db, serve, monkeypatch):
