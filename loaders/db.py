@@ -75,9 +75,14 @@ def reconnect_like(conn, *, application_name: str) -> psycopg2.extensions.connec
     Every connection parameter ``conn`` was opened with is kept (``sslmode``,
     ``sslrootcert`` and the rest: a second connection must not be less
     protected than the first); the password, which libpq does not list
-    with them, is taken from the connection.
+    with them, is taken from the connection. A closed ``conn`` (a connection
+    lost, being replaced) no longer lists them: then the parameters it was
+    given are used, and libpq reads its environment again for the rest.
     """
-    params = dict(conn.info.dsn_parameters)
+    try:
+        params = dict(conn.info.dsn_parameters)
+    except psycopg2.InterfaceError:
+        params = psycopg2.extensions.parse_dsn(conn.dsn)
     params.update(password=conn.info.password or None, application_name=application_name,
                   connect_timeout=10, options=session_options())
     return psycopg2.connect(**params)

@@ -134,3 +134,21 @@ def test_the_second_connection_is_opened_with_the_first_ones_settings(database_u
     finally:
         first.close()
         second.close()
+
+
+def test_a_broken_connection_is_replaced_with_the_parameters_it_was_given(db, database_url):
+    # A connection lost mid-way is replaced this way (the alerts' settling, the request budget).
+    from loaders.db import reconnect_like
+
+    first = connect(database_url, application_name="first")
+    fetch(db, "SELECT pg_terminate_backend(%s)", (first.get_backend_pid(),))
+    with pytest.raises(psycopg2.OperationalError):
+        fetch(first, "SELECT 1")
+    assert first.closed
+    second = reconnect_like(first, application_name="second")
+    try:
+        assert fetch(second, "SELECT current_database(), current_setting('application_name')") == \
+            fetch(db, "SELECT current_database(), 'second'")
+        assert fetch(second, "SHOW lock_timeout") == [("30s",)]
+    finally:
+        second.close()
