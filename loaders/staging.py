@@ -15,16 +15,21 @@ publish can tell a finished shard from one emptied by a crash.
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import threading
 from decimal import Decimal
 from typing import Callable, Iterable
 
+import psycopg2
 from psycopg2 import sql
 
 from extractors.records import ROW_COLUMNS, BalanceRow, Column, PageKind, Rejection
+from extractors.text import one_line
 from loaders import rejections
 from loaders.db import reconnect_like
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "balance_staging"
 COLUMNS = tuple(c.name for c in ROW_COLUMNS)
@@ -186,7 +191,8 @@ class CopyBuffer:
     reads on; at most one batch waits for it, so memory stays at a few MB.
     Its failure is raised here, at the next batch or at :meth:`finish`.
     The last batch, and a crawl too small to fill one, is COPYed on the
-    crawl's connection: no second connection for a small crawl.
+    crawl's connection: no second connection for a small crawl. Without a
+    second connection to be had, every batch is COPYed there, as before.
     """
 
     def __init__(self, conn, table: sql.Composable, columns: tuple[Column, ...],
@@ -199,6 +205,7 @@ class CopyBuffer:
         self._buffer: list[str] = []
         self._size = 0
         self._copier: _Copier | None = None
+        self._alone = False  # no second connection could be opened
 
     def add(self, rows: list) -> None:
         if not rows:
@@ -208,9 +215,18 @@ class CopyBuffer:
         self._size += len(chunk)
         self.rows += len(rows)
         if self._size >= FLUSH_BYTES:
-            if self._copier is None:
-                self._copier = _Copier(self.conn, self.statement)
-            self._copier.put(self._take())
+            if self._copier is None and not self._alone:
+                try:
+                    self._copier = _Copier(self.conn, self.statement)
+                except psycopg2.OperationalError as exc:
+                    # No second connection to be had (every slot taken, say): COPY here, as before.
+                    self._alone = True
+                    log.warning("staging COPYs on the crawl's own connection: a second one could not be "
+                                "opened (%s)", one_line(str(exc)))
+            if self._copier is not None:
+                self._copier.put(self._take())
+            else:
+                self._copy_here()
 
     def _take(self) -> bytes:
         data = "".join(self._buffer).encode("utf-8")
@@ -224,9 +240,12 @@ class CopyBuffer:
             copier, self._copier = self._copier, None
             copier.close()  # raises what failed in it
         if self._buffer:
-            with self.conn.cursor() as cur:
-                cur.copy_expert(self.statement, io.BytesIO(self._take()), size=1 << 20)
-            self.conn.commit()
+            self._copy_here()
+
+    def _copy_here(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.copy_expert(self.statement, io.BytesIO(self._take()), size=1 << 20)
+        self.conn.commit()
 
     def discard(self) -> None:
         """Stop copying (the rows are being thrown away): whatever failed in the copier no longer matters."""

@@ -76,6 +76,21 @@ def test_a_small_crawl_opens_no_second_connection(db, monkeypatch):
     assert fetch(db, f"SELECT count(*) FROM {table_name(run_id, 0).as_string(db)}") == [(40,)]
 
 
+def test_without_a_second_connection_to_be_had_every_batch_is_copied_on_the_crawls_own(db, monkeypatch, caplog):
+    def refused(conn, *, application_name):
+        raise psycopg2.OperationalError("FATAL:  sorry, too many clients already")
+
+    monkeypatch.setattr(staging, "reconnect_like", refused)
+    with caplog.at_level("WARNING", logger="loaders.staging"):
+        run_id, writer = staged_in_batches(db, monkeypatch, "crowded", 4000)
+        writer.close()
+    assert copiers(db) == 0
+    assert fetch(db, f"SELECT count(*), sum(balance) FROM {table_name(run_id, 0).as_string(db)}") == \
+        [(4000, sum(Decimal(BIG + n) for n in range(4000)))]
+    assert caplog.text.count("a second one could not be opened") == 1
+    assert "too many clients" in caplog.text
+
+
 def test_a_batch_that_fails_fails_the_crawl_and_abort_still_cleans_up(db, database_url, monkeypatch):
     run_id, writer = staged_in_batches(db, monkeypatch, "broken", 80)  # the copier has started
     other = connect(database_url)
