@@ -395,18 +395,18 @@ class HttpClient:
             data = self.get_json(target, query, headers=headers, json_body=json_body)
 
     def _send_ahead(self, path_or_url: str, params: Params, headers, json_body) -> None:
-        """Put the next page's GET on the wire now, if it is plain and its connection idle (transport.send_ahead).
+        """Put the next page's GET on the wire now, as :meth:`_attempt` will ask for it (transport.send_ahead).
 
-        Not under a throttle, whose token is taken when the request is made,
-        nor with auth, headers or a body of its own: those requests go out
-        when their turn comes, as before.
+        Not under a throttle, whose token is taken when the request is made;
+        the transport itself keeps back any request with auth, headers or a
+        body of its own.
         """
-        if self.throttle is not None or headers is not None or json_body is not None or self.auth is not None:
+        if self.throttle is not None:
             return
         try:
             url = self.url_for(path_or_url)
         except ExtractError:
             return  # get_json raises it, in its turn
         policy = self.policy
-        send_ahead(self.session, "GET", url, params=params, timeout=(policy.connect_timeout, policy.read_timeout),
-                   allow_redirects=False)
+        send_ahead(self.session, "GET", url, params=params, headers=headers, json=json_body, auth=self.auth,
+                   timeout=(policy.connect_timeout, policy.read_timeout), allow_redirects=False)

@@ -383,6 +383,12 @@ def _plain_get(session: requests.Session, method: str, url: str, **kwargs: Any) 
     adapter = session.get_adapter(prepared.url)
     response = adapter.send(prepared, stream=True, timeout=kwargs.get("timeout"), verify=session.verify,
                             cert=session.cert, proxies={})
+    return _kept_cookies(session, prepared, response)
+
+
+def _kept_cookies(session: requests.Session, prepared: requests.PreparedRequest,
+                  response: requests.Response) -> requests.Response:
+    """``response``, its cookies (if it sets any) kept on the session as ``Session.send`` keeps them."""
     if "Set-Cookie" in response.headers or "Set-Cookie2" in response.headers:
         extract_cookies_to_jar(session.cookies, prepared, response.raw)
     return response
@@ -476,9 +482,7 @@ def _read_ahead(session: requests.Session, method: str, url: str, kwargs: dict) 
         raise
     raw._connection, raw._pool = conn, pool  # back to the pool once read, as urllib3 does
     response = session.get_adapter(ahead.prepared.url).build_response(ahead.prepared, raw)
-    if "Set-Cookie" in response.headers or "Set-Cookie2" in response.headers:
-        extract_cookies_to_jar(session.cookies, ahead.prepared, response.raw)
-    return response
+    return _kept_cookies(session, ahead.prepared, response)
 
 
 def send(session: requests.Session, method: str, url: str, *, deadline: float, max_bytes: int,

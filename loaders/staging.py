@@ -215,18 +215,23 @@ class CopyBuffer:
         self._size += len(chunk)
         self.rows += len(rows)
         if self._size >= FLUSH_BYTES:
-            if self._copier is None and not self._alone:
-                try:
-                    self._copier = _Copier(self.conn, self.statement)
-                except psycopg2.OperationalError as exc:
-                    # No second connection to be had (every slot taken, say): COPY here, as before.
-                    self._alone = True
-                    log.warning("staging COPYs on the crawl's own connection: a second one could not be "
-                                "opened (%s)", one_line(str(exc)))
-            if self._copier is not None:
-                self._copier.put(self._take())
+            copier = self._background()
+            if copier is not None:
+                copier.put(self._take())
             else:
-                self._copy_here()
+                copy_batch(self.conn, self.statement, self._take())
+
+    def _background(self) -> _Copier | None:
+        """The copier, started at the first full batch; None if no second connection can be had."""
+        if self._copier is None and not self._alone:
+            try:
+                self._copier = _Copier(self.conn, self.statement)
+            except psycopg2.OperationalError as exc:
+                # Every connection slot taken, say: COPY on the crawl's own, as before.
+                self._alone = True
+                log.warning("staging COPYs on the crawl's own connection: a second one could not be "
+                            "opened (%s)", one_line(str(exc)))
+        return self._copier
 
     def _take(self) -> bytes:
         data = "".join(self._buffer).encode("utf-8")
@@ -240,12 +245,7 @@ class CopyBuffer:
             copier, self._copier = self._copier, None
             copier.close()  # raises what failed in it
         if self._buffer:
-            self._copy_here()
-
-    def _copy_here(self) -> None:
-        with self.conn.cursor() as cur:
-            cur.copy_expert(self.statement, io.BytesIO(self._take()), size=1 << 20)
-        self.conn.commit()
+            copy_batch(self.conn, self.statement, self._take())
 
     def discard(self) -> None:
         """Stop copying (the rows are being thrown away): whatever failed in the copier no longer matters."""
@@ -254,6 +254,13 @@ class CopyBuffer:
         if self._copier is not None:
             copier, self._copier = self._copier, None
             copier.close(quietly=True)
+
+
+def copy_batch(conn, statement: sql.Composable, data: bytes) -> None:
+    """COPY one batch of encoded rows and commit it."""
+    with conn.cursor() as cur:
+        cur.copy_expert(statement, io.BytesIO(data), size=1 << 20)
+    conn.commit()
 
 
 class _Copier:
@@ -266,7 +273,7 @@ class _Copier:
 
     def __init__(self, like, statement: sql.Composable) -> None:
         self._conn = reconnect_like(like, application_name="balances-staging")
-        self._statement = statement.as_string(self._conn)
+        self._statement = statement
         self._batches: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="staging-copy", daemon=True)
@@ -276,9 +283,7 @@ class _Copier:
         while (data := self._batches.get()) is not None:
             if self._error is None:
                 try:
-                    with self._conn.cursor() as cur:
-                        cur.copy_expert(self._statement, io.BytesIO(data), size=1 << 20)
-                    self._conn.commit()
+                    copy_batch(self._conn, self._statement, data)
                 except BaseException as exc:  # raised in the crawl's thread
                     self._error = exc
 
