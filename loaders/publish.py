@@ -103,7 +103,9 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
         runs.resume(conn, run_id)
     if run.as_of is None:
         raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
-    partitions.ensure_partition(conn, run.as_of)
+    # Rows go straight into the month's partition: routing each row through
+    # the partitioned parent costs about a sixth of a keyframe's insert.
+    partition = sql.Identifier(partitions.ensure_partition(conn, run.as_of))
     with transaction(conn) as cur:
         run = runs.get_run(conn, run_id, for_update=True)
         if run.status != RunStatus.RUNNING:
@@ -154,7 +156,7 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
                 cur.execute("DROP TABLE pg_temp.balance_put")
             else:
                 # The usual case: the newest snapshot of its month.
-                rows_published, rows_stored = _append(cur, run, previous, staged, rows_staged)
+                rows_published, rows_stored = _append(cur, run, previous, staged, rows_staged, partition)
             if rows_published != rows_staged:
                 # Only now is the (costly) check worth it: some holding came twice.
                 _refuse_duplicates(cur, staged)
@@ -290,7 +292,7 @@ def _holdings(staged: sql.Composable) -> sql.Composable:
     ).format(_STAGED_ROW, staged)
 
 
-def _changes(holdings: sql.Composable, state: sql.Composable) -> sql.Composable:
+def _changes(holdings: sql.Composable, state: sql.Composable, partition: sql.Identifier) -> sql.Composable:
     """Store the rows that make ``holdings`` out of the previous ``state``: changed, new, gone.
 
     Returns one row: rows stored, holdings new since ``state``, holdings gone.
@@ -305,17 +307,20 @@ def _changes(holdings: sql.Composable, state: sql.Composable) -> sql.Composable:
               FULL JOIN ({state}) p ON p.account = f.account AND p.asset = f.asset
              WHERE f.account IS NULL OR p.account IS NULL OR {differ}),
         stored AS (
-            INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of, gone)
+            INSERT INTO {partition} (source, provider, account, asset, {values}, as_of, gone)
             SELECT %(source)s, provider, account, asset, {values}, %(new)s, gone
               FROM d
             RETURNING 1)
         SELECT (SELECT count(*) FROM stored), count(*) FILTER (WHERE new), count(*) FILTER (WHERE gone) FROM d
         """
-    ).format(holdings=holdings, state=state, differ=_VALUES_DIFFER, f_values=_values("f"), values=_values())
+    ).format(holdings=holdings, state=state, differ=_VALUES_DIFFER, f_values=_values("f"), values=_values(),
+             partition=partition)
 
 
-def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int) -> tuple[int, int]:
-    """Store the staged snapshot as the source's newest of its month; (holdings, rows stored).
+def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int,
+            partition: sql.Identifier) -> tuple[int, int]:
+    """Store the staged snapshot as the source's newest of its month, in its ``partition``;
+    (holdings, rows stored).
 
     Against the previous snapshot of the month: the holdings that are new
     or changed, and a tombstone for each one gone. With none before it in
@@ -335,16 +340,16 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
     cur.execute("SAVEPOINT balance_append")
     try:
         if kept is not None:
-            holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, params)
+            holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, partition, params)
         else:
-            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, params)
+            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, partition, params)
     except psycopg2.errors.UniqueViolation:
         # Some holding came twice and was written twice: unless its rows
         # differ (refused here), store the snapshot with one row per holding.
         cur.execute("ROLLBACK TO SAVEPOINT balance_append")
         _refuse_duplicates(cur, staged)
         state = _staged_rows(kept) if kept is not None else _STATE
-        holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, params)
+        holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, partition, params)
     cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute("SET LOCAL enable_mergejoin = on")
     cur.execute(
@@ -370,7 +375,7 @@ def _previous_count(cur, source: str, previous) -> int:
 
 
 def _append_by_join(cur, run: runs.Run, previous, holdings: sql.Composable, state: sql.Composable,
-                    params: dict) -> tuple[int, int]:
+                    partition: sql.Identifier, params: dict) -> tuple[int, int]:
     """The comparison in one full join of the snapshot with the previous ``state``; a keyframe whole.
 
     A holding staged twice meets itself: alike and unchanged it is written
@@ -381,19 +386,19 @@ def _append_by_join(cur, run: runs.Run, previous, holdings: sql.Composable, stat
         # The month's keyframe: every holding, nothing to compare with.
         cur.execute(sql.SQL(
             """
-            INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of)
+            INSERT INTO {partition} (source, provider, account, asset, {values}, as_of)
             SELECT %(source)s, f.provider, f.account, f.asset, {f_values}, %(new)s
               FROM ({holdings}) f
              ORDER BY f.account, f.asset
-            """).format(holdings=holdings, values=_values(), f_values=_values("f")), params)
+            """).format(holdings=holdings, values=_values(), f_values=_values("f"), partition=partition), params)
         return cur.rowcount, cur.rowcount
-    cur.execute(_changes(holdings, state), params)
+    cur.execute(_changes(holdings, state, partition), params)
     stored, new, gone = cur.fetchone()
     return _previous_count(cur, run.source, previous) - gone + new, stored
 
 
 def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: sql.Composable,
-                    rows_staged: int, params: dict) -> tuple[int, int]:
+                    rows_staged: int, partition: sql.Identifier, params: dict) -> tuple[int, int]:
     """The comparison against the previous snapshot kept as staged (:mod:`loaders.latest_cache`).
 
     A full join cannot run in parallel (PostgreSQL 15), a left join can,
@@ -431,10 +436,10 @@ def _append_to_kept(cur, run: runs.Run, previous, staged: sql.Composable, kept: 
         new_table = sql.SQL(" UNION ALL SELECT * FROM pg_temp.balance_new")
     cur.execute(sql.SQL(
         """
-        INSERT INTO balance_history_store (source, provider, account, asset, {values}, as_of, gone)
+        INSERT INTO {partition} (source, provider, account, asset, {values}, as_of, gone)
         SELECT %(source)s, %(provider)s, account, asset, {values}, %(new)s, gone
           FROM (SELECT * FROM pg_temp.balance_changed{new_table}) c
-        """).format(values=_values(), new_table=new_table), params)
+        """).format(values=_values(), new_table=new_table, partition=partition), params)
     stored = cur.rowcount
     cur.execute(sql.SQL("DROP TABLE pg_temp.balance_changed{}").format(
         sql.SQL(", pg_temp.balance_new") if second_pass else sql.SQL("")))

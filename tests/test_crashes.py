@@ -98,8 +98,8 @@ class Reader(threading.Thread):
 
 
 def inserting(db) -> bool:
-    """A publish INSERT is running on another connection."""
-    return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE query ~ '^\\s*INSERT INTO balance_history'"
+    """A publish INSERT (into the history, or straight into its month's partition) runs on another connection."""
+    return fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE query ~ '^\\s*INSERT INTO \"?balance_history'"
                      " AND state = 'active' AND pid <> pg_backend_pid()")[0][0] > 0
 
 
