@@ -259,7 +259,8 @@ def stop(data_dir: Path = DEFAULT_DIR) -> bool:
     data_dir = Path(data_dir).resolve()
     if running_port(data_dir) is None:
         return False
-    _run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", "180", "stop"]), "pg_ctl stop")
+    _run(_as_owner([str(binaries() / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", "180", "stop"]),
+         "pg_ctl stop")
     return True
 
 

@@ -104,7 +104,7 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
     if run.as_of is None:
         raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
     # Rows go straight into the month's partition: routing each row through
-    # the partitioned parent costs about a sixth of a keyframe's insert.
+    # the partitioned parent cost 7-18% of a keyframe's insert (docs/BENCHMARKS.md, B8).
     partition = sql.Identifier(partitions.ensure_partition(conn, run.as_of))
     with transaction(conn) as cur:
         run = runs.get_run(conn, run_id, for_update=True)
