@@ -9,7 +9,7 @@ import multiprocessing as mp
 import time
 from urllib.parse import parse_qsl
 
-from sandbox.hedera import HederaMirror, generated_snapshot
+from sandbox.hedera import Account, HederaMirror, Snapshot, generated_snapshot
 from sandbox.server import FakeServer, Request, Response
 
 SNAPSHOT_TS = "1700000000.000000000"
@@ -52,11 +52,22 @@ class Prerendered:
         return page
 
 
+def moved(snapshot: Snapshot, every: int) -> Snapshot:
+    """``snapshot`` with one account in ``every`` holding a tinybar more: a later snapshot's churn."""
+    def account(num: int) -> Account:
+        held = snapshot.account(num)
+        return Account(held.balance + 1, held.tokens) if num % every == 0 else held
+
+    return Snapshot(snapshot.timestamp, snapshot.nums, account)
+
+
 def _serve(accounts: int, tokens_every: int, latency: float, prerender_query: str | None,
-           ready, stop) -> None:
-    app = HederaMirror([generated_snapshot(SNAPSHOT_TS, accounts, tokens_every=tokens_every,
-                                           token_ids=("0.0.5000", "0.0.5001"))],
-                       tokens={"0.0.5000": 6, "0.0.5001": 2})
+           snapshot_ts: str, moved_every: int, ready, stop) -> None:
+    snapshot = generated_snapshot(snapshot_ts, accounts, tokens_every=tokens_every,
+                                  token_ids=("0.0.5000", "0.0.5001"))
+    if moved_every:
+        snapshot = moved(snapshot, moved_every)
+    app = HederaMirror([snapshot], tokens={"0.0.5000": 6, "0.0.5001": 2})
     if prerender_query is not None:
         wrapped = Prerendered(app, latency)
         wrapped.render_all(prerender_query)
@@ -70,15 +81,21 @@ def _serve(accounts: int, tokens_every: int, latency: float, prerender_query: st
 
 
 class MirrorProcess:
-    """A fake mirror node with ``accounts`` accounts, in a child process."""
+    """A fake mirror node with ``accounts`` accounts, in a child process.
+
+    Its one snapshot is taken at ``snapshot_ts``; with ``moved_every``, one
+    account in that many holds a tinybar more than the generated balances.
+    """
 
     def __init__(self, accounts: int, *, tokens_every: int = 0, latency: float = 0.0,
-                 prerender_query: str | None = None) -> None:
+                 prerender_query: str | None = None, snapshot_ts: str = SNAPSHOT_TS,
+                 moved_every: int = 0) -> None:
         ctx = mp.get_context("fork")
         self._ready = ctx.Queue()
         self._stop = ctx.Event()
         self._proc = ctx.Process(target=_serve, args=(accounts, tokens_every, latency, prerender_query,
-                                                      self._ready, self._stop), daemon=True)
+                                                      snapshot_ts, moved_every, self._ready, self._stop),
+                                 daemon=True)
 
     def __enter__(self) -> str:
         self._proc.start()
