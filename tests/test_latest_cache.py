@@ -190,3 +190,35 @@ def test_a_holding_staged_twice_against_the_kept_snapshot_is_one_holding_or_refu
     result = publish_snapshot(db, SOURCE, T1 + timedelta(hours=3), third)
     assert (result.rows_published, result.rows_stored) == (6, 2)
     assert held(db, T1 + timedelta(hours=3)) == expected(changed[1:] + [extra])
+
+
+def test_a_rerun_of_the_newest_snapshot_is_answered_by_the_kept_snapshot_or_else_by_the_history(db):
+    first = publish_snapshot(db, SOURCE, T1, rows())
+    entry = cache_entry(db)
+    again = publish_snapshot(db, SOURCE, T1, list(reversed(rows())))
+    assert (again.status, again.rows_published, again.rows_stored) == ("published", 0, 0)
+    assert held(db, T1) == expected(rows())
+    # The kept snapshot stays the first run's; the rerun's staging is dropped.
+    assert cache_entry(db) == entry and entry[1] == first.run_id
+    assert fetch(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'balance_staging'") == [(1,)]
+
+    # Used, not just kept: with a balance altered in the cache, a rerun
+    # bringing that balance matches it and is published adding nothing,
+    # where the history would have refused it.
+    tamper(db)
+    assert publish_snapshot(db, SOURCE, T1, rows(**{"0_0_1000": "-1"})).rows_published == 0
+    assert held(db, T1) == expected(rows())
+    # A rerun the kept snapshot does not match is the history's to judge:
+    # as held, nothing to add (the cache is what differs) ...
+    assert publish_snapshot(db, SOURCE, T1, rows()).rows_published == 0
+    # ... with other balances, refused, naming what the history holds ...
+    try:
+        publish_snapshot(db, SOURCE, T1, rows(**{"0_0_1001": "7"}))
+    except publish.PublishError as exc:
+        assert "0.0.1001/HBAR: stored 1001, now 7" in str(exc)
+    else:
+        raise AssertionError("a rerun with another balance was published")
+    # ... and with a holding more, added.
+    extra = BalanceRow("0.0.4000", "HBAR", Decimal(3), 8)
+    assert publish_snapshot(db, SOURCE, T1, rows() + [extra]).rows_published == 1
+    assert held(db, T1) == expected(rows() + [extra])
