@@ -14,7 +14,8 @@ import pytest
 
 from extractors.http import parse_retry_after
 from extractors.redaction import redact_url, same_origin
-from pipeline.config import ConfigError, load_config, parse_config, parse_source, source_from_record
+from pipeline.config import (PRESET_INTERVALS, ConfigError, cron_of, load_config, parse_config, parse_source,
+                             schedule_interval, schedule_times, source_from_record)
 from tests.conftest import REPO, fetch, with_login
 from tests.sandboxes import PROVIDERS
 from tests.hedera_data import T3, mirror
@@ -166,6 +167,26 @@ def test_config_and_database_errors_are_one_clear_line(database_url, tmp_path, c
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("balances: ")
     assert says in result.stderr
     assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_INTERVALS))
+def test_a_presets_interval_is_the_one_its_cron_fires_at(preset):
+    for start in (datetime(2024, 1, 1, tzinfo=timezone.utc), datetime(1999, 3, 15, 7, 30, tzinfo=timezone.utc),
+                  datetime(2100, 11, 30, 23, 59, tzinfo=timezone.utc)):
+        times = schedule_times(cron_of(preset), start)
+        assert min(b - a for a, b in zip(times, times[1:])) == PRESET_INTERVALS[preset]
+        assert schedule_interval(preset, start, "s.schedule") == PRESET_INTERVALS[preset]
+
+
+def test_a_file_of_presets_is_read_without_cron_arithmetic(tmp_path):
+    config = tmp_path / "sources.toml"
+    config.write_text('[sources.a]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\n'  # the default, @hourly
+                      '[sources.b]\nprovider = "hedera"\nbase_url = "http://127.0.0.1:9"\nschedule = "@daily"\n')
+    probe = ("import sys; from pipeline.config import load_config; c = load_config(sys.argv[1]);"
+             " print(c.source('a').task_timeout, c.source('b').task_timeout, 'croniter' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3600.0", "21600.0", "False"]  # task timeouts: an hour, six (the cap)
 
 
 # -- the CLI a user reaches for (check, sources, latest, runs, options anywhere) --
