@@ -15,6 +15,7 @@ answering every holding at every snapshot, as the table did.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg2.errors
@@ -333,25 +334,22 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
         # A keyframe: stored rows of the month that no snapshot lists would show through it.
         cur.execute("SELECT balance_history_require_clean_month(%s, %s)", (run.source, run.as_of))
     params = {"source": run.source, "as_of": previous, "new": run.as_of, "provider": run.provider}
-    # Both ways compare by hashing one side and probing it with the other
-    # as they lie, which needs no sort of the snapshot; a merge join would
-    # sort a million rows a side.
-    cur.execute("SET LOCAL enable_mergejoin = off")
-    cur.execute("SAVEPOINT balance_append")
-    try:
-        if kept is not None:
-            holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, partition, params)
-        else:
-            holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, partition, params)
-    except psycopg2.errors.UniqueViolation:
-        # Some holding came twice and was written twice: unless its rows
-        # differ (refused here), store the snapshot with one row per holding.
-        cur.execute("ROLLBACK TO SAVEPOINT balance_append")
-        _refuse_duplicates(cur, staged)
-        state = _staged_rows(kept) if kept is not None else _STATE
-        holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, partition, params)
-    cur.execute("RELEASE SAVEPOINT balance_append")
-    cur.execute("SET LOCAL enable_mergejoin = on")
+    with _hash_joins(cur):
+        cur.execute("SAVEPOINT balance_append")
+        try:
+            if kept is not None:
+                holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, partition, params)
+            else:
+                holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, partition,
+                                                   params)
+        except psycopg2.errors.UniqueViolation:
+            # Some holding came twice and was written twice: unless its rows
+            # differ (refused here), store the snapshot with one row per holding.
+            cur.execute("ROLLBACK TO SAVEPOINT balance_append")
+            _refuse_duplicates(cur, staged)
+            state = _staged_rows(kept) if kept is not None else _STATE
+            holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, partition, params)
+        cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute(
         """
         INSERT INTO balance_snapshots (source, as_of, month_start, provider, as_of_raw, scheduled_for, run_id,
@@ -538,13 +536,23 @@ def _same_as_kept(cur, staged: sql.Composable, run: runs.Run) -> bool:
         return False
     # Counted, not EXISTS: asked for a first row, the planner loops over
     # the kept rows for each staged one; counting, it hashes one side once.
-    cur.execute("SET LOCAL enable_mergejoin = off")  # no sort of either side, as in _append
-    cur.execute(sql.SQL(
-        """
-        SELECT count(*) FROM ({staged}) s
-          LEFT JOIN ({kept}) h ON h.account = s.account AND h.asset = s.asset
-         WHERE h.account IS NULL OR {changed}
-        """).format(staged=staged, kept=kept, changed=_AMOUNT_CHANGED))
-    differ = cur.fetchone()[0]
+    with _hash_joins(cur):
+        cur.execute(sql.SQL(
+            """
+            SELECT count(*) FROM ({staged}) s
+              LEFT JOIN ({kept}) h ON h.account = s.account AND h.asset = s.asset
+             WHERE h.account IS NULL OR {changed}
+            """).format(staged=staged, kept=kept, changed=_AMOUNT_CHANGED))
+        return cur.fetchone()[0] == 0
+
+
+@contextmanager
+def _hash_joins(cur):
+    """Within it, the publish's comparisons hash one side and probe it with the other as they lie.
+
+    That needs no sort of the snapshot; a merge join would sort a million
+    rows a side.
+    """
+    cur.execute("SET LOCAL enable_mergejoin = off")
+    yield
     cur.execute("SET LOCAL enable_mergejoin = on")
-    return differ == 0
