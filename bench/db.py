@@ -24,13 +24,6 @@ def reset(url: str) -> None:
         cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'balance_staging'")
         for (name,) in cur.fetchall():
             cur.execute(f'DROP TABLE balance_staging."{name}"')
-        # The months go too, as in a new database: a month emptied by TRUNCATE
-        # keeps its sources' tables, and a keyframe goes into an existing
-        # table row by row instead of being built apart (migration 0016).
-        cur.execute("SELECT inhrelid::regclass::text FROM pg_inherits"
-                    " WHERE inhparent = 'balance_history_store'::regclass")
-        for (name,) in cur.fetchall():
-            cur.execute(f"DROP TABLE {name}")
     conn.commit()
     conn.close()
 

@@ -4,11 +4,6 @@ Partitions are created on demand by the publish step (a backfill into an
 old month just works) and ahead of time by ``balances partitions``, so a
 month boundary never waits on DDL. The SQL function doing the work is
 created by the migrations; creating a partition twice is a no-op.
-
-Since migration 0016 a month is split by source: one table per source and
-month, created by the publish that first writes there, inside its
-transaction. A keyframe (the month's first snapshot of a source, stored
-whole) gets its table filled before it is attached (:func:`new_source_month`).
 """
 from __future__ import annotations
 
@@ -33,22 +28,3 @@ def ensure_ahead(conn, months: int, now: datetime | None = None) -> list[str]:
         names.append(ensure_partition(conn, datetime(year, month, 1, tzinfo=timezone.utc)))
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return names
-
-
-def new_source_month(cur, source: str, at: datetime) -> str | None:
-    """The table of ``source``'s month holding ``at``, created empty and not attached, for the caller
-    to fill and :func:`attach_source_month`; None if the month has it already, or is one table for
-    every source (a month stored before migration 0016)."""
-    cur.execute("SELECT balance_history_new_source_month(%s, %s)", (source, at))
-    return cur.fetchone()[0]
-
-
-def attach_source_month(cur, source: str, at: datetime) -> None:
-    """Make the table :func:`new_source_month` gave part of the history (its index built if missing)."""
-    cur.execute("SELECT balance_history_attach_source_month(%s, %s)", (source, at))
-
-
-def source_month(cur, source: str, at: datetime) -> str:
-    """The table holding ``source``'s rows of the month holding ``at``, created if missing."""
-    cur.execute("SELECT balance_history_ensure_source_month(%s, %s)", (source, at))
-    return cur.fetchone()[0]

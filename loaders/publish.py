@@ -104,8 +104,9 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
         runs.resume(conn, run_id)
     if run.as_of is None:
         raise PublishError(f"run {run_id} has no snapshot time: was it crawled?")
-    # The month is created in a transaction of its own, before the publish's.
-    partitions.ensure_partition(conn, run.as_of)
+    # Rows go straight into the month's partition: routing each row through
+    # the partitioned parent cost 7-18% of a keyframe's insert (docs/BENCHMARKS.md, B8).
+    partition = sql.Identifier(partitions.ensure_partition(conn, run.as_of))
     with transaction(conn) as cur:
         run = runs.get_run(conn, run_id, for_update=True)
         if run.status != RunStatus.RUNNING:
@@ -156,7 +157,7 @@ def _publish(conn, run: runs.Run, max_rejected: int, once_per_interval: bool) ->
                 cur.execute("DROP TABLE pg_temp.balance_put")
             else:
                 # The usual case: the newest snapshot of its month.
-                rows_published, rows_stored = _append(cur, run, previous, staged, rows_staged)
+                rows_published, rows_stored = _append(cur, run, previous, staged, rows_staged, partition)
             if rows_published != rows_staged:
                 # Only now is the (costly) check worth it: some holding came twice.
                 _refuse_duplicates(cur, staged)
@@ -317,13 +318,14 @@ def _changes(holdings: sql.Composable, state: sql.Composable, partition: sql.Ide
              partition=partition)
 
 
-def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int) -> tuple[int, int]:
-    """Store the staged snapshot as the source's newest of its month; (holdings, rows stored).
+def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: int,
+            partition: sql.Identifier) -> tuple[int, int]:
+    """Store the staged snapshot as the source's newest of its month, in its ``partition``;
+    (holdings, rows stored).
 
     Against the previous snapshot of the month: the holdings that are new
     or changed, and a tombstone for each one gone. With none before it in
-    the month, the snapshot is the month's keyframe and is stored whole,
-    in a table of its own if the source has none in that month yet.
+    the month, the snapshot is the month's keyframe and is stored whole.
     """
     kept = None
     if previous is not None:
@@ -336,21 +338,17 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
         cur.execute("SAVEPOINT balance_append")
         try:
             if kept is not None:
-                holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged,
-                                                   _source_month(cur, run), params)
-            elif previous is None and (table := partitions.new_source_month(cur, run.source, run.as_of)):
-                holdings = stored = _keyframe_apart(cur, run, staged, sql.Identifier(table), params)
+                holdings, stored = _append_to_kept(cur, run, previous, staged, kept, rows_staged, partition, params)
             else:
-                holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE,
-                                                   _source_month(cur, run), params)
+                holdings, stored = _append_by_join(cur, run, previous, _staged_rows(staged), _STATE, partition,
+                                                   params)
         except psycopg2.errors.UniqueViolation:
             # Some holding came twice and was written twice: unless its rows
             # differ (refused here), store the snapshot with one row per holding.
             cur.execute("ROLLBACK TO SAVEPOINT balance_append")
             _refuse_duplicates(cur, staged)
             state = _staged_rows(kept) if kept is not None else _STATE
-            holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state,
-                                               _source_month(cur, run), params)
+            holdings, stored = _append_by_join(cur, run, previous, _holdings(staged), state, partition, params)
         cur.execute("RELEASE SAVEPOINT balance_append")
     cur.execute(
         """
@@ -362,33 +360,6 @@ def _append(cur, run: runs.Run, previous, staged: sql.Composable, rows_staged: i
          holdings, stored, previous is None),
     )
     return holdings, stored
-
-
-def _source_month(cur, run: runs.Run) -> sql.Identifier:
-    """The table of the run's source and month: rows go straight into it, since routing each row
-    through the partitioned parents cost 7-18% of an insert (docs/BENCHMARKS.md, B8)."""
-    return sql.Identifier(partitions.source_month(cur, run.source, run.as_of))
-
-
-def _keyframe_apart(cur, run: runs.Run, staged: sql.Composable, table: sql.Identifier, params: dict) -> int:
-    """The month's keyframe of the source into ``table``, its own and not yet part of the history; rows stored.
-
-    Filled with no index, the unique index then built in one sort, and
-    attached: 0.38-0.41 s at 257,142 rows, against 0.53-0.59 s for the
-    same rows into a table whose index takes them one by one
-    (docs/BENCHMARKS.md, B8). A holding staged twice fails the index
-    build, as the key would fail the insert.
-    """
-    cur.execute(sql.SQL(
-        """
-        INSERT INTO {table} (source, provider, account, asset, {values}, as_of)
-        SELECT %(source)s, f.provider, f.account, f.asset, {f_values}, %(new)s FROM ({rows}) f
-        """).format(table=table, rows=_staged_rows(staged), values=_values(), f_values=_values("f")), params)
-    rows = cur.rowcount
-    # The index's sort of a whole snapshot then fits in memory, as the publish's own sorts do.
-    cur.execute("SET LOCAL maintenance_work_mem = '256MB'")
-    partitions.attach_source_month(cur, run.source, run.as_of)
-    return rows
 
 
 def _staged_rows(staged: sql.Composable) -> sql.Composable:

@@ -346,7 +346,7 @@ def test_the_movements_migration_goes_down_and_up_again(database_url):
         upgrade(url)
         conn = connect(url)
         try:
-            command.downgrade(alembic_config(url), "0014")
+            command.downgrade(alembic_config(url), "-1")
             names = ["movement_runs", "balance_movements", "rejected_movements", "balance_rollforward",
                      "balance_movements_detail"]
             assert fetch(conn, "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) n", (names,)) == [(0,)]
